@@ -1,0 +1,24 @@
+"""The one shared Ray fixture of the integration tests (a local head started once per session)."""
+
+from collections.abc import Iterator
+
+import pytest
+import ray
+
+# Logical CPUs: stages of several pipelines share the 2 physical cores; Ray only does accounting.
+TEST_RAY_CPUS = 16
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray head for the whole session (namespace `solanalm-test`)."""
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=TEST_RAY_CPUS,
+            namespace="solanalm-test",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield
+    ray.shutdown()
