@@ -1,0 +1,196 @@
+"""Strict validation of manifests against the KubeRay v1.7.0 CRDs in ../shared/kuberay/crds.
+
+`strict_schema` turns a CRD's `openAPIV3Schema` into a JSON schema that rejects what the API server
+would reject or silently drop under `kubectl apply` (strict field validation):
+- `additionalProperties: false` on every object schema that declares `properties` and neither sets
+  `additionalProperties` nor `x-kubernetes-preserve-unknown-fields` (jsonschema allows extra keys
+  by default; Kubernetes prunes or, with --validate=strict, rejects them);
+- `x-kubernetes-int-or-string: true` without a type becomes `anyOf: [integer, string]`;
+- `nullable: true` admits null.
+The root `metadata` (an untyped object in CRDs; the API server validates ObjectMeta itself) is
+replaced by `OBJECT_META_SCHEMA`: the fields the project uses, names as KubeRay requires them.
+CEL rules (`x-kubernetes-validations`) and `format`s are not evaluated. `cluster_spec_problems`
+re-implements a subset of the checks KubeRay's operator makes beyond the CRD.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+CRD_DIR = SHARED_DIR / "kuberay" / "crds"
+CHART_VALUES_DIR = SHARED_DIR / "kuberay" / "chart-values"
+
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
+
+# KubeRay validates RayCluster/RayJob names as DNS-1035 labels (ValidateRayClusterMetadata).
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+OBJECT_META_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": DNS_1035_LABEL, "maxLength": 63},
+        "namespace": {"type": "string", "pattern": DNS_1035_LABEL, "maxLength": 63},
+        "labels": _STRING_MAP,
+        "annotations": _STRING_MAP,
+    },
+}
+
+
+class ManifestError(ValueError):
+    """A manifest does not match its CRD; `errors` holds one line per violation."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
+    """Every non-empty document of a (multi-document) YAML file."""
+    return [doc for doc in yaml.load_all(path.read_text(), Loader=yaml.CSafeLoader) if doc]
+
+
+@functools.cache
+def load_crd(kind: str) -> dict[str, Any]:
+    """The CustomResourceDefinition of a KubeRay kind, parsed once per process."""
+    if kind not in CRD_FILES:
+        raise KeyError(f"no KubeRay CRD for kind {kind!r}; known: {sorted(CRD_FILES)}")
+    return yaml.load((CRD_DIR / CRD_FILES[kind]).read_text(), Loader=yaml.CSafeLoader)
+
+
+def openapi_schema(crd: dict[str, Any], version: str) -> dict[str, Any]:
+    """The `openAPIV3Schema` of a served version of a CRD."""
+    for entry in crd["spec"]["versions"]:
+        if entry["name"] == version:
+            if not entry.get("served", False):
+                raise ValueError(f"{crd['metadata']['name']}: version {version} is not served")
+            return entry["schema"]["openAPIV3Schema"]
+    names = [entry["name"] for entry in crd["spec"]["versions"]]
+    raise ValueError(f"{crd['metadata']['name']}: no version {version!r} (has {names})")
+
+
+def strict_schema(node: Any) -> Any:
+    """A copy of an OpenAPI v3 (structural) schema, tightened as the module docstring says."""
+    if isinstance(node, list):
+        return [strict_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: strict_schema(value) for key, value in node.items()}
+    if node.get("x-kubernetes-int-or-string") and "type" not in node and "anyOf" not in node:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if node.get("nullable") and isinstance(node.get("type"), str):
+        out["type"] = [node["type"], "null"]
+    preserves = node.get("x-kubernetes-preserve-unknown-fields", False)
+    if "properties" in node and "additionalProperties" not in node and not preserves:
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def _strict_openapi(kind: str, version: str) -> dict[str, Any]:
+    return strict_schema(openapi_schema(load_crd(kind), version))
+
+
+@functools.cache
+def _validator(kind: str, version: str) -> jsonschema.protocols.Validator:
+    schema = dict(_strict_openapi(kind, version))
+    schema["properties"] = {**schema["properties"], "metadata": OBJECT_META_SCHEMA}
+    schema["required"] = sorted(
+        {*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"}
+    )
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    return cls(schema)
+
+
+def _api_version(manifest: dict[str, Any], kind: str) -> str:
+    group = load_crd(kind)["spec"]["group"]
+    api_version = str(manifest.get("apiVersion", ""))
+    prefix = f"{group}/"
+    if not api_version.startswith(prefix):
+        raise ManifestError([f"apiVersion {api_version!r} is not in group {group}"])
+    return api_version[len(prefix) :]
+
+
+def iter_errors(manifest: dict[str, Any]) -> Iterator[str]:
+    """One readable line per violation: `path.to.field: message`."""
+    kind = manifest.get("kind")
+    if kind not in CRD_FILES:
+        yield f"kind {kind!r} is not a KubeRay kind {sorted(CRD_FILES)}"
+        return
+    try:
+        version = _api_version(manifest, kind)
+        validator = _validator(kind, version)
+    except (ManifestError, ValueError) as exc:
+        yield str(exc)
+        return
+    for error in sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path)):
+        where = ".".join(str(p) for p in error.absolute_path) or "<root>"
+        yield f"{where}: {error.message}"
+
+
+def validate_manifest(manifest: dict[str, Any]) -> None:
+    """Raise `ManifestError` listing every way a manifest breaks its KubeRay CRD."""
+    errors = list(iter_errors(manifest))
+    if errors:
+        raise ManifestError(errors)
+
+
+def sub_schema(kind: str, version: str, *path: str) -> dict[str, Any]:
+    """The strict schema at a path of property names ("[]" steps into array items)."""
+    node = _strict_openapi(kind, version)
+    for step in path:
+        node = node["items"] if step == "[]" else node["properties"][step]
+    return node
+
+
+# Kubernetes label syntax (apimachinery IsQualifiedName / IsValidLabelValue).
+_LABEL_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
+_LABEL_PREFIX = r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)"
+LABEL_KEY = re.compile(rf"^({_LABEL_PREFIX}/)?{_LABEL_NAME}$")
+LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+_RAY_START_RESOURCES = ("num-cpus", "num-gpus", "memory", "resources")
+
+
+def _group_problems(name: str, group: dict[str, Any]) -> Iterator[str]:
+    params = group.get("rayStartParams", {})
+    containers = group.get("template", {}).get("spec", {}).get("containers", [])
+    if not containers:
+        yield f"{name}: the pod template has no container"
+    if "labels" in params:
+        yield f"{name}: rayStartParams['labels'] is rejected; use the group's labels field"
+    if group.get("resources") and any(params.get(k) for k in _RAY_START_RESOURCES):
+        yield f"{name}: resources set both in rayStartParams and in the resources field"
+    for key, value in group.get("labels", {}).items():
+        if len(key.rsplit("/", 1)[0]) > 253 or not LABEL_KEY.match(key):
+            yield f"{name}: invalid Ray label key {key!r}"
+        if not LABEL_VALUE.match(value):
+            yield f"{name}: invalid value {value!r} of label {key!r}"
+
+
+def cluster_spec_problems(spec: dict[str, Any]) -> list[str]:
+    """A subset of what KubeRay's ValidateRayClusterSpec (operator-side, not the CRD) rejects."""
+    problems = list(_group_problems("headGroupSpec", spec.get("headGroupSpec", {})))
+    autoscaling = spec.get("enableInTreeAutoscaling", False)
+    for group in spec.get("workerGroupSpecs", []):
+        name = f"workerGroup {group.get('groupName')}"
+        problems += _group_problems(name, group)
+        low, high = group.get("minReplicas"), group.get("maxReplicas")
+        if not autoscaling and (low is None or high is None):
+            problems.append(f"{name}: minReplicas and maxReplicas are required without autoscaling")
+        if low is not None and high is not None and not 0 <= low <= high:
+            problems.append(f"{name}: needs 0 <= minReplicas ({low}) <= maxReplicas ({high})")
+    return problems
