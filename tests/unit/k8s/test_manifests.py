@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import jsonschema
@@ -383,3 +384,11 @@ def test_broken_monitor_is_rejected(change: Any) -> None:
     doc = copy.deepcopy(load_yaml_documents(MONITORING_DIR / "podmonitor-ray-workers.yaml")[0])
     change(doc)
     assert _monitor_errors(doc)
+
+
+def test_readme_applies_files_that_exist() -> None:
+    text = (K8S_DIR / "README.md").read_text()
+    paths = re.findall(r"(?:-f|kubectl apply -f) (k8s/\S+)", text)
+    assert {"k8s/rayservice.yaml", "k8s/values/ray-cluster.yaml", "k8s/monitoring/"} <= set(paths)
+    assert all((K8S_DIR.parent / p).exists() for p in paths), paths
+    assert text.count("--version 1.7.0") == 2
