@@ -1,0 +1,129 @@
+"""The payments actor: a named, detached Ray actor serving one PaymentsService to every gateway.
+
+Ledger calls run on one worker thread (SQLite has one writer anyway); usage reports are
+group-committed; a background loop settles payouts every `settle_interval_s`. On start the actor
+first finishes whatever batches a previous incarnation left open (crash recovery).
+"""
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cluster.config.payments import PaymentsSection
+from payments.group_commit import GroupCommitter
+from payments.protocol import (
+    ApiKey,
+    Balance,
+    BatchReport,
+    Challenge,
+    Deposit,
+    DepositRequest,
+    Hold,
+    HoldRequest,
+    Receipt,
+    ReceiptQuery,
+    ReconcileReport,
+    ReleaseHold,
+    SettlementRecord,
+    SignIn,
+    UsageReport,
+    WalletIdentity,
+)
+from payments.service import PaymentsService
+
+logger = logging.getLogger(__name__)
+
+
+class PaymentsActor:
+    """Ray actor class (wrapped with `ray.remote` in `payments.client.start_payments_actor`)."""
+
+    def __init__(self, section: PaymentsSection, settle_loop: bool = True) -> None:
+        self.section = section
+        self._settle_loop_enabled = settle_loop
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="payments-db")
+        self._service: PaymentsService | None = None
+        self._committer: GroupCommitter | None = None
+        self._ready = asyncio.Lock()
+        self._settle_lock = asyncio.Lock()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def _svc(self) -> PaymentsService:
+        async with self._ready:
+            if self._service is None:
+                service = await PaymentsService.create(self.section)
+                report = await service.recover()
+                logger.info("payments actor recovered: %s", report)
+                self._committer = GroupCommitter(service.report_usage_many, self.section.group_commit_max,
+                                                 self._db)
+                self._service = service
+                if self._settle_loop_enabled:
+                    self._loop_task = asyncio.create_task(self._settle_forever())
+            return self._service
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    async def _settle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.section.settle_interval_s)
+            try:
+                await self.settle()
+            except Exception:  # keep the loop alive; the next pass retries from the ledger state
+                logger.exception("settle pass failed")
+
+    async def ready(self) -> bool:
+        await self._svc()
+        return True
+
+    async def authenticate(self, api_key: str | None) -> WalletIdentity:
+        return await self._run((await self._svc()).authenticate, api_key)
+
+    async def place_hold(self, req: HoldRequest) -> Hold:
+        return await self._run((await self._svc()).place_hold, req)
+
+    async def report_usage(self, report: UsageReport) -> SettlementRecord:
+        await self._svc()
+        if self._committer is None:
+            raise RuntimeError("payments service not initialised")
+        return await self._committer.submit(report)
+
+    async def release_hold(self, release: ReleaseHold) -> None:
+        await self._run((await self._svc()).release_hold, release)
+
+    async def get_receipt(self, query: ReceiptQuery) -> Receipt:
+        return await self._run((await self._svc()).get_receipt, query)
+
+    async def balance(self, wallet: str) -> Balance:
+        return await self._run((await self._svc()).balance, wallet)
+
+    async def challenge(self, wallet: str) -> Challenge:
+        return await self._run((await self._svc()).challenge, wallet)
+
+    async def verify(self, sign_in: SignIn) -> ApiKey:
+        return await self._run((await self._svc()).verify, sign_in)
+
+    async def revoke_key(self, key_id: str, wallet: str) -> None:
+        await self._run((await self._svc()).revoke_key, key_id, wallet)
+
+    async def deposit(self, req: DepositRequest) -> Deposit:
+        return await (await self._svc()).deposit(req)
+
+    async def submit_transaction(self, tx_bytes: bytes) -> str:
+        return await (await self._svc()).submit_transaction(tx_bytes)
+
+    async def faucet(self, wallet: str, amount: int) -> None:
+        await (await self._svc()).faucet(wallet, amount)
+
+    async def settle(self) -> BatchReport:
+        service = await self._svc()
+        async with self._settle_lock:  # one settle pass at a time (loop and CLI)
+            return await service.settle()
+
+    async def reconcile(self) -> ReconcileReport:
+        service = await self._svc()
+        async with self._settle_lock:
+            return await service.reconcile()
+
+    async def pending(self) -> dict[str, object]:
+        return await self._run((await self._svc()).pending)

@@ -1,0 +1,1 @@
+"""Chain backends (LiteSVM in-process, JSON-RPC) and Solana transaction building."""

@@ -1,0 +1,71 @@
+"""The contract every chain backend implements (typed solders objects at the boundary)."""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from solders.hash import Hash
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+from solders.transaction import Transaction, VersionedTransaction
+
+# A blockhash is usable for this many blocks after the block that produced it (Solana's
+# MAX_PROCESSING_AGE); LiteSVM has no blocks, so its backend advances its height by this on expiry.
+BLOCKHASH_VALIDITY_BLOCKS = 150
+# Largest serialized transaction (the IPv6 MTU minus headers).
+PACKET_DATA_SIZE = 1232
+COMMITMENT_RANK = {"processed": 0, "confirmed": 1, "finalized": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureStatus:
+    """What the chain knows about a signature: landed, with an error or not."""
+
+    err: str | None
+    slot: int
+    confirmation: str  # processed | confirmed | finalized
+    fee_lamports: int | None = None
+
+    def reached(self, commitment: str) -> bool:
+        """Whether the transaction is at least as committed as `commitment`."""
+        return COMMITMENT_RANK[self.confirmation] >= COMMITMENT_RANK[commitment]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedTransaction:
+    """A landed transaction with its outcome, for deposit verification."""
+
+    transaction: Transaction | VersionedTransaction
+    err: str | None
+    slot: int
+    finalized: bool
+
+
+class ChainBackend(Protocol):
+    """A Solana cluster as the settlement engine sees it; errors are raised as ChainError."""
+
+    async def latest_blockhash(self) -> tuple[Hash, int]:
+        """The latest blockhash and its last valid block height."""
+
+    async def block_height(self) -> int:
+        """The current block height at the configured commitment."""
+
+    async def send_raw(self, tx: bytes) -> None:
+        """Submit a signed transaction; re-submitting an already processed one is not an error."""
+
+    async def signature_status(self, signature: Signature) -> SignatureStatus | None:
+        """The status of a signature, or None when the chain has not seen it."""
+
+    async def fetch_transaction(self, signature: Signature) -> FetchedTransaction | None:
+        """A landed transaction (for deposits), or None."""
+
+    async def lamports(self, address: Pubkey) -> int:
+        """SOL balance in lamports (0 for a missing account)."""
+
+    async def token_amount(self, token_account: Pubkey) -> int | None:
+        """Balance of an SPL token account, or None when it does not exist."""
+
+    async def rent_exempt_minimum(self, data_len: int) -> int:
+        """Lamports that make an account of `data_len` bytes rent exempt."""
+
+    async def close(self) -> None:
+        """Release connections and persist state."""

@@ -1,0 +1,1 @@
+"""The payments ledger: double-entry accounting over SQL (SQLAlchemy Core)."""

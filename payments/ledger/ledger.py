@@ -1,0 +1,290 @@
+"""The ledger: holds, settlement records and deposits as double-entry postings over SQL."""
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, create_engine, event, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
+
+from payments.errors import InsufficientBalance, InvalidRequest, NotFound, PaymentError
+from payments.ledger import accounts as acct
+from payments.ledger.accounts import Posting, apply_postings, balance_of
+from payments.ledger.schema import (
+    deposits,
+    holds,
+    metadata,
+    payout_batches,
+    settlement_shares,
+    settlements,
+)
+from payments.pricing import Price, hold_amount, request_cost, split_cost
+from payments.protocol import (
+    Balance,
+    Deposit,
+    Hold,
+    HoldRequest,
+    SettlementRecord,
+    ShareLine,
+    UsageReport,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitPolicy:
+    """Commissions in basis points of each request's cost."""
+
+    network_bps: int
+    proxy_bps: int
+
+
+def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
+    """An engine for `url`; SQLite files get WAL and fsync so a commit survives a crash."""
+    if sqlite_synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"sqlite_synchronous must be FULL or NORMAL, not {sqlite_synchronous}")
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=NullPool)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+    return engine
+
+
+class Ledger:
+    """Accounting over SQL. Every public method is one database transaction."""
+
+    def __init__(self, engine: Engine, price_of: Callable[[str], Price], policy: SplitPolicy) -> None:
+        self.engine = engine
+        self.price_of = price_of
+        self.policy = policy
+        metadata.create_all(engine)
+
+    @classmethod
+    def from_url(cls, url: str, price_of: Callable[[str], Price], policy: SplitPolicy) -> "Ledger":
+        return cls(make_engine(url), price_of, policy)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One DB transaction (committed on exit, rolled back on any exception)."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    def post(self, conn: Connection, items: list[Posting]) -> None:
+        apply_postings(conn, items)
+
+    # Holds ---------------------------------------------------------------------------------
+    def place_hold(self, req: HoldRequest) -> Hold:
+        """Move (prompt + max_tokens) at the model price from the payer's balance to its hold."""
+        amount = hold_amount(self.price_of(req.model), req.prompt_tokens, req.max_tokens)
+        with self.transaction() as conn:
+            if conn.execute(select(holds.c.request_id).where(holds.c.request_id == req.request_id)).first():
+                raise InvalidRequest(f"request {req.request_id} already has a hold", code="duplicate_request")
+            acct.ensure_accounts(conn, [acct.client(req.payer)])
+            # Conditional debit: concurrent gateways on PostgreSQL cannot overdraw a balance.
+            debited = conn.execute(
+                update(acct.accounts)
+                .where(acct.accounts.c.name == acct.client(req.payer), acct.accounts.c.balance >= amount)
+                .values(balance=acct.accounts.c.balance - amount)
+            ).rowcount
+            if debited != 1:
+                available = balance_of(conn, acct.client(req.payer))
+                raise InsufficientBalance(
+                    f"balance {available} does not cover this request's maximum cost {amount}"
+                    f" ({req.prompt_tokens} prompt + {req.max_tokens} max_tokens of {req.model});"
+                    " deposit more or lower max_tokens"
+                )
+            # The debit above is the from-side; record the posting and credit the hold.
+            hold_name = acct.held(req.payer)
+            acct.ensure_accounts(conn, [hold_name])
+            conn.execute(
+                acct.postings.insert(),
+                {"ref": f"hold:{req.request_id}", "kind": "hold", "from_account": acct.client(req.payer),
+                 "to_account": hold_name, "amount": amount, "created_at": time.time()},
+            )
+            conn.execute(
+                update(acct.accounts).where(acct.accounts.c.name == hold_name)
+                .values(balance=acct.accounts.c.balance + amount)
+            )
+            conn.execute(holds.insert(), {
+                "request_id": req.request_id, "payer": req.payer, "model": req.model, "amount": amount,
+                "prompt_tokens": req.prompt_tokens, "max_tokens": req.max_tokens, "state": "open",
+                "created_at": time.time(),
+            })
+            return Hold(req.request_id, req.payer, amount, balance_of(conn, acct.client(req.payer)))
+
+    def release_hold(self, request_id: str) -> bool:
+        """Return a failed request's whole hold to the payer; False if it was already released."""
+        with self.transaction() as conn:
+            row = conn.execute(select(holds).where(holds.c.request_id == request_id)).first()
+            if row is None:
+                raise NotFound(f"no hold for request {request_id}")
+            if row.state == "released":
+                return False
+            if row.state == "settled":
+                raise InvalidRequest(f"request {request_id} is already settled", code="already_settled")
+            self.post(conn, [Posting(f"release:{request_id}", "release", acct.held(row.payer),
+                                     acct.client(row.payer), row.amount)])
+            conn.execute(update(holds).where(holds.c.request_id == request_id).values(state="released"))
+            return True
+
+    # Settlement records -------------------------------------------------------------------------
+    def record_usage(self, reports: list[UsageReport]) -> list[SettlementRecord | PaymentError]:
+        """Settle completed requests in one transaction (group commit); one result per report.
+
+        A report for an already-settled request returns the existing record (retries are safe).
+        """
+        results: list[SettlementRecord | PaymentError] = []
+        with self.transaction() as conn:
+            ids = [r.request_id for r in reports]
+            open_holds = {h.request_id: h for h in conn.execute(select(holds).where(holds.c.request_id.in_(ids)))}
+            rows, share_rows, items, seen = [], [], [], set()
+            for report in reports:
+                hold = open_holds.get(report.request_id)
+                try:
+                    if hold is None or report.request_id in seen:
+                        raise NotFound(f"no hold for request {report.request_id}")
+                    if hold.state == "settled":
+                        results.append(self._load_record(conn, request_id=report.request_id))
+                        continue
+                    if hold.state != "open" or hold.payer != report.payer:
+                        raise InvalidRequest(f"hold of request {report.request_id} is {hold.state}")
+                    record = self._price_report(report, hold.amount)
+                except PaymentError as exc:
+                    results.append(exc)
+                    continue
+                seen.add(report.request_id)
+                results.append(record)
+                rows.append(_settlement_row(record))
+                share_rows.extend(_share_rows(record))
+                items.extend(_settlement_postings(record, hold.amount))
+            if rows:
+                conn.execute(settlements.insert(), rows)
+                conn.execute(settlement_shares.insert(), share_rows)
+                self.post(conn, items)
+                conn.execute(
+                    update(holds).where(holds.c.request_id.in_([r["request_id"] for r in rows]))
+                    .values(state="settled")
+                )
+        return results
+
+    def _price_report(self, report: UsageReport, held_amount: int) -> SettlementRecord:
+        if not report.providers:
+            raise InvalidRequest("a usage report needs at least one provider")
+        price = self.price_of(report.model)
+        cost = request_cost(price, report.prompt_tokens, report.completion_tokens)
+        if cost > held_amount:
+            logger.warning("request %s cost %d exceeds its hold %d; charging the hold",
+                           report.request_id, cost, held_amount)
+            cost = held_amount
+        layers = [p.layers_served for p in report.providers]
+        split = split_cost(cost, layers, self.policy.network_bps, self.policy.proxy_bps,
+                           report.proxy_wallet is not None)
+        shares = [ShareLine(p.wallet, "provider", p.layers_served, amount)
+                  for p, amount in zip(report.providers, split.providers, strict=True)]
+        shares.append(ShareLine(acct.NETWORK, "network", 0, split.network))
+        if report.proxy_wallet is not None:
+            shares.append(ShareLine(report.proxy_wallet, "proxy", 0, split.proxy))
+        return SettlementRecord(
+            settlement_id=f"set_{uuid.uuid4().hex[:24]}", request_id=report.request_id,
+            payer=report.payer, model=report.model, prompt_tokens=report.prompt_tokens,
+            completion_tokens=report.completion_tokens, price_prompt_per_1k=price.prompt_per_1k,
+            price_completion_per_1k=price.completion_per_1k, cost=cost, shares=tuple(shares),
+            created_at=time.time(),
+        )
+
+    def _load_record(self, conn: Connection, *, request_id: str | None = None,
+                     settlement_id: str | None = None) -> SettlementRecord:
+        cond = settlements.c.request_id == request_id if request_id else settlements.c.id == settlement_id
+        row = conn.execute(select(settlements).where(cond)).first()
+        if row is None:
+            raise NotFound(f"no settlement {settlement_id or request_id}")
+        shares = conn.execute(
+            select(settlement_shares).where(settlement_shares.c.settlement_id == row.id)
+            .order_by(settlement_shares.c.id)
+        ).all()
+        return SettlementRecord(
+            settlement_id=row.id, request_id=row.request_id, payer=row.payer, model=row.model,
+            prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
+            price_prompt_per_1k=row.price_prompt_per_1k,
+            price_completion_per_1k=row.price_completion_per_1k, cost=row.cost,
+            shares=tuple(ShareLine(s.wallet, s.role, s.layers_served, s.amount) for s in shares),
+            created_at=row.created_at,
+        )
+
+    def settlement(self, settlement_id: str) -> tuple[SettlementRecord, bool, tuple[str, ...]]:
+        """A record, whether all its payouts are confirmed on chain, and their signatures."""
+        with self.transaction() as conn:
+            record = self._load_record(conn, settlement_id=settlement_id)
+            batch_rows = conn.execute(
+                select(settlement_shares.c.batch_id, payout_batches.c.state, payout_batches.c.signature)
+                .select_from(settlement_shares.outerjoin(
+                    payout_batches, settlement_shares.c.batch_id == payout_batches.c.id))
+                .where(settlement_shares.c.settlement_id == settlement_id,
+                       settlement_shares.c.role != "network", settlement_shares.c.amount > 0)
+            ).all()
+        settled = all(r.state == "confirmed" for r in batch_rows)
+        signatures = tuple(sorted({r.signature for r in batch_rows if r.state == "confirmed"}))
+        return record, settled, signatures
+
+    # Deposits and balances ----------------------------------------------------------------------
+    def credit_deposit(self, signature: str, wallet: str, amount: int, slot: int) -> Deposit:
+        """Credit a verified deposit once; a second call with the same signature changes nothing."""
+        if amount <= 0:
+            raise InvalidRequest("a deposit must be positive")
+        try:
+            with self.transaction() as conn:
+                conn.execute(deposits.insert(), {"signature": signature, "wallet": wallet, "amount": amount,
+                                                 "slot": slot, "created_at": time.time()})
+                self.post(conn, [Posting(f"deposit:{signature}", "deposit", acct.CHAIN_INFLOW,
+                                         acct.client(wallet), amount)])
+            return Deposit(signature, wallet, amount, newly_credited=True)
+        except IntegrityError:
+            with self.transaction() as conn:
+                row = conn.execute(select(deposits).where(deposits.c.signature == signature)).one()
+            return Deposit(signature, row.wallet, row.amount, newly_credited=False)
+
+    def balance(self, wallet: str, asset: str) -> Balance:
+        with self.transaction() as conn:
+            return Balance(
+                wallet=wallet, available=balance_of(conn, acct.client(wallet)),
+                held=balance_of(conn, acct.held(wallet)),
+                unpaid_earnings=balance_of(conn, acct.payee(wallet)), asset=asset,
+            )
+
+
+def _settlement_row(r: SettlementRecord) -> dict[str, object]:
+    return {"id": r.settlement_id, "request_id": r.request_id, "payer": r.payer, "model": r.model,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "price_prompt_per_1k": r.price_prompt_per_1k,
+            "price_completion_per_1k": r.price_completion_per_1k, "cost": r.cost,
+            "created_at": r.created_at}
+
+
+def _share_rows(r: SettlementRecord) -> list[dict[str, object]]:
+    return [{"settlement_id": r.settlement_id, "wallet": s.wallet, "role": s.role,
+             "layers_served": s.layers_served, "amount": s.amount, "batch_id": None} for s in r.shares]
+
+
+def _settlement_postings(r: SettlementRecord, held_amount: int) -> list[Posting]:
+    """Charge the hold: each share to its payee (network to its account), the rest back to the client."""
+    ref = f"settle:{r.settlement_id}"
+    source = acct.held(r.payer)
+    items = [
+        Posting(ref, "charge", source, acct.NETWORK if s.role == "network" else acct.payee(s.wallet), s.amount)
+        for s in r.shares
+    ]
+    items.append(Posting(ref, "release", source, acct.client(r.payer), held_amount - r.cost))
+    return items

@@ -1,0 +1,214 @@
+"""Typed messages between the serving gateway (or the CLI) and the payments actor.
+
+The gateway never imports payments internals: it calls the named actor (see `payments.client`) with
+these dataclasses and gets these dataclasses back. Amounts are integers in base units of the
+settlement asset (lamports, or the SPL mint's smallest unit).
+
+Request lifecycle, as the gateway sees it:
+1. `authenticate(api_key) -> WalletIdentity`         (401 on a bad key; skipped in open mode)
+2. `place_hold(HoldRequest) -> Hold`                 (402 when the balance does not cover it)
+3a. `report_usage(UsageReport) -> SettlementRecord`  (the request completed; its id goes in the response)
+3b. `release_hold(ReleaseHold) -> None`              (the request failed or was rejected: no charge)
+4. `get_receipt(ReceiptQuery) -> Receipt`            (403 unless the reader is the payer or a payee)
+"""
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+SETTLEMENT_HEADER = "x-solanalm-settlement-id"
+
+
+@dataclass(frozen=True, slots=True)
+class WalletIdentity:
+    """Who is calling: a wallet (base58) and the API key id it used (None in open mode)."""
+
+    wallet: str
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """Reserve the most a request can cost: (prompt_tokens + max_tokens) at the model's price."""
+
+    request_id: str
+    payer: str
+    model: str
+    max_tokens: int
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A placed hold; released down to the actual cost when usage is reported."""
+
+    request_id: str
+    payer: str
+    amount: int
+    balance_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderShare:
+    """One provider's part of a request: the wallet paid and how many layers it computed."""
+
+    wallet: str
+    layers_served: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """Final usage of a completed request; the payout is split by layers_served."""
+
+    request_id: str
+    payer: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    providers: tuple[ProviderShare, ...]
+    proxy_wallet: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseHold:
+    """The request failed or was rejected by verification: release the whole hold, charge nothing."""
+
+    request_id: str
+    reason: str = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ShareLine:
+    """One line of a settlement's split."""
+
+    wallet: str
+    role: str  # "provider" | "network" | "proxy"
+    layers_served: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementRecord:
+    """The durable per-request record (returned once it is committed to the ledger)."""
+
+    settlement_id: str
+    request_id: str
+    payer: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    price_prompt_per_1k: int
+    price_completion_per_1k: int
+    cost: int
+    shares: tuple[ShareLine, ...]
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptQuery:
+    """Read a receipt as `reader` (the payer or one of the paid providers)."""
+
+    settlement_id: str
+    reader: str
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A settlement record plus its on-chain status."""
+
+    record: SettlementRecord
+    settled: bool
+    signatures: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """A wallet's spendable balance, held amount and (as a provider) unpaid earnings."""
+
+    wallet: str
+    available: int
+    held: int
+    unpaid_earnings: int
+    asset: str
+
+
+@dataclass(frozen=True, slots=True)
+class DepositRequest:
+    """Credit a deposit: the signature of a transfer to the treasury."""
+
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit:
+    """A credited deposit (each signature is credited once)."""
+
+    signature: str
+    wallet: str
+    amount: int
+    newly_credited: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A Sign-In-With-Solana message for the wallet to sign."""
+
+    message: str
+    nonce: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SignIn:
+    """A signed SIWS message (signature base58)."""
+
+    message: str
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A freshly issued API key; `secret` is shown once and stored only hashed."""
+
+    key_id: str
+    wallet: str
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    """Outcome of one settle pass."""
+
+    batches_confirmed: int
+    payouts_confirmed: int
+    amount_paid: int
+    pending_batches: int
+    held_wallets: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """Result of the double-entry and chain checks; `ok` only when every check passed."""
+
+    ok: bool
+    checks: dict[str, bool]
+    details: dict[str, int]
+
+
+class PaymentsAPI(Protocol):
+    """What the gateway holds: `payments.client.PaymentsClient` (actor) or `LocalPaymentsClient`."""
+
+    async def authenticate(self, api_key: str | None) -> WalletIdentity: ...
+    async def place_hold(self, req: HoldRequest) -> Hold: ...
+    async def report_usage(self, report: UsageReport) -> SettlementRecord: ...
+    async def release_hold(self, release: ReleaseHold) -> None: ...
+    async def get_receipt(self, query: ReceiptQuery) -> Receipt: ...
+    async def balance(self, wallet: str) -> Balance: ...
+    async def deposit(self, req: DepositRequest) -> Deposit: ...
+    async def challenge(self, wallet: str) -> Challenge: ...
+    async def verify(self, sign_in: SignIn) -> ApiKey: ...
+    async def revoke_key(self, key_id: str, wallet: str) -> None: ...
+    async def settle(self) -> BatchReport: ...
+    async def reconcile(self) -> ReconcileReport: ...
+    async def pending(self) -> dict[str, object]: ...
+    async def submit_transaction(self, tx_bytes: bytes) -> str: ...
+    async def faucet(self, wallet: str, amount: int) -> None: ...  # litesvm backend only

@@ -1,0 +1,243 @@
+"""PaymentsService: ledger + auth + chain + settlement behind one object (the actor wraps it).
+
+Plain Python, no Ray: tests and the CLI use it directly; `payments.actor` serves it to the gateway.
+"""
+
+import csv
+import logging
+from pathlib import Path
+from typing import TextIO
+
+from solders.keypair import Keypair
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+from solders.transaction import VersionedTransaction
+from spl.token.instructions import get_associated_token_address
+from sqlalchemy import select
+
+from cluster.config.payments import PaymentsSection
+from payments.auth import WalletAuth
+from payments.chain.base import ChainBackend
+from payments.chain.deposits import deposit_of
+from payments.chain.litesvm_backend import LiteSVMBackend
+from payments.chain.treasury import bootstrap_litesvm, faucet, load_or_create_keypair
+from payments.chain.tx import AssetSpec, BudgetSpec
+from payments.errors import Forbidden, InvalidRequest, PaymentError
+from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
+from payments.ledger.payouts import PayoutBook
+from payments.ledger.reconcile import ledger_checks
+from payments.ledger.schema import settlement_shares, settlements
+from payments.pricing import Price
+from payments.protocol import (
+    ApiKey,
+    Balance,
+    BatchReport,
+    Challenge,
+    Deposit,
+    DepositRequest,
+    Hold,
+    HoldRequest,
+    Receipt,
+    ReceiptQuery,
+    ReconcileReport,
+    ReleaseHold,
+    SettlementRecord,
+    SignIn,
+    UsageReport,
+    WalletIdentity,
+)
+from payments.settlement import CrashHook, Settler, SettlerConfig, _no_crash
+
+logger = logging.getLogger(__name__)
+OPEN_MODE_WALLET = "open-mode"
+
+
+class PaymentsService:
+    """Everything the gateway and the CLI need; build it with `await PaymentsService.create(...)`."""
+
+    def __init__(self, section: PaymentsSection, ledger: Ledger, auth: WalletAuth, chain: ChainBackend,
+                 treasury: Keypair, asset: AssetSpec, crash_hook: CrashHook = _no_crash) -> None:
+        self.section = section
+        self.ledger = ledger
+        self.auth = auth
+        self.chain = chain
+        self.treasury = treasury
+        self.asset = asset
+        self.book = PayoutBook(ledger, fees_in_ledger=asset.mint is None)
+        self.settler = Settler(
+            self.book, chain, treasury, asset,
+            SettlerConfig(section.batch_max_transfers, section.min_payout,
+                          BudgetSpec(section.compute_unit_limit, section.compute_unit_price_micro_lamports),
+                          section.commitment),
+            crash_hook,
+        )
+
+    @classmethod
+    async def create(cls, section: PaymentsSection, chain: ChainBackend | None = None,
+                     crash_hook: CrashHook = _no_crash) -> "PaymentsService":
+        """Open the ledger, load the treasury and connect the configured chain backend."""
+        state_dir = section.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(section.resolved_database_url(), section.sqlite_synchronous)
+        ledger = Ledger(engine, _price_lookup(section), SplitPolicy(section.network_commission_bps,
+                                                                    section.proxy_commission_bps))
+        auth = WalletAuth(engine, section.siws_domain, section.nonce_ttl_s, section.message_max_age_s)
+        treasury = load_or_create_keypair(section.treasury_keypair_path or state_dir / "treasury.json")
+        if chain is None:
+            chain = build_chain(section)
+        if isinstance(chain, LiteSVMBackend):
+            asset = bootstrap_litesvm(chain, treasury, section.asset, section.mint, section.mint_decimals, state_dir)
+        elif section.asset == "spl":
+            if section.mint is None:
+                raise InvalidRequest("payments.mint is required for SPL settlement over RPC")
+            asset = AssetSpec(Pubkey.from_string(section.mint), section.mint_decimals)
+        else:
+            asset = AssetSpec(None, 9)
+        return cls(section, ledger, auth, chain, treasury, asset, crash_hook)
+
+    # Gateway path ---------------------------------------------------------------------------------
+    def authenticate(self, api_key: str | None) -> WalletIdentity:
+        if self.section.open_mode:
+            return WalletIdentity(OPEN_MODE_WALLET)
+        return self.auth.authenticate(api_key or "")
+
+    def place_hold(self, req: HoldRequest) -> Hold:
+        return self.ledger.place_hold(req)
+
+    def report_usage(self, report: UsageReport) -> SettlementRecord:
+        result = self.report_usage_many([report])[0]
+        if isinstance(result, PaymentError):
+            raise result
+        return result
+
+    def report_usage_many(self, reports: list[UsageReport]) -> list[SettlementRecord | PaymentError]:
+        """Group commit: one durable transaction for many completed requests."""
+        return self.ledger.record_usage(reports)
+
+    def release_hold(self, release: ReleaseHold) -> None:
+        self.ledger.release_hold(release.request_id)
+
+    def get_receipt(self, query: ReceiptQuery) -> Receipt:
+        """The record and its on-chain status, for the payer or a paid provider only."""
+        record, settled, signatures = self.ledger.settlement(query.settlement_id)
+        readers = {record.payer} | {s.wallet for s in record.shares if s.role != "network"}
+        if query.reader not in readers:
+            raise Forbidden("only the payer and the paid providers may read this receipt")
+        return Receipt(record, settled, signatures)
+
+    def balance(self, wallet: str) -> Balance:
+        return self.ledger.balance(wallet, "SOL" if self.asset.mint is None else str(self.asset.mint))
+
+    # Sign-in -----------------------------------------------------------------------------------
+    def challenge(self, wallet: str) -> Challenge:
+        return self.auth.challenge(wallet)
+
+    def verify(self, sign_in: SignIn) -> ApiKey:
+        return self.auth.verify(sign_in.message, sign_in.signature)
+
+    def revoke_key(self, key_id: str, wallet: str) -> None:
+        self.auth.revoke(key_id, wallet)
+
+    # Chain ---------------------------------------------------------------------------------------
+    async def deposit(self, req: DepositRequest) -> Deposit:
+        """Verify a transfer to the treasury on chain and credit its sender once."""
+        try:
+            signature = Signature.from_string(req.signature)
+        except ValueError as exc:
+            raise InvalidRequest("malformed transaction signature") from exc
+        fetched = await self.chain.fetch_transaction(signature)
+        if fetched is None:
+            raise InvalidRequest("transaction not found on chain (yet)", code="deposit_not_found")
+        wallet, amount = deposit_of(fetched, self.treasury.pubkey(), self.asset)
+        return self.ledger.credit_deposit(req.signature, wallet, amount, fetched.slot)
+
+    async def submit_transaction(self, tx_bytes: bytes) -> str:
+        """Relay a client-signed transaction (e.g. a deposit) to the chain; returns its signature."""
+        try:
+            signature = VersionedTransaction.from_bytes(tx_bytes).signatures[0]
+        except ValueError as exc:
+            raise InvalidRequest("not a serialized Solana transaction") from exc
+        await self.chain.send_raw(tx_bytes)
+        return str(signature)
+
+    async def faucet(self, wallet: str, amount: int) -> None:
+        """LiteSVM only (embedded demo and tests): fund a wallet with SOL and the settlement asset."""
+        if not isinstance(self.chain, LiteSVMBackend):
+            raise InvalidRequest("the faucet exists only on the litesvm backend")
+        faucet(self.chain, self.treasury, self.asset, Pubkey.from_string(wallet), amount)
+
+    async def settle(self) -> BatchReport:
+        return await self.settler.settle()
+
+    async def recover(self) -> BatchReport:
+        return await self.settler.recover()
+
+    async def treasury_balance(self) -> int:
+        if self.asset.mint is None:
+            return await self.chain.lamports(self.treasury.pubkey())
+        ata = get_associated_token_address(self.treasury.pubkey(), self.asset.mint)
+        return await self.chain.token_amount(ata) or 0
+
+    async def reconcile(self) -> ReconcileReport:
+        """Double-entry checks, every confirmed batch landed without error, the treasury is solvent."""
+        checks, figures = ledger_checks(self.ledger)
+        landed = True
+        for batch in self.book.confirmed_batches():
+            status = await self.chain.signature_status(Signature.from_string(batch.signature or ""))
+            landed = landed and status is not None and status.err is None
+        checks["confirmed_batches_landed"] = landed
+        treasury = await self.treasury_balance()
+        figures["treasury_onchain"] = treasury
+        checks["treasury_covers_liabilities"] = treasury >= figures["liabilities"]
+        return ReconcileReport(all(checks.values()), checks, figures)
+
+    def pending(self) -> dict[str, object]:
+        return {"unpaid": self.book.unpaid(),
+                "open_batches": [(b.batch_id, b.state, b.signature) for b in self.book.open_batches()]}
+
+    def export_csv(self, out: TextIO) -> int:
+        """One CSV row per settlement share; returns the number of rows."""
+        writer = csv.writer(out)
+        writer.writerow(["settlement_id", "request_id", "payer", "model", "prompt_tokens",
+                         "completion_tokens", "cost", "created_at", "wallet", "role", "layers_served",
+                         "amount", "batch_id"])
+        count = 0
+        with self.ledger.transaction() as conn:
+            rows = conn.execute(
+                select(settlements, settlement_shares.c.wallet, settlement_shares.c.role,
+                       settlement_shares.c.layers_served, settlement_shares.c.amount,
+                       settlement_shares.c.batch_id)
+                .join(settlement_shares, settlement_shares.c.settlement_id == settlements.c.id)
+                .order_by(settlements.c.created_at, settlement_shares.c.id)
+            )
+            for r in rows:
+                writer.writerow([r.id, r.request_id, r.payer, r.model, r.prompt_tokens, r.completion_tokens,
+                                 r.cost, r.created_at, r.wallet, r.role, r.layers_served, r.amount, r.batch_id])
+                count += 1
+        return count
+
+    async def close(self) -> None:
+        await self.chain.close()
+        self.ledger.engine.dispose()
+
+
+def _price_lookup(section: PaymentsSection):  # type: ignore[no-untyped-def]
+    def price_of(model: str) -> Price:
+        if section.open_mode:
+            return Price(0, 0)
+        p = section.price_for(model)
+        return Price(p.prompt_per_1k, p.completion_per_1k)
+
+    return price_of
+
+
+def build_chain(section: PaymentsSection) -> ChainBackend:
+    """The configured backend: LiteSVM persisted in state_dir, or JSON-RPC."""
+    if section.chain_backend == "litesvm":
+        return LiteSVMBackend(Path(section.state_dir) / "litesvm.json")
+    from payments.chain.rpc_backend import RpcBackend
+
+    return RpcBackend(section.rpc_url, section.commitment, section.rpc_timeout_s)
+
+
+__all__ = ["OPEN_MODE_WALLET", "PaymentsService", "build_chain"]

@@ -1,0 +1,87 @@
+"""Fixtures of the payments unit tests: a real PaymentsService on SQLite + in-process LiteSVM."""
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from solders.keypair import Keypair
+from solders.message import Message
+from solders.pubkey import Pubkey
+from solders.system_program import TransferParams, transfer
+from solders.transaction import Transaction, VersionedTransaction
+from spl.token.constants import TOKEN_PROGRAM_ID
+from spl.token.instructions import get_associated_token_address, transfer_checked
+from spl.token.models import TransferCheckedParams
+
+from cluster.config.payments import PaymentsSection
+from payments.protocol import DepositRequest, HoldRequest, ProviderShare, UsageReport
+from payments.service import PaymentsService
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def section(tmp_path: Path) -> PaymentsSection:
+    return PaymentsSection(state_dir=tmp_path / "state", siws_domain="solanalm.test")
+
+
+@pytest.fixture
+def make_service(section: PaymentsSection) -> Callable[..., PaymentsService]:
+    """Build a service over the test's state dir (call again to simulate a restart)."""
+    opened: list[PaymentsService] = []
+
+    def factory(**kwargs: Any) -> PaymentsService:
+        cfg = PaymentsSection.model_validate({**section.model_dump(), **kwargs.pop("section", {})})
+        service = run(PaymentsService.create(cfg, **kwargs))
+        opened.append(service)
+        return service
+
+    yield factory  # type: ignore[misc]
+    for service in opened:
+        service.ledger.engine.dispose()
+
+
+def deposit_tx(service: PaymentsService, payer: Keypair, amount: int, to: Pubkey | None = None) -> VersionedTransaction:
+    """A client-signed transfer of `amount` to the treasury (or to `to`)."""
+    treasury = to or service.treasury.pubkey()
+    if service.asset.mint is None:
+        ix = transfer(TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount))
+    else:
+        ix = transfer_checked(TransferCheckedParams(
+            program_id=TOKEN_PROGRAM_ID, source=get_associated_token_address(payer.pubkey(), service.asset.mint),
+            mint=service.asset.mint, dest=get_associated_token_address(treasury, service.asset.mint),
+            owner=payer.pubkey(), amount=amount, decimals=service.asset.decimals))
+    blockhash = service.chain.svm.latest_blockhash()  # type: ignore[attr-defined]
+    tx = Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash)
+    return VersionedTransaction.from_legacy(tx)
+
+
+def funded_client(service: PaymentsService, amount: int) -> Keypair:
+    """A wallet that deposited `amount` into its balance through a real on-chain transfer."""
+    payer = Keypair()
+    run(service.faucet(str(payer.pubkey()), amount))
+    signature = run(service.submit_transaction(bytes(deposit_tx(service, payer, amount))))
+    deposit = run(service.deposit(DepositRequest(signature)))
+    assert deposit.amount == amount and deposit.newly_credited
+    return payer
+
+
+def serve_request(service: PaymentsService, request_id: str, payer: str, providers: list[tuple[str, int]],
+                  prompt: int = 100, completion: int = 200, max_tokens: int = 256, model: str = "m",
+                  proxy: str | None = None) -> Any:
+    service.place_hold(HoldRequest(request_id, payer, model, max_tokens=max_tokens, prompt_tokens=prompt))
+    return service.report_usage(UsageReport(
+        request_id, payer, model, prompt, completion,
+        tuple(ProviderShare(w, n) for w, n in providers), proxy_wallet=proxy))
+
+
+def onchain_amount(service: PaymentsService, wallet: str) -> int:
+    """What `wallet` holds on chain in the settlement asset."""
+    pubkey = Pubkey.from_string(wallet)
+    if service.asset.mint is None:
+        return run(service.chain.lamports(pubkey))
+    return run(service.chain.token_amount(get_associated_token_address(pubkey, service.asset.mint))) or 0
