@@ -44,13 +44,20 @@ class Manifest:
     filename: str  # both the template's name in k8s/templates/ and the output's name in k8s/
     cluster_field: str  # spec field that receives the RayClusterSpec
     serve_config: bool = False  # whether spec.serveConfigV2 is filled from configs/serve.yaml
+    train_storage: bool = False  # whether every pod mounts the shared training volume
 
 
 MANIFESTS: tuple[Manifest, ...] = (
     Manifest("rayservice.yaml", "rayClusterConfig", serve_config=True),
-    Manifest("rayjob-data-parallel.yaml", "rayClusterSpec"),
-    Manifest("rayjob-federated.yaml", "rayClusterSpec"),
+    Manifest("rayjob-data-parallel.yaml", "rayClusterSpec", train_storage=True),
+    Manifest("rayjob-federated.yaml", "rayClusterSpec", train_storage=True),
 )
+
+# Ray Train writes checkpoints from worker pods and the driver (on the head) reads them back, so the
+# training clusters share a ReadWriteMany claim (k8s/storage/pvc-train.yaml) as the training
+# output directory (cluster/config/training.py, `training.output_dir`).
+TRAIN_CLAIM = "solanalm-train"
+TRAIN_MOUNT_PATH = "/mnt/solanalm-train"
 
 
 class _Dumper(yaml.SafeDumper):
@@ -100,6 +107,23 @@ def k8s_serve_config(serve_config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def with_train_storage(cluster_spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the cluster spec whose Ray containers mount the training claim and use it."""
+    spec = copy.deepcopy(cluster_spec)
+    for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+        pod = group["template"]["spec"]
+        volume = {"name": "train-storage", "persistentVolumeClaim": {"claimName": TRAIN_CLAIM}}
+        pod.setdefault("volumes", []).append(volume)
+        # The image's `ray` user is in group `users` (gid 100): let it write the claim.
+        pod.setdefault("securityContext", {}).setdefault("fsGroup", 100)
+        ray_container = pod["containers"][0]
+        mount = {"name": "train-storage", "mountPath": TRAIN_MOUNT_PATH}
+        ray_container.setdefault("volumeMounts", []).append(mount)
+        env = {"name": "SOLANALM_TRAINING__OUTPUT_DIR", "value": TRAIN_MOUNT_PATH}
+        ray_container.setdefault("env", []).append(env)
+    return spec
+
+
 def render_manifest(
     manifest: Manifest, cluster_spec: dict[str, Any], serve_config: dict[str, Any] | None
 ) -> str:
@@ -110,6 +134,8 @@ def render_manifest(
         if serve_config is None:
             raise ValueError(f"{manifest.filename} needs the Serve config")
         spec["serveConfigV2"] = dump_yaml(k8s_serve_config(serve_config))
+    if manifest.train_storage:
+        cluster_spec = with_train_storage(cluster_spec)
     spec[manifest.cluster_field] = copy.deepcopy(cluster_spec)
     sources = f"k8s/templates/{manifest.filename}, k8s/templates/{CLUSTER_SPEC_TEMPLATE.name}"
     if manifest.serve_config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from types import ModuleType
 from typing import Any
 
 import jsonschema
@@ -176,9 +177,35 @@ def test_every_group_carries_provider_labels_and_exports_metrics_on_8080() -> No
     assert head_ports | {"gcs": 6379, "dashboard": 8265, "serve": 8000} == head_ports
 
 
-def test_every_resource_shares_one_cluster_spec(cluster_spec: dict[str, Any]) -> None:
-    for name in KUBERAY_MANIFESTS:
-        assert _cluster(name) == cluster_spec
+def test_every_resource_shares_one_cluster_spec(
+    cluster_spec: dict[str, Any], render: ModuleType
+) -> None:
+    assert _cluster("rayservice.yaml") == cluster_spec
+    for name in ("rayjob-data-parallel.yaml", "rayjob-federated.yaml"):
+        assert _cluster(name) == render.with_train_storage(cluster_spec)
+
+
+def test_training_clusters_share_checkpoint_storage(render: ModuleType) -> None:
+    claim = load_yaml_documents(K8S_DIR / "storage" / "pvc-train.yaml")[0]
+    assert (claim["kind"], claim["metadata"]["name"]) == (
+        "PersistentVolumeClaim",
+        render.TRAIN_CLAIM,
+    )
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod reads and writes it
+    spec = _cluster("rayjob-data-parallel.yaml")
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        claim_name = volumes["train-storage"]["persistentVolumeClaim"]["claimName"]
+        assert claim_name == render.TRAIN_CLAIM
+        container = _ray_container(group)
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert (
+            mounts["train-storage"]
+            == env["SOLANALM_TRAINING__OUTPUT_DIR"]
+            == render.TRAIN_MOUNT_PATH
+        )
+    assert "train-storage" not in str(_cluster("rayservice.yaml"))
 
 
 @pytest.mark.parametrize(
