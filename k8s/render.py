@@ -110,17 +110,18 @@ def k8s_serve_config(serve_config: dict[str, Any]) -> dict[str, Any]:
 def with_train_storage(cluster_spec: dict[str, Any]) -> dict[str, Any]:
     """A copy of the cluster spec whose Ray containers mount the training claim and use it."""
     spec = copy.deepcopy(cluster_spec)
+    volume = {"name": "train-storage", "persistentVolumeClaim": {"claimName": TRAIN_CLAIM}}
+    mount = {"name": "train-storage", "mountPath": TRAIN_MOUNT_PATH}
+    env = {"name": "SOLANALM_TRAINING__OUTPUT_DIR", "value": TRAIN_MOUNT_PATH}
+    # New lists, never append: YAML anchors (the template's shared `env`) alias one list.
     for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
         pod = group["template"]["spec"]
-        volume = {"name": "train-storage", "persistentVolumeClaim": {"claimName": TRAIN_CLAIM}}
-        pod.setdefault("volumes", []).append(volume)
+        pod["volumes"] = [*pod.get("volumes", []), volume]
         # The image's `ray` user is in group `users` (gid 100): let it write the claim.
-        pod.setdefault("securityContext", {}).setdefault("fsGroup", 100)
+        pod["securityContext"] = {"fsGroup": 100, **pod.get("securityContext", {})}
         ray_container = pod["containers"][0]
-        mount = {"name": "train-storage", "mountPath": TRAIN_MOUNT_PATH}
-        ray_container.setdefault("volumeMounts", []).append(mount)
-        env = {"name": "SOLANALM_TRAINING__OUTPUT_DIR", "value": TRAIN_MOUNT_PATH}
-        ray_container.setdefault("env", []).append(env)
+        ray_container["volumeMounts"] = [*ray_container.get("volumeMounts", []), mount]
+        ray_container["env"] = [*ray_container.get("env", []), env]
     return spec
 
 

@@ -6,7 +6,10 @@ would reject or silently drop under `kubectl apply` (strict field validation):
   `additionalProperties` nor `x-kubernetes-preserve-unknown-fields` (jsonschema allows extra keys
   by default; Kubernetes prunes or, with --validate=strict, rejects them);
 - `x-kubernetes-int-or-string: true` without a type becomes `anyOf: [integer, string]`;
-- `nullable: true` admits null.
+- `nullable: true` admits null;
+- `x-kubernetes-list-type: map` lists must not repeat their `x-kubernetes-list-map-keys` (two env
+  vars of one name, two volumes of one name): `StrictValidator` checks it; `set` lists get
+  `uniqueItems`.
 The root `metadata` (an untyped object in CRDs; the API server validates ObjectMeta itself) is
 replaced by `OBJECT_META_SCHEMA`: the fields the project uses, names as KubeRay requires them.
 CEL rules (`x-kubernetes-validations`) and `format`s are not evaluated. `cluster_spec_problems`
@@ -94,10 +97,32 @@ def strict_schema(node: Any) -> Any:
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
     if node.get("nullable") and isinstance(node.get("type"), str):
         out["type"] = [node["type"], "null"]
+    if node.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True
     preserves = node.get("x-kubernetes-preserve-unknown-fields", False)
     if "properties" in node and "additionalProperties" not in node and not preserves:
         out["additionalProperties"] = False
     return out
+
+
+def _unique_list_map_keys(
+    validator: Any, keys: list[str], instance: Any, schema: dict[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    if schema.get("x-kubernetes-list-type") != "map" or not validator.is_type(instance, "array"):
+        return
+    seen: set[tuple[Any, ...]] = set()
+    for item in instance:
+        if not isinstance(item, dict):
+            continue
+        key = tuple(item.get(k) for k in keys)
+        if key in seen:
+            yield jsonschema.ValidationError(f"duplicate entry {dict(zip(keys, key, strict=True))}")
+        seen.add(key)
+
+
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator, {"x-kubernetes-list-map-keys": _unique_list_map_keys}
+)
 
 
 @functools.cache
@@ -112,8 +137,7 @@ def _validator(kind: str, version: str) -> jsonschema.protocols.Validator:
     schema["required"] = sorted(
         {*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"}
     )
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
-    return cls(schema)
+    return StrictValidator(schema)
 
 
 def _api_version(manifest: dict[str, Any], kind: str) -> str:

@@ -264,6 +264,12 @@ def _broken(change: Any) -> dict[str, Any]:
         (lambda s, c: s.pop("rayClusterConfig"), "'rayClusterConfig' is a required property"),
         (lambda s, c: c.update(autoscalerOptions={"version": "v3"}), "'v3' is not one of"),
         (lambda s, c: s.update(serveConfigV2={"a": 1}), "is not of type 'string'"),
+        (
+            lambda s, c: _ray_container(c["headGroupSpec"])["env"].append(
+                {"name": "SOLANALM_RAY__ADDRESS", "value": "x"}
+            ),
+            "duplicate entry {'name': 'SOLANALM_RAY__ADDRESS'}",
+        ),
     ],
     ids=[
         "typo-in-group",
@@ -275,6 +281,7 @@ def _broken(change: Any) -> dict[str, Any]:
         "missing-rayClusterConfig",
         "bad-enum",
         "map-for-serveConfigV2",
+        "duplicate-env-name",
     ],
 )
 def test_broken_manifest_is_rejected(change: Any, expected: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
 
@@ -16,7 +15,7 @@ from tests.unit.k8s.chart_values import (
     unknown_keys,
 )
 from tests.unit.k8s.conftest import K8S_DIR
-from tests.unit.k8s.crd_schema import sub_schema
+from tests.unit.k8s.crd_schema import StrictValidator, sub_schema
 
 
 def _values(chart: str) -> dict[str, Any]:
@@ -27,7 +26,7 @@ def _crd_errors(values: dict[str, Any]) -> list[str]:
     errors = []
     for path, value, crd_path in typed_values(values, "ray-cluster"):
         schema = sub_schema("RayCluster", "v1", *crd_path)
-        validator = jsonschema.Draft7Validator(schema)
+        validator = StrictValidator(schema)
         errors += [f"{path}: {e.message}" for e in validator.iter_errors(value)]
     return errors
 
@@ -95,8 +94,9 @@ def test_unknown_or_mistyped_key_is_rejected(chart: str, change: Any, expected: 
             "'efect' was unexpected",
         ),
         (lambda v: v["common"]["containerEnv"][0].update(valu="x"), "'valu' was unexpected"),
+        (lambda v: v["worker"]["ports"].append({"containerPort": 8080}), "duplicate entry"),
     ],
-    ids=["int-ray-start-param", "string-replicas", "typo-in-toleration", "typo-in-env"],
+    ids=["int-ray-start-param", "string-replicas", "typo-in-toleration", "typo-in-env", "dup-port"],
 )
 def test_kubernetes_typed_values_are_checked_by_the_crd(change: Any, expected: str) -> None:
     values = copy.deepcopy(_values("ray-cluster"))
