@@ -212,7 +212,7 @@ def test_training_clusters_share_checkpoint_storage(render: ModuleType) -> None:
     ("name", "module", "config"),
     [
         ("rayjob-data-parallel.yaml", "train_jobs.data_parallel", "configs/train/dp-tiny.yaml"),
-        ("rayjob-federated.yaml", "train_jobs.federated", "configs/train/fl-tiny.yaml"),
+        ("rayjob-federated.yaml", "train_jobs.federated", "configs/train/fl-tiny-dp.yaml"),
     ],
 )
 def test_rayjob_runs_the_training_entrypoint(name: str, module: str, config: str) -> None:
