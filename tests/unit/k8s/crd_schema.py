@@ -19,6 +19,7 @@ re-implements a subset of the checks KubeRay's operator makes beyond the CRD.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,8 @@ import jsonschema
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-SHARED_DIR = REPO_ROOT.parent / "shared"
+# The project's reference material sits beside the repository; a clone elsewhere can point at it.
+SHARED_DIR = Path(os.environ.get("SOLANALM_SHARED_DIR", REPO_ROOT.parent / "shared"))
 CRD_DIR = SHARED_DIR / "kuberay" / "crds"
 CHART_VALUES_DIR = SHARED_DIR / "kuberay" / "chart-values"
 

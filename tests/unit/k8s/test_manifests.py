@@ -55,6 +55,8 @@ _LABEL_SELECTOR = {
     "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
 }
 
+pytestmark = pytest.mark.usefixtures("kuberay_reference")
+
 
 def _monitor_schema(kind: str, endpoints_field: str) -> dict[str, Any]:
     return {

@@ -17,6 +17,8 @@ from tests.unit.k8s.chart_values import (
 from tests.unit.k8s.conftest import K8S_DIR
 from tests.unit.k8s.crd_schema import StrictValidator, sub_schema
 
+pytestmark = pytest.mark.usefixtures("kuberay_reference")
+
 
 def _values(chart: str) -> dict[str, Any]:
     return yaml.safe_load((K8S_DIR / "values" / f"{chart}.yaml").read_text())
