@@ -1,0 +1,1 @@
+"""The bundled, self-generated instruction dataset (see generate.py)."""
