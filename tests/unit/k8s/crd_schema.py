@@ -88,21 +88,29 @@ def openapi_schema(crd: dict[str, Any], version: str) -> dict[str, Any]:
     raise ValueError(f"{crd['metadata']['name']}: no version {version!r} (has {names})")
 
 
-def strict_schema(node: Any) -> Any:
-    """A copy of an OpenAPI v3 (structural) schema, tightened as the module docstring says."""
-    if isinstance(node, list):
-        return [strict_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: strict_schema(value) for key, value in node.items()}
-    if node.get("x-kubernetes-int-or-string") and "type" not in node and "anyOf" not in node:
+def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an OpenAPI v3 (structural) schema, tightened as the module docstring says.
+
+    Recurses only through schema-valued keywords, so a field that happens to be named like a
+    keyword (`type`, `nullable`, ...) is never mistaken for one.
+    """
+    out = dict(schema)
+    if "properties" in schema:
+        out["properties"] = {name: strict_schema(sub) for name, sub in schema["properties"].items()}
+    for keyword in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(keyword), dict):
+            out[keyword] = strict_schema(schema[keyword])
+    for keyword in ("anyOf", "allOf", "oneOf"):
+        if keyword in schema:
+            out[keyword] = [strict_schema(sub) for sub in schema[keyword]]
+    if schema.get("x-kubernetes-int-or-string") and "type" not in schema and "anyOf" not in schema:
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if node.get("nullable") and isinstance(node.get("type"), str):
-        out["type"] = [node["type"], "null"]
-    if node.get("x-kubernetes-list-type") == "set":
+    if schema.get("nullable") and isinstance(schema.get("type"), str):
+        out["type"] = [schema["type"], "null"]
+    if schema.get("x-kubernetes-list-type") == "set":
         out["uniqueItems"] = True
-    preserves = node.get("x-kubernetes-preserve-unknown-fields", False)
-    if "properties" in node and "additionalProperties" not in node and not preserves:
+    preserves = schema.get("x-kubernetes-preserve-unknown-fields", False)
+    if "properties" in schema and "additionalProperties" not in schema and not preserves:
         out["additionalProperties"] = False
     return out
 

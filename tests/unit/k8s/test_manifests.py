@@ -338,6 +338,13 @@ def test_strict_schema_rules() -> None:
     assert not valid({"map": {"k": 1}})
 
 
+def test_strict_schema_does_not_mistake_field_names_for_keywords() -> None:
+    fields = {"nullable": {"type": "boolean"}, "properties": {"type": "string"}, "type": {}}
+    schema = strict_schema({"type": "object", "properties": fields})
+    assert schema["properties"] == fields  # no `additionalProperties` or `anyOf` injected there
+    assert jsonschema.Draft7Validator(schema).is_valid({"nullable": True, "properties": "x"})
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
