@@ -1,0 +1,154 @@
+"""TEST FIXTURE: a loopback Solana JSON-RPC endpoint that executes transactions on LiteSVM.
+
+Not a validator: it answers the handful of methods the RPC backend uses, with responses produced
+by solders' own RPC response types, so solana-py's AsyncClient parses them as it would a real node's.
+Every transaction is final as soon as it executes; `expire_blockhash` moves the block height past
+the old blockhash's validity window.
+"""
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from solders.pubkey import Pubkey
+from solders.rpc.responses import (
+    GetAccountInfoResp,
+    GetBalanceResp,
+    GetBlockHeightResp,
+    GetLatestBlockhashResp,
+    GetMinimumBalanceForRentExemptionResp,
+    GetSignatureStatusesResp,
+    RpcBlockhash,
+    RpcResponseContext,
+    SendTransactionResp,
+)
+from solders.transaction import VersionedTransaction
+from solders.transaction_metadata import FailedTransactionMetadata
+from solders.transaction_status import TransactionConfirmationStatus, TransactionStatus
+
+from payments.chain.base import BLOCKHASH_VALIDITY_BLOCKS
+from payments.chain.litesvm_backend import LiteSVMBackend
+
+
+class LoopbackRpcValidator:
+    """Serve JSON-RPC on 127.0.0.1:<port> over an in-memory LiteSVM (`self.backend` for test setup)."""
+
+    def __init__(self) -> None:
+        self.backend = LiteSVMBackend(state_path=None)
+        self.svm = self.backend.svm
+        self.height = 0
+        self.landed: dict[str, dict[str, Any]] = {}
+        self.calls: list[str] = []
+        self.dropped: list[str] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> "LoopbackRpcValidator":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def expire_blockhash(self) -> None:
+        with self._lock:
+            self.svm.expire_blockhash()
+            self.height += BLOCKHASH_VALIDITY_BLOCKS + 1
+
+    # JSON-RPC methods ------------------------------------------------------------------------------
+    def _context(self) -> RpcResponseContext:
+        return RpcResponseContext(int(self.svm.get_clock().slot))
+
+    def call(self, method: str, params: list[Any]) -> str:
+        self.calls.append(method)
+        with self._lock:
+            return getattr(self, f"_rpc_{method}")(params)
+
+    def _rpc_getLatestBlockhash(self, params: list[Any]) -> str:
+        value = RpcBlockhash(self.svm.latest_blockhash(), self.height + BLOCKHASH_VALIDITY_BLOCKS)
+        return GetLatestBlockhashResp(value, self._context()).to_json()
+
+    def _rpc_getBlockHeight(self, params: list[Any]) -> str:
+        return GetBlockHeightResp(self.height).to_json()
+
+    def _rpc_getBalance(self, params: list[Any]) -> str:
+        return GetBalanceResp(int(self.svm.get_balance(Pubkey.from_string(params[0])) or 0),
+                              self._context()).to_json()
+
+    def _rpc_getAccountInfo(self, params: list[Any]) -> str:
+        return GetAccountInfoResp(self.svm.get_account(Pubkey.from_string(params[0])), self._context()).to_json()
+
+    def _rpc_getMinimumBalanceForRentExemption(self, params: list[Any]) -> str:
+        return GetMinimumBalanceForRentExemptionResp(int(self.svm.minimum_balance_for_rent_exemption(params[0]))).to_json()
+
+    def _rpc_sendTransaction(self, params: list[Any]) -> str:
+        tx = VersionedTransaction.from_bytes(base64.b64decode(params[0]))
+        signature = str(tx.signatures[0])
+        # With preflight skipped a node answers with the signature whatever happens next; a duplicate
+        # or a transaction with an unknown blockhash is silently dropped and never lands.
+        if signature in self.landed:
+            return SendTransactionResp(tx.signatures[0]).to_json()
+        result = self.svm.send_transaction(tx)
+        if isinstance(result, FailedTransactionMetadata):
+            err, fee = result.err(), int(result.meta().fee())
+            if "BlockhashNotFound" in str(err) or "AlreadyProcessed" in str(err):
+                self.dropped.append(signature)
+                return SendTransactionResp(tx.signatures[0]).to_json()
+        else:
+            err, fee = None, int(result.fee())
+        self.landed[signature] = {"tx": params[0], "err": err, "fee": fee, "slot": int(self.svm.get_clock().slot)}
+        return SendTransactionResp(tx.signatures[0]).to_json()
+
+    def _rpc_getSignatureStatuses(self, params: list[Any]) -> str:
+        statuses = []
+        for signature in params[0]:
+            entry = self.landed.get(signature)
+            statuses.append(None if entry is None else TransactionStatus(
+                entry["slot"], None, entry["err"], entry["err"], TransactionConfirmationStatus.Finalized))
+        return GetSignatureStatusesResp(statuses, self._context()).to_json()
+
+    def _rpc_getTransaction(self, params: list[Any]) -> str:
+        entry = self.landed.get(params[0])
+        if entry is None:
+            return json.dumps({"jsonrpc": "2.0", "result": None, "id": 0})
+        err = None if entry["err"] is None else json.loads(
+            GetSignatureStatusesResp([TransactionStatus(0, None, entry["err"], entry["err"], None)],
+                                     RpcResponseContext(0)).to_json())["result"]["value"][0]["err"]
+        meta = {"err": err, "status": {"Ok": None} if err is None else {"Err": err}, "fee": entry["fee"],
+                "preBalances": [], "postBalances": [], "innerInstructions": [], "logMessages": [],
+                "preTokenBalances": [], "postTokenBalances": [], "rewards": [],
+                "loadedAddresses": {"writable": [], "readonly": []}, "computeUnitsConsumed": 0}
+        result = {"slot": entry["slot"], "transaction": [entry["tx"], "base64"], "meta": meta,
+                  "version": "legacy", "blockTime": None}
+        return json.dumps({"jsonrpc": "2.0", "result": result, "id": 0})
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        validator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = json.loads(validator.call(request["method"], request.get("params") or []))
+                body["id"] = request.get("id", 0)
+                raw = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        return Handler
+
+
+__all__ = ["LoopbackRpcValidator"]

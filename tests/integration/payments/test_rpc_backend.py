@@ -1,0 +1,106 @@
+"""The JSON-RPC backend end to end, against the loopback JSON-RPC test fixture (LiteSVM behind it)."""
+
+import asyncio
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from solders.keypair import Keypair
+from solders.signature import Signature
+
+from cluster.config.payments import PaymentsSection
+from payments.chain.rpc_backend import RpcBackend
+from payments.chain.treasury import bootstrap_litesvm, faucet
+from payments.errors import ChainError
+from payments.protocol import DepositRequest
+from payments.service import PaymentsService
+from tests.integration.payments.loopback_rpc_fixture import LoopbackRpcValidator
+from tests.unit.payments.conftest import deposit_tx, onchain_amount, run, serve_request
+
+
+@pytest.fixture
+def validator() -> Iterator[LoopbackRpcValidator]:
+    node = LoopbackRpcValidator().start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def service(validator: LoopbackRpcValidator, tmp_path: Path) -> Iterator[PaymentsService]:
+    treasury = Keypair()
+    keypair_path = tmp_path / "treasury.json"
+    keypair_path.write_text(json.dumps(list(bytes(treasury))))
+    asset = bootstrap_litesvm(validator.backend, treasury, "spl", None, 6, tmp_path / "setup")
+    section = PaymentsSection(state_dir=tmp_path / "state", chain_backend="rpc", rpc_url=validator.url,
+                              treasury_keypair_path=keypair_path, mint=str(asset.mint), mint_decimals=6)
+    svc = run(PaymentsService.create(section))
+    assert isinstance(svc.chain, RpcBackend)
+    yield svc
+    run(svc.close())
+
+
+def rpc_deposit(service: PaymentsService, validator: LoopbackRpcValidator, amount: int) -> Keypair:
+    payer = Keypair()
+    faucet(validator.backend, service.treasury, service.asset, payer.pubkey(), amount)
+    tx = deposit_tx(service, payer, amount)  # blockhash from the same LiteSVM the endpoint serves
+    signature = run(service.submit_transaction(bytes(tx)))
+    credited = run(service.deposit(DepositRequest(signature)))
+    assert credited.newly_credited and credited.amount == amount
+    return payer
+
+
+def _svm_for_deposit(service: PaymentsService, validator: LoopbackRpcValidator) -> None:
+    # deposit_tx reads the blockhash from service.chain.svm; point it at the endpoint's LiteSVM.
+    service.chain.svm = validator.svm  # type: ignore[attr-defined]
+
+
+def test_rpc_deposit_requests_batched_payouts_match_the_ledger(service, validator) -> None:  # type: ignore[no-untyped-def]
+    _svm_for_deposit(service, validator)
+    client = rpc_deposit(service, validator, 3_000_000)
+    providers = [str(Keypair().pubkey()) for _ in range(12)]
+    earned: dict[str, int] = defaultdict(int)
+    for i in range(16):
+        record = serve_request(service, f"r{i}", str(client.pubkey()),
+                               [(providers[i % 12], 10), (providers[(i + 3) % 12], 20)])
+        for share in record.shares:
+            if share.role == "provider":
+                earned[share.wallet] += share.amount
+    report = run(service.settle())
+    assert report.pending_batches == 0 and report.payouts_confirmed == 12
+    for wallet, amount in earned.items():
+        assert onchain_amount(service, wallet) == amount
+    assert run(service.reconcile()).ok
+    assert {"sendTransaction", "getSignatureStatuses", "getTransaction"} <= set(validator.calls)
+
+
+def test_rpc_expired_blockhash_resigns_once(service, validator) -> None:  # type: ignore[no-untyped-def]
+    _svm_for_deposit(service, validator)
+    client = rpc_deposit(service, validator, 100_000)
+    provider = str(Keypair().pubkey())
+    serve_request(service, "r1", str(client.pubkey()), [(provider, 1)])
+    batch = service.book.create_batch([provider])
+    run(service.settler._sign(batch))
+    stale = service.book.get(batch.batch_id).signature
+    validator.expire_blockhash()
+    run(service.settle())
+    final = service.book.get(batch.batch_id)
+    assert final.state == "confirmed" and final.signature != stale and final.attempt == 2
+    assert onchain_amount(service, provider) == final.items[0][1]
+    assert stale in validator.dropped  # the stale transaction was sent, dropped, then re-signed
+
+
+def test_transport_errors_are_wrapped(validator) -> None:  # type: ignore[no-untyped-def]
+    validator.stop()
+    backend = RpcBackend(validator.url, timeout_s=2.0)
+
+    async def call() -> None:
+        try:
+            await backend.signature_status(Signature.default())
+        finally:
+            await backend.close()
+
+    with pytest.raises(ChainError) as info:
+        asyncio.run(call())
+    assert info.value.__cause__ is not None
