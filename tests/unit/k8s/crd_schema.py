@@ -219,6 +219,13 @@ def cluster_spec_problems(spec: dict[str, Any]) -> list[str]:
     """A subset of what KubeRay's ValidateRayClusterSpec (operator-side, not the CRD) rejects."""
     problems = list(_group_problems("headGroupSpec", spec.get("headGroupSpec", {})))
     autoscaling = spec.get("enableInTreeAutoscaling", False)
+    v2 = autoscaling and spec.get("autoscalerOptions", {}).get("version") == "v2"
+    groups = [spec.get("headGroupSpec", {}), *spec.get("workerGroupSpecs", [])]
+    for group in groups if v2 else []:
+        if group.get("template", {}).get("spec", {}).get("restartPolicy", "Never") != "Never":
+            problems.append(
+                f"{group.get('groupName', 'head')}: autoscaler v2 needs restartPolicy Never"
+            )
     for group in spec.get("workerGroupSpecs", []):
         name = f"workerGroup {group.get('groupName')}"
         problems += _group_problems(name, group)

@@ -368,6 +368,10 @@ def test_strict_schema_does_not_mistake_field_names_for_keywords() -> None:
         ),
         (lambda c: c["headGroupSpec"].update(resources={"CPU": "1"}), "both in rayStartParams"),
         (lambda c: c["headGroupSpec"]["template"]["spec"].update(containers=[]), "no container"),
+        (
+            lambda c: c["workerGroupSpecs"][0]["template"]["spec"].update(restartPolicy="Always"),
+            "cpu-group: autoscaler v2 needs restartPolicy Never",
+        ),
     ],
     ids=[
         "labels-in-rayStartParams",
@@ -376,6 +380,7 @@ def test_strict_schema_does_not_mistake_field_names_for_keywords() -> None:
         "bad-label-key",
         "resources-twice",
         "no-container",
+        "restart-policy-with-autoscaler-v2",
     ],
 )
 def test_kuberay_operator_checks_reject(change: Any, expected: str) -> None:

@@ -123,3 +123,5 @@ def test_ray_cluster_values_mirror_the_shared_cluster_spec(cluster_spec: dict[st
         assert helm["resources"] == container["resources"]
         assert helm.get("tolerations", []) == group["template"]["spec"].get("tolerations", [])
         assert helm.get("nodeSelector", {}) == group["template"]["spec"].get("nodeSelector", {})
+        assert helm["restartPolicy"] == group["template"]["spec"]["restartPolicy"]
+    assert values["head"]["restartPolicy"] == head["template"]["spec"]["restartPolicy"]
