@@ -18,6 +18,7 @@ from payments.protocol import (
     BatchReport,
     Challenge,
     Deposit,
+    DepositInfo,
     DepositRequest,
     Hold,
     HoldRequest,
@@ -31,6 +32,7 @@ from payments.protocol import (
     WalletIdentity,
 )
 from payments.service import PaymentsService
+from payments.settlement import CrashHook, _no_crash
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +40,10 @@ logger = logging.getLogger(__name__)
 class PaymentsActor:
     """Ray actor class (wrapped with `ray.remote` in `payments.client.start_payments_actor`)."""
 
-    def __init__(self, section: PaymentsSection, settle_loop: bool = True) -> None:
+    def __init__(self, section: PaymentsSection, settle_loop: bool = True,
+                 crash_hook: CrashHook | None = None) -> None:
         self.section = section
+        self._crash_hook = crash_hook
         self._settle_loop_enabled = settle_loop
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="payments-db")
         self._service: PaymentsService | None = None
@@ -51,7 +55,7 @@ class PaymentsActor:
     async def _svc(self) -> PaymentsService:
         async with self._ready:
             if self._service is None:
-                service = await PaymentsService.create(self.section)
+                service = await PaymentsService.create(self.section, crash_hook=self._crash_hook or _no_crash)
                 report = await service.recover()
                 logger.info("payments actor recovered: %s", report)
                 self._committer = GroupCommitter(service.report_usage_many, self.section.group_commit_max,
@@ -108,6 +112,9 @@ class PaymentsActor:
 
     async def deposit(self, req: DepositRequest) -> Deposit:
         return await (await self._svc()).deposit(req)
+
+    async def deposit_info(self) -> DepositInfo:
+        return await (await self._svc()).deposit_info()
 
     async def submit_transaction(self, tx_bytes: bytes) -> str:
         return await (await self._svc()).submit_transaction(tx_bytes)

@@ -24,6 +24,7 @@ from payments.protocol import (
     BatchReport,
     Challenge,
     Deposit,
+    DepositInfo,
     DepositRequest,
     Hold,
     HoldRequest,
@@ -37,6 +38,7 @@ from payments.protocol import (
     WalletIdentity,
 )
 from payments.service import PaymentsService
+from payments.settlement import CrashHook
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +52,13 @@ class PaymentsUnavailable(PaymentError):
 
 
 def start_payments_actor(section: PaymentsSection, *, namespace: str | None = None,
-                         settle_loop: bool = True) -> Any:
+                         settle_loop: bool = True, crash_hook: CrashHook | None = None) -> Any:
     """Start (or get) the named detached payments actor; restarted by Ray if its process dies."""
     remote_cls = ray.remote(PaymentsActor).options(  # type: ignore[attr-defined]
         name=section.actor_name, namespace=namespace, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_concurrency=1000, num_cpus=0,
     )
-    handle = remote_cls.remote(section, settle_loop)
+    handle = remote_cls.remote(section, settle_loop, crash_hook)
     ray.get(handle.ready.remote(), timeout=max(section.actor_call_timeout_s, 60.0))
     return handle
 
@@ -122,6 +124,9 @@ class PaymentsClient:
     async def pending(self) -> dict[str, object]:
         return await self._call("pending")
 
+    async def deposit_info(self) -> DepositInfo:
+        return await self._call("deposit_info")
+
     async def submit_transaction(self, tx_bytes: bytes) -> str:
         return await self._call("submit_transaction", tx_bytes)
 
@@ -173,6 +178,9 @@ class LocalPaymentsClient:
 
     async def pending(self) -> dict[str, object]:
         return self.service.pending()
+
+    async def deposit_info(self) -> DepositInfo:
+        return await self.service.deposit_info()
 
     async def submit_transaction(self, tx_bytes: bytes) -> str:
         return await self.service.submit_transaction(tx_bytes)

@@ -122,6 +122,12 @@ def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
             return {"object": "deposit", **asdict(await api.deposit(DepositRequest(signature)))}
         return await guarded(run)
 
+    @router.get("/v1/deposits/info")
+    async def deposit_info() -> Any:
+        async def run() -> Any:
+            return {"object": "deposit.info", **asdict(await handle_getter().deposit_info())}
+        return await guarded(run)
+
     @router.get("/v1/receipts/{settlement_id}")
     async def receipt(settlement_id: str, authorization: str | None = Header(default=None)) -> Any:
         async def run() -> Any:

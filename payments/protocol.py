@@ -139,6 +139,17 @@ class DepositRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class DepositInfo:
+    """Where and how to deposit: the treasury, the asset (mint None for SOL) and a recent blockhash."""
+
+    treasury: str
+    mint: str | None
+    decimals: int
+    blockhash: str
+    chain: str
+
+
+@dataclass(frozen=True, slots=True)
 class Deposit:
     """A credited deposit (each signature is credited once)."""
 
@@ -204,6 +215,7 @@ class PaymentsAPI(Protocol):
     async def get_receipt(self, query: ReceiptQuery) -> Receipt: ...
     async def balance(self, wallet: str) -> Balance: ...
     async def deposit(self, req: DepositRequest) -> Deposit: ...
+    async def deposit_info(self) -> DepositInfo: ...
     async def challenge(self, wallet: str) -> Challenge: ...
     async def verify(self, sign_in: SignIn) -> ApiKey: ...
     async def revoke_key(self, key_id: str, wallet: str) -> None: ...

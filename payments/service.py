@@ -34,6 +34,7 @@ from payments.protocol import (
     BatchReport,
     Challenge,
     Deposit,
+    DepositInfo,
     DepositRequest,
     Hold,
     HoldRequest,
@@ -150,6 +151,12 @@ class PaymentsService:
             raise InvalidRequest("transaction not found on chain (yet)", code="deposit_not_found")
         wallet, amount = deposit_of(fetched, self.treasury.pubkey(), self.asset)
         return self.ledger.credit_deposit(req.signature, wallet, amount, fetched.slot)
+
+    async def deposit_info(self) -> DepositInfo:
+        blockhash, _ = await self.chain.latest_blockhash()
+        mint = None if self.asset.mint is None else str(self.asset.mint)
+        return DepositInfo(str(self.treasury.pubkey()), mint, self.asset.decimals, str(blockhash),
+                           self.section.chain_backend)
 
     async def submit_transaction(self, tx_bytes: bytes) -> str:
         """Relay a client-signed transaction (e.g. a deposit) to the chain; returns its signature."""

@@ -15,6 +15,7 @@ signature still unknown, when it can no longer land. So nothing is lost and noth
 """
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,27 @@ CRASH_POINTS = ("after_create", "after_sign", "after_send", "after_sent", "befor
 
 def _no_crash(_step: str) -> None:
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class KillProcessAt:
+    """Fault injection: kill this process (os._exit) at `step`, once per `marker` file.
+
+    Picklable, so integration tests can hand it to the Ray actor; the marker keeps the restarted
+    actor (same constructor arguments) from dying again at the same step.
+    """
+
+    step: str
+    marker: str
+
+    def __call__(self, step: str) -> None:
+        if step != self.step or os.path.exists(self.marker):
+            return
+        with open(self.marker, "w") as fh:
+            fh.write(step)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os._exit(137)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,197 @@
+"""`solanalm payments ...`: balance, deposit, pending, settle, reconcile, export.
+
+By default a command opens the ledger and the chain backend directly (`--local`). While a payments
+actor is running with the in-process LiteSVM backend, use `--via-actor` instead: LiteSVM's state lives
+in the actor and two writers would diverge.
+"""
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from solders.keypair import Keypair
+from solders.message import Message
+from solders.system_program import TransferParams, transfer
+from solders.transaction import Transaction
+from spl.token.constants import TOKEN_PROGRAM_ID
+from spl.token.instructions import get_associated_token_address, transfer_checked
+from spl.token.models import TransferCheckedParams
+
+from cluster.config import load_settings
+from payments.errors import PaymentError
+from payments.protocol import DepositRequest
+from payments.service import PaymentsService
+
+app = typer.Typer(help="Payments: balances, deposits, settlement and the ledger.", no_args_is_help=True)
+console = Console()
+T = TypeVar("T")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Settings YAML (sections); env SOLANALM_* overrides.")
+ActorOpt = typer.Option(False, "--via-actor", help="Go through the running payments actor (Ray).")
+
+
+def _with_service(config: Path | None, via_actor: bool, fn: Callable[[Any], Awaitable[T]]) -> T:
+    settings = load_settings(config)
+    section = settings.payments
+
+    async def local() -> T:
+        service = await PaymentsService.create(section)
+        try:
+            return await fn(_Local(service))
+        finally:
+            await service.close()
+
+    async def remote() -> T:
+        import ray
+
+        from payments.client import get_payments_client
+
+        ray.init(address=settings.ray.address or "auto", namespace=settings.ray.namespace,
+                 log_to_driver=False, configure_logging=False)
+        return await fn(get_payments_client(section))
+
+    try:
+        return asyncio.run(remote() if via_actor else local())
+    except PaymentError as exc:
+        console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+        raise typer.Exit(2) from exc
+
+
+class _Local:
+    """The subset of PaymentsAPI the CLI uses, over a local service (plus its direct extras)."""
+
+    def __init__(self, service: PaymentsService) -> None:
+        self.service = service
+
+    async def balance(self, wallet: str) -> Any:
+        return self.service.balance(wallet)
+
+    async def deposit(self, req: DepositRequest) -> Any:
+        return await self.service.deposit(req)
+
+    async def submit_transaction(self, raw: bytes) -> str:
+        return await self.service.submit_transaction(raw)
+
+    async def pending(self) -> dict[str, object]:
+        return self.service.pending()
+
+    async def settle(self) -> Any:
+        return await self.service.settle()
+
+    async def reconcile(self) -> Any:
+        await self.service.recover()
+        return await self.service.reconcile()
+
+
+@app.command()
+def balance(wallet: str, config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> None:
+    """Show a wallet's available, held and unpaid amounts (base units)."""
+    result = _with_service(config, via_actor, lambda api: api.balance(wallet))
+    table = Table("wallet", "available", "held", "unpaid earnings", "asset")
+    table.add_row(result.wallet, str(result.available), str(result.held), str(result.unpaid_earnings), result.asset)
+    console.print(table)
+
+
+@app.command()
+def deposit(
+    signature: str | None = typer.Option(None, help="Credit an already landed transfer to the treasury."),
+    keypair: Path | None = typer.Option(None, help="Solana CLI keypair that pays (with --amount)."),
+    amount: int = typer.Option(0, min=0, help="Base units to transfer to the treasury."),
+    config: Path | None = ConfigOpt,
+    via_actor: bool = ActorOpt,
+) -> None:
+    """Credit a deposit: give --signature, or --keypair and --amount to send the transfer first."""
+    if (signature is None) == (keypair is None):
+        console.print("[red]give exactly one of --signature or --keypair/--amount[/red]")
+        raise typer.Exit(2)
+
+    async def run(api: Any) -> Any:
+        sig = signature
+        if keypair is not None:
+            if not isinstance(api, _Local):
+                raise PaymentError("--keypair needs --local (the transfer is built from the local settings)")
+            sig = await api.submit_transaction(await _transfer_bytes(api.service, keypair, amount))
+        return await api.deposit(DepositRequest(sig or ""))
+
+    result = _with_service(config, via_actor, run)
+    state = "credited" if result.newly_credited else "already credited"
+    console.print(f"{state}: {result.amount} to {result.wallet} ({result.signature})")
+
+
+async def _transfer_bytes(service: PaymentsService, keypair_path: Path, amount: int) -> bytes:
+    if amount <= 0:
+        raise PaymentError("--amount must be > 0")
+    payer = Keypair.from_bytes(bytes(json.loads(keypair_path.read_text())))
+    treasury, asset = service.treasury.pubkey(), service.asset
+    if asset.mint is None:
+        ix = transfer(TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount))
+    else:
+        ix = transfer_checked(TransferCheckedParams(
+            program_id=TOKEN_PROGRAM_ID, source=get_associated_token_address(payer.pubkey(), asset.mint),
+            mint=asset.mint, dest=get_associated_token_address(treasury, asset.mint), owner=payer.pubkey(),
+            amount=amount, decimals=asset.decimals))
+    blockhash, _ = await service.chain.latest_blockhash()
+    return bytes(Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash))
+
+
+@app.command()
+def pending(config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> None:
+    """Unpaid earnings per wallet and batches not yet confirmed."""
+    result = _with_service(config, via_actor, lambda api: api.pending())
+    table = Table("wallet", "unpaid", title="unpaid earnings")
+    for wallet, amount in sorted(result["unpaid"].items()):
+        table.add_row(wallet, str(amount))
+    console.print(table)
+    batches = Table("batch", "state", "signature", title="open batches")
+    for batch_id, state, sig in result["open_batches"]:
+        batches.add_row(batch_id, state, sig or "-")
+    console.print(batches)
+
+
+@app.command()
+def settle(config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> None:
+    """Run one settlement pass: finish open batches, batch and pay what is payable."""
+    report = _with_service(config, via_actor, lambda api: api.settle())
+    console.print(f"confirmed {report.batches_confirmed} batches, {report.payouts_confirmed} payouts, "
+                  f"{report.amount_paid} paid; {report.pending_batches} pending, "
+                  f"{report.held_wallets} wallets held (below minimum or rent exemption)")
+
+
+@app.command()
+def reconcile(config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> None:
+    """Finish open batches against the chain, then check the ledger (exit 1 if a check fails)."""
+    report = _with_service(config, via_actor, lambda api: api.reconcile())
+    table = Table("check", "result")
+    for name, ok in report.checks.items():
+        table.add_row(name, "[green]ok[/green]" if ok else "[red]FAILED[/red]")
+    console.print(table)
+    figures = Table("figure", "base units")
+    for name, value in report.details.items():
+        figures.add_row(name, str(value))
+    console.print(figures)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    out: Path | None = typer.Option(None, "--out", "-o", help="CSV file (default: stdout)."),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Export every settlement share as CSV (local ledger)."""
+
+    async def run(api: _Local) -> int:
+        if out is None:
+            return api.service.export_csv(sys.stdout)
+        with open(out, "w", newline="") as fh:
+            return api.service.export_csv(fh)
+
+    rows = _with_service(config, False, run)  # type: ignore[arg-type]
+    if out is not None:
+        console.print(f"wrote {rows} rows to {out}")

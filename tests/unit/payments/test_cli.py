@@ -1,0 +1,50 @@
+"""The typer CLI over a local service (SOLANALM_PAYMENTS__STATE_DIR points it at the test state)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from solders.keypair import Keypair
+from typer.testing import CliRunner
+
+from payments.cli import app
+from tests.unit.payments.conftest import funded_client, run, serve_request
+
+
+@pytest.fixture
+def env(section, monkeypatch) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SOLANALM_PAYMENTS__STATE_DIR", str(section.state_dir))
+    return {}
+
+
+def test_cli_balance_settle_reconcile_export(make_service, env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    service = make_service()
+    client = funded_client(service, 50_000)
+    provider = str(Keypair().pubkey())
+    record = serve_request(service, "r1", str(client.pubkey()), [(provider, 4)])
+    service.ledger.engine.dispose()
+    runner = CliRunner()
+    result = runner.invoke(app, ["balance", str(client.pubkey())])
+    assert result.exit_code == 0, result.output
+    assert str(50_000 - record.cost) in result.output
+    assert provider in runner.invoke(app, ["pending"]).output
+    settled = runner.invoke(app, ["settle"])
+    assert settled.exit_code == 0 and "1 payouts" in settled.output, settled.output
+    assert runner.invoke(app, ["reconcile"]).exit_code == 0
+    out = tmp_path / "ledger.csv"
+    assert runner.invoke(app, ["export", "--out", str(out)]).exit_code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {r["role"] for r in rows} == {"provider", "network"} and rows[0]["request_id"] == "r1"
+
+
+def test_cli_deposit_with_keypair(make_service, env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    service = make_service()
+    payer = Keypair()
+    run(service.faucet(str(payer.pubkey()), 9_000))
+    keyfile = tmp_path / "payer.json"
+    keyfile.write_text(json.dumps(list(bytes(payer))))
+    service.ledger.engine.dispose()
+    result = CliRunner().invoke(app, ["deposit", "--keypair", str(keyfile), "--amount", "9000"])
+    assert result.exit_code == 0 and "credited: 9000" in result.output, result.output
+    assert CliRunner().invoke(app, ["deposit"]).exit_code == 2
