@@ -1,0 +1,39 @@
+"""DP-SGD and its accounting: epsilon is cumulative across rounds and restorable from client state."""
+
+from pathlib import Path
+
+from train_jobs.config import DataSpec, LoraSpec, OptimSpec, PrivacySpec
+from train_jobs.data import load_examples
+from train_jobs.privacy import AccountantState, epsilon
+from train_jobs.task import add_lora, load_model, train
+
+_PRIVACY = PrivacySpec(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+
+
+def test_epsilon_grows_with_steps_and_shrinks_with_noise() -> None:
+    assert epsilon([], 1e-5) == 0.0
+    few, many = epsilon([(1.0, 0.1, 10)], 1e-5), epsilon([(1.0, 0.1, 20)], 1e-5)
+    assert 0 < few < many
+    assert epsilon([(2.0, 0.1, 20)], 1e-5) < many
+
+
+def test_accountant_state_round_trip() -> None:
+    state = AccountantState.from_history([(1.0, 0.1, 3), (0.5, 0.2, 4)])
+    assert state.history() == [(1.0, 0.1, 3), (0.5, 0.2, 4)] and state.total_steps() == 7
+
+
+def test_dp_training_accumulates_epsilon_across_rounds(tiny_dir: Path) -> None:
+    model, tokenizer = load_model(tiny_dir)
+    model = add_lora(model, LoraSpec(r=4, target_modules=["q_proj", "v_proj"]))
+    train_set, _ = load_examples(DataSpec(max_length=16, max_examples=40), tokenizer)
+    optim = OptimSpec(learning_rate=1e-2, batch_size=4, max_steps=3)
+    first = train(model, train_set, optim, privacy=_PRIVACY)
+    second = train(model, train_set, optim, privacy=_PRIVACY, accountant=first.accountant)
+    assert first.accountant is not None and second.accountant is not None
+    assert second.accountant.total_steps() == 6
+    assert first.epsilon is not None and second.epsilon is not None
+    assert second.epsilon > first.epsilon > 0
+    # This round's epsilon alone equals the first round's (same steps, same noise); the total is larger.
+    assert abs((second.round_epsilon or 0) - first.epsilon) < 1e-9
+    sample_rate = first.accountant.sample_rates[0]
+    assert abs(second.epsilon - epsilon([(1.0, sample_rate, 6)], 1e-5)) < 1e-9
