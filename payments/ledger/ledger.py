@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, create_engine, event, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.pool import NullPool
 
 from payments.errors import InsufficientBalance, InvalidRequest, NotFound, PaymentError
 from payments.ledger import accounts as acct
@@ -50,7 +49,10 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
         raise ValueError(f"sqlite_synchronous must be FULL or NORMAL, not {sqlite_synchronous}")
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=NullPool)
+    # A pooled connection per thread keeps the PRAGMAs and avoids reopening the file per transaction.
+    in_memory = url in ("sqlite://", "sqlite:///:memory:")
+    pool_args = {} if in_memory else {"pool_size": 4, "max_overflow": 4}
+    engine = create_engine(url, connect_args={"check_same_thread": False}, **pool_args)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
