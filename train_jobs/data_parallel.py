@@ -129,6 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, resumed_from = int(state.get("step", 0)), int(state.get("step", 0))
     torch.manual_seed(job.optim.seed + rank + step)
     shard = ray.train.get_dataset_shard(f"train_{rank}")
+    total_samples, total_s = 0, 0.0  # since this (re)start; step time includes DDP's all-reduce
     while step < job.optim.max_steps:
         for batch in shard.iter_torch_batches(batch_size=job.optim.batch_size, dtypes=torch.long):
             model.train()
@@ -139,12 +140,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             seconds = time.perf_counter() - started
             step += 1
+            total_samples += len(batch["input_ids"]) * world
+            total_s += seconds
             metrics = {
                 "step": step,
                 "loss": loss.item(),
                 "step_s": seconds,
                 "world_size": world,
                 "samples_per_s": len(batch["input_ids"]) * world / seconds,
+                "mean_samples_per_s": total_samples / total_s,
                 "eval_loss_before": eval_before,
                 "resumed_from_step": resumed_from,
             }

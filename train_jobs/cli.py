@@ -1,0 +1,148 @@
+"""`solanalm train ...`: data-parallel fine-tune (dp), federated rounds (fl), checkpoint export (export)."""
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from cluster.config import Settings, load_settings
+
+app = typer.Typer(
+    help="Training: Ray Train DDP, Flower federated rounds with DP, train -> serve export.",
+    no_args_is_help=True,
+)
+console = Console()
+
+SettingsOpt = Annotated[
+    Path | None,
+    typer.Option("--settings", "-s", help="Settings YAML (sections); env SOLANALM_* overrides."),
+]
+AddressOpt = Annotated[
+    str | None, typer.Option("--address", help="Ray cluster to attach to (default: settings.ray.address).")
+]
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", exists=True, help="Job YAML under configs/train/.")
+]
+
+
+def _settings(path: Path | None, address: str | None) -> Settings:
+    logging.basicConfig(level=logging.WARNING)
+    return load_settings(path, ray={"address": address} if address else {})
+
+
+@app.command()
+def dp(
+    config: ConfigOpt,
+    num_workers: Annotated[int | None, typer.Option(help="Override the job's num_workers.")] = None,
+    settings_path: SettingsOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Fine-tune with Ray Train (DDP) and print the final metrics and checkpoint."""
+    import ray
+
+    from train_jobs.config import DataParallelJob, load_job
+    from train_jobs.data_parallel import run_data_parallel
+
+    settings = _settings(settings_path, address)
+    job = load_job(config, DataParallelJob, num_workers=num_workers)
+    console.print(
+        f"[bold]dp[/] {job.name}: {job.model.name}, {job.num_workers} workers, sharding {job.sharding}"
+    )
+    ray.init(
+        address=settings.ray.address,
+        namespace=settings.ray.namespace,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        result = run_data_parallel(job, settings.training)
+    finally:
+        ray.shutdown()
+    table = Table("metric", "value", title=f"{job.name} (final step)")
+    for key in (
+        "step",
+        "loss",
+        "eval_loss_before",
+        "eval_loss",
+        "samples_per_s",
+        "resumed_from_step",
+    ):
+        if key in result.metrics:
+            table.add_row(key, f"{result.metrics[key]:.4g}")
+    console.print(table)
+    console.print(f"checkpoint: {result.checkpoint_path}")
+
+
+@app.command()
+def fl(
+    config: ConfigOpt,
+    settings_path: SettingsOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Run Flower FedAvg rounds (LoRA, optional DP-SGD) on the Ray cluster and record rewards."""
+    from train_jobs.config import FederatedJob, load_job
+    from train_jobs.federated import run_dir, run_federated
+    from train_jobs.fl_server import privacy_report
+
+    settings = _settings(settings_path, address)
+    job = load_job(config, FederatedJob)
+    console.print(f"[bold]fl[/] {job.name}: {job.num_clients} clients x {job.num_rounds} rounds")
+    console.print_json(json.dumps({"privacy": privacy_report(job)}))
+    summary = run_federated(job, settings)
+    table = Table(
+        "round",
+        "clients",
+        "dropped",
+        "round s",
+        "mean client s",
+        "eval loss",
+        "max eps (cum.)",
+        title=f"{job.name}: eval loss before {summary['eval_loss_before']:.4f}",
+    )
+    for stats in summary["rounds"]:
+        times = list(stats["client_time_s"].values())
+        table.add_row(
+            str(stats["round"]),
+            f"{len(stats['completed'])}/{len(stats['selected'])}",
+            str(len(stats["dropped"])),
+            f"{stats['round_time_s']:.1f}",
+            f"{sum(times) / max(len(times), 1):.1f}",
+            f"{stats['eval_loss']:.4f}" if stats["eval_loss"] is not None else "-",
+            f"{max(stats['client_epsilon'].values(), default=0.0):.3f}",
+        )
+    console.print(table)
+    console.print(f"adapter: {summary['adapter_dir']}  (delta={job.privacy.delta})")
+    console.print(f"outputs: {run_dir(job, settings)}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[
+        Path, typer.Argument(exists=True, help="DDP checkpoint dir or a federated run's adapter/.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Servable HF directory to write.")],
+    name: Annotated[str | None, typer.Option(help="Catalogue name for the export.")] = None,
+    catalogue: Annotated[
+        Path | None, typer.Option(help="Catalogue YAML to add the entry to (else just printed).")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base catalogue model of an adapter (default: recorded).")
+    ] = None,
+) -> None:
+    """Merge LoRA (or copy full weights) into a servable HF dir and emit its catalogue entry."""
+    from train_jobs.config import ModelRef
+    from train_jobs.export import catalogue_entry, export_checkpoint, register_model
+
+    model = ModelRef(name=base_model) if base_model else None
+    served = export_checkpoint(checkpoint, out, model)
+    entry_name = name or served.name
+    if catalogue is not None:
+        register_model(catalogue, entry_name, served)
+        console.print(f"registered [bold]{entry_name}[/] in {catalogue}")
+    console.print(yaml.safe_dump({entry_name: catalogue_entry(served)}, sort_keys=False))
+    console.print(f"serve it: solanalm up --model {entry_name}")
