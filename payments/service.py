@@ -20,6 +20,7 @@ from payments.auth import WalletAuth
 from payments.chain.base import ChainBackend
 from payments.chain.deposits import deposit_of
 from payments.chain.litesvm_backend import LiteSVMBackend
+from payments.chain.lookup import LookupTables
 from payments.chain.treasury import bootstrap_litesvm, faucet, load_or_create_keypair
 from payments.chain.tx import AssetSpec, BudgetSpec
 from payments.errors import Forbidden, InvalidRequest, PaymentError
@@ -69,8 +70,9 @@ class PaymentsService:
             self.book, chain, treasury, asset,
             SettlerConfig(section.batch_max_transfers, section.min_payout,
                           BudgetSpec(section.compute_unit_limit, section.compute_unit_price_micro_lamports),
-                          section.commitment),
+                          section.commitment, section.use_versioned_tx),
             crash_hook,
+            LookupTables(ledger.engine, chain, treasury) if section.use_versioned_tx else None,
         )
 
     @classmethod

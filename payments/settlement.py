@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.signature import Signature
-from solders.transaction import Transaction
+from solders.transaction import VersionedTransaction
 from spl.token.instructions import get_associated_token_address
 
 from payments.chain.base import ChainBackend
-from payments.chain.tx import AssetSpec, BudgetSpec, PayoutLine, build_payout_tx, fit_lines
+from payments.chain.lookup import LookupTables
+from payments.chain.tx import AssetSpec, BudgetSpec, PayoutLine, build_payout_tx, fit_lines, lookup_addresses
 from payments.errors import ChainError
 from payments.ledger.payouts import BatchRow, PayoutBook
 from payments.protocol import BatchReport
@@ -69,13 +70,18 @@ class SettlerConfig:
     min_payout: int
     budget: BudgetSpec
     commitment: str = "confirmed"
+    versioned: bool = False  # v0 transactions with address lookup tables
 
 
 class Settler:
     """Drives payout batches from the ledger to the chain; safe to re-run after any crash."""
 
     def __init__(self, book: PayoutBook, chain: ChainBackend, treasury: Keypair, asset: AssetSpec,
-                 config: SettlerConfig, crash_hook: CrashHook = _no_crash) -> None:
+                 config: SettlerConfig, crash_hook: CrashHook = _no_crash,
+                 tables: LookupTables | None = None) -> None:
+        if config.versioned and tables is None:
+            raise ValueError("versioned payouts need lookup tables")
+        self.tables = tables
         self.book = book
         self.chain = chain
         self.treasury = treasury
@@ -125,7 +131,7 @@ class Settler:
             if len(candidates) >= self.config.batch_max_transfers:
                 break
         n = fit_lines(self.treasury, self.asset, candidates, "b" + "0" * 15, self.config.budget,
-                      self.config.batch_max_transfers) if candidates else 0
+                      self.config.batch_max_transfers, self.config.versioned) if candidates else 0
         return candidates[:n], held
 
     async def _payable_line(self, wallet: Pubkey, amount: int) -> PayoutLine | None:
@@ -156,9 +162,13 @@ class Settler:
         return 0, 0
 
     async def _sign(self, batch: BatchRow) -> None:
-        blockhash, last_valid = await self.chain.latest_blockhash()
         lines = [await self._line_for_item(w, a) for w, a in batch.items]
-        tx = build_payout_tx(self.treasury, self.asset, lines, batch.batch_id, self.config.budget, blockhash)
+        tables = None
+        if self.tables is not None and self.config.versioned:
+            tables = await self.tables.ensure(lookup_addresses(self.asset, lines))
+        blockhash, last_valid = await self.chain.latest_blockhash()
+        tx = build_payout_tx(self.treasury, self.asset, lines, batch.batch_id, self.config.budget, blockhash,
+                             tables)
         self.book.mark_signed(batch.batch_id, bytes(tx), str(tx.signatures[0]), str(blockhash), last_valid)
 
     async def _line_for_item(self, wallet: str, amount: int) -> PayoutLine:
@@ -202,6 +212,6 @@ class Settler:
         return "failed"
 
 
-def signed_transaction(batch: BatchRow) -> Transaction | None:
-    """The stored signed transaction of a batch (for inspection and the CLI)."""
-    return Transaction.from_bytes(batch.tx_bytes) if batch.tx_bytes else None
+def signed_transaction(batch: BatchRow) -> VersionedTransaction | None:
+    """The stored signed transaction of a batch (legacy or v0), for inspection."""
+    return VersionedTransaction.from_bytes(batch.tx_bytes) if batch.tx_bytes else None

@@ -82,7 +82,11 @@ class PaymentsSection(Section):
 
     # Settlement
     batch_max_transfers: int = Field(
-        default=19, ge=1, le=256, description="Most payouts in one transaction (also bounded by its size)."
+        default=19, ge=1, le=256,
+        description="Most payouts in one transaction (also bounded by its 1232-byte size); ~50 fit with v0.",
+    )
+    use_versioned_tx: bool = Field(
+        default=False, description="Send v0 payout transactions with treasury-owned address lookup tables."
     )
     compute_unit_limit: int = Field(default=200_000, ge=1_000, le=1_400_000, description="CU limit per batch.")
     compute_unit_price_micro_lamports: int = Field(

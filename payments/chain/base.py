@@ -64,6 +64,15 @@ class ChainBackend(Protocol):
     async def token_amount(self, token_account: Pubkey) -> int | None:
         """Balance of an SPL token account, or None when it does not exist."""
 
+    async def account_data(self, address: Pubkey) -> bytes | None:
+        """Raw data of an account, or None when it does not exist."""
+
+    async def slot(self) -> int:
+        """The current slot at the configured commitment."""
+
+    async def wait_for_slot_after(self, slot: int) -> None:
+        """Return once the chain is past `slot` (lookup-table extensions activate the slot after)."""
+
     async def rent_exempt_minimum(self, data_len: int) -> int:
         """Lamports that make an account of `data_len` bytes rent exempt."""
 

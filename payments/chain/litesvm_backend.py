@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from solders.account import Account
+from solders.address_lookup_table_account import ID as ALT_PROGRAM_ID
 from solders.hash import Hash
 from solders.litesvm import LiteSVM
 from solders.pubkey import Pubkey
@@ -76,6 +77,25 @@ class LiteSVMBackend:
             return None
         return int(TokenAccount.from_bytes(bytes(account.data)).amount)
 
+    async def account_data(self, address: Pubkey) -> bytes | None:
+        account = self.svm.get_account(address)
+        return None if account is None else bytes(account.data)
+
+    async def slot(self) -> int:
+        return int(self.svm.get_clock().slot)
+
+    async def wait_for_slot_after(self, slot: int) -> None:
+        # LiteSVM has no clock of its own: move it forward.
+        while self.svm.get_clock().slot <= slot:
+            self.advance_slot()
+
+    def advance_slot(self) -> None:
+        """Move to the next slot and record it in SlotHashes (lookup tables need recent slots)."""
+        slot = int(self.svm.get_clock().slot) + 1
+        self.svm.warp_to_slot(slot)
+        self.svm.set_slot_hashes([(slot, self.svm.latest_blockhash()), *self.svm.get_slot_hashes()][:512])
+        self.save()
+
     async def rent_exempt_minimum(self, data_len: int) -> int:
         return int(self.svm.minimum_balance_for_rent_exemption(data_len))
 
@@ -122,10 +142,10 @@ class LiteSVMBackend:
             return
         accounts = {
             str(key): base64.b64encode(bytes(account)).decode()
-            for owner in (SYSTEM_PROGRAM_ID, TOKEN_PROGRAM_ID)
+            for owner in (SYSTEM_PROGRAM_ID, TOKEN_PROGRAM_ID, ALT_PROGRAM_ID)
             for key, account in self.svm.get_program_accounts(owner)
         }
-        state = {"version": SNAPSHOT_VERSION, "height": self._height,
+        state = {"version": SNAPSHOT_VERSION, "height": self._height, "slot": int(self.svm.get_clock().slot),
                  "blockhash": str(self.svm.latest_blockhash()), "accounts": accounts, "txs": self._txs}
         tmp = self.state_path.with_suffix(".tmp")
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +163,9 @@ class LiteSVMBackend:
             self.svm.set_account(Pubkey.from_string(key), Account.from_bytes(base64.b64decode(raw)))
         self._txs = state["txs"]
         self._height = int(state["height"])
+        if int(state["slot"]) > self.svm.get_clock().slot:
+            self.svm.warp_to_slot(int(state["slot"]))  # lookup tables compare their slots with the clock
+            self.svm.set_slot_hashes([(int(state["slot"]), self.svm.latest_blockhash())])
         if state["blockhash"] != self._fresh_blockhash:
             # The stored blockhash cannot be recreated: treat every earlier blockhash as expired.
             self._height += BLOCKHASH_VALIDITY_BLOCKS + 1

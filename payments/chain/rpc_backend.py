@@ -4,6 +4,7 @@ Transport and RPC errors are wrapped as ChainError. Transactions are sent with p
 that the outcome is always decided on chain and read back through getSignatureStatuses.
 """
 
+import asyncio
 import logging
 
 import httpx2
@@ -116,6 +117,26 @@ class RpcBackend:
         if account is None or account.owner != TOKEN_PROGRAM_ID:
             return None
         return int(TokenAccount.from_bytes(bytes(account.data)).amount)
+
+    async def account_data(self, address: Pubkey) -> bytes | None:
+        try:
+            account = (await self.client.get_account_info(address, self.commitment)).value
+        except _TRANSPORT_ERRORS as exc:
+            raise ChainError(f"getAccountInfo failed: {exc}") from exc
+        return None if account is None else bytes(account.data)
+
+    async def slot(self) -> int:
+        try:
+            return int((await self.client.get_slot(self.commitment)).value)
+        except _TRANSPORT_ERRORS as exc:
+            raise ChainError(f"getSlot failed: {exc}") from exc
+
+    async def wait_for_slot_after(self, slot: int, poll_s: float = 0.4, timeout_s: float = 60.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while await self.slot() <= slot:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ChainError(f"the chain did not pass slot {slot} within {timeout_s}s")
+            await asyncio.sleep(poll_s)
 
     async def rent_exempt_minimum(self, data_len: int) -> int:
         try:

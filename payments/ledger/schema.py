@@ -144,3 +144,11 @@ api_keys = Table(
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
 )
+
+lookup_tables = Table(
+    "lookup_tables",
+    metadata,
+    # Recorded before the creating transaction is sent, so a crash cannot leak an unknown table.
+    Column("address", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+)

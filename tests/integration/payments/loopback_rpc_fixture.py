@@ -20,6 +20,7 @@ from solders.rpc.responses import (
     GetLatestBlockhashResp,
     GetMinimumBalanceForRentExemptionResp,
     GetSignatureStatusesResp,
+    GetSlotResp,
     RpcBlockhash,
     RpcResponseContext,
     SendTransactionResp,
@@ -78,6 +79,12 @@ class LoopbackRpcValidator:
 
     def _rpc_getBlockHeight(self, params: list[Any]) -> str:
         return GetBlockHeightResp(self.height).to_json()
+
+    def _rpc_getSlot(self, params: list[Any]) -> str:
+        # Each poll of the slot moves LiteSVM one slot on, as a running cluster would.
+        slot = int(self.svm.get_clock().slot)
+        self.backend.advance_slot()
+        return GetSlotResp(slot).to_json()
 
     def _rpc_getBalance(self, params: list[Any]) -> str:
         return GetBalanceResp(int(self.svm.get_balance(Pubkey.from_string(params[0])) or 0),
