@@ -54,21 +54,25 @@ def bench_ledger(records: int, group: int, synchronous: str, providers: int) -> 
             "seconds": round(elapsed, 3), "records_per_s": round(records / elapsed, 1)}
 
 
-def bench_payouts(versioned: bool) -> dict[str, Any]:
+def bench_payouts() -> dict[str, Any]:
+    """Transfers that fit one transaction (size and instruction-trace limits), to existing accounts."""
     treasury = Keypair()
     budget = BudgetSpec(1_400_000, 1_000)
     out: dict[str, Any] = {}
     for name, asset in (("sol", AssetSpec(None, 9)), ("spl", AssetSpec(Keypair().pubkey(), 6))):
         lines = [PayoutLine(Keypair().pubkey(), 10**6) for _ in range(256)]
-        out[f"legacy_{name}_transfers_per_tx"] = fit_lines(treasury, asset, lines, "b" + "0" * 15, budget, 256)
+        for kind, versioned in (("legacy", False), ("v0", True)):
+            out[f"{kind}_{name}_transfers_per_tx"] = fit_lines(
+                treasury, asset, lines, "b" + "0" * 15, budget, 256, versioned)
     return out
 
 
-async def bench_onchain_batch(tmp: Path, asset: str) -> dict[str, Any]:
-    """Settle 2 full batches for real on LiteSVM and count transfers per landed transaction."""
-    section = PaymentsSection(state_dir=tmp / asset, asset=asset,  # type: ignore[arg-type]
+async def bench_onchain_batch(tmp: Path, asset: str, versioned: bool) -> dict[str, Any]:
+    """Settle 60 payouts for real on LiteSVM and count transfers per landed transaction."""
+    kind = f"{'v0' if versioned else 'legacy'}_{asset}"
+    section = PaymentsSection(state_dir=tmp / kind, asset=asset,  # type: ignore[arg-type]
                               default_price={"prompt_per_1k": 10**7, "completion_per_1k": 0},
-                              batch_max_transfers=256)
+                              batch_max_transfers=256, use_versioned_tx=versioned)
     service = await PaymentsService.create(section)
     payer = Keypair()
     await service.faucet(str(payer.pubkey()), 10**11)
@@ -85,8 +89,8 @@ async def bench_onchain_batch(tmp: Path, asset: str) -> dict[str, Any]:
     sizes = sorted((len(b.items) for b in service.book.confirmed_batches()), reverse=True)
     ok = (await service.reconcile()).ok
     await service.close()
-    return {f"onchain_{asset}_batch_sizes": sizes, f"onchain_{asset}_settle_s": round(elapsed, 3),
-            f"onchain_{asset}_payouts": report.payouts_confirmed, f"onchain_{asset}_reconcile_ok": ok}
+    return {f"onchain_{kind}_batch_sizes": sizes, f"onchain_{kind}_settle_s": round(elapsed, 3),
+            f"onchain_{kind}_payouts": report.payouts_confirmed, f"onchain_{kind}_reconcile_ok": ok}
 
 
 async def _deposit(service: PaymentsService, payer: Keypair, amount: int) -> None:
@@ -115,10 +119,11 @@ def main() -> None:
                               "python": platform.python_version()}
     result["ledger_group_commit"] = bench_ledger(args.records, args.group, args.synchronous, args.providers)
     result["ledger_commit_per_record"] = bench_ledger(args.single_records, 1, args.synchronous, args.providers)
-    result["payouts_per_tx"] = bench_payouts(versioned=False)
+    result["payouts_per_tx"] = bench_payouts()
     with tempfile.TemporaryDirectory() as tmp:
         for asset in ("sol", "spl"):
-            result.update(asyncio.run(bench_onchain_batch(Path(tmp), asset)))
+            for versioned in (False, True):
+                result.update(asyncio.run(bench_onchain_batch(Path(tmp), asset, versioned)))
     print(json.dumps(result, indent=2))
 
 

@@ -3,6 +3,7 @@
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,7 +176,7 @@ class Ledger:
             if rows:
                 conn.execute(settlements.insert(), rows)
                 conn.execute(settlement_shares.insert(), share_rows)
-                self.post(conn, items)
+                self.post(conn, _summarise(items, rows[0]["id"] if len(rows) > 1 else None))
                 conn.execute(
                     update(holds).where(holds.c.request_id.in_([r["request_id"] for r in rows]))
                     .values(state="settled")
@@ -278,6 +279,21 @@ def _settlement_row(r: SettlementRecord) -> dict[str, object]:
 def _share_rows(r: SettlementRecord) -> list[dict[str, object]]:
     return [{"settlement_id": r.settlement_id, "wallet": s.wallet, "role": s.role,
              "layers_served": s.layers_served, "amount": s.amount, "batch_id": None} for s in r.shares]
+
+
+def _summarise(items: list[Posting], group_ref: str | None) -> list[Posting]:
+    """One posting per (kind, from, to) for a group commit: a summarised journal entry.
+
+    The per-request detail stays in `settlements`/`settlement_shares`; reconcile checks that the
+    summarised charges equal the records. A group of one keeps its own reference.
+    """
+    if group_ref is None:
+        return items
+    totals: dict[tuple[str, str, str], int] = defaultdict(int)
+    for p in items:
+        totals[(p.kind, p.from_account, p.to_account)] += p.amount
+    return [Posting(f"settle-group:{group_ref}", kind, src, dst, amount)
+            for (kind, src, dst), amount in totals.items()]
 
 
 def _settlement_postings(r: SettlementRecord, held_amount: int) -> list[Posting]:
