@@ -1,4 +1,4 @@
-"""Training benchmark: held-out loss with DP off/on, DDP samples/s with 1 vs 2 workers, federated round times.
+"""Training benchmark: held-out loss with DP off/on, DDP samples/s, federated rounds.
 
     python bench/train_bench.py --out bench-train.json            # tiny model, ~3-4 min on 2 cores
     python bench/train_bench.py --model smollm2-135m-instruct --parts local
@@ -18,6 +18,7 @@ import torch
 
 from cluster.config import load_settings
 from train_jobs.config import (
+    ClientResources,
     DataParallelJob,
     DataSpec,
     FederatedJob,
@@ -67,7 +68,7 @@ def local_dp_off_on(ref: ModelRef, args: argparse.Namespace) -> list[dict[str, A
 
 
 def ddp_scaling(ref: ModelRef, args: argparse.Namespace, storage: Path) -> list[dict[str, Any]]:
-    """samples/s of the Ray Train job with 1 and 2 workers (full fine-tune, gloo, 1 thread per worker)."""
+    """samples/s of the Ray Train job, 1 and 2 workers (full fine-tune, gloo, 1 thread each)."""
     from train_jobs.data_parallel import run_data_parallel
 
     settings = load_settings()
@@ -102,7 +103,7 @@ def ddp_scaling(ref: ModelRef, args: argparse.Namespace, storage: Path) -> list[
 
 
 def federated(ref: ModelRef, args: argparse.Namespace, storage: Path) -> dict[str, Any]:
-    """3 clients x 2 rounds with DP-SGD; round time, per-client time, epsilon per round (cumulative)."""
+    """3 clients x N rounds with DP-SGD: round and per-client time, cumulative epsilon."""
     from train_jobs.federated import run_federated
 
     job = FederatedJob(
@@ -118,8 +119,8 @@ def federated(ref: ModelRef, args: argparse.Namespace, storage: Path) -> dict[st
         num_rounds=args.rounds,
         min_train_clients=3,
         min_available_clients=3,
-        client_resources={"num_cpus": 8, "torch_threads": 1},
-        storage_path=storage,  # type: ignore[arg-type]
+        client_resources=ClientResources(num_cpus=8, torch_threads=1),
+        storage_path=storage,
     )
     summary = run_federated(job, load_settings(training={"reward_sink": "jsonl"}))
     return {

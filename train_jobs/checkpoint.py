@@ -20,7 +20,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 def save_checkpoint(
     directory: Path, model: Any, tokenizer: Any, train_state: dict[str, Any], job: dict[str, Any]
 ) -> Path:
-    """Write weights (or adapter), tokenizer, optimizer state and the job config into `directory`."""
+    """Write weights (or adapter), tokenizer, optimizer state and job config to `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)

@@ -1,4 +1,4 @@
-"""`solanalm train ...`: data-parallel fine-tune (dp), federated rounds (fl), checkpoint export (export)."""
+"""`solanalm train ...`: data-parallel fine-tune (dp), federated rounds (fl), export (export)."""
 
 import json
 import logging
@@ -23,7 +23,8 @@ SettingsOpt = Annotated[
     typer.Option("--settings", "-s", help="Settings YAML (sections); env SOLANALM_* overrides."),
 ]
 AddressOpt = Annotated[
-    str | None, typer.Option("--address", help="Ray cluster to attach to (default: settings.ray.address).")
+    str | None,
+    typer.Option("--address", help="Ray cluster to attach to (default: settings.ray.address)."),
 ]
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", exists=True, help="Job YAML under configs/train/.")
@@ -51,7 +52,7 @@ def dp(
     settings = _settings(settings_path, address)
     job = load_job(config, DataParallelJob, num_workers=num_workers)
     console.print(
-        f"[bold]dp[/] {job.name}: {job.model.name}, {job.num_workers} workers, sharding {job.sharding}"
+        f"[bold]dp[/] {job.name}: {job.model.name}, {job.num_workers} workers, {job.sharding}"
     )
     ray.init(
         address=settings.ray.address,

@@ -88,7 +88,7 @@ class LoraSpec(_Strict):
 
 
 class PrivacySpec(_Strict):
-    """Opacus DP-SGD inside each client (per-example clipping plus Gaussian noise, RDP accounting)."""
+    """Opacus DP-SGD in each client (per-example clipping, Gaussian noise, RDP accounting)."""
 
     enabled: bool = Field(default=False, description="Train with DP-SGD.")
     noise_multiplier: float = Field(
@@ -103,7 +103,7 @@ class PrivacySpec(_Strict):
 
 
 class ServerDPSpec(_Strict):
-    """Flower's server-side fixed-clipping DP wrapper around FedAvg (central DP on client updates)."""
+    """Flower's server-side fixed-clipping DP wrapper around FedAvg (central DP on updates)."""
 
     enabled: bool = Field(default=False, description="Wrap the strategy with server-side DP.")
     noise_multiplier: float = Field(

@@ -5,7 +5,8 @@ its own Ray Dataset (`train_<rank>`); workers fine-tune with `train_jobs.task`, 
 throughput every step and a checkpoint (an HF directory) every `checkpoint_every_steps`. After a
 worker dies, FailureConfig restarts the group and training resumes from the latest checkpoint.
 
-    ray job submit --working-dir . -- python -m train_jobs.data_parallel --config configs/train/dp-tiny.yaml
+    ray job submit --working-dir . -- \
+        python -m train_jobs.data_parallel --config configs/train/dp-tiny.yaml
 """
 
 import argparse
@@ -246,7 +247,7 @@ def run_data_parallel(job: DataParallelJob, training: TrainingSection) -> DataPa
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m train_jobs.data_parallel --config configs/train/<name>.yaml` (inside `ray job submit`)."""
+    """`python -m train_jobs.data_parallel --config configs/train/<name>.yaml` (ray job submit)."""
     from cluster.config import load_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,7 +1,7 @@
-"""Train -> serve: turn a finished checkpoint into a servable Hugging Face directory and catalogue entry.
+"""Train -> serve: a finished checkpoint becomes a servable HF directory and catalogue entry.
 
-A LoRA checkpoint (DDP with `lora:` or a federated run's `adapter/`) is merged into its base weights;
-a full fine-tune checkpoint is copied without the optimizer state. The result (config.json,
+A LoRA checkpoint (DDP with `lora:` or a federated run's `adapter/`) is merged into its base
+weights; a full fine-tune checkpoint is copied without the optimizer state. The result (config.json,
 model.safetensors, tokenizer, privacy.json if any) is what a catalogue entry of source kind `hf_dir`
 points at, so `solanalm up --model <name>` serves it.
 """

@@ -38,7 +38,7 @@ def resolve_job(job: FederatedJob) -> FederatedJob:
 
 
 def backend_config(job: FederatedJob) -> dict[str, Any]:
-    """Flower's Ray backend config: per-client resources from the job (the pool is sized from them)."""
+    """Flower's Ray backend config: per-client resources from the job (they size the pool)."""
     return {
         "client_resources": {
             "num_cpus": job.client_resources.num_cpus,

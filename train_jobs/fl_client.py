@@ -1,8 +1,8 @@
 """The Flower ClientApp: one data owner fine-tunes LoRA adapters on its private partition.
 
-Each client identifies itself (query) with its reward wallet, trains with DP-SGD when the job asks for
-it, and keeps its privacy accountant in the node's persistent `context.state`, so the epsilon it
-reports is cumulative over every round it took part in.
+Each client identifies itself (query) with its reward wallet, trains with DP-SGD when the job
+asks for it, and keeps its privacy accountant in the node's persistent `context.state`, so the
+epsilon it reports is cumulative over every round it took part in.
 """
 
 import hashlib
@@ -73,10 +73,16 @@ def _load_accountant(context: Context) -> AccountantState | None:
     if not isinstance(record, ConfigRecord):
         return None
     return AccountantState(
-        list(record["noise-multipliers"]),
-        list(record["sample-rates"]),
-        list(record["steps"]),  # type: ignore[arg-type]
+        [float(x) for x in _as_list(record["noise-multipliers"])],
+        [float(x) for x in _as_list(record["sample-rates"])],
+        [int(x) for x in _as_list(record["steps"])],
     )
+
+
+def _as_list(value: object) -> list[float | int]:
+    if not isinstance(value, list) or not all(isinstance(x, int | float) for x in value):
+        raise TypeError(f"corrupt privacy accountant state: {value!r}")
+    return list(value)
 
 
 def _store_accountant(context: Context, state: AccountantState) -> None:

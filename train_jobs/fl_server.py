@@ -1,9 +1,9 @@
-"""The Flower ServerApp: FedAvg over LoRA adapters, client rewards per round, centralised evaluation.
+"""The Flower ServerApp: FedAvg over LoRA adapters, rewards per round, centralised evaluation.
 
 `RewardingFedAvg` is FedAvg that also remembers whom it selected, and after aggregating a round
-records a reward per selected wallet (proportional to examples trained, zero for clients that dropped
-out) through a `RewardSink`. Round and per-client times and each client's cumulative epsilon are kept
-for the run summary.
+records a reward per selected wallet (proportional to examples trained, zero for clients that
+dropped out) through a `RewardSink`. Round and per-client times and each client's cumulative
+epsilon are kept for the run summary.
 """
 
 import json
@@ -148,10 +148,10 @@ class RewardingFedAvg(FedAvg):
                 continue
             wallet = self._wallet(reply.metadata.src_node_id)
             record = reply.content["metrics"]
-            examples[wallet] = int(record["num-examples"])  # type: ignore[call-overload]
-            times[wallet] = float(record["train-time-s"])  # type: ignore[arg-type]
-            eps[wallet] = float(record["epsilon"])  # type: ignore[arg-type]
-            round_eps[wallet] = float(record["round-epsilon"])  # type: ignore[arg-type]
+            examples[wallet] = int(_number(record, "num-examples"))
+            times[wallet] = _number(record, "train-time-s")
+            eps[wallet] = _number(record, "epsilon")
+            round_eps[wallet] = _number(record, "round-epsilon")
         return RoundStats(
             round=server_round,
             selected=selected,
@@ -162,13 +162,20 @@ class RewardingFedAvg(FedAvg):
             examples=examples,
             client_epsilon=eps,
             round_epsilon=round_eps,
-            train_loss=float(metrics["train-loss"])
+            train_loss=_number(metrics, "train-loss")
             if metrics and "train-loss" in metrics
-            else None,  # type: ignore[arg-type]
+            else None,
         )
 
     def _wallet(self, node_id: int) -> str:
         return self.wallets.get(node_id, f"unregistered-node-{node_id}")
+
+
+def _number(record: object, key: str) -> float:
+    value = record[key] if isinstance(record, MetricRecord) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"client metric {key!r} is not a number: {value!r}")
+    return float(value)
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
@@ -180,7 +187,7 @@ def _wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
 
 
 def register_clients(grid: Grid, timeout_s: float) -> dict[int, str]:
-    """Ask every connected node for its wallet (so dropped clients can still be named in rewards)."""
+    """Ask every connected node for its wallet (so dropped clients are named in rewards)."""
     node_ids = list(grid.get_node_ids())
     queries = [
         Message(
@@ -212,7 +219,7 @@ def _wrap_server_dp(job: FederatedJob, strategy: Strategy, sampled: int) -> Stra
 def build_server_app(
     job: FederatedJob, sink: RewardSink, lamports_per_example: int, out_dir: Path
 ) -> ServerApp:
-    """A ServerApp bound to `job`; it writes the adapter, privacy.json and summary.json to `out_dir`."""
+    """A ServerApp bound to `job`; writes adapter/, privacy.json and summary.json to `out_dir`."""
     app = ServerApp()
 
     @app.main()

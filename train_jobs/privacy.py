@@ -14,7 +14,7 @@ from opacus.accountants import RDPAccountant
 
 from train_jobs.config import PrivacySpec
 
-# (noise_multiplier, sample_rate, num_steps) per run of identical steps, as Opacus' RDP accountant keeps it.
+# (noise_multiplier, sample_rate, num_steps) per run of identical steps, as Opacus' RDP keeps it.
 HistoryEntry = tuple[float, float, int]
 
 
@@ -61,7 +61,7 @@ class PrivateTraining:
     sample_rate: float
 
     def account_skipped_step(self, noise_multiplier: float) -> None:
-        """An empty Poisson batch is still a sampling step: count it so epsilon is not understated."""
+        """An empty Poisson batch is still a sampling step: count it, not to understate epsilon."""
         self.engine.accountant.step(noise_multiplier=noise_multiplier, sample_rate=self.sample_rate)
 
     def state(self) -> AccountantState:
@@ -75,7 +75,7 @@ def make_private(
     spec: PrivacySpec,
     previous: AccountantState | None = None,
 ) -> PrivateTraining:
-    """Wrap for DP-SGD (Poisson sampling, per-example clipping, Gaussian noise); resume `previous` spend."""
+    """Wrap for DP-SGD (Poisson sampling, per-example clipping, noise); resume `previous`."""
     engine = PrivacyEngine(accountant="rdp")
     if previous is not None:
         engine.accountant.history = previous.history()

@@ -1,8 +1,9 @@
 """The one seam between training and payments: typed reward records and where they are sent.
 
 train_jobs never imports payments. After each federated round the coordinator hands a list of
-`RoundReward` to a `RewardSink`: either the named payments actor (called by method name, with plain
-dicts, so the payments package needs nothing from here) or a JSONL file when payments is not running.
+`RoundReward` to a `RewardSink`: either the named payments actor (called by method name, with
+plain dicts, so the payments package needs nothing from here) or a JSONL file when payments is
+not running.
 """
 
 import logging
@@ -80,7 +81,7 @@ class JsonlRewardSink:
 
 
 class RayActorRewardSink:
-    """Calls `actor.<method>.remote([reward dicts])` on a named Ray actor and waits (with a timeout)."""
+    """Calls `actor.<method>.remote([reward dicts])` on a named Ray actor; waits with a timeout."""
 
     def __init__(
         self, actor_name: str, method: str, namespace: str | None, timeout_s: float

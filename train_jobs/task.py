@@ -43,7 +43,7 @@ def load_model(model_dir: Path) -> tuple[Any, Any]:
 
 
 def add_lora(model: Any, spec: LoraSpec, seed: int = 0) -> Any:
-    """Wrap `model` with trainable LoRA adapters (base weights frozen); seeded so all clients agree."""
+    """Wrap `model` with trainable LoRA adapters (base frozen); seeded so all clients agree."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -147,8 +147,8 @@ def train(
 
     `accountant` is the privacy already spent by this data owner; the result carries the updated
     state and both the cumulative and this run's epsilon. `stop_after` raises after that many steps
-    (a simulated crash mid-round, used by tests and the benchmark). `seed` (default `optim.seed`) drives
-    shuffling and DP noise; give each data owner its own.
+    (a simulated crash mid-round, used by tests and the benchmark). `seed` (default `optim.seed`)
+    drives shuffling and DP noise; give each data owner its own.
     """
     if len(data) == 0:
         raise ValueError("no training examples")

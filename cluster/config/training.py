@@ -28,7 +28,7 @@ class TrainingSection(Section):
     )
     reward_sink: RewardSinkKind = Field(
         default="auto",
-        description="Where round rewards go: the payments actor, a JSONL file, or auto (actor if it is running).",
+        description="Rewards go to the payments actor, a JSONL file, or auto (actor if running).",
     )
     rewards_actor_name: str = Field(
         default="solanalm-payments",

@@ -1,11 +1,11 @@
-"""Deterministically generate the bundled instruction dataset (self-made, CC0-style: no third-party text).
+"""Deterministically generate the bundled instruction dataset (self-made, no third-party text).
 
 Run from the repository root to regenerate `train_jobs/corpus/instructions.jsonl`:
 
     python -m train_jobs.corpus.generate
 
-The pairs are simple, checkable facts (arithmetic, capitals, colours, word games) so a fine-tune has a
-learnable signal on a tiny model and a held-out loss that moves within a few steps.
+The pairs are simple, checkable facts (arithmetic, capitals, colours, word games) so a fine-tune
+has a learnable signal on a tiny model and a held-out loss that moves within a few steps.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""Ray Train DDP fine-tune on the shared cluster: loss goes down; a killed worker resumes from a checkpoint."""
+"""Ray Train DDP on the shared cluster: loss goes down; a killed worker resumes from checkpoint."""
 
 from pathlib import Path
 
@@ -53,7 +53,7 @@ def test_killed_worker_resumes_from_checkpoint(
     )
     result = run_data_parallel(job, TrainingSection())
     assert (tmp_path / "dp-kill" / ".fault_injected").exists()
-    # Resumed from a registered checkpoint (step 2 or 4, whichever the controller had committed), not from 0.
+    # Resumed from a registered checkpoint (2 or 4, whichever the controller committed), not 0.
     assert result.metrics["resumed_from_step"] in (2, 4)
     assert result.metrics["step"] == 8
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]

@@ -1,4 +1,4 @@
-"""A 2-round Flower simulation on the shared Ray cluster: 3 clients, DP-SGD on, one client drops in round 2."""
+"""2 Flower rounds on the shared Ray cluster: 3 clients, DP-SGD on, one client drops in round 2."""
 
 import json
 import subprocess
@@ -12,16 +12,28 @@ import yaml
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def test_federated_dp_rounds_with_rewards(tmp_path: Path, model_cache_dir: Path, repo_root: Path) -> None:
+def test_federated_dp_rounds_with_rewards(
+    tmp_path: Path, model_cache_dir: Path, repo_root: Path
+) -> None:
     job = {
         "name": "fl-test",
-        "model": {"name": "tiny-llama", "catalogue": str(repo_root / "configs/models.yaml"),
-                  "cache_dir": str(model_cache_dir)},
+        "model": {
+            "name": "tiny-llama",
+            "catalogue": str(repo_root / "configs/models.yaml"),
+            "cache_dir": str(model_cache_dir),
+        },
         "data": {"max_length": 24, "max_examples": 120},
         "optim": {"learning_rate": 2e-2, "batch_size": 8, "max_steps": 4},
-        "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]},
+        "lora": {
+            "r": 8,
+            "alpha": 16,
+            "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        },
         "privacy": {"enabled": True, "noise_multiplier": 0.8, "max_grad_norm": 1.0, "delta": 1e-5},
-        "num_clients": 3, "num_rounds": 2, "min_train_clients": 3, "min_available_clients": 3,
+        "num_clients": 3,
+        "num_rounds": 2,
+        "min_train_clients": 3,
+        "min_available_clients": 3,
         "client_resources": {"num_cpus": 8, "torch_threads": 1},
         "simulate_drops": {2: [2]},
         "storage_path": str(tmp_path),
@@ -31,9 +43,21 @@ def test_federated_dp_rounds_with_rewards(tmp_path: Path, model_cache_dir: Path,
     address = ray.get_runtime_context().gcs_address
     # Flower ends with ray.shutdown(); a subprocess keeps that away from the shared session cluster.
     proc = subprocess.run(
-        [sys.executable, "-m", "train_jobs.federated", "--config", str(config), "--ray-address", address,
-         "--namespace", "solanalm-test"],
-        capture_output=True, text=True, timeout=420, cwd=repo_root,
+        [
+            sys.executable,
+            "-m",
+            "train_jobs.federated",
+            "--config",
+            str(config),
+            "--ray-address",
+            address,
+            "--namespace",
+            "solanalm-test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=repo_root,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "fl-test"

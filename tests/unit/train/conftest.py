@@ -1,4 +1,4 @@
-"""Tiny-model fixtures of the training unit tests (the model directory is materialised once per session)."""
+"""Tiny-model fixtures of the training unit tests (the model is materialised once per session)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Train -> serve: a merged LoRA fine-tune is a plain HF directory whose output reflects the fine-tune."""
+"""Train -> serve: a merged LoRA fine-tune is a plain HF dir whose output reflects the fine-tune."""
 
 from pathlib import Path
 
@@ -59,9 +59,20 @@ def test_cli_export_full_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
     tokenizer.save_pretrained(checkpoint)
     (checkpoint / "train_state.pt").write_bytes(b"optimizer state")
     catalogue = tmp_path / "models.yaml"
-    args = ["export", str(checkpoint), "--out", str(tmp_path / "out"), "--name", "mine", "--catalogue", str(catalogue)]
+    args = [
+        "export",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+        "--name",
+        "mine",
+        "--catalogue",
+        str(catalogue),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "solanalm up --model mine" in result.output
-    assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "train_state.pt").exists()
+    assert (tmp_path / "out" / "config.json").exists() and not (
+        tmp_path / "out" / "train_state.pt"
+    ).exists()
     assert load_catalogue(catalogue).get("mine").source.path == (tmp_path / "out").resolve()

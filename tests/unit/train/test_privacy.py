@@ -1,4 +1,4 @@
-"""DP-SGD and its accounting: epsilon is cumulative across rounds and restorable from client state."""
+"""DP-SGD accounting: epsilon is cumulative across rounds and restorable from client state."""
 
 from pathlib import Path
 
@@ -33,7 +33,7 @@ def test_dp_training_accumulates_epsilon_across_rounds(tiny_dir: Path) -> None:
     assert second.accountant.total_steps() == 6
     assert first.epsilon is not None and second.epsilon is not None
     assert second.epsilon > first.epsilon > 0
-    # This round's epsilon alone equals the first round's (same steps, same noise); the total is larger.
+    # This round's epsilon alone equals round 1's (same steps and noise); the total is larger.
     assert abs((second.round_epsilon or 0) - first.epsilon) < 1e-9
     sample_rate = first.accountant.sample_rates[0]
     assert abs(second.epsilon - epsilon([(1.0, sample_rate, 6)], 1e-5)) < 1e-9

@@ -1,0 +1,52 @@
+"""Federated parts without a simulation: wallets, server-side DP, backend config, privacy."""
+
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+from train_jobs.config import FederatedJob
+from train_jobs.federated import backend_config
+from train_jobs.fl_client import client_wallet
+from train_jobs.fl_server import RewardingFedAvg, _wrap_server_dp, privacy_report
+from train_jobs.protocol import JsonlRewardSink
+
+
+def test_wallets_are_stable_pubkeys_or_configured(tmp_path: object) -> None:
+    job = FederatedJob(name="fl", num_clients=3)
+    derived = [client_wallet(job, p) for p in range(3)]
+    assert len(set(derived)) == 3 and derived == [client_wallet(job, p) for p in range(3)]
+    assert all(32 <= len(w) <= 44 for w in derived)
+    named = FederatedJob(
+        name="fl", num_clients=2, min_train_clients=2, min_available_clients=2, wallets=["W0", "W1"]
+    )
+    assert client_wallet(named, 1) == "W1"
+
+
+def test_server_side_dp_wraps_the_rewarding_strategy(tmp_path: object) -> None:
+    from pathlib import Path
+
+    job = FederatedJob(
+        name="fl", server_dp={"enabled": True, "noise_multiplier": 0.2, "clipping_norm": 5.0}
+    )
+    fedavg = RewardingFedAvg(
+        job, {}, JsonlRewardSink(Path(str(tmp_path)) / "r.jsonl"), 1, summary=None
+    )  # type: ignore[arg-type]
+    wrapped = _wrap_server_dp(job, fedavg, sampled=3)
+    assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping)
+    assert wrapped.strategy is fedavg and wrapped.clipping_norm == 5.0
+    plain = FederatedJob(name="fl")
+    assert _wrap_server_dp(plain, fedavg, sampled=3) is fedavg
+
+
+def test_client_resources_and_privacy_come_from_the_job() -> None:
+    job = FederatedJob(
+        name="fl",
+        client_resources={"num_cpus": 2, "num_gpus": 0.5},
+        privacy={"enabled": True, "noise_multiplier": 1.3, "max_grad_norm": 0.7, "delta": 1e-6},
+    )
+    assert backend_config(job)["client_resources"] == {"num_cpus": 2, "num_gpus": 0.5}
+    report = privacy_report(job)
+    assert report["dp_sgd"] == {
+        "enabled": True,
+        "noise_multiplier": 1.3,
+        "max_grad_norm": 0.7,
+        "delta": 1e-6,
+    }
