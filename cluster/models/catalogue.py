@@ -53,7 +53,6 @@ class ModelSpec(BaseModel):
     dtype: DType = Field(default="float32", description="Compute dtype of the served weights.")
     owned_by: str = Field(default="solanalm", description="Owner shown in /v1/models.")
     max_model_len: int | None = Field(default=None, ge=16, description="Context limit; None: the model config's.")
-    num_stages: int | None = Field(default=None, ge=1, le=64, description="Default stage count for this model.")
     tiny_layers: int = Field(default=6, ge=1, le=64, description="Layers of the tiny model (tiny source only).")
 
 

@@ -1,0 +1,230 @@
+"""The `solanalm` command: up, status, chat, down (+ sub-commands other packages register as plugins)."""
+
+import logging
+import os
+import signal
+import threading
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cluster.config import Settings
+from cluster.deploy import ServeApp, deploy, read_serve_config, settings_for
+from cluster.models import load_catalogue, materialize
+from cluster.models.local import catalogue_with_checkpoint
+from cluster.ray_cluster import ClusterError, connect_existing, ensure_cluster, port_in_use, stop_local_head
+from cluster.status import render_status
+
+app = typer.Typer(help="SolanaLM: a decentralized LLM compute network on Ray.", no_args_is_help=True)
+console = Console()
+DEFAULT_SERVE_CONFIG = Path("configs/serve.yaml")
+DEMO_QUESTION = "What is the capital of France?"
+
+
+def _state_dir(settings: Settings) -> Path:
+    return settings.model.cache_dir / "state"
+
+
+@app.command()
+def up(
+    address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of starting a local head.")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Catalogue name or HF checkpoint dir (repeatable).")] = None,
+    stages: Annotated[int | None, typer.Option(min=1, help="Pipeline stages per replica.")] = None,
+    replicas: Annotated[int | None, typer.Option(min=1, help="Pipelines (Serve replicas) per model.")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port of the OpenAI endpoint.")] = None,
+    config: Annotated[Path, typer.Option(help="Serve config file (import path + args).")] = DEFAULT_SERVE_CONFIG,
+    demo: Annotated[bool, typer.Option(help="Answer one demo chat request once up.")] = True,
+    block: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C, then shut down.")] = False,
+) -> None:
+    """Start (or join) a Ray cluster, deploy the OpenAI endpoint over sharded pipelines, answer a demo."""
+    serve_app = read_serve_config(config)
+    settings = settings_for(serve_app, {
+        "ray": {"address": address},
+        "pipeline": {"num_stages": stages, "num_replicas": replicas},
+        "http": {"port": port},
+    })
+    if model:
+        _select_models(settings, model)
+    _materialize_models(settings)
+    handle = _start_cluster(settings)
+    console.print(f"[bold]Ray cluster[/] {handle.address}  dashboard: {handle.dashboard_url or 'n/a'}")
+    with console.status(f"deploying {', '.join(settings.model.served)} "
+                        f"({settings.pipeline.num_stages} stages x {settings.pipeline.num_replicas} replicas)..."):
+        took = deploy(serve_app, settings)
+    base_url = f"http://{settings.http.host}:{settings.http.port}/v1"
+    console.print(f"[green]ready[/] in {took:.1f} s")
+    console.print(f"[bold]OpenAI base URL[/] {base_url}")
+    console.print(f"[bold]Ray dashboard[/]   {handle.dashboard_url or 'n/a'}")
+    if demo:
+        console.print(f"\n[bold]demo[/] > {DEMO_QUESTION}")
+        _stream_chat(base_url, settings.model.served[0], DEMO_QUESTION, max_tokens=64)
+    if block:
+        _serve_until_interrupted(settings, handle.started_here)
+
+
+@app.command()
+def status(
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+) -> None:
+    """Nodes, deployments, and each pipeline's stages with their layer ranges, process and node."""
+    settings = Settings(ray={"address": address})
+    try:
+        connect_existing(settings.ray)
+    except ClusterError as exc:
+        _fail(str(exc))
+    render_status(console)
+
+
+@app.command()
+def chat(
+    message: Annotated[str, typer.Argument(help="What to ask.")],
+    model: Annotated[str | None, typer.Option(help="Model name (default: the first served).")] = None,
+    url: Annotated[str, typer.Option(help="OpenAI base URL.")] = "http://127.0.0.1:8000/v1",
+    max_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
+) -> None:
+    """Stream a chat answer to the terminal."""
+    chosen = model or _first_model(url)
+    _stream_chat(url, chosen, message, max_tokens=max_tokens, temperature=temperature)
+
+
+@app.command()
+def down(
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+) -> None:
+    """Drain and remove the serve application; stop the local head if `solanalm up` started it."""
+    settings = Settings(ray={"address": address})
+    try:
+        connect_existing(settings.ray)
+    except ClusterError as exc:
+        _fail(str(exc))
+    _shutdown(settings, stop_head=True)
+
+
+def _select_models(settings: Settings, models: list[str]) -> None:
+    catalogue_path = settings.model.catalogue
+    names = []
+    for entry in models:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            catalogue_path, name = catalogue_with_checkpoint(catalogue_path, path, _state_dir(settings))
+            names.append(name)
+        else:
+            names.append(entry)
+    settings.model.catalogue = catalogue_path.resolve()
+    catalogue = load_catalogue(settings.model.catalogue)
+    for name in names:
+        try:
+            catalogue.get(name)
+        except KeyError as exc:
+            _fail(str(exc.args[0]))
+    settings.model.served = names
+
+
+def _materialize_models(settings: Settings) -> None:
+    # Convert once here, with progress on the terminal, so replicas only load the cache.
+    catalogue = load_catalogue(settings.model.catalogue)
+    for name in settings.model.served:
+        spec = catalogue.get(name)
+        started = time.perf_counter()
+        with console.status(f"preparing weights of {name} ({settings.model.dtype or spec.dtype}; "
+                            "a GGUF is converted once, ~20 s)..."):
+            path = materialize(spec, settings.model.cache_dir, settings.model.dtype)
+        console.print(f"weights of {name}: {path} ({time.perf_counter() - started:.1f} s)")
+
+
+def _start_cluster(settings: Settings):  # type: ignore[no-untyped-def]
+    needed = settings.pipeline.num_replicas * len(settings.model.served) * (
+        settings.pipeline.num_stages * settings.pipeline.stage_resources.get("CPU", 0) + settings.pipeline.replica_cpus
+    )
+    num_cpus = settings.ray.num_cpus or max(os.cpu_count() or 1, int(needed) + 2)
+    if not settings.ray.address and not port_in_use("127.0.0.1", settings.ray.head_port) and port_in_use(
+        settings.http.host, settings.http.port
+    ):
+        _fail(f"port {settings.http.port} is taken by another process; pass --port or stop that process")
+    try:
+        return ensure_cluster(settings.ray, num_cpus, _state_dir(settings))
+    except ClusterError as exc:
+        _fail(str(exc))
+
+
+def _stream_chat(base_url: str, model: str, message: str, max_tokens: int, temperature: float = 0.0) -> None:
+    from openai import APIConnectionError, APIStatusError, OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=os.environ.get("SOLANALM_API_KEY", "open"), max_retries=0)
+    try:
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": message}], max_tokens=max_tokens,
+            temperature=temperature, stream=True,
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                console.print(chunk.choices[0].delta.content, end="", soft_wrap=True, highlight=False)
+        console.print()
+    except APIConnectionError:
+        _fail(f"cannot reach {base_url}; is SolanaLM running (`solanalm up`)?")
+    except APIStatusError as exc:
+        _fail(f"{exc.status_code}: {exc.message}")
+
+
+def _first_model(base_url: str) -> str:
+    from openai import APIConnectionError, OpenAI
+
+    try:
+        models = OpenAI(base_url=base_url, api_key="open", max_retries=0).models.list().data
+    except APIConnectionError:
+        _fail(f"cannot reach {base_url}; is SolanaLM running (`solanalm up`)?")
+    if not models:
+        _fail("the endpoint serves no model")
+    return models[0].id
+
+
+def _serve_until_interrupted(settings: Settings, started_here: bool) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print("\nserving; press Ctrl-C to stop")
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    _shutdown(settings, stop_head=started_here)
+
+
+def _shutdown(settings: Settings, stop_head: bool) -> None:
+    from ray import serve
+
+    with console.status("draining in-flight requests and removing the serve application..."):
+        serve.shutdown()
+    if stop_head and stop_local_head(_state_dir(settings)):
+        console.print("stopped the local Ray head")
+    console.print("[green]shut down cleanly[/]")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(code=1)
+
+
+def _register_plugins() -> None:
+    # Sub-commands of other packages (payments, train, ...) join through entry points, keeping
+    # imports one-way; a plugin that fails to import is reported, not fatal.
+    for entry in entry_points(group="solanalm.commands"):
+        try:
+            app.add_typer(entry.load(), name=entry.name)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break `solanalm up`
+            logging.getLogger(__name__).debug("plugin %s unavailable: %s", entry.name, exc)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["ServeApp", "app", "main"]

@@ -1,0 +1,66 @@
+"""Application builder: what `serve run configs/serve.yaml`, `serve deploy`, RayService and `solanalm up` import.
+
+`build_app(args)` takes the settings sections as its arguments (the `args:` of a Serve config file) and
+returns the Serve application: one PipelineServer deployment per served model, whose replicas each
+reserve a placement group of one bundle per stage, behind the OpenAI ingress.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.config import Settings, load_settings
+from cluster.config.serving import PipelineSection
+from cluster.models import load_catalogue
+from serve_apps.gateway.app import ModelCard
+from serve_apps.gateway.ingress import OpenAIIngress
+from serve_apps.server.pipeline_server import PipelineServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Build the SolanaLM Serve application from settings sections (`{"model": {...}, "pipeline": {...}}`)."""
+    settings = _absolute_paths(load_settings(**dict(args or {})))
+    catalogue = load_catalogue(settings.model.catalogue)
+    pipelines, cards = {}, []
+    for name in settings.model.served:
+        spec = catalogue.get(name)
+        pipelines[name] = pipeline_deployment(name, settings.pipeline).bind(name, settings.model_dump(mode="json"))
+        cards.append(ModelCard(id=name, owned_by=spec.owned_by, max_model_len=spec.max_model_len))
+    return OpenAIIngress.bind(pipelines, cards, settings.pipeline.request_timeout_s, settings.http.max_body_bytes)
+
+
+def pipeline_deployment(model: str, pipeline: PipelineSection):  # type: ignore[no-untyped-def]
+    """The PipelineServer deployment of one model: one placement group of `num_stages` bundles per replica."""
+    return serve.deployment(PipelineServer).options(
+        name=f"pipeline-{model}",
+        num_replicas=pipeline.num_replicas,
+        ray_actor_options={"num_cpus": pipeline.replica_cpus},
+        placement_group_bundles=stage_bundles(pipeline),
+        placement_group_strategy=pipeline.placement_strategy,
+        max_ongoing_requests=pipeline.max_num_seqs + pipeline.max_queue + 8,
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=30,
+    )
+
+
+def stage_bundles(pipeline: PipelineSection) -> list[dict[str, float]]:
+    """One bundle per stage; bundle 0 also carries the replica actor itself (Serve places it there)."""
+    bundles = [dict(pipeline.stage_resources) for _ in range(pipeline.num_stages)]
+    bundles[0]["CPU"] = bundles[0].get("CPU", 0.0) + pipeline.replica_cpus
+    return bundles
+
+
+def _absolute_paths(settings: Settings) -> Settings:
+    # Replicas run with another working directory: resolve relative paths where the builder runs,
+    # falling back to the repository root (a `ray job`/`serve run` from elsewhere).
+    catalogue = settings.model.catalogue
+    if not catalogue.is_absolute():
+        candidate = Path.cwd() / catalogue
+        settings.model.catalogue = candidate if candidate.exists() else REPO_ROOT / catalogue
+    settings.model.cache_dir = settings.model.cache_dir.expanduser().resolve()
+    return settings

@@ -1,0 +1,80 @@
+"""Small typed messages that cross the engine's layers (scheduler -> stages -> scheduler).
+
+Only these cross process boundaries between the replica and its stage actors, so they stay plain,
+picklable dataclasses: ids, token ids, positions and sampling parameters; never tensors of the cache.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How the next token is chosen. temperature 0 means greedy (argmax)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SeqChunk:
+    """One sequence's share of a step: `token_ids` enter at positions start_pos.. start_pos+len-1."""
+
+    seq_id: str
+    slot: int
+    start_pos: int
+    token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    sample: bool = True  # False for a prefill chunk that does not reach the prompt's end
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """One forward pass through every stage: prefill chunks and/or single-token decodes."""
+
+    step_id: int
+    chunks: tuple[SeqChunk, ...]
+    released_slots: tuple[tuple[str, int], ...] = ()  # (seq_id, slot) pairs finished since the last step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(chunk.token_ids) for chunk in self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What the last stage returns: the sampled token per chunk (-1 where the chunk did not sample)."""
+
+    step_id: int
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StageInfo:
+    """A stage actor's self-description: proves which layers it holds and what it costs."""
+
+    stage_index: int
+    layer_start: int
+    layer_end: int
+    has_embedding: bool
+    has_lm_head: bool
+    param_count: int
+    param_bytes: int
+    rss_bytes: int
+    load_rss_bytes: int  # resident memory the stage's weights added to its process when loaded
+    pid: int
+    node_id: str
+    actor_name: str
+    torch_threads: int
+    kv_slots: int
+    kv_capacity_tokens: int
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,198 @@
+"""Iteration-level scheduler: decides which sequences run in the next step; computes nothing.
+
+Sequences wait in a bounded FIFO queue, get a KV slot when one is free, are prefilled (in chunks of at
+most `prefill_chunk` tokens) and then decode together. A step is either one prefill chunk or a batch of
+single-token decodes; when both kinds are pending they alternate so new requests reach their first token
+quickly while running ones keep streaming. Every sequence keeps its whole token history, so its cache
+can be rebuilt by replaying it.
+"""
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its bound; the caller should answer 503 with Retry-After."""
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One generation: its prompt, its outputs so far and how much of it the stages have cached."""
+
+    seq_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_len: int
+    output_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    num_cached: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_cached >= len(self.prompt_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUpdate:
+    """A token the step produced for a sequence, and whether the sequence is finished by it."""
+
+    seq_id: str
+    token_id: int
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    num_slots: int
+    max_batch_size: int
+    max_queue: int
+    prefill_chunk: int = 512
+
+
+class Scheduler:
+    """Owns every sequence's state and the slot table; the engine asks it for steps and feeds back results."""
+
+    def __init__(self, limits: SchedulerLimits, eos_token_ids: tuple[int, ...]) -> None:
+        self.limits = limits
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[str, Sequence] = {}
+        self._free_slots = list(range(limits.num_slots - 1, -1, -1))
+        self._released: list[tuple[str, int]] = []
+        self._step_ids = itertools.count()
+        self._last_was_prefill = False
+        self._inflight: dict[int, list[Sequence]] = {}
+
+    # -- requests -------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; QueueFullError when `max_queue` are already waiting."""
+        if len(self.waiting) >= self.limits.max_queue and not self._free_slots:
+            raise QueueFullError(f"{len(self.waiting)} requests are waiting")
+        self.waiting.append(seq)
+
+    def finish(self, seq_id: str, reason: str) -> Sequence | None:
+        """End a sequence early (stop string, client gone, timeout) and free its slot."""
+        for seq in list(self.waiting):
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                return self._mark_finished(seq, reason)
+        seq = self.running.get(seq_id)
+        return self._mark_finished(seq, reason) if seq is not None else None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._released)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def schedule(self) -> StepBatch | None:
+        """The next step, or None when nothing can run (no work, or every running row is in flight)."""
+        self._admit()
+        busy = {s.seq_id for seqs in self._inflight.values() for s in seqs}
+        prefill = [s for s in self.running.values() if not s.prefilled and s.seq_id not in busy]
+        decode = [s for s in self.running.values() if s.prefilled and s.seq_id not in busy]
+        if prefill and (not decode or not self._last_was_prefill):
+            return self._prefill_step(prefill[0])
+        if decode:
+            return self._decode_step(decode[: self.limits.max_batch_size])
+        if self._released:
+            return self._emit(StepBatch(next(self._step_ids), (), self._take_released()), [])
+        return None
+
+    def update(self, result: StepResult) -> list[TokenUpdate]:
+        """Apply a finished step: append sampled tokens, detect EOS and length limits."""
+        seqs = self._inflight.pop(result.step_id, [])
+        updates: list[TokenUpdate] = []
+        for seq, token in zip(seqs, result.token_ids, strict=True):
+            if seq.status is SeqStatus.FINISHED or token < 0:
+                continue
+            seq.output_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self._mark_finished(seq, reason)
+            updates.append(TokenUpdate(seq.seq_id, token, reason))
+        return updates
+
+    def fail(self, step_id: int) -> list[Sequence]:
+        """Forget an in-flight step that raised; its sequences are returned for the caller to handle."""
+        return self._inflight.pop(step_id, [])
+
+    # -- internals ------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting and self._free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            seq.status = SeqStatus.RUNNING
+            self.running[seq.seq_id] = seq
+
+    def _prefill_step(self, seq: Sequence) -> StepBatch:
+        start = seq.num_cached
+        end = min(len(seq.prompt_ids), start + self.limits.prefill_chunk)
+        chunk = SeqChunk(seq.seq_id, _slot(seq), start, tuple(seq.prompt_ids[start:end]), seq.sampling,
+                         sample=end == len(seq.prompt_ids))
+        seq.num_cached = end
+        self._last_was_prefill = True
+        return self._emit(StepBatch(next(self._step_ids), (chunk,), self._take_released()), [seq])
+
+    def _decode_step(self, seqs: list[Sequence]) -> StepBatch:
+        chunks = []
+        for seq in seqs:
+            position = len(seq.token_ids) - 1
+            chunks.append(SeqChunk(seq.seq_id, _slot(seq), position, (seq.token_ids[-1],), seq.sampling))
+            seq.num_cached = position + 1
+        self._last_was_prefill = False
+        # Rotate so that, past max_batch_size, every sequence gets its turn.
+        for seq in seqs:
+            self.running[seq.seq_id] = self.running.pop(seq.seq_id)
+        return self._emit(StepBatch(next(self._step_ids), tuple(chunks), self._take_released()), seqs)
+
+    def _emit(self, batch: StepBatch, seqs: list[Sequence]) -> StepBatch:
+        self._inflight[batch.step_id] = seqs
+        return batch
+
+    def _take_released(self) -> tuple[tuple[str, int], ...]:
+        released, self._released = tuple(self._released), []
+        return released
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.sampling
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return "stop"
+        if len(seq.output_ids) >= params.max_tokens or len(seq.token_ids) >= seq.max_len:
+            return "length"
+        return None
+
+    def _mark_finished(self, seq: Sequence, reason: str) -> Sequence:
+        if seq.status is SeqStatus.FINISHED:
+            return seq
+        if seq.slot is not None:
+            self._released.append((seq.seq_id, seq.slot))
+            self._free_slots.append(seq.slot)
+        self.running.pop(seq.seq_id, None)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        return seq
+
+
+def _slot(seq: Sequence) -> int:
+    if seq.slot is None:
+        raise RuntimeError(f"sequence {seq.seq_id} has no KV slot")
+    return seq.slot

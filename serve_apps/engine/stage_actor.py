@@ -1,0 +1,43 @@
+"""The Ray actor of one stage, created by the replica inside its placement-group bundle."""
+
+import ray
+
+from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
+from serve_apps.engine.stage_worker import StageConfig, StageWorker
+
+
+@ray.remote(max_restarts=0, max_concurrency=1)
+class StageActor:
+    """Holds one stage's layers and KV cache in its own process; steps run one at a time, in order."""
+
+    def __init__(self, config: StageConfig) -> None:
+        self.worker = StageWorker(config)
+
+    def forward(self, batch: StepBatch, hidden=None):  # type: ignore[no-untyped-def]
+        """Hidden states in (an ObjectRef resolved by Ray from the previous stage), hidden or tokens out."""
+        return self.worker.forward(batch, hidden)
+
+    def describe(self) -> StageInfo:
+        return self.worker.describe()
+
+    def ping(self) -> bool:
+        return True
+
+
+def stage_actor_options(resources: dict[str, float]) -> dict[str, object]:
+    """Ray actor options that request exactly one stage bundle's resources."""
+    custom = {key: value for key, value in resources.items() if key not in ("CPU", "GPU", "memory")}
+    options: dict[str, object] = {"num_cpus": resources.get("CPU", 0.0), "num_gpus": resources.get("GPU", 0.0)}
+    if custom:
+        options["resources"] = custom
+    if resources.get("memory"):
+        options["memory"] = resources["memory"]
+    return options
+
+
+def torch_threads_for(resources: dict[str, float]) -> int:
+    """Intra-op threads of a stage: its bundle's CPUs (at least one)."""
+    return max(1, int(resources.get("CPU", 1.0)))
+
+
+__all__ = ["StageActor", "StepResult", "stage_actor_options", "torch_threads_for"]

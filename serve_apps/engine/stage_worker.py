@@ -1,0 +1,117 @@
+"""The compute of one pipeline stage: its layers, its KV cache, and (last stage) the sampler.
+
+`StageWorker` is a plain class so it is unit-tested in-process; `serve_apps.engine.stage_actor` wraps
+it as the Ray actor placed in the replica's placement-group bundle.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import ray
+import torch
+
+from serve_apps.engine.kv_cache import BatchView, SlotKVCache
+from serve_apps.engine.layer_split import StageSpec
+from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
+from serve_apps.engine.sampling import Sampler
+from serve_apps.engine.stage_model import build_stage
+
+
+@dataclass(frozen=True, slots=True)
+class StageConfig:
+    """Everything a stage needs to build itself; sent once when the actor is created."""
+
+    model_dir: str
+    spec: StageSpec
+    dtype: str
+    kv_slots: int
+    max_len: int
+    torch_threads: int
+    actor_name: str = ""
+
+
+class StageWorker:
+    """Holds decoder layers [spec.start, spec.end) and their KV cache; runs one step at a time."""
+
+    def __init__(self, config: StageConfig) -> None:
+        torch.set_num_threads(max(1, config.torch_threads))
+        self.config = config
+        self.spec = config.spec
+        dtype = getattr(torch, config.dtype)
+        rss_before = _rss()
+        self.model, self.rotary = build_stage(Path(config.model_dir), config.spec, dtype)
+        self.load_rss_bytes = max(0, _rss() - rss_before)
+        attn = self.model.layers[0].self_attn if len(self.model.layers) else None
+        num_kv_heads = attn.config.num_key_value_heads if attn is not None else 1
+        head_dim = attn.head_dim if attn is not None else 1
+        self.cache = SlotKVCache(
+            range(config.spec.start, config.spec.end), config.kv_slots, config.max_len, num_kv_heads, head_dim, dtype
+        )
+        self.sampler = Sampler()
+        self.dtype = dtype
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | StepResult:
+        """Run this stage's layers for `batch`; the last stage returns sampled tokens, others hidden states."""
+        self._release(batch)
+        if not batch.chunks:
+            return StepResult(batch.step_id, ()) if self.spec.last else torch.empty(0)
+        view = _view(batch)
+        inputs = self._inputs(batch, hidden)
+        out = self.model(inputs, view, self.cache, self.rotary)
+        if not self.spec.last:
+            return out
+        logits = self.model.logits(out[:, -1, :])
+        sampled = self.sampler.sample(logits, [c.seq_id for c in batch.chunks], [c.sampling for c in batch.chunks])
+        tokens = tuple(tok if chunk.sample else -1 for tok, chunk in zip(sampled, batch.chunks, strict=True))
+        return StepResult(batch.step_id, tokens)
+
+    def _inputs(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        if self.spec.first:
+            return torch.tensor([chunk.token_ids for chunk in batch.chunks], dtype=torch.long)
+        if hidden is None:
+            raise ValueError(f"stage {self.spec.index} needs the previous stage's hidden states")
+        return hidden
+
+    def _release(self, batch: StepBatch) -> None:
+        for seq_id, _slot in batch.released_slots:
+            self.sampler.release(seq_id)
+
+    def describe(self) -> StageInfo:
+        """Which layers this process holds, how many parameters, and its resident memory."""
+        params = list(self.model.parameters())
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return StageInfo(
+            stage_index=self.spec.index,
+            layer_start=self.spec.start,
+            layer_end=self.spec.end,
+            has_embedding=self.spec.first,
+            has_lm_head=self.spec.last,
+            param_count=sum(p.numel() for p in params),
+            param_bytes=sum(p.numel() * p.element_size() for p in params),
+            rss_bytes=_rss(),
+            load_rss_bytes=self.load_rss_bytes,
+            pid=os.getpid(),
+            node_id=node_id,
+            actor_name=self.config.actor_name,
+            torch_threads=torch.get_num_threads(),
+            kv_slots=self.cache.num_slots,
+            kv_capacity_tokens=self.cache.capacity_tokens(),
+        )
+
+
+def _rss() -> int:
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def _view(batch: StepBatch) -> BatchView:
+    lengths = {len(chunk.token_ids) for chunk in batch.chunks}
+    if len(lengths) != 1:
+        raise ValueError("every row of a step must carry the same number of tokens")
+    return BatchView(
+        slots=torch.tensor([chunk.slot for chunk in batch.chunks], dtype=torch.long),
+        start_pos=tuple(chunk.start_pos for chunk in batch.chunks),
+        q_len=lengths.pop(),
+    )

@@ -1,0 +1,182 @@
+"""The FastAPI gateway: OpenAI chat/completions/models, SSE streaming, health; mounted on Ray Serve.
+
+`create_gateway_app(gateway)` builds a plain FastAPI app around a `Gateway` (what the routes call), so
+tests drive it in-process; `OpenAIIngress` is the Serve ingress deployment that wires real handles.
+"""
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve_apps.engine.messages import SamplingParams
+from serve_apps.gateway.backend import PipelineBackend
+from serve_apps.gateway.current import current_gateway
+from serve_apps.gateway.errors import OpenAIError, error_body, install_error_handlers
+from serve_apps.gateway.limits import BodySizeLimit
+from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serve_apps.gateway import responses as R
+from serve_apps.protocol import (
+    Accepted, ChatTurn, Finished, GenerateEvent, GenerateRequest, Rejected, TextDelta,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    id: str
+    owned_by: str
+    max_model_len: int | None = None
+
+
+class Gateway:
+    """What the HTTP routes do, independent of FastAPI and of how pipelines are reached."""
+
+    def __init__(self, backend: PipelineBackend, cards: list[ModelCard], request_timeout_s: float = 600.0) -> None:
+        self.backend = backend
+        self.cards = {card.id: card for card in cards}
+        self.request_timeout_s = request_timeout_s
+        self.created = int(time.time())
+
+    def list_models(self) -> dict:
+        data = [{"id": c.id, "object": "model", "created": self.created, "owned_by": c.owned_by}
+                for c in self.cards.values()]
+        return {"object": "list", "data": data}
+
+    def to_generate_request(self, body: ChatCompletionRequest | CompletionRequest) -> GenerateRequest:
+        if body.model not in self.cards or body.model not in self.backend.models():
+            raise OpenAIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
+        chat = isinstance(body, ChatCompletionRequest)
+        limit = body.token_limit()
+        sampling = SamplingParams(
+            max_tokens=limit or 1,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(0, body.top_k or 0),
+            seed=body.seed,
+            stop=body.stop_list(),
+            ignore_eos=body.ignore_eos,
+        )
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if chat:
+            turns = tuple(ChatTurn(m.role if m.role != "developer" else "system", m.text()) for m in body.messages)
+            return GenerateRequest(request_id, body.model, sampling, messages=turns, max_tokens_given=limit is not None)
+        return GenerateRequest(request_id, body.model, sampling, prompt=body.prompt_text(),
+                               max_tokens_given=limit is not None)
+
+    async def open_stream(self, request: GenerateRequest) -> tuple[Accepted, AsyncIterator[GenerateEvent]]:
+        """Start generation and wait for the replica to accept it (a Rejected becomes an OpenAIError)."""
+        events = self.backend.stream(request)
+        try:
+            first = await asyncio.wait_for(anext(events), self.request_timeout_s)
+        except StopAsyncIteration:
+            raise OpenAIError(503, "the pipeline ended the request without an answer", code="pipeline_unavailable") from None
+        except asyncio.TimeoutError:
+            raise OpenAIError(504, "timed out waiting for the pipeline", code="timeout") from None
+        if isinstance(first, Rejected):
+            headers = {"Retry-After": str(max(1, int(first.retry_after_s)))} if first.retry_after_s else None
+            raise OpenAIError(first.status, first.message, first.param, first.code, headers)
+        if not isinstance(first, Accepted):
+            raise OpenAIError(500, f"unexpected first event {type(first).__name__}", code="internal_error")
+        return first, events
+
+    async def complete(self, request: GenerateRequest, chat: bool) -> dict:
+        accepted, events = await self.open_stream(request)
+        meta = R.ResponseMeta.new(request.request_id, request.model, chat)
+        parts: list[str] = []
+        finished: Finished | None = None
+        async with asyncio.timeout(self.request_timeout_s):
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    finished = event
+        if finished is None or finished.finish_reason == "error":
+            reason = finished.error if finished else "stream ended early"
+            raise OpenAIError(503, f"generation failed: {reason}", code="pipeline_unavailable")
+        return R.full_response(meta, "".join(parts), finished.finish_reason, accepted.prompt_tokens,
+                               finished.completion_tokens)
+
+    async def sse_events(self, request: GenerateRequest, events: AsyncIterator[GenerateEvent], accepted: Accepted,
+                         chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        meta = R.ResponseMeta.new(request.request_id, request.model, chat)
+        if chat:
+            yield R.sse(R.chunk(meta, None, None, first=True))
+        completion_tokens = 0
+        async for event in events:
+            if isinstance(event, TextDelta):
+                completion_tokens = event.completion_tokens
+                yield R.sse(R.chunk(meta, event.text, None))
+            elif isinstance(event, Finished):
+                if event.finish_reason == "error":
+                    yield R.sse(error_body(503, f"generation failed: {event.error}", code="pipeline_unavailable"))
+                    break
+                yield R.sse(R.chunk(meta, None, event.finish_reason))
+                if include_usage:
+                    yield R.sse(R.usage_chunk(meta, accepted.prompt_tokens, event.completion_tokens))
+                break
+        yield R.sse("[DONE]")
+
+
+def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
+    """The OpenAI-compatible FastAPI app; `app.state.gateway` is what its routes call."""
+    app = FastAPI(title="SolanaLM", version="0.1.0", description="OpenAI-compatible API of a SolanaLM gateway.")
+    app.state.gateway = gateway
+    app.state.max_body_bytes = max_body_bytes  # in-process apps; Serve uses current.py
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    install_error_handlers(app)
+
+    def core(request: Request) -> Gateway:
+        current = request.app.state.gateway or current_gateway()
+        if current is None:
+            raise OpenAIError(503, "gateway is starting", code="starting")
+        return current
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        return core(request).list_models()
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        return await _respond(core(request), body, chat=True)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        return await _respond(core(request), body, chat=False)
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> JSONResponse:
+        return await _health(core(request))
+
+    return app
+
+
+async def _respond(gateway: Gateway, body: ChatCompletionRequest | CompletionRequest, chat: bool):  # type: ignore[no-untyped-def]
+    request = gateway.to_generate_request(body)
+    headers = {"x-request-id": request.request_id}
+    if not body.stream:
+        return JSONResponse(await gateway.complete(request, chat), headers=headers)
+    accepted, events = await gateway.open_stream(request)
+    stream = gateway.sse_events(request, events, accepted, chat, body.include_usage())
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _health(gateway: Gateway) -> JSONResponse:
+    pipelines, healthy = [], True
+    for model in gateway.backend.models():
+        try:
+            info = await asyncio.wait_for(gateway.backend.describe(model), 30)
+            stages = [{"index": s.stage_index, "layers": [s.layer_start, s.layer_end], "pid": s.pid,
+                       "node_id": s.node_id, "rss_bytes": s.rss_bytes, "param_count": s.param_count}
+                      for s in info.stages]
+            pipelines.append({"model": model, "status": "ok", "replica": info.replica_id, "stages": stages,
+                              "queue_depth": info.queue_depth, "running": info.running})
+        except Exception as exc:  # noqa: BLE001 - reported, not raised: health must answer
+            healthy = False
+            pipelines.append({"model": model, "status": "unavailable", "error": f"{type(exc).__name__}: {exc}"})
+    return JSONResponse({"status": "ok" if healthy else "degraded", "pipelines": pipelines},
+                        status_code=200 if healthy else 503)

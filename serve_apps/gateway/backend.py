@@ -1,0 +1,51 @@
+"""How the gateway reaches pipelines: Serve deployment handles in production, in-process servers in tests."""
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from serve_apps.protocol import GenerateEvent, GenerateRequest, PipelineInfo
+
+
+class PipelineBackend(Protocol):
+    """The gateway's view of the model pipelines it routes to."""
+
+    def models(self) -> list[str]: ...
+
+    def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
+
+    async def describe(self, model: str) -> PipelineInfo: ...
+
+
+class ServeHandleBackend:
+    """Routes to one Ray Serve deployment (of PipelineServer) per model."""
+
+    def __init__(self, handles: dict) -> None:  # dict[str, ray.serve.handle.DeploymentHandle]
+        self._handles = handles
+        self._streaming = {name: handle.options(stream=True) for name, handle in handles.items()}
+
+    def models(self) -> list[str]:
+        return list(self._handles)
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        async for event in self._streaming[request.model].generate.remote(request):
+            yield event
+
+    async def describe(self, model: str) -> PipelineInfo:
+        return await self._handles[model].describe.remote()
+
+
+class InProcessBackend:
+    """Calls PipelineServer objects directly: the test seam beside ServeHandleBackend."""
+
+    def __init__(self, servers: dict) -> None:  # dict[str, PipelineServer]
+        self._servers = servers
+
+    def models(self) -> list[str]:
+        return list(self._servers)
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        async for event in self._servers[request.model].generate(request):
+            yield event
+
+    async def describe(self, model: str) -> PipelineInfo:
+        return await self._servers[model].describe()

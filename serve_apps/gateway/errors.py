@@ -1,0 +1,73 @@
+"""The one HTTP error border: every failure leaves as OpenAI error JSON with a 4xx/5xx status."""
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
+          403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+          413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
+
+class OpenAIError(Exception):
+    """Raise anywhere in the gateway to answer with this status and OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+
+
+def error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map OpenAIError, validation errors, HTTP errors and anything unexpected to OpenAI error JSON."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(OpenAIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in the gateway")
+        return error_response(OpenAIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+
+def validation_error(errors: list | tuple) -> OpenAIError:
+    """The first pydantic error as a 400 naming its field (malformed JSON included)."""
+    if not errors:
+        return OpenAIError(400, "invalid request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return OpenAIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', 'invalid JSON')}",
+                           code="invalid_json")
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid value"))
+    return OpenAIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+
+
+def json_error_text(exc: json.JSONDecodeError) -> str:
+    return f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}"

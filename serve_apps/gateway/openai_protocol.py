@@ -1,0 +1,143 @@
+"""OpenAI request schemas, validated strictly: a bad field is a 400 naming the field, never a 500.
+
+Fields OpenAI defines but SolanaLM does not implement are accepted only at their neutral value and
+otherwise rejected with a clear message (e.g. logprobs, n > 1, tools); unknown fields are rejected.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+    name: str | None = Field(default=None, max_length=64)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: Temperature | None = 1.0
+    top_p: TopP | None = 1.0
+    top_k: StrictInt | None = Field(default=None, ge=-1, le=100_000, description="SolanaLM extension; -1/0: off.")
+    n: StrictInt | None = Field(default=1, ge=1, le=1)
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    presence_penalty: Penalty | None = 0.0
+    frequency_penalty: Penalty | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    ignore_eos: StrictBool = Field(default=False, description="SolanaLM extension for benchmarks.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(not stop for stop in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "_SamplingFields":
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _chat_unsupported(self) -> "ChatCompletionRequest":
+        if self.logprobs or self.top_logprobs is not None:
+            raise ValueError("logprobs are not supported")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools and tool_choice are not supported")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format other than {'type': 'text'} is not supported")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] = Field(description="A string (or a one-element list of strings).")
+    max_tokens: StrictInt | None = Field(default=16, ge=1, le=1_000_000)
+    echo: StrictBool | None = False
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = Field(default=None, ge=1, le=1)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return value
+
+    @model_validator(mode="after")
+    def _completion_unsupported(self) -> "CompletionRequest":
+        if self.logprobs is not None:
+            raise ValueError("logprobs are not supported")
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens

@@ -1,0 +1,81 @@
+"""Typed messages between the gateway (ingress) and the pipeline server (replica).
+
+The gateway validates HTTP input and sends a `GenerateRequest`; the replica streams back events: first
+`Accepted` (or `Rejected` with an HTTP status), then `TextDelta`s, then exactly one `Finished`.
+"""
+
+from dataclasses import dataclass, field
+
+from serve_apps.engine.messages import SamplingParams, StageInfo
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A validated request: exactly one of `prompt` (completions) and `messages` (chat)."""
+
+    request_id: str
+    model: str
+    sampling: SamplingParams
+    prompt: str | None = None
+    messages: tuple[ChatTurn, ...] | None = None
+    max_tokens_given: bool = True  # False: fill the context (max_tokens was omitted)
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of prompt and messages must be set")
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The replica refused the request before generating: mapped to an OpenAI error by the gateway."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    finish_reason: str  # "stop" | "length" | "error" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+GenerateEvent = Accepted | Rejected | TextDelta | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineInfo:
+    """One replica's pipeline: which model, and each stage's layers, process and memory."""
+
+    model: str
+    replica_id: str
+    node_id: str
+    dtype: str
+    num_layers: int
+    max_model_len: int
+    stages: tuple[StageInfo, ...]
+    queue_depth: int = 0
+    running: int = 0
+    steps: int = 0
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,180 @@
+"""The replica of one model's pipeline: creates its stage actors in its placement-group bundles and serves.
+
+One `PipelineServer` = one pipeline (N stage actors) + one scheduler. Ray Serve replicates it; each
+replica's `placement_group_bundles` reserve one bundle per stage. The class is plain so tests can build
+it with an injected executor instead of Ray actors.
+"""
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.config import Settings
+from cluster.models import load_catalogue, materialize
+from serve_apps.engine.engine import Engine, EngineError
+from serve_apps.engine.executor import StepExecutor
+from serve_apps.engine.layer_split import StageSpec, split_layers
+from serve_apps.engine.messages import SamplingParams
+from serve_apps.engine.scheduler import QueueFullError, Scheduler, SchedulerLimits, Sequence
+from serve_apps.engine.stage_model import load_config
+from serve_apps.engine.detokenizer import Detokenizer
+from serve_apps.protocol import (
+    Accepted,
+    Finished,
+    GenerateEvent,
+    GenerateRequest,
+    PipelineInfo,
+    Rejected,
+    TextDelta,
+)
+from serve_apps.server.stages import StagePool
+from serve_apps.server.tokenization import PromptProcessor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPlan:
+    """What one replica serves: the model, its local weights, dtype, context and stage layout."""
+
+    name: str
+    model_dir: Path
+    dtype: str
+    max_model_len: int
+    num_layers: int
+    stages: tuple[StageSpec, ...]
+
+
+def plan_model(model_name: str, settings: Settings) -> ModelPlan:
+    """Resolve the catalogue entry, materialise weights once, and split layers into stages."""
+    spec = load_catalogue(settings.model.catalogue).get(model_name)
+    dtype = settings.model.dtype or spec.dtype
+    model_dir = materialize(spec, settings.model.cache_dir, dtype)
+    config = load_config(model_dir)
+    limit = settings.pipeline.max_model_len or spec.max_model_len or config.max_position_embeddings
+    max_len = min(limit, config.max_position_embeddings)
+    stages = split_layers(config.num_hidden_layers, settings.pipeline.num_stages)
+    return ModelPlan(model_name, model_dir, dtype, max_len, config.num_hidden_layers, tuple(stages))
+
+
+ExecutorFactory = Callable[[ModelPlan, Settings], tuple[StepExecutor, StagePool | None]]
+
+
+class PipelineServer:
+    """Serve replica: `generate` streams GenerateEvents; `describe` reports the pipeline's stages."""
+
+    def __init__(
+        self, model_name: str, settings: dict | Settings, executor_factory: ExecutorFactory | None = None
+    ) -> None:
+        self.settings = settings if isinstance(settings, Settings) else Settings(**settings)
+        self.plan = plan_model(model_name, self.settings)
+        self.replica_id = _replica_id()
+        self.prompts = PromptProcessor.from_model_dir(self.plan.model_dir, self.plan.max_model_len)
+        factory = executor_factory or _ray_executor
+        executor, self.pool = factory(self.plan, self.settings)
+        pipeline = self.settings.pipeline
+        limits = SchedulerLimits(pipeline.max_num_seqs, pipeline.max_batch_size, pipeline.max_queue)
+        self.engine = Engine(Scheduler(limits, self.prompts.eos_token_ids), executor)
+        logger.info("pipeline %s ready: %d stages", model_name, len(self.plan.stages))
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        """Accepted/Rejected first, then text deltas, then one Finished."""
+        prepared = self.prompts.prepare(request)
+        if isinstance(prepared, Rejected):
+            yield prepared
+            return
+        sampling = _with_max_tokens(request.sampling, prepared.max_tokens)
+        seq = Sequence(request.request_id, prepared.token_ids, sampling, self.plan.max_model_len)
+        prompt_tokens = len(prepared.token_ids)
+        try:
+            events = self.engine.stream(seq)
+            first = await anext(events)
+        except QueueFullError as exc:
+            yield Rejected(503, f"server overloaded: {exc}", code="overloaded", retry_after_s=1.0)
+            return
+        except EngineError as exc:
+            yield Rejected(503, str(exc), code="pipeline_unavailable", retry_after_s=1.0)
+            return
+        yield Accepted(prompt_tokens)
+        async for event in self._text_events(request, seq, first, events, prompt_tokens):
+            yield event
+
+    async def _text_events(self, request, seq, first, events, prompt_tokens):  # type: ignore[no-untyped-def]
+        detok = Detokenizer(self.prompts.tokenizer, request.sampling.stop)
+        count, event = 0, first
+        try:
+            while True:
+                count += 1
+                final = event.finish_reason is not None
+                text = detok.add(event.token_id, final=final)
+                if detok.stopped:
+                    self.engine.abort(seq.seq_id, "stop")
+                    if text:
+                        yield TextDelta(text, count)
+                    yield Finished("stop", prompt_tokens, count)
+                    return
+                if text:
+                    yield TextDelta(text, count)
+                if final:
+                    yield Finished(event.finish_reason, prompt_tokens, count)
+                    return
+                event = await anext(events)
+        except EngineError as exc:
+            yield Finished("error", prompt_tokens, count, error=str(exc))
+        finally:
+            await events.aclose()
+
+    async def describe(self) -> PipelineInfo:
+        stages = await self.pool.describe() if self.pool is not None else ()
+        return PipelineInfo(
+            model=self.plan.name,
+            replica_id=self.replica_id,
+            node_id=_node_id(),
+            dtype=self.plan.dtype,
+            num_layers=self.plan.num_layers,
+            max_model_len=self.plan.max_model_len,
+            stages=tuple(stages),
+            queue_depth=self.engine.scheduler.num_waiting,
+            running=len(self.engine.scheduler.running),
+            steps=self.engine.steps,
+        )
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
+        if self.pool is not None:
+            await self.pool.ping()
+
+    def __del__(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.kill()
+
+
+def _with_max_tokens(sampling: SamplingParams, max_tokens: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(sampling, max_tokens=max_tokens)
+
+
+def _ray_executor(plan: ModelPlan, settings: Settings) -> tuple[StepExecutor, StagePool]:
+    pool = StagePool.create(plan.name, plan.model_dir, plan.dtype, plan.stages, plan.max_model_len, settings.pipeline)
+    return pool.executor(), pool
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (tests)
+        return f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+

@@ -1,0 +1,74 @@
+"""Prompt preparation for one model: chat templates, token counting, context checks, EOS ids."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from serve_apps.protocol import GenerateRequest, Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    token_ids: list[int]
+    max_tokens: int
+
+
+class PromptProcessor:
+    """Turns a GenerateRequest into prompt token ids, or a Rejected explaining why it cannot run."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_model_len: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, max_model_len: int) -> "PromptProcessor":
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return cls(tokenizer, max_model_len, eos_token_ids(model_dir, tokenizer))
+
+    def prepare(self, request: GenerateRequest) -> PreparedPrompt | Rejected:
+        try:
+            ids = self._encode(request)
+        except (ValueError, TypeError, KeyError) as exc:  # template errors: roles/order the model rejects
+            return Rejected(400, f"could not apply the chat template: {exc}", "messages", "invalid_messages")
+        if not ids:
+            return Rejected(400, "the prompt is empty", "prompt" if request.prompt is not None else "messages")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            return _too_long(len(ids), 1, self.max_model_len)
+        max_tokens = request.sampling.max_tokens if request.max_tokens_given else room
+        if len(ids) + max_tokens > self.max_model_len:
+            return _too_long(len(ids), max_tokens, self.max_model_len)
+        return PreparedPrompt(ids, max_tokens)
+
+    def _encode(self, request: GenerateRequest) -> list[int]:
+        if request.messages is not None:
+            turns = [{"role": turn.role, "content": turn.content} for turn in request.messages]
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(request.prompt or "", add_special_tokens=True))
+
+
+def _too_long(prompt_tokens: int, max_tokens: int, limit: int) -> Rejected:
+    return Rejected(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion). "
+        "Please reduce the length of the prompt or max_tokens.",
+        "max_tokens",
+        "context_length_exceeded",
+    )
+
+
+def eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """EOS ids from generation_config.json and the tokenizer (chat models often end turns differently)."""
+    ids: set[int] = set()
+    generation = model_dir / "generation_config.json"
+    if generation.exists():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
