@@ -40,8 +40,12 @@ logger = logging.getLogger(__name__)
 class PaymentsActor:
     """Ray actor class (wrapped with `ray.remote` in `payments.client.start_payments_actor`)."""
 
-    def __init__(self, section: PaymentsSection, settle_loop: bool = True,
-                 crash_hook: CrashHook | None = None) -> None:
+    def __init__(
+        self,
+        section: PaymentsSection,
+        settle_loop: bool = True,
+        crash_hook: CrashHook | None = None,
+    ) -> None:
         self.section = section
         self._crash_hook = crash_hook
         self._settle_loop_enabled = settle_loop
@@ -55,11 +59,14 @@ class PaymentsActor:
     async def _svc(self) -> PaymentsService:
         async with self._ready:
             if self._service is None:
-                service = await PaymentsService.create(self.section, crash_hook=self._crash_hook or _no_crash)
+                service = await PaymentsService.create(
+                    self.section, crash_hook=self._crash_hook or _no_crash
+                )
                 report = await service.recover()
                 logger.info("payments actor recovered: %s", report)
-                self._committer = GroupCommitter(service.report_usage_many, self.section.group_commit_max,
-                                                 self._db)
+                self._committer = GroupCommitter(
+                    service.report_usage_many, self.section.group_commit_max, self._db
+                )
                 self._service = service
                 if self._settle_loop_enabled:
                     self._loop_task = asyncio.create_task(self._settle_forever())

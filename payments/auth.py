@@ -19,7 +19,8 @@ from payments.protocol import ApiKey, Challenge, WalletIdentity
 KEY_PREFIX = "slm_"
 STATEMENT = "Sign in to SolanaLM to use and pay for LLM compute."
 _MESSAGE = re.compile(
-    r"^(?P<domain>\S+) wants you to sign in with your Solana account:\n(?P<address>[1-9A-HJ-NP-Za-km-z]{32,44})\n\n"
+    r"^(?P<domain>\S+) wants you to sign in with your Solana account:\n"
+    r"(?P<address>[1-9A-HJ-NP-Za-km-z]{32,44})\n\n"
     r"(?P<statement>[^\n]*)\n\nURI: (?P<uri>\S+)\nVersion: 1\nNonce: (?P<nonce>[A-Za-z0-9]{8,64})\n"
     r"Issued At: (?P<issued>\S+)\nExpiration Time: (?P<expires>\S+)$"
 )
@@ -38,11 +39,15 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def format_message(domain: str, address: str, nonce: str, issued_at: float, expires_at: float) -> str:
+def format_message(
+    domain: str, address: str, nonce: str, issued_at: float, expires_at: float
+) -> str:
     """The exact text a wallet signs (SIWS / EIP-4361 layout)."""
-    return (f"{domain} wants you to sign in with your Solana account:\n{address}\n\n{STATEMENT}\n\n"
-            f"URI: https://{domain}\nVersion: 1\nNonce: {nonce}\n"
-            f"Issued At: {_iso(issued_at)}\nExpiration Time: {_iso(expires_at)}")
+    return (
+        f"{domain} wants you to sign in with your Solana account:\n{address}\n\n{STATEMENT}\n\n"
+        f"URI: https://{domain}\nVersion: 1\nNonce: {nonce}\n"
+        f"Issued At: {_iso(issued_at)}\nExpiration Time: {_iso(expires_at)}"
+    )
 
 
 def parse_message(text: str) -> SiwsMessage:
@@ -53,7 +58,9 @@ def parse_message(text: str) -> SiwsMessage:
         issued = datetime.fromisoformat(match["issued"].replace("Z", "+00:00")).timestamp()
         expires = datetime.fromisoformat(match["expires"].replace("Z", "+00:00")).timestamp()
     except ValueError as exc:
-        raise AuthenticationFailed("bad timestamp in sign-in message", code="invalid_message") from exc
+        raise AuthenticationFailed(
+            "bad timestamp in sign-in message", code="invalid_message"
+        ) from exc
     return SiwsMessage(match["domain"], match["address"], match["nonce"], issued, expires)
 
 
@@ -85,36 +92,58 @@ class WalletAuth:
         now = time.time() if now is None else now
         parsed = parse_message(message)
         if parsed.domain != self.domain:
-            raise AuthenticationFailed(f"message is for domain {parsed.domain}", code="wrong_domain")
+            raise AuthenticationFailed(
+                f"message is for domain {parsed.domain}", code="wrong_domain"
+            )
         if not parsed.issued_at - 60 <= now < parsed.expires_at:
-            raise AuthenticationFailed("sign-in message expired or not yet valid", code="expired_message")
+            raise AuthenticationFailed(
+                "sign-in message expired or not yet valid", code="expired_message"
+            )
         if parsed.expires_at - parsed.issued_at > self.max_age_s:
             raise AuthenticationFailed("sign-in message validity too long", code="invalid_message")
         try:
-            valid = Signature.from_string(signature).verify(_pubkey(parsed.address), message.encode())
+            valid = Signature.from_string(signature).verify(
+                _pubkey(parsed.address), message.encode()
+            )
         except ValueError as exc:
             raise AuthenticationFailed("malformed signature", code="invalid_signature") from exc
         if not valid:
-            raise AuthenticationFailed("signature does not match the wallet", code="invalid_signature")
+            raise AuthenticationFailed(
+                "signature does not match the wallet", code="invalid_signature"
+            )
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(f"key_{uuid.uuid4().hex[:16]}", parsed.address, secret)
         with self.engine.begin() as conn:
             # Single use: only the first verify flips `used`; a replay matches no row.
             claimed = conn.execute(
-                update(nonces).where(nonces.c.nonce == parsed.nonce, nonces.c.used == 0,
-                                     nonces.c.expires_at > now).values(used=1)
+                update(nonces)
+                .where(
+                    nonces.c.nonce == parsed.nonce, nonces.c.used == 0, nonces.c.expires_at > now
+                )
+                .values(used=1)
             ).rowcount
             if claimed != 1:
-                raise AuthenticationFailed("unknown, expired or already used nonce", code="invalid_nonce")
-            conn.execute(api_keys.insert(), {"id": key.key_id, "wallet": key.wallet,
-                                             "key_hash": hash_key(secret), "created_at": now})
+                raise AuthenticationFailed(
+                    "unknown, expired or already used nonce", code="invalid_nonce"
+                )
+            conn.execute(
+                api_keys.insert(),
+                {
+                    "id": key.key_id,
+                    "wallet": key.wallet,
+                    "key_hash": hash_key(secret),
+                    "created_at": now,
+                },
+            )
         return key
 
     def authenticate(self, secret: str) -> WalletIdentity:
         if not secret.startswith(KEY_PREFIX):
             raise AuthenticationFailed("invalid API key")
         with self.engine.begin() as conn:
-            row = conn.execute(select(api_keys).where(api_keys.c.key_hash == hash_key(secret))).first()
+            row = conn.execute(
+                select(api_keys).where(api_keys.c.key_hash == hash_key(secret))
+            ).first()
         if row is None or row.revoked_at is not None:
             raise AuthenticationFailed("invalid or revoked API key")
         return WalletIdentity(row.wallet, row.id)
@@ -127,7 +156,9 @@ class WalletAuth:
                 raise NotFound(f"no API key {key_id}")
             if row.wallet != wallet:
                 raise Forbidden("this API key belongs to another wallet")
-            conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=time.time()))
+            conn.execute(
+                update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=time.time())
+            )
 
 
 def _pubkey(wallet: str) -> Pubkey:

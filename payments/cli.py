@@ -1,8 +1,8 @@
 """`solanalm payments ...`: balance, deposit, pending, settle, reconcile, export.
 
 By default a command opens the ledger and the chain backend directly (`--local`). While a payments
-actor is running with the in-process LiteSVM backend, use `--via-actor` instead: LiteSVM's state lives
-in the actor and two writers would diverge.
+actor is running with the in-process LiteSVM backend, use `--via-actor` instead: LiteSVM's state
+lives in the actor and two writers would diverge.
 """
 
 import asyncio
@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,11 +28,15 @@ from payments.errors import PaymentError
 from payments.protocol import DepositRequest
 from payments.service import PaymentsService
 
-app = typer.Typer(help="Payments: balances, deposits, settlement and the ledger.", no_args_is_help=True)
+app = typer.Typer(
+    help="Payments: balances, deposits, settlement and the ledger.", no_args_is_help=True
+)
 console = Console()
 T = TypeVar("T")
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="Settings YAML (sections); env SOLANALM_* overrides.")
+ConfigOpt = typer.Option(
+    None, "--config", "-c", help="Settings YAML (sections); env SOLANALM_* overrides."
+)
 ActorOpt = typer.Option(False, "--via-actor", help="Go through the running payments actor (Ray).")
 
 
@@ -52,8 +56,12 @@ def _with_service(config: Path | None, via_actor: bool, fn: Callable[[Any], Awai
 
         from payments.client import get_payments_client
 
-        ray.init(address=settings.ray.address or "auto", namespace=settings.ray.namespace,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=settings.ray.address or "auto",
+            namespace=settings.ray.namespace,
+            log_to_driver=False,
+            configure_logging=False,
+        )
         return await fn(get_payments_client(section))
 
     try:
@@ -94,14 +102,24 @@ def balance(wallet: str, config: Path | None = ConfigOpt, via_actor: bool = Acto
     """Show a wallet's available, held and unpaid amounts (base units)."""
     result = _with_service(config, via_actor, lambda api: api.balance(wallet))
     table = Table("wallet", "available", "held", "unpaid earnings", "asset")
-    table.add_row(result.wallet, str(result.available), str(result.held), str(result.unpaid_earnings), result.asset)
+    table.add_row(
+        result.wallet,
+        str(result.available),
+        str(result.held),
+        str(result.unpaid_earnings),
+        result.asset,
+    )
     console.print(table)
 
 
 @app.command()
 def deposit(
-    signature: str | None = typer.Option(None, help="Credit an already landed transfer to the treasury."),
-    keypair: Path | None = typer.Option(None, help="Solana CLI keypair that pays (with --amount)."),
+    signature: str | None = typer.Option(
+        None, help="Credit an already landed transfer to the treasury."
+    ),
+    keypair: Annotated[
+        Path | None, typer.Option(help="Solana CLI keypair that pays (with --amount).")
+    ] = None,
     amount: int = typer.Option(0, min=0, help="Base units to transfer to the treasury."),
     config: Path | None = ConfigOpt,
     via_actor: bool = ActorOpt,
@@ -115,7 +133,9 @@ def deposit(
         sig = signature
         if keypair is not None:
             if not isinstance(api, _Local):
-                raise PaymentError("--keypair needs --local (the transfer is built from the local settings)")
+                raise PaymentError(
+                    "--keypair needs --local (the transfer is built from the local settings)"
+                )
             sig = await api.submit_transaction(await _transfer_bytes(api.service, keypair, amount))
         return await api.deposit(DepositRequest(sig or ""))
 
@@ -130,14 +150,25 @@ async def _transfer_bytes(service: PaymentsService, keypair_path: Path, amount: 
     payer = Keypair.from_bytes(bytes(json.loads(keypair_path.read_text())))
     treasury, asset = service.treasury.pubkey(), service.asset
     if asset.mint is None:
-        ix = transfer(TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount))
+        ix = transfer(
+            TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount)
+        )
     else:
-        ix = transfer_checked(TransferCheckedParams(
-            program_id=TOKEN_PROGRAM_ID, source=get_associated_token_address(payer.pubkey(), asset.mint),
-            mint=asset.mint, dest=get_associated_token_address(treasury, asset.mint), owner=payer.pubkey(),
-            amount=amount, decimals=asset.decimals))
+        ix = transfer_checked(
+            TransferCheckedParams(
+                program_id=TOKEN_PROGRAM_ID,
+                source=get_associated_token_address(payer.pubkey(), asset.mint),
+                mint=asset.mint,
+                dest=get_associated_token_address(treasury, asset.mint),
+                owner=payer.pubkey(),
+                amount=amount,
+                decimals=asset.decimals,
+            )
+        )
     blockhash, _ = await service.chain.latest_blockhash()
-    return bytes(Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash))
+    return bytes(
+        Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash)
+    )
 
 
 @app.command()
@@ -158,9 +189,11 @@ def pending(config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> None
 def settle(config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> None:
     """Run one settlement pass: finish open batches, batch and pay what is payable."""
     report = _with_service(config, via_actor, lambda api: api.settle())
-    console.print(f"confirmed {report.batches_confirmed} batches, {report.payouts_confirmed} payouts, "
-                  f"{report.amount_paid} paid; {report.pending_batches} pending, "
-                  f"{report.held_wallets} wallets held (below minimum or rent exemption)")
+    console.print(
+        f"confirmed {report.batches_confirmed} batches, {report.payouts_confirmed} payouts, "
+        f"{report.amount_paid} paid; {report.pending_batches} pending, "
+        f"{report.held_wallets} wallets held (below minimum or rent exemption)"
+    )
 
 
 @app.command()
@@ -181,7 +214,9 @@ def reconcile(config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> No
 
 @app.command()
 def export(
-    out: Path | None = typer.Option(None, "--out", "-o", help="CSV file (default: stdout)."),
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="CSV file (default: stdout).")
+    ] = None,
     config: Path | None = ConfigOpt,
 ) -> None:
     """Export every settlement share as CSV (local ledger)."""

@@ -51,21 +51,35 @@ class PaymentsUnavailable(PaymentError):
     code = "payments_unavailable"
 
 
-def start_payments_actor(section: PaymentsSection, *, namespace: str | None = None,
-                         settle_loop: bool = True, crash_hook: CrashHook | None = None) -> Any:
+def start_payments_actor(
+    section: PaymentsSection,
+    *,
+    namespace: str | None = None,
+    settle_loop: bool = True,
+    crash_hook: CrashHook | None = None,
+) -> Any:
     """Start (or get) the named detached payments actor; restarted by Ray if its process dies."""
     remote_cls = ray.remote(PaymentsActor).options(  # type: ignore[attr-defined]
-        name=section.actor_name, namespace=namespace, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, max_concurrency=1000, num_cpus=0,
+        name=section.actor_name,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_concurrency=1000,
+        num_cpus=0,
     )
-    handle = remote_cls.remote(section, settle_loop, crash_hook)
+    handle: Any = remote_cls.remote(section, settle_loop, crash_hook)
     ray.get(handle.ready.remote(), timeout=max(section.actor_call_timeout_s, 60.0))
     return handle
 
 
-def get_payments_client(section: PaymentsSection, *, namespace: str | None = None) -> "PaymentsClient":
+def get_payments_client(
+    section: PaymentsSection, *, namespace: str | None = None
+) -> "PaymentsClient":
     """A client of the already running named actor."""
-    return PaymentsClient(ray.get_actor(section.actor_name, namespace=namespace), section.actor_call_timeout_s)
+    return PaymentsClient(
+        ray.get_actor(section.actor_name, namespace=namespace), section.actor_call_timeout_s
+    )
 
 
 class PaymentsClient:
@@ -77,7 +91,9 @@ class PaymentsClient:
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(getattr(self.handle, method).remote(*args), self.timeout_s)
+            return await asyncio.wait_for(
+                getattr(self.handle, method).remote(*args), self.timeout_s
+            )
         except RayTaskError as exc:
             if isinstance(exc.cause, PaymentError):
                 raise exc.cause from None

@@ -1,4 +1,4 @@
-"""Payments errors; each carries the HTTP status and OpenAI error type it maps to at the HTTP border."""
+"""Payments errors; each carries the HTTP status and OpenAI error type used at the HTTP border."""
 
 
 class PaymentError(Exception):

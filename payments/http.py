@@ -28,24 +28,33 @@ from payments.protocol import (
 
 
 class ChallengeBody(BaseModel):
-    wallet: str = Field(description="Base58 wallet address that will sign in.", min_length=32, max_length=44)
+    wallet: str = Field(
+        description="Base58 wallet address that will sign in.", min_length=32, max_length=44
+    )
 
 
 class VerifyBody(BaseModel):
     message: str = Field(description="The challenge message, exactly as issued.", max_length=2_000)
-    signature: str = Field(description="Base58 ed25519 signature of the message bytes.", max_length=100)
+    signature: str = Field(
+        description="Base58 ed25519 signature of the message bytes.", max_length=100
+    )
 
 
 class DepositBody(BaseModel):
-    signature: str | None = Field(default=None, description="Signature of a landed transfer to the treasury.")
+    signature: str | None = Field(
+        default=None, description="Signature of a landed transfer to the treasury."
+    )
     transaction: str | None = Field(
-        default=None, description="Base64 signed transfer to relay to the chain first (LiteSVM demo)."
+        default=None,
+        description="Base64 signed transfer to relay to the chain first (LiteSVM demo).",
     )
 
 
 def openai_error(exc: PaymentError, param: str | None = None) -> JSONResponse:
     """The OpenAI error JSON for a payments error, with its HTTP status."""
-    body = {"error": {"message": exc.message, "type": exc.error_type, "param": param, "code": exc.code}}
+    body = {
+        "error": {"message": exc.message, "type": exc.error_type, "param": param, "code": exc.code}
+    }
     return JSONResponse(body, status_code=exc.status_code)
 
 
@@ -58,8 +67,12 @@ def bearer_key(authorization: str | None) -> str | None:
 
 def receipt_json(receipt: Receipt) -> dict[str, Any]:
     record = asdict(receipt.record)
-    return {"object": "settlement.receipt", **record, "settled": receipt.settled,
-            "signatures": list(receipt.signatures)}
+    return {
+        "object": "settlement.receipt",
+        **record,
+        "settled": receipt.settled,
+        "signatures": list(receipt.signatures),
+    }
 
 
 def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
@@ -81,13 +94,20 @@ def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
     async def challenge(body: ChallengeBody) -> Any:
         async def run() -> Any:
             return asdict(await handle_getter().challenge(body.wallet))
+
         return await guarded(run)
 
     @router.post("/v1/auth/verify")
     async def verify(body: VerifyBody) -> Any:
         async def run() -> Any:
             key = await handle_getter().verify(SignIn(body.message, body.signature))
-            return {"object": "api_key", "id": key.key_id, "wallet": key.wallet, "api_key": key.secret}
+            return {
+                "object": "api_key",
+                "id": key.key_id,
+                "wallet": key.wallet,
+                "api_key": key.secret,
+            }
+
         return await guarded(run)
 
     @router.delete("/v1/auth/keys/{key_id}")
@@ -96,6 +116,7 @@ def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
             who = await caller(authorization)
             await handle_getter().revoke_key(key_id, who.wallet)
             return {"object": "api_key", "id": key_id, "revoked": True}
+
         return await guarded(run)
 
     @router.get("/v1/balance")
@@ -103,6 +124,7 @@ def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
         async def run() -> Any:
             who = await caller(authorization)
             return {"object": "balance", **asdict(await handle_getter().balance(who.wallet))}
+
         return await guarded(run)
 
     @router.post("/v1/deposits")
@@ -120,19 +142,24 @@ def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
             if signature is None:
                 raise InvalidRequest("give a signature or a transaction")
             return {"object": "deposit", **asdict(await api.deposit(DepositRequest(signature)))}
+
         return await guarded(run)
 
     @router.get("/v1/deposits/info")
     async def deposit_info() -> Any:
         async def run() -> Any:
             return {"object": "deposit.info", **asdict(await handle_getter().deposit_info())}
+
         return await guarded(run)
 
     @router.get("/v1/receipts/{settlement_id}")
     async def receipt(settlement_id: str, authorization: str | None = Header(default=None)) -> Any:
         async def run() -> Any:
             who = await caller(authorization)
-            return receipt_json(await handle_getter().get_receipt(ReceiptQuery(settlement_id, who.wallet)))
+            return receipt_json(
+                await handle_getter().get_receipt(ReceiptQuery(settlement_id, who.wallet))
+            )
+
         return await guarded(run)
 
     return router

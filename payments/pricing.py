@@ -23,7 +23,9 @@ def request_cost(price: Price, prompt_tokens: int, completion_tokens: int) -> in
     """Cost of a request, rounded up to a whole base unit."""
     if prompt_tokens < 0 or completion_tokens < 0:
         raise InvalidRequest("token counts must be >= 0")
-    return _ceil_div(prompt_tokens * price.prompt_per_1k + completion_tokens * price.completion_per_1k, 1000)
+    return _ceil_div(
+        prompt_tokens * price.prompt_per_1k + completion_tokens * price.completion_per_1k, 1000
+    )
 
 
 def hold_amount(price: Price, prompt_tokens: int, max_tokens: int) -> int:

@@ -7,7 +7,7 @@ settlement asset (lamports, or the SPL mint's smallest unit).
 Request lifecycle, as the gateway sees it:
 1. `authenticate(api_key) -> WalletIdentity`         (401 on a bad key; skipped in open mode)
 2. `place_hold(HoldRequest) -> Hold`                 (402 when the balance does not cover it)
-3a. `report_usage(UsageReport) -> SettlementRecord`  (the request completed; its id goes in the response)
+3a. `report_usage(UsageReport) -> SettlementRecord`  (completed; its id goes in the response)
 3b. `release_hold(ReleaseHold) -> None`              (the request failed or was rejected: no charge)
 4. `get_receipt(ReceiptQuery) -> Receipt`            (403 unless the reader is the payer or a payee)
 """
@@ -70,7 +70,7 @@ class UsageReport:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseHold:
-    """The request failed or was rejected by verification: release the whole hold, charge nothing."""
+    """The request failed or was rejected by verification: release the hold, charge nothing."""
 
     request_id: str
     reason: str = "failed"
@@ -140,7 +140,7 @@ class DepositRequest:
 
 @dataclass(frozen=True, slots=True)
 class DepositInfo:
-    """Where and how to deposit: the treasury, the asset (mint None for SOL) and a recent blockhash."""
+    """Where to deposit: the treasury, the asset (mint None for SOL) and a recent blockhash."""
 
     treasury: str
     mint: str | None

@@ -55,10 +55,18 @@ OPEN_MODE_WALLET = "open-mode"
 
 
 class PaymentsService:
-    """Everything the gateway and the CLI need; build it with `await PaymentsService.create(...)`."""
+    """Everything the gateway and the CLI need; build with `await PaymentsService.create(...)`."""
 
-    def __init__(self, section: PaymentsSection, ledger: Ledger, auth: WalletAuth, chain: ChainBackend,
-                 treasury: Keypair, asset: AssetSpec, crash_hook: CrashHook = _no_crash) -> None:
+    def __init__(
+        self,
+        section: PaymentsSection,
+        ledger: Ledger,
+        auth: WalletAuth,
+        chain: ChainBackend,
+        treasury: Keypair,
+        asset: AssetSpec,
+        crash_hook: CrashHook = _no_crash,
+    ) -> None:
         self.section = section
         self.ledger = ledger
         self.auth = auth
@@ -67,29 +75,49 @@ class PaymentsService:
         self.asset = asset
         self.book = PayoutBook(ledger, fees_in_ledger=asset.mint is None)
         self.settler = Settler(
-            self.book, chain, treasury, asset,
-            SettlerConfig(section.batch_max_transfers, section.min_payout,
-                          BudgetSpec(section.compute_unit_limit, section.compute_unit_price_micro_lamports),
-                          section.commitment, section.use_versioned_tx),
+            self.book,
+            chain,
+            treasury,
+            asset,
+            SettlerConfig(
+                section.batch_max_transfers,
+                section.min_payout,
+                BudgetSpec(section.compute_unit_limit, section.compute_unit_price_micro_lamports),
+                section.commitment,
+                section.use_versioned_tx,
+            ),
             crash_hook,
             LookupTables(ledger.engine, chain, treasury) if section.use_versioned_tx else None,
         )
 
     @classmethod
-    async def create(cls, section: PaymentsSection, chain: ChainBackend | None = None,
-                     crash_hook: CrashHook = _no_crash) -> "PaymentsService":
+    async def create(
+        cls,
+        section: PaymentsSection,
+        chain: ChainBackend | None = None,
+        crash_hook: CrashHook = _no_crash,
+    ) -> "PaymentsService":
         """Open the ledger, load the treasury and connect the configured chain backend."""
         state_dir = section.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(section.resolved_database_url(), section.sqlite_synchronous)
-        ledger = Ledger(engine, _price_lookup(section), SplitPolicy(section.network_commission_bps,
-                                                                    section.proxy_commission_bps))
-        auth = WalletAuth(engine, section.siws_domain, section.nonce_ttl_s, section.message_max_age_s)
-        treasury = load_or_create_keypair(section.treasury_keypair_path or state_dir / "treasury.json")
+        ledger = Ledger(
+            engine,
+            _price_lookup(section),
+            SplitPolicy(section.network_commission_bps, section.proxy_commission_bps),
+        )
+        auth = WalletAuth(
+            engine, section.siws_domain, section.nonce_ttl_s, section.message_max_age_s
+        )
+        treasury = load_or_create_keypair(
+            section.treasury_keypair_path or state_dir / "treasury.json"
+        )
         if chain is None:
             chain = build_chain(section)
         if isinstance(chain, LiteSVMBackend):
-            asset = bootstrap_litesvm(chain, treasury, section.asset, section.mint, section.mint_decimals, state_dir)
+            asset = bootstrap_litesvm(
+                chain, treasury, section.asset, section.mint, section.mint_decimals, state_dir
+            )
         elif section.asset == "spl":
             if section.mint is None:
                 raise InvalidRequest("payments.mint is required for SPL settlement over RPC")
@@ -113,7 +141,9 @@ class PaymentsService:
             raise result
         return result
 
-    def report_usage_many(self, reports: list[UsageReport]) -> list[SettlementRecord | PaymentError]:
+    def report_usage_many(
+        self, reports: list[UsageReport]
+    ) -> list[SettlementRecord | PaymentError]:
         """Group commit: one durable transaction for many completed requests."""
         return self.ledger.record_usage(reports)
 
@@ -129,7 +159,9 @@ class PaymentsService:
         return Receipt(record, settled, signatures)
 
     def balance(self, wallet: str) -> Balance:
-        return self.ledger.balance(wallet, "SOL" if self.asset.mint is None else str(self.asset.mint))
+        return self.ledger.balance(
+            wallet, "SOL" if self.asset.mint is None else str(self.asset.mint)
+        )
 
     # Sign-in -----------------------------------------------------------------------------------
     def challenge(self, wallet: str) -> Challenge:
@@ -157,11 +189,16 @@ class PaymentsService:
     async def deposit_info(self) -> DepositInfo:
         blockhash, _ = await self.chain.latest_blockhash()
         mint = None if self.asset.mint is None else str(self.asset.mint)
-        return DepositInfo(str(self.treasury.pubkey()), mint, self.asset.decimals, str(blockhash),
-                           self.section.chain_backend)
+        return DepositInfo(
+            str(self.treasury.pubkey()),
+            mint,
+            self.asset.decimals,
+            str(blockhash),
+            self.section.chain_backend,
+        )
 
     async def submit_transaction(self, tx_bytes: bytes) -> str:
-        """Relay a client-signed transaction (e.g. a deposit) to the chain; returns its signature."""
+        """Relay a client-signed transaction (e.g. a deposit) to the chain; return its signature."""
         try:
             signature = VersionedTransaction.from_bytes(tx_bytes).signatures[0]
         except ValueError as exc:
@@ -170,7 +207,7 @@ class PaymentsService:
         return str(signature)
 
     async def faucet(self, wallet: str, amount: int) -> None:
-        """LiteSVM only (embedded demo and tests): fund a wallet with SOL and the settlement asset."""
+        """LiteSVM only (embedded demo, tests): fund a wallet with SOL and the settlement asset."""
         if not isinstance(self.chain, LiteSVMBackend):
             raise InvalidRequest("the faucet exists only on the litesvm backend")
         faucet(self.chain, self.treasury, self.asset, Pubkey.from_string(wallet), amount)
@@ -188,7 +225,7 @@ class PaymentsService:
         return await self.chain.token_amount(ata) or 0
 
     async def reconcile(self) -> ReconcileReport:
-        """Double-entry checks, every confirmed batch landed without error, the treasury is solvent."""
+        """Double-entry checks, every confirmed batch landed cleanly, the treasury is solvent."""
         checks, figures = ledger_checks(self.ledger)
         landed = True
         for batch in self.book.confirmed_batches():
@@ -201,27 +238,63 @@ class PaymentsService:
         return ReconcileReport(all(checks.values()), checks, figures)
 
     def pending(self) -> dict[str, object]:
-        return {"unpaid": self.book.unpaid(),
-                "open_batches": [(b.batch_id, b.state, b.signature) for b in self.book.open_batches()]}
+        return {
+            "unpaid": self.book.unpaid(),
+            "open_batches": [(b.batch_id, b.state, b.signature) for b in self.book.open_batches()],
+        }
 
     def export_csv(self, out: TextIO) -> int:
         """One CSV row per settlement share; returns the number of rows."""
         writer = csv.writer(out)
-        writer.writerow(["settlement_id", "request_id", "payer", "model", "prompt_tokens",
-                         "completion_tokens", "cost", "created_at", "wallet", "role", "layers_served",
-                         "amount", "batch_id"])
+        writer.writerow(
+            [
+                "settlement_id",
+                "request_id",
+                "payer",
+                "model",
+                "prompt_tokens",
+                "completion_tokens",
+                "cost",
+                "created_at",
+                "wallet",
+                "role",
+                "layers_served",
+                "amount",
+                "batch_id",
+            ]
+        )
         count = 0
         with self.ledger.transaction() as conn:
             rows = conn.execute(
-                select(settlements, settlement_shares.c.wallet, settlement_shares.c.role,
-                       settlement_shares.c.layers_served, settlement_shares.c.amount,
-                       settlement_shares.c.batch_id)
+                select(
+                    settlements,
+                    settlement_shares.c.wallet,
+                    settlement_shares.c.role,
+                    settlement_shares.c.layers_served,
+                    settlement_shares.c.amount,
+                    settlement_shares.c.batch_id,
+                )
                 .join(settlement_shares, settlement_shares.c.settlement_id == settlements.c.id)
                 .order_by(settlements.c.created_at, settlement_shares.c.id)
             )
             for r in rows:
-                writer.writerow([r.id, r.request_id, r.payer, r.model, r.prompt_tokens, r.completion_tokens,
-                                 r.cost, r.created_at, r.wallet, r.role, r.layers_served, r.amount, r.batch_id])
+                writer.writerow(
+                    [
+                        r.id,
+                        r.request_id,
+                        r.payer,
+                        r.model,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.cost,
+                        r.created_at,
+                        r.wallet,
+                        r.role,
+                        r.layers_served,
+                        r.amount,
+                        r.batch_id,
+                    ]
+                )
                 count += 1
         return count
 

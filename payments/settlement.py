@@ -27,7 +27,14 @@ from spl.token.instructions import get_associated_token_address
 
 from payments.chain.base import ChainBackend
 from payments.chain.lookup import LookupTables
-from payments.chain.tx import AssetSpec, BudgetSpec, PayoutLine, build_payout_tx, fit_lines, lookup_addresses
+from payments.chain.tx import (
+    AssetSpec,
+    BudgetSpec,
+    PayoutLine,
+    build_payout_tx,
+    fit_lines,
+    lookup_addresses,
+)
 from payments.errors import ChainError
 from payments.ledger.payouts import BatchRow, PayoutBook
 from payments.protocol import BatchReport
@@ -76,9 +83,16 @@ class SettlerConfig:
 class Settler:
     """Drives payout batches from the ledger to the chain; safe to re-run after any crash."""
 
-    def __init__(self, book: PayoutBook, chain: ChainBackend, treasury: Keypair, asset: AssetSpec,
-                 config: SettlerConfig, crash_hook: CrashHook = _no_crash,
-                 tables: LookupTables | None = None) -> None:
+    def __init__(
+        self,
+        book: PayoutBook,
+        chain: ChainBackend,
+        treasury: Keypair,
+        asset: AssetSpec,
+        config: SettlerConfig,
+        crash_hook: CrashHook = _no_crash,
+        tables: LookupTables | None = None,
+    ) -> None:
         if config.versioned and tables is None:
             raise ValueError("versioned payouts need lookup tables")
         self.tables = tables
@@ -100,12 +114,16 @@ class Settler:
             lines, held = await self._select_lines()
             if not lines:
                 break
-            batch = self.book.create_batch([str(line.wallet) for line in lines])
-            if batch is None:
+            created = self.book.create_batch([str(line.wallet) for line in lines])
+            if created is None:
                 break
             self.crash_hook("after_create")
-            c, p = await self._drive(batch)
-            confirmed, paid, count = confirmed + c, paid + p, count + (len(batch.items) if c else 0)
+            c, p = await self._drive(created)
+            confirmed, paid, count = (
+                confirmed + c,
+                paid + p,
+                count + (len(created.items) if c else 0),
+            )
             if not c:
                 break  # failed or still pending: retry on the next pass, do not burn fees now
         pending = len(self.book.open_batches())
@@ -130,8 +148,19 @@ class Settler:
                 candidates.append(line)
             if len(candidates) >= self.config.batch_max_transfers:
                 break
-        n = fit_lines(self.treasury, self.asset, candidates, "b" + "0" * 15, self.config.budget,
-                      self.config.batch_max_transfers, self.config.versioned) if candidates else 0
+        n = (
+            fit_lines(
+                self.treasury,
+                self.asset,
+                candidates,
+                "b" + "0" * 15,
+                self.config.budget,
+                self.config.batch_max_transfers,
+                self.config.versioned,
+            )
+            if candidates
+            else 0
+        )
         return candidates[:n], held
 
     async def _payable_line(self, wallet: Pubkey, amount: int) -> PayoutLine | None:
@@ -139,7 +168,9 @@ class Settler:
             return None
         if self.asset.mint is None:
             # A transfer that would create an account below rent exemption fails on chain: hold it.
-            if await self.chain.lamports(wallet) == 0 and amount < await self.chain.rent_exempt_minimum(0):
+            if await self.chain.lamports(
+                wallet
+            ) == 0 and amount < await self.chain.rent_exempt_minimum(0):
                 return None
             return PayoutLine(wallet, amount)
         ata = get_associated_token_address(wallet, self.asset.mint)
@@ -147,7 +178,9 @@ class Settler:
 
     async def _drive(self, batch: BatchRow) -> tuple[int, int]:
         """Advance one batch as far as the chain allows; returns (1, amount) once confirmed."""
-        for _ in range(3):  # created -> signed -> sent -> (expired -> created) at most once per pass
+        for _ in range(
+            3
+        ):  # created -> signed -> sent -> (expired -> created) at most once per pass
             if batch.state == "created":
                 await self._sign(batch)
                 self.crash_hook("after_sign")
@@ -167,9 +200,12 @@ class Settler:
         if self.tables is not None and self.config.versioned:
             tables = await self.tables.ensure(lookup_addresses(self.asset, lines))
         blockhash, last_valid = await self.chain.latest_blockhash()
-        tx = build_payout_tx(self.treasury, self.asset, lines, batch.batch_id, self.config.budget, blockhash,
-                             tables)
-        self.book.mark_signed(batch.batch_id, bytes(tx), str(tx.signatures[0]), str(blockhash), last_valid)
+        tx = build_payout_tx(
+            self.treasury, self.asset, lines, batch.batch_id, self.config.budget, blockhash, tables
+        )
+        self.book.mark_signed(
+            batch.batch_id, bytes(tx), str(tx.signatures[0]), str(blockhash), last_valid
+        )
 
     async def _line_for_item(self, wallet: str, amount: int) -> PayoutLine:
         pubkey = Pubkey.from_string(wallet)
@@ -181,14 +217,18 @@ class Settler:
     async def _send_and_resolve(self, batch: BatchRow) -> str:
         """confirmed | failed | expired | pending, with the ledger updated accordingly."""
         if batch.tx_bytes is None or batch.signature is None:
-            raise RuntimeError(f"batch {batch.batch_id} is {batch.state} without a stored transaction")
+            raise RuntimeError(
+                f"batch {batch.batch_id} is {batch.state} without a stored transaction"
+            )
         signature = Signature.from_string(batch.signature)
         status = await self.chain.signature_status(signature)
         if status is None:
             try:
                 await self.chain.send_raw(batch.tx_bytes)
             except ChainError as exc:
-                logger.warning("batch %s send failed (%s); resolving by status", batch.batch_id, exc)
+                logger.warning(
+                    "batch %s send failed (%s); resolving by status", batch.batch_id, exc
+                )
             self.crash_hook("after_send")
             if batch.state == "signed":
                 self.book.mark_sent(batch.batch_id)

@@ -19,7 +19,9 @@ Commitment = Literal["processed", "confirmed", "finalized"]
 class ModelPrice(Section):
     """Price of one model, in base units per 1,000 tokens."""
 
-    prompt_per_1k: int = Field(default=1_000, ge=0, le=10**15, description="Base units per 1k prompt tokens.")
+    prompt_per_1k: int = Field(
+        default=1_000, ge=0, le=10**15, description="Base units per 1k prompt tokens."
+    )
     completion_per_1k: int = Field(
         default=2_000, ge=0, le=10**15, description="Base units per 1k completion tokens."
     )
@@ -28,17 +30,24 @@ class ModelPrice(Section):
 class PaymentsSection(Section):
     """Ledger, pricing, wallet sign-in and Solana settlement."""
 
-    enabled: bool = Field(default=False, description="Meter and settle requests through the payments actor.")
+    enabled: bool = Field(
+        default=False, description="Meter and settle requests through the payments actor."
+    )
     open_mode: bool = Field(
         default=False, description="Serve without authentication or charging (embedded demo only)."
     )
-    actor_name: str = Field(default="solanalm-payments", min_length=1, description="Named detached Ray actor.")
-    actor_call_timeout_s: float = Field(default=10.0, gt=0, le=600, description="Timeout of one actor call.")
+    actor_name: str = Field(
+        default="solanalm-payments", min_length=1, description="Named detached Ray actor."
+    )
+    actor_call_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="Timeout of one actor call."
+    )
 
     # Ledger
     database_url: SecretStr | None = Field(
         default=None,
-        description="SQLAlchemy URL (postgresql+psycopg://... for several gateways); None: SQLite in state_dir.",
+        description="SQLAlchemy URL (postgresql+psycopg://... for several gateways);"
+        " None: SQLite in state_dir.",
     )
     state_dir: Path = Field(
         default=Path("~/.local/state/solanalm/payments"),
@@ -46,60 +55,98 @@ class PaymentsSection(Section):
     )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",
-        description="SQLite fsync level: FULL survives power loss, NORMAL (WAL) only process crashes.",
+        description="SQLite fsync: FULL survives power loss, NORMAL (WAL) only process crashes.",
     )
     group_commit_max: int = Field(
-        default=256, ge=1, le=10_000, description="Most settlement records committed in one DB transaction."
+        default=256,
+        ge=1,
+        le=10_000,
+        description="Most settlement records committed in one DB transaction.",
     )
 
     # Pricing and commissions
     prices: dict[str, ModelPrice] = Field(
         default_factory=dict, description="Per-model prices; models not listed use default_price."
     )
-    default_price: ModelPrice = Field(default_factory=ModelPrice, description="Price of unlisted models.")
+    default_price: ModelPrice = Field(
+        default_factory=ModelPrice, description="Price of unlisted models."
+    )
     network_commission_bps: int = Field(
-        default=500, ge=0, le=5_000, description="Network commission in basis points of each request's cost."
+        default=500,
+        ge=0,
+        le=5_000,
+        description="Network commission in basis points of each request's cost.",
     )
     proxy_commission_bps: int = Field(
-        default=100, ge=0, le=5_000, description="Proxy commission in basis points, when a proxy served it."
+        default=100,
+        ge=0,
+        le=5_000,
+        description="Proxy commission in basis points, when a proxy served it.",
     )
 
     # Chain
     chain_backend: ChainBackendKind = Field(
-        default="litesvm", description="litesvm: in-process runtime (embedded); rpc: JSON-RPC validator."
+        default="litesvm",
+        description="litesvm: in-process runtime (embedded); rpc: JSON-RPC validator.",
     )
-    rpc_url: str = Field(default="http://127.0.0.1:8899", description="JSON-RPC endpoint (rpc backend).")
-    commitment: Commitment = Field(default="confirmed", description="Commitment for reads and confirmations.")
-    rpc_timeout_s: float = Field(default=10.0, gt=0, le=300, description="Timeout of one JSON-RPC call.")
+    rpc_url: str = Field(
+        default="http://127.0.0.1:8899", description="JSON-RPC endpoint (rpc backend)."
+    )
+    commitment: Commitment = Field(
+        default="confirmed", description="Commitment for reads and confirmations."
+    )
+    rpc_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Timeout of one JSON-RPC call."
+    )
     treasury_keypair_path: Path | None = Field(
-        default=None, description="Solana CLI JSON keypair of the treasury; None: generated in state_dir."
+        default=None,
+        description="Solana CLI JSON keypair of the treasury; None: generated in state_dir.",
     )
     asset: SettlementAsset = Field(default="spl", description="Settle in SOL or in an SPL token.")
     mint: str | None = Field(
-        default=None, description="SPL token mint (base58); None on litesvm: a mint is created at start."
+        default=None,
+        description="SPL token mint (base58); None on litesvm: a mint is created at start.",
     )
-    mint_decimals: int = Field(default=6, ge=0, le=18, description="Decimals of the mint created on litesvm.")
+    mint_decimals: int = Field(
+        default=6, ge=0, le=18, description="Decimals of the mint created on litesvm."
+    )
 
     # Settlement
     batch_max_transfers: int = Field(
-        default=19, ge=1, le=256,
-        description="Most payouts in one transaction (also bounded by its 1232-byte size); ~50 fit with v0.",
+        default=19,
+        ge=1,
+        le=256,
+        description="Most payouts per transaction (also bounded by 1232 bytes); ~50 fit with v0.",
     )
     use_versioned_tx: bool = Field(
-        default=False, description="Send v0 payout transactions with treasury-owned address lookup tables."
+        default=False,
+        description="Send v0 payout transactions with treasury-owned address lookup tables.",
     )
-    compute_unit_limit: int = Field(default=200_000, ge=1_000, le=1_400_000, description="CU limit per batch.")
+    compute_unit_limit: int = Field(
+        default=200_000, ge=1_000, le=1_400_000, description="CU limit per batch."
+    )
     compute_unit_price_micro_lamports: int = Field(
         default=1_000, ge=0, le=10**9, description="Priority fee per CU, micro-lamports."
     )
-    min_payout: int = Field(default=1, ge=1, le=10**15, description="Smallest payout sent, base units.")
-    settle_interval_s: float = Field(default=30.0, gt=0, le=86_400, description="Period of the settle loop.")
+    min_payout: int = Field(
+        default=1, ge=1, le=10**15, description="Smallest payout sent, base units."
+    )
+    settle_interval_s: float = Field(
+        default=30.0, gt=0, le=86_400, description="Period of the settle loop."
+    )
 
     # Sign-in
-    siws_domain: str = Field(default="localhost", min_length=1, description="Domain a SIWS message must name.")
-    nonce_ttl_s: int = Field(default=300, ge=10, le=86_400, description="Lifetime of a sign-in nonce.")
+    siws_domain: str = Field(
+        default="localhost", min_length=1, description="Domain a SIWS message must name."
+    )
+    nonce_ttl_s: int = Field(
+        default=300, ge=10, le=86_400, description="Lifetime of a sign-in nonce."
+    )
     message_max_age_s: int = Field(
-        default=600, ge=10, le=86_400, description="Longest accepted Expiration Time minus Issued At."
+        default=600,
+        ge=10,
+        le=86_400,
+        description="Longest accepted Expiration Time minus Issued At.",
     )
 
     @field_validator("state_dir")

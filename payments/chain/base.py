@@ -71,7 +71,7 @@ class ChainBackend(Protocol):
         """The current slot at the configured commitment."""
 
     async def wait_for_slot_after(self, slot: int) -> None:
-        """Return once the chain is past `slot` (lookup-table extensions activate the slot after)."""
+        """Return once the chain is past `slot` (lookup-table entries activate the slot after)."""
 
     async def rent_exempt_minimum(self, data_len: int) -> int:
         """Lamports that make an account of `data_len` bytes rent exempt."""

@@ -19,17 +19,25 @@ TOKEN_TRANSFER_CHECKED = 12
 
 
 def deposit_of(fetched: FetchedTransaction, treasury: Pubkey, asset: AssetSpec) -> tuple[str, int]:
-    """(sender wallet, amount) of a final, successful transfer to the treasury, else DepositRejected."""
+    """(sender, amount) of a final, successful transfer to the treasury; else DepositRejected."""
     if fetched.err is not None:
         raise DepositRejected(f"deposit transaction failed on chain: {fetched.err}")
     if not fetched.finalized:
-        raise DepositRejected("deposit transaction is not finalized yet; retry later", code="not_finalized")
+        raise DepositRejected(
+            "deposit transaction is not finalized yet; retry later", code="not_finalized"
+        )
     tx = fetched.transaction
     message = tx.message
-    if isinstance(tx, VersionedTransaction) and isinstance(message, MessageV0) and message.address_table_lookups:
+    if (
+        isinstance(tx, VersionedTransaction)
+        and isinstance(message, MessageV0)
+        and message.address_table_lookups
+    ):
         raise DepositRejected("deposits using address lookup tables are not accepted")
     keys = list(message.account_keys)
-    treasury_ata = get_associated_token_address(treasury, asset.mint) if asset.mint is not None else None
+    treasury_ata = (
+        get_associated_token_address(treasury, asset.mint) if asset.mint is not None else None
+    )
     senders: set[str] = set()
     total = 0
     for ix in message.instructions:
@@ -41,27 +49,48 @@ def deposit_of(fetched: FetchedTransaction, treasury: Pubkey, asset: AssetSpec) 
             senders.add(str(found[0]))
             total += found[1]
     if total <= 0:
-        raise DepositRejected("the transaction has no transfer of the settlement asset to the treasury")
+        raise DepositRejected(
+            "the transaction has no transfer of the settlement asset to the treasury"
+        )
     if len(senders) != 1:
         raise DepositRejected("a deposit transaction must come from a single wallet")
     return senders.pop(), total
 
 
-def _transfer_to(program: Pubkey, accounts: list[Pubkey], data: bytes, treasury: Pubkey,
-                 treasury_ata: Pubkey | None, asset: AssetSpec) -> tuple[Pubkey, int] | None:
+def _transfer_to(
+    program: Pubkey,
+    accounts: list[Pubkey],
+    data: bytes,
+    treasury: Pubkey,
+    treasury_ata: Pubkey | None,
+    asset: AssetSpec,
+) -> tuple[Pubkey, int] | None:
     if asset.mint is None:
-        if program == SYSTEM_PROGRAM_ID and len(data) == 12 and struct.unpack_from("<I", data)[0] == SYSTEM_TRANSFER \
-                and len(accounts) >= 2 and accounts[1] == treasury:
+        if (
+            program == SYSTEM_PROGRAM_ID
+            and len(data) == 12
+            and struct.unpack_from("<I", data)[0] == SYSTEM_TRANSFER
+            and len(accounts) >= 2
+            and accounts[1] == treasury
+        ):
             return accounts[0], struct.unpack_from("<Q", data, 4)[0]
         return None
     if program != TOKEN_PROGRAM_ID or not data:
         return None
-    if data[0] == TOKEN_TRANSFER_CHECKED and len(data) >= 10 and len(accounts) >= 4:
-        if accounts[2] == treasury_ata and accounts[1] == asset.mint:
-            return accounts[3], struct.unpack_from("<Q", data, 1)[0]
-    if data[0] == TOKEN_TRANSFER and len(data) >= 9 and len(accounts) >= 3 and accounts[1] == treasury_ata:
+    if (
+        data[0] == TOKEN_TRANSFER_CHECKED
+        and len(data) >= 10
+        and len(accounts) >= 4
+        and accounts[2] == treasury_ata
+        and accounts[1] == asset.mint
+    ):
+        return accounts[3], struct.unpack_from("<Q", data, 1)[0]
+    if (
+        data[0] == TOKEN_TRANSFER
+        and len(data) >= 9
+        and len(accounts) >= 3
+        and accounts[1] == treasury_ata
+    ):
         # The destination is the treasury's account of the settlement mint, so the mint is implied.
         return accounts[2], struct.unpack_from("<Q", data, 1)[0]
     return None
-
-

@@ -1,10 +1,10 @@
-"""In-process Solana runtime (solders.litesvm.LiteSVM), persisted to disk so a restart keeps balances.
+"""In-process Solana runtime (solders.litesvm.LiteSVM), persisted so a restart keeps balances.
 
 LiteSVM forgets everything when the process ends, and has no blocks. This backend therefore
 snapshots the system- and token-owned accounts plus its own transaction history after every
 transaction (atomic write + rename), and keeps a block-height counter that moves past a blockhash's
-validity window whenever the blockhash is expired. The history is also what makes re-sending a stored
-transaction after a restart a no-op instead of a second payment.
+validity window whenever the blockhash is expired. The history is also what makes re-sending a
+stored transaction after a restart a no-op instead of a second payment.
 """
 
 import base64
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from solders.account import Account
 from solders.address_lookup_table_account import ID as ALT_PROGRAM_ID
@@ -40,7 +41,7 @@ class LiteSVMBackend:
         self.svm = LiteSVM()
         self._fresh_blockhash = str(self.svm.latest_blockhash())
         self._height = 0
-        self._txs: dict[str, dict[str, object]] = {}
+        self._txs: dict[str, dict[str, Any]] = {}
         if state_path is not None and state_path.exists():
             self._restore(state_path)
 
@@ -58,8 +59,12 @@ class LiteSVMBackend:
         entry = self._txs.get(str(signature))
         if entry is None:
             return None
-        return SignatureStatus(err=entry["err"], slot=int(entry["slot"]), confirmation="finalized",  # type: ignore[arg-type]
-                               fee_lamports=int(entry["fee"]))  # type: ignore[call-overload]
+        return SignatureStatus(
+            err=entry["err"],
+            slot=int(entry["slot"]),
+            confirmation="finalized",  # type: ignore[arg-type]
+            fee_lamports=int(entry["fee"]),
+        )  # type: ignore[call-overload]
 
     async def fetch_transaction(self, signature: Signature) -> FetchedTransaction | None:
         entry = self._txs.get(str(signature))
@@ -93,7 +98,9 @@ class LiteSVMBackend:
         """Move to the next slot and record it in SlotHashes (lookup tables need recent slots)."""
         slot = int(self.svm.get_clock().slot) + 1
         self.svm.warp_to_slot(slot)
-        self.svm.set_slot_hashes([(slot, self.svm.latest_blockhash()), *self.svm.get_slot_hashes()][:512])
+        self.svm.set_slot_hashes(
+            [(slot, self.svm.latest_blockhash()), *self.svm.get_slot_hashes()][:512]
+        )
         self.save()
 
     async def rent_exempt_minimum(self, data_len: int) -> int:
@@ -114,13 +121,17 @@ class LiteSVMBackend:
             if "AlreadyProcessed" in err:
                 return signature
             if "BlockhashNotFound" in err or "SignatureFailure" in err or "AccountNotFound" in err:
-                # Rejected before execution: nothing landed, no fee (as a real cluster would drop it).
+                # Rejected before execution: nothing landed, no fee (a real cluster drops it).
                 raise ChainError(f"transaction rejected: {err}")
             fee = int(result.meta().fee())
         else:
             err, fee = None, int(result.fee())
-        self._txs[str(signature)] = {"tx": base64.b64encode(bytes(tx)).decode(), "err": err,
-                                     "fee": fee, "slot": int(self.svm.get_clock().slot)}
+        self._txs[str(signature)] = {
+            "tx": base64.b64encode(bytes(tx)).decode(),
+            "err": err,
+            "fee": fee,
+            "slot": int(self.svm.get_clock().slot),
+        }
         self.save()
         return signature
 
@@ -145,8 +156,14 @@ class LiteSVMBackend:
             for owner in (SYSTEM_PROGRAM_ID, TOKEN_PROGRAM_ID, ALT_PROGRAM_ID)
             for key, account in self.svm.get_program_accounts(owner)
         }
-        state = {"version": SNAPSHOT_VERSION, "height": self._height, "slot": int(self.svm.get_clock().slot),
-                 "blockhash": str(self.svm.latest_blockhash()), "accounts": accounts, "txs": self._txs}
+        state = {
+            "version": SNAPSHOT_VERSION,
+            "height": self._height,
+            "slot": int(self.svm.get_clock().slot),
+            "blockhash": str(self.svm.latest_blockhash()),
+            "accounts": accounts,
+            "txs": self._txs,
+        }
         tmp = self.state_path.with_suffix(".tmp")
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as fh:
@@ -164,10 +181,15 @@ class LiteSVMBackend:
         self._txs = state["txs"]
         self._height = int(state["height"])
         if int(state["slot"]) > self.svm.get_clock().slot:
-            self.svm.warp_to_slot(int(state["slot"]))  # lookup tables compare their slots with the clock
+            self.svm.warp_to_slot(
+                int(state["slot"])
+            )  # lookup tables compare their slots with the clock
             self.svm.set_slot_hashes([(int(state["slot"]), self.svm.latest_blockhash())])
         if state["blockhash"] != self._fresh_blockhash:
             # The stored blockhash cannot be recreated: treat every earlier blockhash as expired.
             self._height += BLOCKHASH_VALIDITY_BLOCKS + 1
-        logger.info("restored LiteSVM snapshot: %d accounts, %d transactions",
-                    len(state["accounts"]), len(self._txs))
+        logger.info(
+            "restored LiteSVM snapshot: %d accounts, %d transactions",
+            len(state["accounts"]),
+            len(self._txs),
+        )

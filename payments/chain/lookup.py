@@ -50,10 +50,19 @@ class LookupTables:
                 table = await self._create()
                 tables.append(table)
             room = LOOKUP_TABLE_MAX_ADDRESSES - len(table.addresses)
-            chunk, missing = missing[: min(room, EXTEND_CHUNK)], missing[min(room, EXTEND_CHUNK):]
-            await self._send([extend_lookup_table({
-                "lookup_table_address": table.key, "authority_address": self.treasury.pubkey(),
-                "payer_address": self.treasury.pubkey(), "new_addresses": chunk})])
+            chunk, missing = missing[: min(room, EXTEND_CHUNK)], missing[min(room, EXTEND_CHUNK) :]
+            await self._send(
+                [
+                    extend_lookup_table(
+                        {
+                            "lookup_table_address": table.key,
+                            "authority_address": self.treasury.pubkey(),
+                            "payer_address": self.treasury.pubkey(),
+                            "new_addresses": chunk,
+                        }
+                    )
+                ]
+            )
             last_extended = max(last_extended, await self.chain.slot())
             tables = await self._load()
         if last_extended >= 0:
@@ -62,7 +71,11 @@ class LookupTables:
 
     async def _load(self) -> list[AddressLookupTableAccount]:
         with self.engine.begin() as conn:
-            keys = conn.execute(select(lookup_tables.c.address).order_by(lookup_tables.c.created_at)).scalars().all()
+            keys = (
+                conn.execute(select(lookup_tables.c.address).order_by(lookup_tables.c.created_at))
+                .scalars()
+                .all()
+            )
         tables = []
         for key in keys:
             pubkey = Pubkey.from_string(key)
@@ -71,16 +84,30 @@ class LookupTables:
                 with self.engine.begin() as conn:
                     conn.execute(delete(lookup_tables).where(lookup_tables.c.address == key))
                 continue
-            tables.append(AddressLookupTableAccount(pubkey, AddressLookupTable.deserialize(data).addresses))
+            tables.append(
+                AddressLookupTableAccount(pubkey, AddressLookupTable.deserialize(data).addresses)
+            )
         return tables
 
     async def _create(self) -> AddressLookupTableAccount:
         recent_slot = await self._recent_slot()
-        ix, address = create_lookup_table({"authority_address": self.treasury.pubkey(),
-                                           "payer_address": self.treasury.pubkey(), "recent_slot": recent_slot})
+        ix, address = create_lookup_table(
+            {
+                "authority_address": self.treasury.pubkey(),
+                "payer_address": self.treasury.pubkey(),
+                "recent_slot": recent_slot,
+            }
+        )
         with self.engine.begin() as conn:
-            if conn.execute(select(lookup_tables).where(lookup_tables.c.address == str(address))).first() is None:
-                conn.execute(lookup_tables.insert(), {"address": str(address), "created_at": time.time()})
+            if (
+                conn.execute(
+                    select(lookup_tables).where(lookup_tables.c.address == str(address))
+                ).first()
+                is None
+            ):
+                conn.execute(
+                    lookup_tables.insert(), {"address": str(address), "created_at": time.time()}
+                )
         if await self.chain.account_data(address) is None:
             await self._send([ix])
         # A second table needs a different recent slot (the address derives from it).
@@ -99,7 +126,11 @@ class LookupTables:
 
     async def _send(self, ixs: list) -> None:  # type: ignore[type-arg]
         blockhash, _ = await self.chain.latest_blockhash()
-        tx = Transaction([self.treasury], Message.new_with_blockhash(ixs, self.treasury.pubkey(), blockhash), blockhash)
+        tx = Transaction(
+            [self.treasury],
+            Message.new_with_blockhash(ixs, self.treasury.pubkey(), blockhash),
+            blockhash,
+        )
         await self.chain.send_raw(bytes(tx))
         status = None
         for _ in range(100):
@@ -108,4 +139,6 @@ class LookupTables:
                 break
             await self.chain.wait_for_slot_after(await self.chain.slot())
         if status is None or status.err is not None:
-            raise ChainError(f"lookup table transaction failed: {status.err if status else 'not landed'}")
+            raise ChainError(
+                f"lookup table transaction failed: {status.err if status else 'not landed'}"
+            )

@@ -24,7 +24,13 @@ from payments.chain.base import FetchedTransaction, SignatureStatus
 from payments.errors import ChainError
 
 logger = logging.getLogger(__name__)
-_TRANSPORT_ERRORS = (RPCException, RPCNoResultException, SolanaRpcException, httpx2.HTTPError, OSError)
+_TRANSPORT_ERRORS = (
+    RPCException,
+    RPCNoResultException,
+    SolanaRpcException,
+    httpx2.HTTPError,
+    OSError,
+)
 
 
 def _confirmation(status: TransactionConfirmationStatus | None) -> str:
@@ -57,8 +63,14 @@ class RpcBackend:
 
     async def send_raw(self, tx: bytes) -> None:
         try:
-            await self.client.send_raw_transaction(tx, TxOpts(skip_preflight=True, skip_confirmation=True,
-                                                              preflight_commitment=self.commitment))
+            await self.client.send_raw_transaction(
+                tx,
+                TxOpts(
+                    skip_preflight=True,
+                    skip_confirmation=True,
+                    preflight_commitment=self.commitment,
+                ),
+            )
         except _TRANSPORT_ERRORS as exc:
             if "AlreadyProcessed" in str(exc) or "already been processed" in str(exc):
                 return
@@ -66,7 +78,9 @@ class RpcBackend:
 
     async def signature_status(self, signature: Signature) -> SignatureStatus | None:
         try:
-            resp = await self.client.get_signature_statuses([signature], search_transaction_history=True)
+            resp = await self.client.get_signature_statuses(
+                [signature], search_transaction_history=True
+            )
         except _TRANSPORT_ERRORS as exc:
             raise ChainError(f"getSignatureStatuses failed: {exc}") from exc
         status = resp.value[0]
@@ -76,12 +90,18 @@ class RpcBackend:
         fee = None
         if status.err is not None or confirmation != "processed":
             fee = await self._fee(signature)
-        return SignatureStatus(None if status.err is None else str(status.err), int(status.slot), confirmation, fee)
+        return SignatureStatus(
+            None if status.err is None else str(status.err), int(status.slot), confirmation, fee
+        )
 
     async def _fee(self, signature: Signature) -> int | None:
         try:
-            resp = await self.client.get_transaction(signature, encoding="base64", commitment=self.commitment,
-                                                     max_supported_transaction_version=0)
+            resp = await self.client.get_transaction(
+                signature,
+                encoding="base64",
+                commitment=self.commitment,
+                max_supported_transaction_version=0,
+            )
         except _TRANSPORT_ERRORS as exc:
             raise ChainError(f"getTransaction failed: {exc}") from exc
         if resp.value is None or resp.value.transaction.meta is None:
@@ -90,9 +110,12 @@ class RpcBackend:
 
     async def fetch_transaction(self, signature: Signature) -> FetchedTransaction | None:
         try:
-            resp = await self.client.get_transaction(signature, encoding="base64",
-                                                     commitment=Commitment("finalized"),
-                                                     max_supported_transaction_version=0)
+            resp = await self.client.get_transaction(
+                signature,
+                encoding="base64",
+                commitment=Commitment("finalized"),
+                max_supported_transaction_version=0,
+            )
         except _TRANSPORT_ERRORS as exc:
             raise ChainError(f"getTransaction failed: {exc}") from exc
         if resp.value is None:
@@ -131,7 +154,9 @@ class RpcBackend:
         except _TRANSPORT_ERRORS as exc:
             raise ChainError(f"getSlot failed: {exc}") from exc
 
-    async def wait_for_slot_after(self, slot: int, poll_s: float = 0.4, timeout_s: float = 60.0) -> None:
+    async def wait_for_slot_after(
+        self, slot: int, poll_s: float = 0.4, timeout_s: float = 60.0
+    ) -> None:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while await self.slot() <= slot:
             if asyncio.get_running_loop().time() > deadline:

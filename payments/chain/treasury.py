@@ -1,4 +1,4 @@
-"""The treasury keypair, and the LiteSVM bootstrap (funded treasury, default mint, its token account)."""
+"""The treasury keypair and the LiteSVM bootstrap (funded treasury, default mint, token account)."""
 
 import json
 import logging
@@ -54,22 +54,40 @@ def send_signed(backend: LiteSVMBackend, payer: Keypair, ixs: list, signers: lis
         raise PaymentError(f"LiteSVM transaction failed: {status['err']}")
 
 
-def bootstrap_litesvm(backend: LiteSVMBackend, treasury: Keypair, asset: str, mint: str | None,
-                      decimals: int, state_dir: Path) -> AssetSpec:
+def bootstrap_litesvm(
+    backend: LiteSVMBackend,
+    treasury: Keypair,
+    asset: str,
+    mint: str | None,
+    decimals: int,
+    state_dir: Path,
+) -> AssetSpec:
     """Fund the treasury and, for SPL, create (once) the default mint and the treasury's account."""
     if (backend.svm.get_balance(treasury.pubkey()) or 0) < TREASURY_FLOAT_LAMPORTS // 2:
         backend.airdrop(treasury.pubkey(), TREASURY_FLOAT_LAMPORTS)
     if asset == "sol":
         return AssetSpec(mint=None, decimals=9)
-    mint_pubkey = Pubkey.from_string(mint) if mint else _default_mint(backend, treasury, decimals, state_dir)
+    mint_pubkey = (
+        Pubkey.from_string(mint) if mint else _default_mint(backend, treasury, decimals, state_dir)
+    )
     ata = get_associated_token_address(treasury.pubkey(), mint_pubkey)
     if backend.svm.get_account(ata) is None:
-        send_signed(backend, treasury, [create_idempotent_associated_token_account(
-            treasury.pubkey(), treasury.pubkey(), mint_pubkey)], [treasury])
+        send_signed(
+            backend,
+            treasury,
+            [
+                create_idempotent_associated_token_account(
+                    treasury.pubkey(), treasury.pubkey(), mint_pubkey
+                )
+            ],
+            [treasury],
+        )
     return AssetSpec(mint=mint_pubkey, decimals=decimals)
 
 
-def _default_mint(backend: LiteSVMBackend, treasury: Keypair, decimals: int, state_dir: Path) -> Pubkey:
+def _default_mint(
+    backend: LiteSVMBackend, treasury: Keypair, decimals: int, state_dir: Path
+) -> Pubkey:
     mint_file = state_dir / "mint.json"
     if mint_file.exists():
         mint_pubkey = Pubkey.from_string(json.loads(mint_file.read_text())["mint"])
@@ -77,27 +95,59 @@ def _default_mint(backend: LiteSVMBackend, treasury: Keypair, decimals: int, sta
             return mint_pubkey
     mint = Keypair()
     rent = backend.svm.minimum_balance_for_rent_exemption(MINT_SIZE)
-    send_signed(backend, treasury, [
-        create_account(CreateAccountParams(from_pubkey=treasury.pubkey(), to_pubkey=mint.pubkey(),
-                                           lamports=rent, space=MINT_SIZE, owner=TOKEN_PROGRAM_ID)),
-        initialize_mint2(InitializeMint2Params(decimals=decimals, program_id=TOKEN_PROGRAM_ID,
-                                               mint=mint.pubkey(), mint_authority=treasury.pubkey())),
-    ], [treasury, mint])
+    send_signed(
+        backend,
+        treasury,
+        [
+            create_account(
+                CreateAccountParams(
+                    from_pubkey=treasury.pubkey(),
+                    to_pubkey=mint.pubkey(),
+                    lamports=rent,
+                    space=MINT_SIZE,
+                    owner=TOKEN_PROGRAM_ID,
+                )
+            ),
+            initialize_mint2(
+                InitializeMint2Params(
+                    decimals=decimals,
+                    program_id=TOKEN_PROGRAM_ID,
+                    mint=mint.pubkey(),
+                    mint_authority=treasury.pubkey(),
+                )
+            ),
+        ],
+        [treasury, mint],
+    )
     state_dir.mkdir(parents=True, exist_ok=True)
     mint_file.write_text(json.dumps({"mint": str(mint.pubkey()), "decimals": decimals}))
     logger.info("created default mint %s", mint.pubkey())
     return mint.pubkey()
 
 
-def faucet(backend: LiteSVMBackend, treasury: Keypair, asset: AssetSpec, owner: Pubkey, amount: int) -> None:
+def faucet(
+    backend: LiteSVMBackend, treasury: Keypair, asset: AssetSpec, owner: Pubkey, amount: int
+) -> None:
     """LiteSVM demo faucet: give `owner` SOL for fees and `amount` of the asset."""
     backend.airdrop(owner, 10**9 + (amount if asset.mint is None else 0))
     if asset.mint is None:
         return
     dest = get_associated_token_address(owner, asset.mint)
-    send_signed(backend, treasury, [
-        create_idempotent_associated_token_account(treasury.pubkey(), owner, asset.mint),
-        mint_to_checked(MintToCheckedParams(program_id=TOKEN_PROGRAM_ID, mint=asset.mint, dest=dest,
-                                            mint_authority=treasury.pubkey(), amount=amount,
-                                            decimals=asset.decimals)),
-    ], [treasury])
+    send_signed(
+        backend,
+        treasury,
+        [
+            create_idempotent_associated_token_account(treasury.pubkey(), owner, asset.mint),
+            mint_to_checked(
+                MintToCheckedParams(
+                    program_id=TOKEN_PROGRAM_ID,
+                    mint=asset.mint,
+                    dest=dest,
+                    mint_authority=treasury.pubkey(),
+                    amount=amount,
+                    decimals=asset.decimals,
+                )
+            ),
+        ],
+        [treasury],
+    )

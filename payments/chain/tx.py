@@ -2,11 +2,11 @@
 
 from dataclasses import dataclass
 
+from solders.address_lookup_table_account import AddressLookupTableAccount
 from solders.compute_budget import set_compute_unit_limit, set_compute_unit_price
 from solders.hash import Hash
 from solders.instruction import Instruction
 from solders.keypair import Keypair
-from solders.address_lookup_table_account import AddressLookupTableAccount
 from solders.message import Message, MessageV0
 from solders.pubkey import Pubkey
 from solders.system_program import TransferParams, transfer
@@ -62,19 +62,37 @@ def memo_text(batch_id: str) -> bytes:
     return f"solanalm:{batch_id}".encode()
 
 
-def payout_instructions(treasury: Pubkey, asset: AssetSpec, lines: list[PayoutLine]) -> list[Instruction]:
+def payout_instructions(
+    treasury: Pubkey, asset: AssetSpec, lines: list[PayoutLine]
+) -> list[Instruction]:
     ixs: list[Instruction] = []
     for line in lines:
         if asset.mint is None:
-            ixs.append(transfer(TransferParams(from_pubkey=treasury, to_pubkey=line.wallet, lamports=line.amount)))
+            ixs.append(
+                transfer(
+                    TransferParams(
+                        from_pubkey=treasury, to_pubkey=line.wallet, lamports=line.amount
+                    )
+                )
+            )
             continue
         if line.create_account:
-            ixs.append(create_idempotent_associated_token_account(treasury, line.wallet, asset.mint))
-        ixs.append(transfer_checked(TransferCheckedParams(
-            program_id=TOKEN_PROGRAM_ID, source=get_associated_token_address(treasury, asset.mint),
-            mint=asset.mint, dest=get_associated_token_address(line.wallet, asset.mint), owner=treasury,
-            amount=line.amount, decimals=asset.decimals,
-        )))
+            ixs.append(
+                create_idempotent_associated_token_account(treasury, line.wallet, asset.mint)
+            )
+        ixs.append(
+            transfer_checked(
+                TransferCheckedParams(
+                    program_id=TOKEN_PROGRAM_ID,
+                    source=get_associated_token_address(treasury, asset.mint),
+                    mint=asset.mint,
+                    dest=get_associated_token_address(line.wallet, asset.mint),
+                    owner=treasury,
+                    amount=line.amount,
+                    decimals=asset.decimals,
+                )
+            )
+        )
     return ixs
 
 
@@ -90,9 +108,15 @@ def lookup_addresses(asset: AssetSpec, lines: list[PayoutLine]) -> list[Pubkey]:
     return out
 
 
-def build_payout_tx(treasury: Keypair, asset: AssetSpec, lines: list[PayoutLine], batch_id: str,
-                    budget: BudgetSpec, blockhash: Hash,
-                    tables: list[AddressLookupTableAccount] | None = None) -> Transaction | VersionedTransaction:
+def build_payout_tx(
+    treasury: Keypair,
+    asset: AssetSpec,
+    lines: list[PayoutLine],
+    batch_id: str,
+    budget: BudgetSpec,
+    blockhash: Hash,
+    tables: list[AddressLookupTableAccount] | None = None,
+) -> Transaction | VersionedTransaction:
     """A signed transaction: compute budget, Memo(batch id), then one transfer per line.
 
     Legacy when `tables` is None; otherwise v0, loading payee accounts from the lookup tables.
@@ -100,22 +124,35 @@ def build_payout_tx(treasury: Keypair, asset: AssetSpec, lines: list[PayoutLine]
     ixs = [
         set_compute_unit_limit(budget.compute_unit_limit),
         set_compute_unit_price(budget.compute_unit_price_micro_lamports),
-        create_memo(MemoParams(program_id=MEMO_PROGRAM_ID, signer=treasury.pubkey(), message=memo_text(batch_id))),
+        create_memo(
+            MemoParams(
+                program_id=MEMO_PROGRAM_ID, signer=treasury.pubkey(), message=memo_text(batch_id)
+            )
+        ),
         *payout_instructions(treasury.pubkey(), asset, lines),
     ]
     if tables is not None:
-        return VersionedTransaction(MessageV0.try_compile(treasury.pubkey(), ixs, tables, blockhash), [treasury])
+        return VersionedTransaction(
+            MessageV0.try_compile(treasury.pubkey(), ixs, tables, blockhash), [treasury]
+        )
     message = Message.new_with_blockhash(ixs, treasury.pubkey(), blockhash)
     return Transaction([treasury], message, blockhash)
 
 
 def instruction_trace_length(lines: list[PayoutLine]) -> int:
-    """Instructions the runtime traces, CPIs included: budget x2 + memo + transfers + ATA creations."""
+    """Traced instructions, CPIs included: budget x2 + memo + transfers + ATA creations."""
     return 3 + len(lines) + ATA_CREATE_TRACE * sum(line.create_account for line in lines)
 
 
-def fit_lines(treasury: Keypair, asset: AssetSpec, lines: list[PayoutLine], batch_id: str,
-              budget: BudgetSpec, max_lines: int, versioned: bool = False) -> int:
+def fit_lines(
+    treasury: Keypair,
+    asset: AssetSpec,
+    lines: list[PayoutLine],
+    batch_id: str,
+    budget: BudgetSpec,
+    max_lines: int,
+    versioned: bool = False,
+) -> int:
     """How many of `lines` (in order) fit in one transaction of at most PACKET_DATA_SIZE bytes.
 
     For v0 the estimate assumes every payee account is in one lookup table.
@@ -124,9 +161,18 @@ def fit_lines(treasury: Keypair, asset: AssetSpec, lines: list[PayoutLine], batc
     for n in range(1, min(len(lines), max_lines) + 1):
         if instruction_trace_length(lines[:n]) > MAX_INSTRUCTION_TRACE_LENGTH:
             break
-        tables = ([AddressLookupTableAccount(Pubkey.default(), lookup_addresses(asset, lines[:n]))]
-                  if versioned else None)
-        size = len(bytes(build_payout_tx(treasury, asset, lines[:n], batch_id, budget, Hash.default(), tables)))
+        tables = (
+            [AddressLookupTableAccount(Pubkey.default(), lookup_addresses(asset, lines[:n]))]
+            if versioned
+            else None
+        )
+        size = len(
+            bytes(
+                build_payout_tx(
+                    treasury, asset, lines[:n], batch_id, budget, Hash.default(), tables
+                )
+            )
+        )
         if size > PACKET_DATA_SIZE:
             break
         count = n

@@ -57,15 +57,22 @@ def apply_postings(conn: Connection, items: list[Posting]) -> None:
     conn.execute(
         postings.insert(),
         [
-            {"ref": p.ref, "kind": p.kind, "from_account": p.from_account,
-             "to_account": p.to_account, "amount": p.amount, "created_at": now}
+            {
+                "ref": p.ref,
+                "kind": p.kind,
+                "from_account": p.from_account,
+                "to_account": p.to_account,
+                "amount": p.amount,
+                "created_at": now,
+            }
             for p in items
         ],
     )
     changes = [{"n": name, "d": delta} for name, delta in deltas.items() if delta != 0]
     if changes:
         conn.execute(
-            update(accounts).where(accounts.c.name == bindparam("n"))
+            update(accounts)
+            .where(accounts.c.name == bindparam("n"))
             .values(balance=accounts.c.balance + bindparam("d")),
             changes,
         )
@@ -73,7 +80,9 @@ def apply_postings(conn: Connection, items: list[Posting]) -> None:
 
 def ensure_accounts(conn: Connection, names: list[str]) -> None:
     """Create missing accounts with a zero balance, in the caller's transaction."""
-    existing = set(conn.execute(select(accounts.c.name).where(accounts.c.name.in_(names))).scalars())
+    existing = set(
+        conn.execute(select(accounts.c.name).where(accounts.c.name.in_(names))).scalars()
+    )
     new = [n for n in dict.fromkeys(names) if n not in existing]
     if new:
         conn.execute(accounts.insert(), [{"name": n, "balance": 0} for n in new])
@@ -83,4 +92,3 @@ def balance_of(conn: Connection, name: str) -> int:
     """The cached balance of an account (0 when it does not exist)."""
     value = conn.execute(select(accounts.c.balance).where(accounts.c.name == name)).scalar()
     return int(value or 0)
-

@@ -50,7 +50,7 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
         raise ValueError(f"sqlite_synchronous must be FULL or NORMAL, not {sqlite_synchronous}")
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
-    # A pooled connection per thread keeps the PRAGMAs and avoids reopening the file per transaction.
+    # Pooled connections keep their PRAGMAs and avoid reopening the file per transaction.
     in_memory = url in ("sqlite://", "sqlite:///:memory:")
     pool_args = {} if in_memory else {"pool_size": 4, "max_overflow": 4}
     engine = create_engine(url, connect_args={"check_same_thread": False}, **pool_args)
@@ -69,7 +69,9 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
 class Ledger:
     """Accounting over SQL. Every public method is one database transaction."""
 
-    def __init__(self, engine: Engine, price_of: Callable[[str], Price], policy: SplitPolicy) -> None:
+    def __init__(
+        self, engine: Engine, price_of: Callable[[str], Price], policy: SplitPolicy
+    ) -> None:
         self.engine = engine
         self.price_of = price_of
         self.policy = policy
@@ -93,13 +95,20 @@ class Ledger:
         """Move (prompt + max_tokens) at the model price from the payer's balance to its hold."""
         amount = hold_amount(self.price_of(req.model), req.prompt_tokens, req.max_tokens)
         with self.transaction() as conn:
-            if conn.execute(select(holds.c.request_id).where(holds.c.request_id == req.request_id)).first():
-                raise InvalidRequest(f"request {req.request_id} already has a hold", code="duplicate_request")
+            if conn.execute(
+                select(holds.c.request_id).where(holds.c.request_id == req.request_id)
+            ).first():
+                raise InvalidRequest(
+                    f"request {req.request_id} already has a hold", code="duplicate_request"
+                )
             acct.ensure_accounts(conn, [acct.client(req.payer)])
             # Conditional debit: concurrent gateways on PostgreSQL cannot overdraw a balance.
             debited = conn.execute(
                 update(acct.accounts)
-                .where(acct.accounts.c.name == acct.client(req.payer), acct.accounts.c.balance >= amount)
+                .where(
+                    acct.accounts.c.name == acct.client(req.payer),
+                    acct.accounts.c.balance >= amount,
+                )
                 .values(balance=acct.accounts.c.balance - amount)
             ).rowcount
             if debited != 1:
@@ -114,18 +123,33 @@ class Ledger:
             acct.ensure_accounts(conn, [hold_name])
             conn.execute(
                 acct.postings.insert(),
-                {"ref": f"hold:{req.request_id}", "kind": "hold", "from_account": acct.client(req.payer),
-                 "to_account": hold_name, "amount": amount, "created_at": time.time()},
+                {
+                    "ref": f"hold:{req.request_id}",
+                    "kind": "hold",
+                    "from_account": acct.client(req.payer),
+                    "to_account": hold_name,
+                    "amount": amount,
+                    "created_at": time.time(),
+                },
             )
             conn.execute(
-                update(acct.accounts).where(acct.accounts.c.name == hold_name)
+                update(acct.accounts)
+                .where(acct.accounts.c.name == hold_name)
                 .values(balance=acct.accounts.c.balance + amount)
             )
-            conn.execute(holds.insert(), {
-                "request_id": req.request_id, "payer": req.payer, "model": req.model, "amount": amount,
-                "prompt_tokens": req.prompt_tokens, "max_tokens": req.max_tokens, "state": "open",
-                "created_at": time.time(),
-            })
+            conn.execute(
+                holds.insert(),
+                {
+                    "request_id": req.request_id,
+                    "payer": req.payer,
+                    "model": req.model,
+                    "amount": amount,
+                    "prompt_tokens": req.prompt_tokens,
+                    "max_tokens": req.max_tokens,
+                    "state": "open",
+                    "created_at": time.time(),
+                },
+            )
             return Hold(req.request_id, req.payer, amount, balance_of(conn, acct.client(req.payer)))
 
     def release_hold(self, request_id: str) -> bool:
@@ -137,10 +161,24 @@ class Ledger:
             if row.state == "released":
                 return False
             if row.state == "settled":
-                raise InvalidRequest(f"request {request_id} is already settled", code="already_settled")
-            self.post(conn, [Posting(f"release:{request_id}", "release", acct.held(row.payer),
-                                     acct.client(row.payer), row.amount)])
-            conn.execute(update(holds).where(holds.c.request_id == request_id).values(state="released"))
+                raise InvalidRequest(
+                    f"request {request_id} is already settled", code="already_settled"
+                )
+            self.post(
+                conn,
+                [
+                    Posting(
+                        f"release:{request_id}",
+                        "release",
+                        acct.held(row.payer),
+                        acct.client(row.payer),
+                        row.amount,
+                    )
+                ],
+            )
+            conn.execute(
+                update(holds).where(holds.c.request_id == request_id).values(state="released")
+            )
             return True
 
     # Settlement records -------------------------------------------------------------------------
@@ -152,7 +190,10 @@ class Ledger:
         results: list[SettlementRecord | PaymentError] = []
         with self.transaction() as conn:
             ids = [r.request_id for r in reports]
-            open_holds = {h.request_id: h for h in conn.execute(select(holds).where(holds.c.request_id.in_(ids)))}
+            open_holds = {
+                h.request_id: h
+                for h in conn.execute(select(holds).where(holds.c.request_id.in_(ids)))
+            }
             rows, share_rows, items, seen = [], [], [], set()
             for report in reports:
                 hold = open_holds.get(report.request_id)
@@ -176,9 +217,10 @@ class Ledger:
             if rows:
                 conn.execute(settlements.insert(), rows)
                 conn.execute(settlement_shares.insert(), share_rows)
-                self.post(conn, _summarise(items, rows[0]["id"] if len(rows) > 1 else None))
+                self.post(conn, _summarise(items, str(rows[0]["id"]) if len(rows) > 1 else None))
                 conn.execute(
-                    update(holds).where(holds.c.request_id.in_([r["request_id"] for r in rows]))
+                    update(holds)
+                    .where(holds.c.request_id.in_([r["request_id"] for r in rows]))
                     .values(state="settled")
                 )
         return results
@@ -189,40 +231,68 @@ class Ledger:
         price = self.price_of(report.model)
         cost = request_cost(price, report.prompt_tokens, report.completion_tokens)
         if cost > held_amount:
-            logger.warning("request %s cost %d exceeds its hold %d; charging the hold",
-                           report.request_id, cost, held_amount)
+            logger.warning(
+                "request %s cost %d exceeds its hold %d; charging the hold",
+                report.request_id,
+                cost,
+                held_amount,
+            )
             cost = held_amount
         layers = [p.layers_served for p in report.providers]
-        split = split_cost(cost, layers, self.policy.network_bps, self.policy.proxy_bps,
-                           report.proxy_wallet is not None)
-        shares = [ShareLine(p.wallet, "provider", p.layers_served, amount)
-                  for p, amount in zip(report.providers, split.providers, strict=True)]
+        split = split_cost(
+            cost,
+            layers,
+            self.policy.network_bps,
+            self.policy.proxy_bps,
+            report.proxy_wallet is not None,
+        )
+        shares = [
+            ShareLine(p.wallet, "provider", p.layers_served, amount)
+            for p, amount in zip(report.providers, split.providers, strict=True)
+        ]
         shares.append(ShareLine(acct.NETWORK, "network", 0, split.network))
         if report.proxy_wallet is not None:
             shares.append(ShareLine(report.proxy_wallet, "proxy", 0, split.proxy))
         return SettlementRecord(
-            settlement_id=f"set_{uuid.uuid4().hex[:24]}", request_id=report.request_id,
-            payer=report.payer, model=report.model, prompt_tokens=report.prompt_tokens,
-            completion_tokens=report.completion_tokens, price_prompt_per_1k=price.prompt_per_1k,
-            price_completion_per_1k=price.completion_per_1k, cost=cost, shares=tuple(shares),
+            settlement_id=f"set_{uuid.uuid4().hex[:24]}",
+            request_id=report.request_id,
+            payer=report.payer,
+            model=report.model,
+            prompt_tokens=report.prompt_tokens,
+            completion_tokens=report.completion_tokens,
+            price_prompt_per_1k=price.prompt_per_1k,
+            price_completion_per_1k=price.completion_per_1k,
+            cost=cost,
+            shares=tuple(shares),
             created_at=time.time(),
         )
 
-    def _load_record(self, conn: Connection, *, request_id: str | None = None,
-                     settlement_id: str | None = None) -> SettlementRecord:
-        cond = settlements.c.request_id == request_id if request_id else settlements.c.id == settlement_id
+    def _load_record(
+        self, conn: Connection, *, request_id: str | None = None, settlement_id: str | None = None
+    ) -> SettlementRecord:
+        cond = (
+            settlements.c.request_id == request_id
+            if request_id
+            else settlements.c.id == settlement_id
+        )
         row = conn.execute(select(settlements).where(cond)).first()
         if row is None:
             raise NotFound(f"no settlement {settlement_id or request_id}")
         shares = conn.execute(
-            select(settlement_shares).where(settlement_shares.c.settlement_id == row.id)
+            select(settlement_shares)
+            .where(settlement_shares.c.settlement_id == row.id)
             .order_by(settlement_shares.c.id)
         ).all()
         return SettlementRecord(
-            settlement_id=row.id, request_id=row.request_id, payer=row.payer, model=row.model,
-            prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
+            settlement_id=row.id,
+            request_id=row.request_id,
+            payer=row.payer,
+            model=row.model,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
             price_prompt_per_1k=row.price_prompt_per_1k,
-            price_completion_per_1k=row.price_completion_per_1k, cost=row.cost,
+            price_completion_per_1k=row.price_completion_per_1k,
+            cost=row.cost,
             shares=tuple(ShareLine(s.wallet, s.role, s.layers_served, s.amount) for s in shares),
             created_at=row.created_at,
         )
@@ -232,11 +302,19 @@ class Ledger:
         with self.transaction() as conn:
             record = self._load_record(conn, settlement_id=settlement_id)
             batch_rows = conn.execute(
-                select(settlement_shares.c.batch_id, payout_batches.c.state, payout_batches.c.signature)
-                .select_from(settlement_shares.outerjoin(
-                    payout_batches, settlement_shares.c.batch_id == payout_batches.c.id))
-                .where(settlement_shares.c.settlement_id == settlement_id,
-                       settlement_shares.c.role != "network", settlement_shares.c.amount > 0)
+                select(
+                    settlement_shares.c.batch_id, payout_batches.c.state, payout_batches.c.signature
+                )
+                .select_from(
+                    settlement_shares.outerjoin(
+                        payout_batches, settlement_shares.c.batch_id == payout_batches.c.id
+                    )
+                )
+                .where(
+                    settlement_shares.c.settlement_id == settlement_id,
+                    settlement_shares.c.role != "network",
+                    settlement_shares.c.amount > 0,
+                )
             ).all()
         settled = all(r.state == "confirmed" for r in batch_rows)
         signatures = tuple(sorted({r.signature for r in batch_rows if r.state == "confirmed"}))
@@ -249,10 +327,28 @@ class Ledger:
             raise InvalidRequest("a deposit must be positive")
         try:
             with self.transaction() as conn:
-                conn.execute(deposits.insert(), {"signature": signature, "wallet": wallet, "amount": amount,
-                                                 "slot": slot, "created_at": time.time()})
-                self.post(conn, [Posting(f"deposit:{signature}", "deposit", acct.CHAIN_INFLOW,
-                                         acct.client(wallet), amount)])
+                conn.execute(
+                    deposits.insert(),
+                    {
+                        "signature": signature,
+                        "wallet": wallet,
+                        "amount": amount,
+                        "slot": slot,
+                        "created_at": time.time(),
+                    },
+                )
+                self.post(
+                    conn,
+                    [
+                        Posting(
+                            f"deposit:{signature}",
+                            "deposit",
+                            acct.CHAIN_INFLOW,
+                            acct.client(wallet),
+                            amount,
+                        )
+                    ],
+                )
             return Deposit(signature, wallet, amount, newly_credited=True)
         except IntegrityError:
             with self.transaction() as conn:
@@ -262,23 +358,41 @@ class Ledger:
     def balance(self, wallet: str, asset: str) -> Balance:
         with self.transaction() as conn:
             return Balance(
-                wallet=wallet, available=balance_of(conn, acct.client(wallet)),
+                wallet=wallet,
+                available=balance_of(conn, acct.client(wallet)),
                 held=balance_of(conn, acct.held(wallet)),
-                unpaid_earnings=balance_of(conn, acct.payee(wallet)), asset=asset,
+                unpaid_earnings=balance_of(conn, acct.payee(wallet)),
+                asset=asset,
             )
 
 
 def _settlement_row(r: SettlementRecord) -> dict[str, object]:
-    return {"id": r.settlement_id, "request_id": r.request_id, "payer": r.payer, "model": r.model,
-            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "price_prompt_per_1k": r.price_prompt_per_1k,
-            "price_completion_per_1k": r.price_completion_per_1k, "cost": r.cost,
-            "created_at": r.created_at}
+    return {
+        "id": r.settlement_id,
+        "request_id": r.request_id,
+        "payer": r.payer,
+        "model": r.model,
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "price_prompt_per_1k": r.price_prompt_per_1k,
+        "price_completion_per_1k": r.price_completion_per_1k,
+        "cost": r.cost,
+        "created_at": r.created_at,
+    }
 
 
 def _share_rows(r: SettlementRecord) -> list[dict[str, object]]:
-    return [{"settlement_id": r.settlement_id, "wallet": s.wallet, "role": s.role,
-             "layers_served": s.layers_served, "amount": s.amount, "batch_id": None} for s in r.shares]
+    return [
+        {
+            "settlement_id": r.settlement_id,
+            "wallet": s.wallet,
+            "role": s.role,
+            "layers_served": s.layers_served,
+            "amount": s.amount,
+            "batch_id": None,
+        }
+        for s in r.shares
+    ]
 
 
 def _summarise(items: list[Posting], group_ref: str | None) -> list[Posting]:
@@ -292,16 +406,24 @@ def _summarise(items: list[Posting], group_ref: str | None) -> list[Posting]:
     totals: dict[tuple[str, str, str], int] = defaultdict(int)
     for p in items:
         totals[(p.kind, p.from_account, p.to_account)] += p.amount
-    return [Posting(f"settle-group:{group_ref}", kind, src, dst, amount)
-            for (kind, src, dst), amount in totals.items()]
+    return [
+        Posting(f"settle-group:{group_ref}", kind, src, dst, amount)
+        for (kind, src, dst), amount in totals.items()
+    ]
 
 
 def _settlement_postings(r: SettlementRecord, held_amount: int) -> list[Posting]:
-    """Charge the hold: each share to its payee (network to its account), the rest back to the client."""
+    """Charge the hold: each share to its payee (or the network), the rest back to the client."""
     ref = f"settle:{r.settlement_id}"
     source = acct.held(r.payer)
     items = [
-        Posting(ref, "charge", source, acct.NETWORK if s.role == "network" else acct.payee(s.wallet), s.amount)
+        Posting(
+            ref,
+            "charge",
+            source,
+            acct.NETWORK if s.role == "network" else acct.payee(s.wallet),
+            s.amount,
+        )
         for s in r.shares
     ]
     items.append(Posting(ref, "release", source, acct.client(r.payer), held_amount - r.cost))

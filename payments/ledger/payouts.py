@@ -50,7 +50,10 @@ class PayoutBook:
         with self.ledger.transaction() as conn:
             rows = conn.execute(
                 select(settlement_shares.c.wallet, func.sum(settlement_shares.c.amount))
-                .where(settlement_shares.c.batch_id.is_(None), settlement_shares.c.role.in_(PAYEE_ROLES))
+                .where(
+                    settlement_shares.c.batch_id.is_(None),
+                    settlement_shares.c.role.in_(PAYEE_ROLES),
+                )
                 .group_by(settlement_shares.c.wallet)
             ).all()
         return {wallet: int(total) for wallet, total in rows if total > 0}
@@ -67,57 +70,113 @@ class PayoutBook:
 
     def _create(self, batch_id: str, wallets: list[str], now: float) -> None:
         with self.ledger.transaction() as conn:
-            conn.execute(payout_batches.insert(), {"id": batch_id, "state": "created", "attempt": 0,
-                                                   "created_at": now, "updated_at": now})
+            conn.execute(
+                payout_batches.insert(),
+                {
+                    "id": batch_id,
+                    "state": "created",
+                    "attempt": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
             conn.execute(
                 update(settlement_shares)
-                .where(settlement_shares.c.batch_id.is_(None), settlement_shares.c.role.in_(PAYEE_ROLES),
-                       settlement_shares.c.wallet.in_(wallets), settlement_shares.c.amount > 0)
+                .where(
+                    settlement_shares.c.batch_id.is_(None),
+                    settlement_shares.c.role.in_(PAYEE_ROLES),
+                    settlement_shares.c.wallet.in_(wallets),
+                    settlement_shares.c.amount > 0,
+                )
                 .values(batch_id=batch_id)
             )
             totals = conn.execute(
                 select(settlement_shares.c.wallet, func.sum(settlement_shares.c.amount))
-                .where(settlement_shares.c.batch_id == batch_id).group_by(settlement_shares.c.wallet)
+                .where(settlement_shares.c.batch_id == batch_id)
+                .group_by(settlement_shares.c.wallet)
                 .order_by(settlement_shares.c.wallet)
             ).all()
             if not totals:
                 raise _NothingToPay
-            conn.execute(payout_items.insert(),
-                         [{"batch_id": batch_id, "wallet": w, "amount": int(a)} for w, a in totals])
-            self.ledger.post(conn, [Posting(f"batch:{batch_id}", "payout", acct.payee(w), acct.INFLIGHT, int(a))
-                                    for w, a in totals])
+            conn.execute(
+                payout_items.insert(),
+                [{"batch_id": batch_id, "wallet": w, "amount": int(a)} for w, a in totals],
+            )
+            self.ledger.post(
+                conn,
+                [
+                    Posting(f"batch:{batch_id}", "payout", acct.payee(w), acct.INFLIGHT, int(a))
+                    for w, a in totals
+                ],
+            )
 
     def get(self, batch_id: str) -> BatchRow:
         with self.ledger.transaction() as conn:
             row = conn.execute(select(payout_batches).where(payout_batches.c.id == batch_id)).one()
             items = conn.execute(
                 select(payout_items.c.wallet, payout_items.c.amount)
-                .where(payout_items.c.batch_id == batch_id).order_by(payout_items.c.wallet)
+                .where(payout_items.c.batch_id == batch_id)
+                .order_by(payout_items.c.wallet)
             ).all()
-        return BatchRow(row.id, row.state, row.attempt, tuple((w, int(a)) for w, a in items),
-                        row.tx_bytes, row.signature, row.last_valid_block_height)
+        return BatchRow(
+            row.id,
+            row.state,
+            row.attempt,
+            tuple((w, int(a)) for w, a in items),
+            row.tx_bytes,
+            row.signature,
+            row.last_valid_block_height,
+        )
 
     def open_batches(self) -> list[BatchRow]:
         """Batches not yet confirmed or failed, oldest first (what recovery must finish)."""
         with self.ledger.transaction() as conn:
-            ids = conn.execute(
-                select(payout_batches.c.id).where(payout_batches.c.state.in_(OPEN_STATES))
-                .order_by(payout_batches.c.created_at)
-            ).scalars().all()
+            ids = (
+                conn.execute(
+                    select(payout_batches.c.id)
+                    .where(payout_batches.c.state.in_(OPEN_STATES))
+                    .order_by(payout_batches.c.created_at)
+                )
+                .scalars()
+                .all()
+            )
         return [self.get(i) for i in ids]
 
-    def mark_signed(self, batch_id: str, tx_bytes: bytes, signature: str, blockhash: str,
-                    last_valid_block_height: int) -> None:
+    def mark_signed(
+        self,
+        batch_id: str,
+        tx_bytes: bytes,
+        signature: str,
+        blockhash: str,
+        last_valid_block_height: int,
+    ) -> None:
         """Store the signed transaction before it is sent (the idempotency anchor)."""
         with self.ledger.transaction() as conn:
-            attempt = conn.execute(select(payout_batches.c.attempt).where(payout_batches.c.id == batch_id)).scalar_one()
-            conn.execute(update(payout_batches).where(payout_batches.c.id == batch_id, payout_batches.c.state == "created")
-                         .values(state="signed", tx_bytes=tx_bytes, signature=signature, blockhash=blockhash,
-                                 last_valid_block_height=last_valid_block_height, attempt=attempt + 1,
-                                 updated_at=time.time()))
-            conn.execute(batch_attempts.insert(), {"batch_id": batch_id, "attempt": attempt + 1,
-                                                   "signature": signature,
-                                                   "last_valid_block_height": last_valid_block_height})
+            attempt = conn.execute(
+                select(payout_batches.c.attempt).where(payout_batches.c.id == batch_id)
+            ).scalar_one()
+            conn.execute(
+                update(payout_batches)
+                .where(payout_batches.c.id == batch_id, payout_batches.c.state == "created")
+                .values(
+                    state="signed",
+                    tx_bytes=tx_bytes,
+                    signature=signature,
+                    blockhash=blockhash,
+                    last_valid_block_height=last_valid_block_height,
+                    attempt=attempt + 1,
+                    updated_at=time.time(),
+                )
+            )
+            conn.execute(
+                batch_attempts.insert(),
+                {
+                    "batch_id": batch_id,
+                    "attempt": attempt + 1,
+                    "signature": signature,
+                    "last_valid_block_height": last_valid_block_height,
+                },
+            )
 
     def mark_sent(self, batch_id: str) -> None:
         self._set_state(batch_id, "sent", from_states=("signed",))
@@ -126,21 +185,38 @@ class PayoutBook:
         """The blockhash expired with the signature unknown: the batch may be re-signed."""
         with self.ledger.transaction() as conn:
             row = conn.execute(select(payout_batches).where(payout_batches.c.id == batch_id)).one()
-            conn.execute(update(batch_attempts).where(batch_attempts.c.batch_id == batch_id,
-                                                      batch_attempts.c.attempt == row.attempt)
-                         .values(outcome="expired"))
-            conn.execute(update(payout_batches).where(payout_batches.c.id == batch_id)
-                         .values(state="created", tx_bytes=None, signature=None, blockhash=None,
-                                 last_valid_block_height=None, updated_at=time.time()))
+            conn.execute(
+                update(batch_attempts)
+                .where(
+                    batch_attempts.c.batch_id == batch_id, batch_attempts.c.attempt == row.attempt
+                )
+                .values(outcome="expired")
+            )
+            conn.execute(
+                update(payout_batches)
+                .where(payout_batches.c.id == batch_id)
+                .values(
+                    state="created",
+                    tx_bytes=None,
+                    signature=None,
+                    blockhash=None,
+                    last_valid_block_height=None,
+                    updated_at=time.time(),
+                )
+            )
 
     def confirm(self, batch_id: str, fee_lamports: int) -> None:
         """The transaction succeeded on chain: payouts leave the ledger, the fee is charged."""
         batch = self.get(batch_id)
         with self.ledger.transaction() as conn:
-            items = [Posting(f"batch:{batch_id}", "paid", acct.INFLIGHT, acct.CHAIN_OUTFLOW, a)
-                     for _, a in batch.items]
+            items = [
+                Posting(f"batch:{batch_id}", "paid", acct.INFLIGHT, acct.CHAIN_OUTFLOW, a)
+                for _, a in batch.items
+            ]
             if self.fees_in_ledger:
-                items.append(Posting(f"batch:{batch_id}", "fee", acct.NETWORK, acct.CHAIN_FEES, fee_lamports))
+                items.append(
+                    Posting(f"batch:{batch_id}", "fee", acct.NETWORK, acct.CHAIN_FEES, fee_lamports)
+                )
             self.ledger.post(conn, items)
             self._finish(conn, batch, "confirmed", fee_lamports, None)
 
@@ -148,34 +224,54 @@ class PayoutBook:
         """The transaction failed on chain: nothing was paid, shares become unpaid again."""
         batch = self.get(batch_id)
         with self.ledger.transaction() as conn:
-            items = [Posting(f"batch:{batch_id}", "revert", acct.INFLIGHT, acct.payee(w), a)
-                     for w, a in batch.items]
+            items = [
+                Posting(f"batch:{batch_id}", "revert", acct.INFLIGHT, acct.payee(w), a)
+                for w, a in batch.items
+            ]
             if self.fees_in_ledger:
-                items.append(Posting(f"batch:{batch_id}", "fee", acct.NETWORK, acct.CHAIN_FEES, fee_lamports))
+                items.append(
+                    Posting(f"batch:{batch_id}", "fee", acct.NETWORK, acct.CHAIN_FEES, fee_lamports)
+                )
             self.ledger.post(conn, items)
-            conn.execute(update(settlement_shares).where(settlement_shares.c.batch_id == batch_id)
-                         .values(batch_id=None))
+            conn.execute(
+                update(settlement_shares)
+                .where(settlement_shares.c.batch_id == batch_id)
+                .values(batch_id=None)
+            )
             self._finish(conn, batch, "failed", fee_lamports, error)
 
     def _finish(self, conn, batch: BatchRow, state: str, fee: int, error: str | None) -> None:  # type: ignore[no-untyped-def]
         done = conn.execute(
-            update(payout_batches).where(payout_batches.c.id == batch.batch_id,
-                                         payout_batches.c.state.in_(OPEN_STATES))
+            update(payout_batches)
+            .where(payout_batches.c.id == batch.batch_id, payout_batches.c.state.in_(OPEN_STATES))
             .values(state=state, fee_lamports=fee, error=error, updated_at=time.time())
         ).rowcount
         if done != 1:
             raise RuntimeError(f"batch {batch.batch_id} was already finished")
-        conn.execute(update(batch_attempts).where(batch_attempts.c.batch_id == batch.batch_id,
-                                                  batch_attempts.c.attempt == batch.attempt)
-                     .values(outcome=state))
+        conn.execute(
+            update(batch_attempts)
+            .where(
+                batch_attempts.c.batch_id == batch.batch_id,
+                batch_attempts.c.attempt == batch.attempt,
+            )
+            .values(outcome=state)
+        )
 
     def _set_state(self, batch_id: str, state: str, from_states: tuple[str, ...]) -> None:
         with self.ledger.transaction() as conn:
-            conn.execute(update(payout_batches)
-                         .where(payout_batches.c.id == batch_id, payout_batches.c.state.in_(from_states))
-                         .values(state=state, updated_at=time.time()))
+            conn.execute(
+                update(payout_batches)
+                .where(payout_batches.c.id == batch_id, payout_batches.c.state.in_(from_states))
+                .values(state=state, updated_at=time.time())
+            )
 
     def confirmed_batches(self) -> list[BatchRow]:
         with self.ledger.transaction() as conn:
-            ids = conn.execute(select(payout_batches.c.id).where(payout_batches.c.state == "confirmed")).scalars().all()
+            ids = (
+                conn.execute(
+                    select(payout_batches.c.id).where(payout_batches.c.state == "confirmed")
+                )
+                .scalars()
+                .all()
+            )
         return [self.get(i) for i in ids]

@@ -1,10 +1,17 @@
-"""Ledger self-checks: double entry holds, cached balances match postings, records match postings."""
+"""Ledger self-checks: double entry holds, balances match postings, records match postings."""
 
 from sqlalchemy import func, select
 
 from payments.ledger import accounts as acct
 from payments.ledger.ledger import Ledger
-from payments.ledger.schema import accounts, payout_batches, payout_items, postings, settlement_shares, settlements
+from payments.ledger.schema import (
+    accounts,
+    payout_batches,
+    payout_items,
+    postings,
+    settlement_shares,
+    settlements,
+)
 
 
 def _sum(conn, stmt) -> int:  # type: ignore[no-untyped-def]
@@ -15,39 +22,85 @@ def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
     """Run every ledger-only check in one read transaction; returns (checks, figures)."""
     with ledger.transaction() as conn:
         cached = dict(conn.execute(select(accounts.c.name, accounts.c.balance)).all())
-        credits = dict(conn.execute(select(postings.c.to_account, func.sum(postings.c.amount))
-                                    .group_by(postings.c.to_account)).all())
-        debits = dict(conn.execute(select(postings.c.from_account, func.sum(postings.c.amount))
-                                   .group_by(postings.c.from_account)).all())
+        credits = dict(
+            conn.execute(
+                select(postings.c.to_account, func.sum(postings.c.amount)).group_by(
+                    postings.c.to_account
+                )
+            ).all()
+        )
+        debits = dict(
+            conn.execute(
+                select(postings.c.from_account, func.sum(postings.c.amount)).group_by(
+                    postings.c.from_account
+                )
+            ).all()
+        )
         charged = _sum(conn, select(func.sum(postings.c.amount)).where(postings.c.kind == "charge"))
-        to_payees = _sum(conn, select(func.sum(postings.c.amount)).where(
-            postings.c.kind == "charge", postings.c.to_account.like("payee:%")))
-        to_network = _sum(conn, select(func.sum(postings.c.amount)).where(
-            postings.c.kind == "charge", postings.c.to_account == acct.NETWORK))
+        to_payees = _sum(
+            conn,
+            select(func.sum(postings.c.amount)).where(
+                postings.c.kind == "charge", postings.c.to_account.like("payee:%")
+            ),
+        )
+        to_network = _sum(
+            conn,
+            select(func.sum(postings.c.amount)).where(
+                postings.c.kind == "charge", postings.c.to_account == acct.NETWORK
+            ),
+        )
         fees = _sum(conn, select(func.sum(postings.c.amount)).where(postings.c.kind == "fee"))
         record_cost = _sum(conn, select(func.sum(settlements.c.cost)))
         record_shares = _sum(conn, select(func.sum(settlement_shares.c.amount)))
-        unpaid_shares = _sum(conn, select(func.sum(settlement_shares.c.amount)).where(
-            settlement_shares.c.batch_id.is_(None), settlement_shares.c.role != "network"))
-        open_items = _sum(conn, select(func.sum(payout_items.c.amount)).select_from(
-            payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id))
-            .where(payout_batches.c.state.in_(("created", "signed", "sent"))))
-        paid_items = _sum(conn, select(func.sum(payout_items.c.amount)).select_from(
-            payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id))
-            .where(payout_batches.c.state == "confirmed"))
-        batched_shares = _sum(conn, select(func.sum(settlement_shares.c.amount)).where(
-            settlement_shares.c.batch_id.is_not(None)))
-        all_items = _sum(conn, select(func.sum(payout_items.c.amount)).select_from(
-            payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id))
-            .where(payout_batches.c.state != "failed"))
+        unpaid_shares = _sum(
+            conn,
+            select(func.sum(settlement_shares.c.amount)).where(
+                settlement_shares.c.batch_id.is_(None), settlement_shares.c.role != "network"
+            ),
+        )
+        open_items = _sum(
+            conn,
+            select(func.sum(payout_items.c.amount))
+            .select_from(
+                payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id)
+            )
+            .where(payout_batches.c.state.in_(("created", "signed", "sent"))),
+        )
+        paid_items = _sum(
+            conn,
+            select(func.sum(payout_items.c.amount))
+            .select_from(
+                payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id)
+            )
+            .where(payout_batches.c.state == "confirmed"),
+        )
+        batched_shares = _sum(
+            conn,
+            select(func.sum(settlement_shares.c.amount)).where(
+                settlement_shares.c.batch_id.is_not(None)
+            ),
+        )
+        all_items = _sum(
+            conn,
+            select(func.sum(payout_items.c.amount))
+            .select_from(
+                payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id)
+            )
+            .where(payout_batches.c.state != "failed"),
+        )
     names = set(cached) | set(credits) | set(debits)
     payee_total = sum(v for k, v in cached.items() if k.startswith("payee:"))
-    liabilities = sum(v for k, v in cached.items()
-                      if k.startswith(("client:", "hold:", "payee:")) or k == acct.INFLIGHT)
+    liabilities = sum(
+        v
+        for k, v in cached.items()
+        if k.startswith(("client:", "hold:", "payee:")) or k == acct.INFLIGHT
+    )
     checks = {
         "balances_sum_to_zero": sum(cached.values()) == 0,
         "balances_match_postings": all(
-            cached.get(n, 0) == int(credits.get(n, 0) or 0) - int(debits.get(n, 0) or 0) for n in names),
+            cached.get(n, 0) == int(credits.get(n, 0) or 0) - int(debits.get(n, 0) or 0)
+            for n in names
+        ),
         # client debits = provider credits + commission (+ chain fees, which come out of commission)
         "charges_equal_payee_plus_commission": charged == to_payees + to_network,
         "network_equals_commission_minus_fees": cached.get(acct.NETWORK, 0) == to_network - fees,
@@ -57,11 +110,18 @@ def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
         "outflow_matches_confirmed_batches": cached.get(acct.CHAIN_OUTFLOW, 0) == paid_items,
         "batched_shares_match_batch_items": batched_shares == all_items,
         "no_negative_client_balance": all(
-            v >= 0 for k, v in cached.items() if k.startswith(("client:", "hold:", "payee:"))),
+            v >= 0 for k, v in cached.items() if k.startswith(("client:", "hold:", "payee:"))
+        ),
     }
     figures = {
-        "deposits": -cached.get(acct.CHAIN_INFLOW, 0), "charged": charged, "to_payees": to_payees,
-        "to_network": to_network, "chain_fees": fees, "paid_out": paid_items, "in_flight": open_items,
-        "unpaid": unpaid_shares, "liabilities": liabilities,
+        "deposits": -cached.get(acct.CHAIN_INFLOW, 0),
+        "charged": charged,
+        "to_payees": to_payees,
+        "to_network": to_network,
+        "chain_fees": fees,
+        "paid_out": paid_items,
+        "in_flight": open_items,
+        "unpaid": unpaid_shares,
+        "liabilities": liabilities,
     }
     return checks, figures

@@ -1,8 +1,8 @@
 """SQL tables of the payments ledger (SQLAlchemy Core; SQLite by default, PostgreSQL by URL).
 
 Accounting model: every movement of money is one row of `postings` (from_account -> to_account,
-amount > 0) and `accounts.balance` caches credits minus debits, so the sum of all balances is zero by
-construction and each balance can be recomputed from the postings (see `Ledger.reconcile`).
+amount > 0) and `accounts.balance` caches credits minus debits, so the sum of all balances is zero
+by construction and each balance can be recomputed from the postings (see `Ledger.reconcile`).
 """
 
 from sqlalchemy import (

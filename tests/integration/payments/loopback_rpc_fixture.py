@@ -1,7 +1,7 @@
 """TEST FIXTURE: a loopback Solana JSON-RPC endpoint that executes transactions on LiteSVM.
 
 Not a validator: it answers the handful of methods the RPC backend uses, with responses produced
-by solders' own RPC response types, so solana-py's AsyncClient parses them as it would a real node's.
+by solders' own RPC response types, so solana-py's AsyncClient parses them like a real node's.
 Every transaction is final as soon as it executes; `expire_blockhash` moves the block height past
 the old blockhash's validity window.
 """
@@ -34,7 +34,7 @@ from payments.chain.litesvm_backend import LiteSVMBackend
 
 
 class LoopbackRpcValidator:
-    """Serve JSON-RPC on 127.0.0.1:<port> over an in-memory LiteSVM (`self.backend` for test setup)."""
+    """JSON-RPC on 127.0.0.1:<port> over an in-memory LiteSVM (`self.backend` for test setup)."""
 
     def __init__(self) -> None:
         self.backend = LiteSVMBackend(state_path=None)
@@ -64,7 +64,7 @@ class LoopbackRpcValidator:
             self.svm.expire_blockhash()
             self.height += BLOCKHASH_VALIDITY_BLOCKS + 1
 
-    # JSON-RPC methods ------------------------------------------------------------------------------
+    # JSON-RPC methods ---------------------------------------------------------------------------
     def _context(self) -> RpcResponseContext:
         return RpcResponseContext(int(self.svm.get_clock().slot))
 
@@ -87,19 +87,24 @@ class LoopbackRpcValidator:
         return GetSlotResp(slot).to_json()
 
     def _rpc_getBalance(self, params: list[Any]) -> str:
-        return GetBalanceResp(int(self.svm.get_balance(Pubkey.from_string(params[0])) or 0),
-                              self._context()).to_json()
+        return GetBalanceResp(
+            int(self.svm.get_balance(Pubkey.from_string(params[0])) or 0), self._context()
+        ).to_json()
 
     def _rpc_getAccountInfo(self, params: list[Any]) -> str:
-        return GetAccountInfoResp(self.svm.get_account(Pubkey.from_string(params[0])), self._context()).to_json()
+        return GetAccountInfoResp(
+            self.svm.get_account(Pubkey.from_string(params[0])), self._context()
+        ).to_json()
 
     def _rpc_getMinimumBalanceForRentExemption(self, params: list[Any]) -> str:
-        return GetMinimumBalanceForRentExemptionResp(int(self.svm.minimum_balance_for_rent_exemption(params[0]))).to_json()
+        return GetMinimumBalanceForRentExemptionResp(
+            int(self.svm.minimum_balance_for_rent_exemption(params[0]))
+        ).to_json()
 
     def _rpc_sendTransaction(self, params: list[Any]) -> str:
         tx = VersionedTransaction.from_bytes(base64.b64decode(params[0]))
         signature = str(tx.signatures[0])
-        # With preflight skipped a node answers with the signature whatever happens next; a duplicate
+        # With preflight skipped a node answers with the signature whatever happens; a duplicate
         # or a transaction with an unknown blockhash is silently dropped and never lands.
         if signature in self.landed:
             return SendTransactionResp(tx.signatures[0]).to_json()
@@ -111,30 +116,66 @@ class LoopbackRpcValidator:
                 return SendTransactionResp(tx.signatures[0]).to_json()
         else:
             err, fee = None, int(result.fee())
-        self.landed[signature] = {"tx": params[0], "err": err, "fee": fee, "slot": int(self.svm.get_clock().slot)}
+        self.landed[signature] = {
+            "tx": params[0],
+            "err": err,
+            "fee": fee,
+            "slot": int(self.svm.get_clock().slot),
+        }
         return SendTransactionResp(tx.signatures[0]).to_json()
 
     def _rpc_getSignatureStatuses(self, params: list[Any]) -> str:
         statuses = []
         for signature in params[0]:
             entry = self.landed.get(signature)
-            statuses.append(None if entry is None else TransactionStatus(
-                entry["slot"], None, entry["err"], entry["err"], TransactionConfirmationStatus.Finalized))
+            statuses.append(
+                None
+                if entry is None
+                else TransactionStatus(
+                    entry["slot"],
+                    None,
+                    entry["err"],
+                    entry["err"],
+                    TransactionConfirmationStatus.Finalized,
+                )
+            )
         return GetSignatureStatusesResp(statuses, self._context()).to_json()
 
     def _rpc_getTransaction(self, params: list[Any]) -> str:
         entry = self.landed.get(params[0])
         if entry is None:
             return json.dumps({"jsonrpc": "2.0", "result": None, "id": 0})
-        err = None if entry["err"] is None else json.loads(
-            GetSignatureStatusesResp([TransactionStatus(0, None, entry["err"], entry["err"], None)],
-                                     RpcResponseContext(0)).to_json())["result"]["value"][0]["err"]
-        meta = {"err": err, "status": {"Ok": None} if err is None else {"Err": err}, "fee": entry["fee"],
-                "preBalances": [], "postBalances": [], "innerInstructions": [], "logMessages": [],
-                "preTokenBalances": [], "postTokenBalances": [], "rewards": [],
-                "loadedAddresses": {"writable": [], "readonly": []}, "computeUnitsConsumed": 0}
-        result = {"slot": entry["slot"], "transaction": [entry["tx"], "base64"], "meta": meta,
-                  "version": "legacy", "blockTime": None}
+        err = (
+            None
+            if entry["err"] is None
+            else json.loads(
+                GetSignatureStatusesResp(
+                    [TransactionStatus(0, None, entry["err"], entry["err"], None)],
+                    RpcResponseContext(0),
+                ).to_json()
+            )["result"]["value"][0]["err"]
+        )
+        meta = {
+            "err": err,
+            "status": {"Ok": None} if err is None else {"Err": err},
+            "fee": entry["fee"],
+            "preBalances": [],
+            "postBalances": [],
+            "innerInstructions": [],
+            "logMessages": [],
+            "preTokenBalances": [],
+            "postTokenBalances": [],
+            "rewards": [],
+            "loadedAddresses": {"writable": [], "readonly": []},
+            "computeUnitsConsumed": 0,
+        }
+        result = {
+            "slot": entry["slot"],
+            "transaction": [entry["tx"], "base64"],
+            "meta": meta,
+            "version": "legacy",
+            "blockTime": None,
+        }
         return json.dumps({"jsonrpc": "2.0", "result": result, "id": 0})
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

@@ -31,20 +31,37 @@ async def deposit(client: PaymentsClient, payer: Keypair, amount: int) -> None:
     await client.faucet(str(payer.pubkey()), amount)
     mint = Pubkey.from_string(info.mint)
     treasury = Pubkey.from_string(info.treasury)
-    ix = transfer_checked(TransferCheckedParams(
-        program_id=TOKEN_PROGRAM_ID, source=get_associated_token_address(payer.pubkey(), mint), mint=mint,
-        dest=get_associated_token_address(treasury, mint), owner=payer.pubkey(), amount=amount,
-        decimals=info.decimals))
+    ix = transfer_checked(
+        TransferCheckedParams(
+            program_id=TOKEN_PROGRAM_ID,
+            source=get_associated_token_address(payer.pubkey(), mint),
+            mint=mint,
+            dest=get_associated_token_address(treasury, mint),
+            owner=payer.pubkey(),
+            amount=amount,
+            decimals=info.decimals,
+        )
+    )
     blockhash = Hash.from_string(info.blockhash)
-    tx = Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash)
+    tx = Transaction(
+        [payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash
+    )
     signature = await client.submit_transaction(bytes(tx))
     assert (await client.deposit(DepositRequest(signature))).amount == amount
 
 
 async def one_request(client: PaymentsClient, rid: str, payer: str, providers: list[str]) -> Any:
     await client.place_hold(HoldRequest(rid, payer, "m", max_tokens=64, prompt_tokens=32))
-    return await client.report_usage(UsageReport(rid, payer, "m", 32, 40,
-                                                 (ProviderShare(providers[0], 20), ProviderShare(providers[1], 10))))
+    return await client.report_usage(
+        UsageReport(
+            rid,
+            payer,
+            "m",
+            32,
+            40,
+            (ProviderShare(providers[0], 20), ProviderShare(providers[1], 10)),
+        )
+    )
 
 
 async def wait_ready(client: PaymentsClient, timeout_s: float = 90.0) -> None:
@@ -59,27 +76,42 @@ async def wait_ready(client: PaymentsClient, timeout_s: float = 90.0) -> None:
             await asyncio.sleep(0.5)
 
 
-def test_actor_survives_kills_mid_settlement_and_pays_once(ray_cluster: None, tmp_path: Path) -> None:
-    section = PaymentsSection(state_dir=tmp_path / "state", actor_name=f"payments-{uuid.uuid4().hex[:8]}",
-                              actor_call_timeout_s=60.0)
-    handle = start_payments_actor(section, settle_loop=False,
-                                  crash_hook=KillProcessAt("after_send", str(tmp_path / "killed-once")))
+def test_actor_survives_kills_mid_settlement_and_pays_once(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    section = PaymentsSection(
+        state_dir=tmp_path / "state",
+        actor_name=f"payments-{uuid.uuid4().hex[:8]}",
+        actor_call_timeout_s=60.0,
+    )
+    handle = start_payments_actor(
+        section,
+        settle_loop=False,
+        crash_hook=KillProcessAt("after_send", str(tmp_path / "killed-once")),
+    )
     client = PaymentsClient(handle, section.actor_call_timeout_s)
 
     async def scenario() -> None:
         payer, stranger = Keypair(), Keypair()
         await deposit(client, payer, 200_000)
         providers = [str(Keypair().pubkey()) for _ in range(8)]
-        records = await asyncio.gather(*(
-            one_request(client, f"r{i}", str(payer.pubkey()), [providers[i % 8], providers[(i + 1) % 8]])
-            for i in range(24)))
+        records = await asyncio.gather(
+            *(
+                one_request(
+                    client, f"r{i}", str(payer.pubkey()), [providers[i % 8], providers[(i + 1) % 8]]
+                )
+                for i in range(24)
+            )
+        )
         earned: dict[str, int] = defaultdict(int)
         for record in records:
             for share in record.shares:
                 if share.role == "provider":
                     earned[share.wallet] += share.amount
         with pytest.raises(InsufficientBalance):
-            await client.place_hold(HoldRequest("too-big", str(payer.pubkey()), "m", max_tokens=10**9))
+            await client.place_hold(
+                HoldRequest("too-big", str(payer.pubkey()), "m", max_tokens=10**9)
+            )
         with pytest.raises(Forbidden):
             await client.get_receipt(ReceiptQuery(records[0].settlement_id, str(stranger.pubkey())))
 
@@ -88,7 +120,7 @@ def test_actor_survives_kills_mid_settlement_and_pays_once(ray_cluster: None, tm
         assert (tmp_path / "killed-once").exists()
         await wait_ready(client)  # Ray restarted it; it recovered the open batch from the ledger
         await client.settle()
-        for wallet, amount in earned.items():
+        for wallet in earned:
             assert (await client.balance(wallet)).unpaid_earnings == 0
         report = await client.reconcile()
         assert report.ok, report.checks

@@ -1,4 +1,4 @@
-"""The JSON-RPC backend end to end, against the loopback JSON-RPC test fixture (LiteSVM behind it)."""
+"""The JSON-RPC backend end to end, against the loopback JSON-RPC test fixture (LiteSVM)."""
 
 import asyncio
 import json
@@ -28,14 +28,23 @@ def validator() -> Iterator[LoopbackRpcValidator]:
 
 
 @pytest.fixture(params=[False, True], ids=["legacy", "v0"])
-def service(validator: LoopbackRpcValidator, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PaymentsService]:
+def service(
+    validator: LoopbackRpcValidator, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[PaymentsService]:
     treasury = Keypair()
     keypair_path = tmp_path / "treasury.json"
     keypair_path.write_text(json.dumps(list(bytes(treasury))))
     asset = bootstrap_litesvm(validator.backend, treasury, "spl", None, 6, tmp_path / "setup")
-    section = PaymentsSection(state_dir=tmp_path / "state", chain_backend="rpc", rpc_url=validator.url,
-                              treasury_keypair_path=keypair_path, mint=str(asset.mint), mint_decimals=6,
-                              use_versioned_tx=request.param, batch_max_transfers=64)
+    section = PaymentsSection(
+        state_dir=tmp_path / "state",
+        chain_backend="rpc",
+        rpc_url=validator.url,
+        treasury_keypair_path=keypair_path,
+        mint=str(asset.mint),
+        mint_decimals=6,
+        use_versioned_tx=request.param,
+        batch_max_transfers=64,
+    )
     svc = run(PaymentsService.create(section))
     assert isinstance(svc.chain, RpcBackend)
     yield svc
@@ -63,8 +72,12 @@ def test_rpc_deposit_requests_batched_payouts_match_the_ledger(service, validato
     providers = [str(Keypair().pubkey()) for _ in range(12)]
     earned: dict[str, int] = defaultdict(int)
     for i in range(16):
-        record = serve_request(service, f"r{i}", str(client.pubkey()),
-                               [(providers[i % 12], 10), (providers[(i + 3) % 12], 20)])
+        record = serve_request(
+            service,
+            f"r{i}",
+            str(client.pubkey()),
+            [(providers[i % 12], 10), (providers[(i + 3) % 12], 20)],
+        )
         for share in record.shares:
             if share.role == "provider":
                 earned[share.wallet] += share.amount

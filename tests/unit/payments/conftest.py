@@ -45,18 +45,31 @@ def make_service(section: PaymentsSection) -> Callable[..., PaymentsService]:
         service.ledger.engine.dispose()
 
 
-def deposit_tx(service: PaymentsService, payer: Keypair, amount: int, to: Pubkey | None = None) -> VersionedTransaction:
+def deposit_tx(
+    service: PaymentsService, payer: Keypair, amount: int, to: Pubkey | None = None
+) -> VersionedTransaction:
     """A client-signed transfer of `amount` to the treasury (or to `to`)."""
     treasury = to or service.treasury.pubkey()
     if service.asset.mint is None:
-        ix = transfer(TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount))
+        ix = transfer(
+            TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount)
+        )
     else:
-        ix = transfer_checked(TransferCheckedParams(
-            program_id=TOKEN_PROGRAM_ID, source=get_associated_token_address(payer.pubkey(), service.asset.mint),
-            mint=service.asset.mint, dest=get_associated_token_address(treasury, service.asset.mint),
-            owner=payer.pubkey(), amount=amount, decimals=service.asset.decimals))
+        ix = transfer_checked(
+            TransferCheckedParams(
+                program_id=TOKEN_PROGRAM_ID,
+                source=get_associated_token_address(payer.pubkey(), service.asset.mint),
+                mint=service.asset.mint,
+                dest=get_associated_token_address(treasury, service.asset.mint),
+                owner=payer.pubkey(),
+                amount=amount,
+                decimals=service.asset.decimals,
+            )
+        )
     blockhash = service.chain.svm.latest_blockhash()  # type: ignore[attr-defined]
-    tx = Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash)
+    tx = Transaction(
+        [payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash
+    )
     return VersionedTransaction.from_legacy(tx)
 
 
@@ -70,13 +83,31 @@ def funded_client(service: PaymentsService, amount: int) -> Keypair:
     return payer
 
 
-def serve_request(service: PaymentsService, request_id: str, payer: str, providers: list[tuple[str, int]],
-                  prompt: int = 100, completion: int = 200, max_tokens: int = 256, model: str = "m",
-                  proxy: str | None = None) -> Any:
-    service.place_hold(HoldRequest(request_id, payer, model, max_tokens=max_tokens, prompt_tokens=prompt))
-    return service.report_usage(UsageReport(
-        request_id, payer, model, prompt, completion,
-        tuple(ProviderShare(w, n) for w, n in providers), proxy_wallet=proxy))
+def serve_request(
+    service: PaymentsService,
+    request_id: str,
+    payer: str,
+    providers: list[tuple[str, int]],
+    prompt: int = 100,
+    completion: int = 200,
+    max_tokens: int = 256,
+    model: str = "m",
+    proxy: str | None = None,
+) -> Any:
+    service.place_hold(
+        HoldRequest(request_id, payer, model, max_tokens=max_tokens, prompt_tokens=prompt)
+    )
+    return service.report_usage(
+        UsageReport(
+            request_id,
+            payer,
+            model,
+            prompt,
+            completion,
+            tuple(ProviderShare(w, n) for w, n in providers),
+            proxy_wallet=proxy,
+        )
+    )
 
 
 def onchain_amount(service: PaymentsService, wallet: str) -> int:
@@ -84,4 +115,7 @@ def onchain_amount(service: PaymentsService, wallet: str) -> int:
     pubkey = Pubkey.from_string(wallet)
     if service.asset.mint is None:
         return run(service.chain.lamports(pubkey))
-    return run(service.chain.token_amount(get_associated_token_address(pubkey, service.asset.mint))) or 0
+    return (
+        run(service.chain.token_amount(get_associated_token_address(pubkey, service.asset.mint)))
+        or 0
+    )

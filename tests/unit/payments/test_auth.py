@@ -1,4 +1,4 @@
-"""Wallet sign-in: a good signature gets a key; forged, replayed, expired or foreign ones get 401."""
+"""Wallet sign-in: a good signature gets a key; forged, replayed or expired ones get 401."""
 
 import pytest
 from solders.keypair import Keypair
@@ -63,7 +63,9 @@ def test_self_made_message_with_unknown_nonce_is_rejected(auth: WalletAuth) -> N
     import time
 
     now = time.time()
-    message = format_message("solanalm.test", str(wallet.pubkey()), "deadbeefdeadbeef", now, now + 60)
+    message = format_message(
+        "solanalm.test", str(wallet.pubkey()), "deadbeefdeadbeef", now, now + 60
+    )
     with pytest.raises(AuthenticationFailed) as info:
         auth.verify(message, sign(wallet, message))
     assert info.value.code == "invalid_nonce"

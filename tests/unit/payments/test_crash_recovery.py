@@ -1,5 +1,6 @@
 """Fault injection: the settlement is killed between each of its steps, then a fresh service
-(new ledger connection, LiteSVM restored from its snapshot) recovers. Nothing lost, nothing paid twice.
+(new ledger connection, LiteSVM restored from its snapshot) recovers. Nothing lost, nothing paid
+twice.
 """
 
 from collections import defaultdict
@@ -27,15 +28,21 @@ def crash_at(point: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_killed_between_settlement_steps_pays_each_provider_exactly_once(make_service, point: str) -> None:  # type: ignore[no-untyped-def]
+def test_killed_between_settlement_steps_pays_each_provider_exactly_once(
+    make_service, point: str
+) -> None:  # type: ignore[no-untyped-def]
     hook, fired = crash_at(point)
     service = make_service(crash_hook=hook)
     client = funded_client(service, 5_000_000)
     providers = [str(Keypair().pubkey()) for _ in range(6)]
     earned: dict[str, int] = defaultdict(int)
     for i in range(8):
-        record = serve_request(service, f"r{i}", str(client.pubkey()),
-                               [(providers[i % 6], 20), (providers[(i + 1) % 6], 10)])
+        record = serve_request(
+            service,
+            f"r{i}",
+            str(client.pubkey()),
+            [(providers[i % 6], 20), (providers[(i + 1) % 6], 10)],
+        )
         for share in record.shares:
             if share.role == "provider":
                 earned[share.wallet] += share.amount

@@ -9,8 +9,19 @@ from payments.protocol import SettlementRecord, UsageReport
 
 
 def fake_record(report: UsageReport) -> SettlementRecord:
-    return SettlementRecord(f"set_{report.request_id}", report.request_id, report.payer, report.model,
-                            report.prompt_tokens, report.completion_tokens, 0, 0, 0, (), 0.0)
+    return SettlementRecord(
+        f"set_{report.request_id}",
+        report.request_id,
+        report.payer,
+        report.model,
+        report.prompt_tokens,
+        report.completion_tokens,
+        0,
+        0,
+        0,
+        (),
+        0.0,
+    )
 
 
 def test_reports_are_committed_in_groups() -> None:

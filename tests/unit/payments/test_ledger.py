@@ -16,7 +16,9 @@ PAYER, P1, P2, PROXY = "payer1", "prov1", "prov2", "proxy1"
 
 @pytest.fixture
 def ledger() -> Ledger:
-    return Ledger(create_engine("sqlite://"), lambda model: Price(1_000, 2_000), SplitPolicy(500, 100))
+    return Ledger(
+        create_engine("sqlite://"), lambda model: Price(1_000, 2_000), SplitPolicy(500, 100)
+    )
 
 
 def assert_balanced(ledger: Ledger) -> None:
@@ -25,8 +27,12 @@ def assert_balanced(ledger: Ledger) -> None:
     assert not failed, failed
 
 
-def usage(rid: str, prompt: int = 100, completion: int = 50, proxy: str | None = None) -> UsageReport:
-    return UsageReport(rid, PAYER, "m", prompt, completion, (ProviderShare(P1, 20), ProviderShare(P2, 10)), proxy)
+def usage(
+    rid: str, prompt: int = 100, completion: int = 50, proxy: str | None = None
+) -> UsageReport:
+    return UsageReport(
+        rid, PAYER, "m", prompt, completion, (ProviderShare(P1, 20), ProviderShare(P2, 10)), proxy
+    )
 
 
 def test_deposit_is_credited_once(ledger: Ledger) -> None:
@@ -54,8 +60,12 @@ def test_settlement_charges_actual_cost_and_releases_the_rest(ledger: Ledger) ->
     [record] = ledger.record_usage([usage("r1", proxy=PROXY)])
     assert record.cost == 200  # 100 * 1 + 50 * 2
     amounts = {(s.wallet, s.role): s.amount for s in record.shares}
-    assert amounts == {(P1, "provider"): 125, (P2, "provider"): 63, ("network", "network"): 10,
-                       (PROXY, "proxy"): 2}
+    assert amounts == {
+        (P1, "provider"): 125,
+        (P2, "provider"): 63,
+        ("network", "network"): 10,
+        (PROXY, "proxy"): 2,
+    }
     balance = ledger.balance(PAYER, "SOL")
     assert (balance.available, balance.held) == (10_000 - 200, 0)
     assert ledger.balance(P1, "SOL").unpaid_earnings == 125
@@ -88,7 +98,9 @@ def test_failed_request_is_not_charged(ledger: Ledger) -> None:
 def test_group_commit_isolates_bad_reports(ledger: Ledger) -> None:
     ledger.credit_deposit("sig1", PAYER, 10_000, slot=1)
     ledger.place_hold(HoldRequest("r1", PAYER, "m", max_tokens=100))
-    results = ledger.record_usage([usage("r1", completion=10), usage("nohold"), usage("r1", completion=10)])
+    results = ledger.record_usage(
+        [usage("r1", completion=10), usage("nohold"), usage("r1", completion=10)]
+    )
     assert not isinstance(results[0], Exception)
     assert isinstance(results[1], NotFound) and isinstance(results[2], NotFound)
     assert_balanced(ledger)
@@ -102,7 +114,9 @@ def test_double_entry_holds_after_every_operation(ledger: Ledger) -> None:
         action = rng.choice(["hold", "settle", "release", "deposit"])
         if action == "hold":
             try:
-                ledger.place_hold(HoldRequest(f"r{step}", PAYER, "m", max_tokens=rng.randint(1, 400)))
+                ledger.place_hold(
+                    HoldRequest(f"r{step}", PAYER, "m", max_tokens=rng.randint(1, 400))
+                )
                 open_ids.append(f"r{step}")
             except InsufficientBalance:
                 pass
@@ -111,7 +125,9 @@ def test_double_entry_holds_after_every_operation(ledger: Ledger) -> None:
         elif open_ids:
             rid = open_ids.pop(rng.randrange(len(open_ids)))
             if action == "settle":
-                ledger.record_usage([usage(rid, prompt=rng.randint(0, 50), completion=rng.randint(0, 1))])
+                ledger.record_usage(
+                    [usage(rid, prompt=rng.randint(0, 50), completion=rng.randint(0, 1))]
+                )
             else:
                 ledger.release_hold(rid)
         assert_balanced(ledger)
@@ -120,6 +136,8 @@ def test_double_entry_holds_after_every_operation(ledger: Ledger) -> None:
 def test_tampering_is_detected(ledger: Ledger) -> None:
     ledger.credit_deposit("sig1", PAYER, 1_000, slot=1)
     with ledger.engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE accounts SET balance = balance + 1 WHERE name = 'client:payer1'")
+        conn.exec_driver_sql(
+            "UPDATE accounts SET balance = balance + 1 WHERE name = 'client:payer1'"
+        )
     checks, _ = ledger_checks(ledger)
     assert not checks["balances_sum_to_zero"] and not checks["balances_match_postings"]

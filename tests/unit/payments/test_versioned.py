@@ -1,4 +1,4 @@
-"""v0 payout transactions with address lookup tables: more payouts per transaction, same guarantees."""
+"""v0 payout transactions with lookup tables: more payouts per transaction, same guarantees."""
 
 from collections import defaultdict
 
@@ -19,7 +19,9 @@ def serve_many(service, n: int) -> dict[str, int]:  # type: ignore[no-untyped-de
     earned: dict[str, int] = defaultdict(int)
     for i in range(n):
         wallet = str(Keypair().pubkey())
-        record = serve_request(service, f"r{i}", str(client.pubkey()), [(wallet, 1)], prompt=100, completion=0)
+        record = serve_request(
+            service, f"r{i}", str(client.pubkey()), [(wallet, 1)], prompt=100, completion=0
+        )
         earned[wallet] += record.shares[0].amount
     return earned
 
@@ -37,7 +39,10 @@ def test_v0_batches_carry_many_more_payouts(make_service, asset: str) -> None:  
     assert sum(sizes) == 70 and sizes[0] >= 45, sizes
     batch = service.book.confirmed_batches()[0]
     fetched = run(service.chain.fetch_transaction(Signature.from_string(batch.signature)))
-    assert isinstance(fetched.transaction.message, MessageV0) and fetched.transaction.message.address_table_lookups
+    assert (
+        isinstance(fetched.transaction.message, MessageV0)
+        and fetched.transaction.message.address_table_lookups
+    )
     for wallet, amount in earned.items():
         assert onchain_amount(service, wallet) == amount
     assert run(service.reconcile()).ok
@@ -46,7 +51,11 @@ def test_v0_batches_carry_many_more_payouts(make_service, asset: str) -> None:  
 @pytest.mark.parametrize("point", CRASH_POINTS[1:3])
 def test_v0_crash_and_restart_keeps_tables_and_pays_once(make_service, point: str) -> None:  # type: ignore[no-untyped-def]
     hook, _ = crash_at(point)
-    section = {**V0, "asset": "sol", "default_price": {"prompt_per_1k": 10**7, "completion_per_1k": 0}}
+    section = {
+        **V0,
+        "asset": "sol",
+        "default_price": {"prompt_per_1k": 10**7, "completion_per_1k": 0},
+    }
     service = make_service(section=section, crash_hook=hook)
     earned = serve_many(service, 30)
     with pytest.raises(SimulatedCrash):
