@@ -43,6 +43,8 @@ class LoopbackRpcValidator:
         self.landed: dict[str, dict[str, Any]] = {}
         self.calls: list[str] = []
         self.dropped: list[str] = []
+        # What getSignatureStatuses reports for landed transactions (a node still confirming them).
+        self.confirmation = TransactionConfirmationStatus.Finalized
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -136,7 +138,7 @@ class LoopbackRpcValidator:
                     None,
                     entry["err"],
                     entry["err"],
-                    TransactionConfirmationStatus.Finalized,
+                    self.confirmation,
                 )
             )
         return GetSignatureStatusesResp(statuses, self._context()).to_json()

@@ -121,3 +121,23 @@ def test_transport_errors_are_wrapped(validator) -> None:  # type: ignore[no-unt
     with pytest.raises(ChainError) as info:
         asyncio.run(call())
     assert info.value.__cause__ is not None
+
+
+def test_rpc_batch_waits_for_commitment_and_is_never_resigned_once_landed(
+    service, validator
+) -> None:  # type: ignore[no-untyped-def]
+    from solders.transaction_status import TransactionConfirmationStatus
+
+    _svm_for_deposit(service, validator)
+    client = rpc_deposit(service, validator, 100_000)
+    provider = str(Keypair().pubkey())
+    serve_request(service, "r1", str(client.pubkey()), [(provider, 1)])
+    validator.confirmation = TransactionConfirmationStatus.Processed
+    first = run(service.settle())
+    assert first.batches_confirmed == 0 and first.pending_batches == 1
+    validator.expire_blockhash()  # landed but unconfirmed: waiting, not re-signing
+    assert run(service.settle()).pending_batches == 1
+    validator.confirmation = TransactionConfirmationStatus.Confirmed
+    assert run(service.settle()).batches_confirmed == 1
+    [batch] = service.book.confirmed_batches()
+    assert batch.attempt == 1 and onchain_amount(service, provider) == batch.items[0][1]
