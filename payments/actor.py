@@ -28,6 +28,7 @@ from payments.protocol import (
     ReleaseHold,
     SettlementRecord,
     SignIn,
+    TrainingReward,
     UsageReport,
     WalletIdentity,
 )
@@ -98,6 +99,23 @@ class PaymentsActor:
         if self._committer is None:
             raise RuntimeError("payments service not initialised")
         return await self._committer.submit(report)
+
+    async def record_training_rewards(self, rewards: list[dict[str, Any]]) -> list[str]:
+        """train_jobs' reward sink: plain RoundReward dicts (job, round, wallet, amount_lamports,
+        examples, dropped); returns the reward record ids. Recording a round twice is a no-op."""
+        parsed = [
+            TrainingReward(
+                str(r["job"]),
+                int(r["round"]),
+                str(r["wallet"]),
+                int(r["amount_lamports"]),
+                int(r.get("examples", 0)),
+            )
+            for r in rewards
+            if not r.get("dropped", False)
+        ]
+        records = await self._run((await self._svc()).record_training_rewards, parsed)
+        return [record.settlement_id for record in records]
 
     async def release_hold(self, release: ReleaseHold) -> None:
         await self._run((await self._svc()).release_hold, release)

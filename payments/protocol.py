@@ -69,6 +69,20 @@ class UsageReport:
 
 
 @dataclass(frozen=True, slots=True)
+class TrainingReward:
+    """A federated-training round's reward to one wallet (sent by train_jobs as a plain dict).
+
+    `amount` is in base units of the settlement asset (train_jobs calls it amount_lamports).
+    """
+
+    job: str
+    round: int
+    wallet: str
+    amount: int
+    examples: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseHold:
     """The request failed or was rejected by verification: release the hold, charge nothing."""
 

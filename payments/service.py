@@ -45,6 +45,7 @@ from payments.protocol import (
     ReleaseHold,
     SettlementRecord,
     SignIn,
+    TrainingReward,
     UsageReport,
     WalletIdentity,
 )
@@ -146,6 +147,10 @@ class PaymentsService:
     ) -> list[SettlementRecord | PaymentError]:
         """Group commit: one durable transaction for many completed requests."""
         return self.ledger.record_usage(reports)
+
+    def record_training_rewards(self, rewards: list[TrainingReward]) -> list[SettlementRecord]:
+        """Credit federated-training rewards; they are paid out with the next settlement batches."""
+        return self.ledger.record_rewards(rewards)
 
     def release_hold(self, release: ReleaseHold) -> None:
         self.ledger.release_hold(release.request_id)

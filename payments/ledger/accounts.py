@@ -13,6 +13,7 @@ CHAIN_OUTFLOW = "chain:outflow"  # sink of confirmed payouts
 CHAIN_FEES = "chain:fees"  # sink of transaction fees (SOL settlement only)
 NETWORK = "network"  # network commission
 INFLIGHT = "payout:inflight"  # payouts put into a batch, not yet confirmed
+REWARDS = "rewards"  # source of training rewards granted by the network
 
 
 def client(wallet: str) -> str:

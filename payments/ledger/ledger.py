@@ -30,6 +30,7 @@ from payments.protocol import (
     HoldRequest,
     SettlementRecord,
     ShareLine,
+    TrainingReward,
     UsageReport,
 )
 
@@ -223,6 +224,52 @@ class Ledger:
                     .where(holds.c.request_id.in_([r["request_id"] for r in rows]))
                     .values(state="settled")
                 )
+        return results
+
+    def record_rewards(self, rewards: list[TrainingReward]) -> list[SettlementRecord]:
+        """Credit training rewards as payable earnings, once per (job, round, wallet)."""
+        results: list[SettlementRecord] = []
+        with self.transaction() as conn:
+            for reward in rewards:
+                if reward.amount < 0:
+                    raise InvalidRequest("a reward must be >= 0")
+                request_id = f"reward:{reward.job}:{reward.round}:{reward.wallet}"
+                if reward.amount == 0:
+                    continue
+                existing = conn.execute(
+                    select(settlements.c.id).where(settlements.c.request_id == request_id)
+                ).first()
+                if existing is not None:
+                    results.append(self._load_record(conn, request_id=request_id))
+                    continue
+                record = SettlementRecord(
+                    settlement_id=f"rwd_{uuid.uuid4().hex[:24]}",
+                    request_id=request_id,
+                    payer=acct.REWARDS,
+                    model=f"train:{reward.job}",
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    price_prompt_per_1k=0,
+                    price_completion_per_1k=0,
+                    cost=reward.amount,
+                    shares=(ShareLine(reward.wallet, "provider", reward.examples, reward.amount),),
+                    created_at=time.time(),
+                )
+                conn.execute(settlements.insert(), _settlement_row(record))
+                conn.execute(settlement_shares.insert(), _share_rows(record))
+                self.post(
+                    conn,
+                    [
+                        Posting(
+                            f"reward:{record.settlement_id}",
+                            "reward",
+                            acct.REWARDS,
+                            acct.payee(reward.wallet),
+                            reward.amount,
+                        )
+                    ],
+                )
+                results.append(record)
         return results
 
     def _price_report(self, report: UsageReport, held_amount: int) -> SettlementRecord:

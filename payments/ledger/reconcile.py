@@ -50,6 +50,9 @@ def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
             ),
         )
         fees = _sum(conn, select(func.sum(postings.c.amount)).where(postings.c.kind == "fee"))
+        rewarded = _sum(
+            conn, select(func.sum(postings.c.amount)).where(postings.c.kind == "reward")
+        )
         record_cost = _sum(conn, select(func.sum(settlements.c.cost)))
         record_shares = _sum(conn, select(func.sum(settlement_shares.c.amount)))
         unpaid_shares = _sum(
@@ -104,7 +107,7 @@ def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
         # client debits = provider credits + commission (+ chain fees, which come out of commission)
         "charges_equal_payee_plus_commission": charged == to_payees + to_network,
         "network_equals_commission_minus_fees": cached.get(acct.NETWORK, 0) == to_network - fees,
-        "records_match_charges": record_cost == charged == record_shares,
+        "records_match_charges": record_cost == charged + rewarded == record_shares,
         "payee_balances_match_unpaid_shares": payee_total == unpaid_shares,
         "inflight_matches_open_batches": cached.get(acct.INFLIGHT, 0) == open_items,
         "outflow_matches_confirmed_batches": cached.get(acct.CHAIN_OUTFLOW, 0) == paid_items,
@@ -118,6 +121,7 @@ def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
         "charged": charged,
         "to_payees": to_payees,
         "to_network": to_network,
+        "rewards": rewarded,
         "chain_fees": fees,
         "paid_out": paid_items,
         "in_flight": open_items,

@@ -133,6 +133,25 @@ def test_actor_survives_kills_mid_settlement_and_pays_once(
         receipt = await client.get_receipt(ReceiptQuery(records[0].settlement_id, records[0].payer))
         assert receipt.settled and receipt.signatures
 
+        # train_jobs' reward sink calls the actor by method name with plain dicts
+        trainer = str(Keypair().pubkey())
+        reward = {
+            "job": "fl",
+            "round": 1,
+            "wallet": trainer,
+            "examples": 3,
+            "amount_lamports": 3_000,
+            "dropped": False,
+        }
+        dropped = {
+            **reward,
+            "wallet": str(Keypair().pubkey()),
+            "dropped": True,
+            "amount_lamports": 0,
+        }
+        ids = await handle.record_training_rewards.remote([reward, dropped])
+        assert len(ids) == 1 and (await client.balance(trainer)).unpaid_earnings == 3_000
+
     try:
         asyncio.run(scenario())
     finally:

@@ -151,3 +151,26 @@ def test_restart_keeps_chain_balances(make_service) -> None:  # type: ignore[no-
     assert onchain_amount(restarted, provider) == paid > 0
     assert run(restarted.reconcile()).ok
     assert Pubkey.from_string(provider) != restarted.treasury.pubkey()
+
+
+def test_training_rewards_are_paid_once_with_the_next_batch(make_service) -> None:  # type: ignore[no-untyped-def]
+    from payments.protocol import TrainingReward
+
+    service = make_service()
+    client = funded_client(service, 1_000_000)  # the treasury holds client funds to pay from
+    trainer = str(Keypair().pubkey())
+    reward = TrainingReward("fl-demo", 1, trainer, amount=7_000, examples=70)
+    [record] = service.record_training_rewards([reward])
+    [again] = service.record_training_rewards([reward])
+    assert again.settlement_id == record.settlement_id
+    assert service.balance(trainer).unpaid_earnings == 7_000
+    run(service.settle())
+    assert onchain_amount(service, trainer) == 7_000
+    receipt = service.get_receipt(ReceiptQuery(record.settlement_id, trainer))
+    assert receipt.settled
+    # Rewards are the network's money: paid from client funds, the treasury no longer covers them.
+    assert not run(service.reconcile()).checks["treasury_covers_liabilities"]
+    run(service.faucet(str(service.treasury.pubkey()), 7_000))  # the network funds its rewards
+    report = run(service.reconcile())
+    assert report.ok and report.details["rewards"] == 7_000
+    assert service.balance(str(client.pubkey())).available == 1_000_000
