@@ -139,7 +139,7 @@ def _materialize_models(settings: Settings) -> None:
 
 def _start_cluster(settings: Settings):  # type: ignore[no-untyped-def]
     needed = settings.pipeline.num_replicas * len(settings.model.served) * (
-        settings.pipeline.num_stages * settings.pipeline.stage_resources.get("CPU", 0) + settings.pipeline.replica_cpus
+        settings.pipeline.num_stages * settings.pipeline.stage_resources.get("CPU", 0)
     )
     num_cpus = settings.ray.num_cpus or max(os.cpu_count() or 1, int(needed) + 2)
     if not settings.ray.address and not port_in_use("127.0.0.1", settings.ray.head_port) and port_in_use(

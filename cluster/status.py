@@ -61,8 +61,12 @@ def _serve_table() -> Table:
     for app_name, app in details.applications.items():
         for dep_name, dep in app.deployments.items():
             replicas = ", ".join(f"{state}:{count}" for state, count in dep.replica_states.items())
-            table.add_row(app_name, str(app.status), dep_name, str(dep.status), replicas)
+            table.add_row(app_name, _enum(app.status), dep_name, _enum(dep.status), replicas)
     return table
+
+
+def _enum(value: object) -> str:
+    return str(getattr(value, "value", value))
 
 
 def _stages_table() -> Table:

@@ -38,7 +38,10 @@ def pipeline_deployment(model: str, pipeline: PipelineSection):  # type: ignore[
     return serve.deployment(PipelineServer).options(
         name=f"pipeline-{model}",
         num_replicas=pipeline.num_replicas,
-        ray_actor_options={"num_cpus": pipeline.replica_cpus},
+        # Serve schedules the replica into *any* bundle of its placement group (bundle index -1), so a
+        # replica that reserved CPU could take a stage's share; the replica only coordinates, so it
+        # reserves none and every bundle stays exactly one stage's.
+        ray_actor_options={"num_cpus": 0},
         placement_group_bundles=stage_bundles(pipeline),
         placement_group_strategy=pipeline.placement_strategy,
         max_ongoing_requests=pipeline.max_num_seqs + pipeline.max_queue + 8,
@@ -49,10 +52,8 @@ def pipeline_deployment(model: str, pipeline: PipelineSection):  # type: ignore[
 
 
 def stage_bundles(pipeline: PipelineSection) -> list[dict[str, float]]:
-    """One bundle per stage; bundle 0 also carries the replica actor itself (Serve places it there)."""
-    bundles = [dict(pipeline.stage_resources) for _ in range(pipeline.num_stages)]
-    bundles[0]["CPU"] = bundles[0].get("CPU", 0.0) + pipeline.replica_cpus
-    return bundles
+    """One bundle per stage: stage i is created in bundle i."""
+    return [dict(pipeline.stage_resources) for _ in range(pipeline.num_stages)]
 
 
 def _absolute_paths(settings: Settings) -> Settings:

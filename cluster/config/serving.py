@@ -46,7 +46,8 @@ class ModelSection(Section):
         description="Catalogue names served by this application (one pipeline deployment each).",
     )
     cache_dir: Path = Field(
-        default=Path("~/.cache/solanalm"), description="Converted-weights cache (safetensors per model and dtype)."
+        default=Path("~/.cache/solanalm"), validate_default=True,
+        description="Converted-weights cache (safetensors per model and dtype) and local state.",
     )
     dtype: DType | None = Field(default=None, description="Override every model's catalogue dtype.")
 
@@ -65,7 +66,6 @@ class PipelineSection(Section):
         default_factory=lambda: {"CPU": 1.0},
         description="Placement-group bundle per stage, e.g. {'CPU': 1} or {'GPU': 1, 'CPU': 2}.",
     )
-    replica_cpus: float = Field(default=0.25, ge=0, le=64, description="CPUs of the replica (scheduler) actor, in bundle 0.")
     placement_strategy: PlacementStrategy = Field(
         default="PACK", description="PACK on one machine; SPREAD or STRICT_SPREAD across provider nodes."
     )
