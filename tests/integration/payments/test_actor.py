@@ -23,7 +23,7 @@ from cluster.config.payments import PaymentsSection
 from payments.client import PaymentsClient, PaymentsUnavailable, start_payments_actor
 from payments.errors import Forbidden, InsufficientBalance
 from payments.protocol import DepositRequest, HoldRequest, ProviderShare, ReceiptQuery, UsageReport
-from payments.settlement import KillProcessAt
+from payments.settlement import CRASH_POINTS, KillProcessAt
 
 
 async def deposit(client: PaymentsClient, payer: Keypair, amount: int) -> None:
@@ -151,6 +151,47 @@ def test_actor_survives_kills_mid_settlement_and_pays_once(
         }
         ids = await handle.record_training_rewards.remote([reward, dropped])
         assert len(ids) == 1 and (await client.balance(trainer)).unpaid_earnings == 3_000
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        ray.kill(handle, no_restart=True)
+
+
+@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p != "after_send"])
+def test_actor_process_killed_at_each_settlement_step_recovers(
+    ray_cluster: None, tmp_path: Path, point: str
+) -> None:
+    section = PaymentsSection(
+        state_dir=tmp_path / "state",
+        actor_name=f"payments-{uuid.uuid4().hex[:8]}",
+        actor_call_timeout_s=60.0,
+    )
+    marker = tmp_path / "killed-once"
+    handle = start_payments_actor(
+        section, settle_loop=False, crash_hook=KillProcessAt(point, str(marker))
+    )
+    client = PaymentsClient(handle, section.actor_call_timeout_s)
+
+    async def scenario() -> None:
+        payer = Keypair()
+        await deposit(client, payer, 50_000)
+        providers = [str(Keypair().pubkey()) for _ in range(3)]
+        records = [
+            await one_request(
+                client, f"r{i}", str(payer.pubkey()), [providers[i % 3], providers[(i + 1) % 3]]
+            )
+            for i in range(4)
+        ]
+        earned = sum(s.amount for r in records for s in r.shares if s.role == "provider")
+        with pytest.raises(PaymentsUnavailable):
+            await client.settle()
+        assert marker.read_text() == point
+        await wait_ready(client)
+        await client.settle()
+        report = await client.reconcile()
+        assert report.ok, report.checks
+        assert report.details["paid_out"] == earned and report.details["unpaid"] == 0
 
     try:
         asyncio.run(scenario())
