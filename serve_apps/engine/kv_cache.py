@@ -64,7 +64,14 @@ class SlotKVCache:
         positions = torch.tensor(view.start_pos, dtype=torch.long)
         keys[view.slots, :, positions] = key[:, :, 0]
         values[view.slots, :, positions] = value[:, :, 0]
-        return keys[view.slots, :, : view.kv_len], values[view.slots, :, : view.kv_len]
+        gathered_k, gathered_v = keys[view.slots, :, : view.kv_len], values[view.slots, :, : view.kv_len]
+        valid = torch.arange(view.kv_len).view(1, -1) <= positions.view(-1, 1)
+        if not bool(valid.all()):
+            # Past a row's own length lies never-written memory (torch.empty: possibly NaN); masked
+            # attention weights are 0, but 0 * NaN is NaN, so clear it in the gathered copy.
+            invalid = ~valid.view(len(view.start_pos), 1, view.kv_len, 1)
+            gathered_k, gathered_v = gathered_k.masked_fill(invalid, 0), gathered_v.masked_fill(invalid, 0)
+        return gathered_k, gathered_v
 
     def capacity_tokens(self) -> int:
         return self.num_slots * self.max_len

@@ -82,7 +82,7 @@ class Scheduler:
     # -- requests -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; QueueFullError when `max_queue` are already waiting."""
-        if len(self.waiting) >= self.limits.max_queue and not self._free_slots:
+        if len(self.waiting) >= self.limits.max_queue + len(self._free_slots):
             raise QueueFullError(f"{len(self.waiting)} requests are waiting")
         self.waiting.append(seq)
 

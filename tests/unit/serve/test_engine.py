@@ -1,0 +1,74 @@
+"""The engine loop with a fake executor: streaming, cancellation, failures. No model, no Ray."""
+
+import asyncio
+
+import pytest
+
+from serve_apps.engine.engine import Engine, EngineError
+from serve_apps.engine.executor import StageCallError
+from serve_apps.engine.messages import SamplingParams, StepBatch, StepResult
+from serve_apps.engine.scheduler import QueueFullError, Scheduler, SchedulerLimits, Sequence
+
+
+class CountingExecutor:
+    """Each sampled token is the previous token + 1; can be told to fail or to be slow."""
+
+    def __init__(self, fail_on_step: int | None = None, delay_s: float = 0.0) -> None:
+        self.fail_on_step, self.delay_s = fail_on_step, delay_s
+        self.batches: list[StepBatch] = []
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        self.batches.append(batch)
+        await asyncio.sleep(self.delay_s)
+        if batch.step_id == self.fail_on_step:
+            raise StageCallError("stage died")
+        return StepResult(batch.step_id, tuple(c.token_ids[-1] + 1 if c.sample else -1 for c in batch.chunks))
+
+
+def engine(executor: CountingExecutor, slots: int = 4, queue: int = 8) -> Engine:
+    return Engine(Scheduler(SchedulerLimits(slots, 8, queue), eos_token_ids=(999,)), executor)
+
+
+def sequence(seq_id: str, prompt: list[int], max_tokens: int) -> Sequence:
+    return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), 256)
+
+
+async def collect(e: Engine, seq: Sequence) -> list[int]:
+    return [event.token_id async for event in e.stream(seq)]
+
+
+def test_concurrent_requests_each_get_their_own_tokens() -> None:
+    async def main() -> list[list[int]]:
+        e = engine(CountingExecutor())
+        return await asyncio.gather(collect(e, sequence("a", [1, 2], 3)), collect(e, sequence("b", [50], 4)))
+    assert asyncio.run(main()) == [[3, 4, 5], [51, 52, 53, 54]]
+
+
+def test_leaving_the_stream_early_frees_the_slot() -> None:
+    async def main() -> tuple[int, list[int]]:
+        e = engine(CountingExecutor(delay_s=0.001), slots=1)
+        stream = e.stream(sequence("a", [1], 100))
+        await anext(stream)
+        await stream.aclose()  # what a client disconnect does
+        # The single slot is free again: a second request runs to completion.
+        return len(e.scheduler.running), await collect(e, sequence("b", [10], 2))
+    running, tokens = asyncio.run(main())
+    assert running == 0 and tokens == [11, 12]
+
+
+def test_stage_failure_reaches_the_request_as_engine_error() -> None:
+    async def main() -> None:
+        e = engine(CountingExecutor(fail_on_step=0))
+        await collect(e, sequence("a", [1], 3))
+    with pytest.raises(EngineError, match="stage died"):
+        asyncio.run(main())
+
+
+def test_queue_bound_raises_queue_full() -> None:
+    async def main() -> None:
+        e = engine(CountingExecutor(delay_s=0.01), slots=1, queue=0)
+        first = e.stream(sequence("a", [1], 50))
+        await anext(first)
+        await collect(e, sequence("b", [1], 1))
+    with pytest.raises(QueueFullError):
+        asyncio.run(main())

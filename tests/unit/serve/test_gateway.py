@@ -1,0 +1,180 @@
+"""The OpenAI gateway in-process over a fake backend, driven by the official openai client."""
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
+from serve_apps.protocol import (
+    Accepted, Finished, GenerateEvent, GenerateRequest, PipelineInfo, Rejected, TextDelta,
+)
+
+
+class FakeBackend:
+    """Answers 'hello world' in two deltas; rejects prompts containing 'overload' with a 503."""
+
+    def __init__(self) -> None:
+        self.requests: list[GenerateRequest] = []
+
+    def models(self) -> list[str]:
+        return ["fake"]
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        self.requests.append(request)
+        text = request.prompt or request.messages[-1].content
+        if "overload" in text:
+            yield Rejected(503, "busy", code="overloaded", retry_after_s=2)
+            return
+        yield Accepted(prompt_tokens=5)
+        yield TextDelta("hello", 1)
+        yield TextDelta(" world", 2)
+        yield Finished("error" if "fail" in text else "stop", 5, 2, error="boom" if "fail" in text else None)
+
+    async def describe(self, model: str) -> PipelineInfo:
+        return PipelineInfo(model, "r1", "n1", "float32", 6, 512, ())
+
+
+@pytest.fixture()
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture()
+def http(backend: FakeBackend) -> TestClient:
+    return TestClient(create_gateway_app(Gateway(backend, [ModelCard("fake", "tests")]), max_body_bytes=4096))
+
+
+@pytest.fixture()
+def client(http: TestClient) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+
+
+def chat_body(**extra: object) -> dict:
+    return {"model": "fake", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_models_and_chat_through_the_openai_client(client: openai.OpenAI, backend: FakeBackend) -> None:
+    assert [m.id for m in client.models.list().data] == ["fake"]
+    reply = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=7, temperature=0, seed=3, stop=["x"])
+    assert reply.choices[0].message.content == "hello world"
+    assert reply.choices[0].finish_reason == "stop"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (5, 2, 7)
+    sampling = backend.requests[-1].sampling
+    assert (sampling.max_tokens, sampling.temperature, sampling.seed, sampling.stop) == (7, 0.0, 3, ("x",))
+
+
+def test_streaming_chat_with_usage(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}],
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "hello world"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 7
+
+
+def test_completions_plain_and_streamed(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="fake", prompt="say", max_tokens=3)
+    assert reply.choices[0].text == "hello world" and reply.object == "text_completion"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="fake", prompt="say", stream=True))
+    assert streamed == "hello world"
+
+
+def test_sse_framing_ends_with_done(http: TestClient) -> None:
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True)) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        (chat_body(temperature=3), "temperature"),
+        (chat_body(top_p=0), "top_p"),
+        (chat_body(max_tokens=0), "max_tokens"),
+        (chat_body(max_tokens="ten"), "max_tokens"),
+        (chat_body(n=2), "n"),
+        (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (chat_body(stream="yes"), "stream"),
+        ({"model": "fake", "messages": []}, "messages"),
+        ({"model": "fake", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"model": "fake", "messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        (chat_body(unknown_field=1), "unknown_field"),
+    ],
+)
+def test_invalid_fields_are_400_naming_the_field(http: TestClient, body: dict, param: str) -> None:
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert error_of(response)["param"] == param
+
+
+@pytest.mark.parametrize("extra", [{"logprobs": True}, {"tools": [{"type": "function"}]}, {"presence_penalty": 1},
+                                   {"stream_options": {"include_usage": True}}])
+def test_unsupported_options_are_rejected_clearly(http: TestClient, extra: dict) -> None:
+    response = http.post("/v1/chat/completions", json=chat_body(**extra))
+    assert response.status_code == 400
+    assert "not supported" in error_of(response)["message"] or "stream" in error_of(response)["message"]
+
+
+def test_unknown_model_is_404(http: TestClient) -> None:
+    response = http.post("/v1/chat/completions", json={**chat_body(), "model": "nope"})
+    assert response.status_code == 404 and error_of(response)["code"] == "model_not_found"
+
+
+def test_malformed_json_is_400(http: TestClient) -> None:
+    response = http.post("/v1/chat/completions", content=b'{"model": "fake",',
+                         headers={"content-type": "application/json"})
+    assert response.status_code == 400 and error_of(response)["code"] == "invalid_json"
+
+
+def test_non_object_body_is_400(http: TestClient) -> None:
+    response = http.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+
+
+def test_oversized_body_is_413_before_parsing(http: TestClient) -> None:
+    response = http.post("/v1/chat/completions", json=chat_body(user="u" * 5000))
+    assert response.status_code == 413 and error_of(response)["code"] == "body_too_large"
+
+
+def test_replica_rejection_keeps_its_status_and_retry_after(http: TestClient) -> None:
+    response = http.post("/v1/chat/completions",
+                         json={"model": "fake", "messages": [{"role": "user", "content": "overload"}]})
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+    assert error_of(response)["code"] == "overloaded"
+
+
+def test_failed_generation_is_a_503_not_a_500(http: TestClient) -> None:
+    response = http.post("/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "fail"}]})
+    assert response.status_code == 503
+
+
+def test_unknown_route_and_method_are_openai_errors(http: TestClient) -> None:
+    assert error_of(http.get("/v1/nothing"))["type"] == "not_found_error"
+    assert http.get("/v1/chat/completions").status_code == 405
+
+
+def test_healthz_reports_pipelines(http: TestClient) -> None:
+    body = http.get("/healthz").json()
+    assert body["status"] == "ok" and body["pipelines"][0]["model"] == "fake"
+
+
+def test_openapi_schema_documents_the_request_models(http: TestClient) -> None:
+    schema = http.get("/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"]
+    assert "ChatCompletionRequest" in schema["components"]["schemas"]
