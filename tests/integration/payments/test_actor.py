@@ -5,8 +5,9 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import ray
@@ -24,6 +25,8 @@ from payments.client import PaymentsClient, PaymentsUnavailable, start_payments_
 from payments.errors import Forbidden, InsufficientBalance
 from payments.protocol import DepositRequest, HoldRequest, ProviderShare, ReceiptQuery, UsageReport
 from payments.settlement import CRASH_POINTS, KillProcessAt
+
+T = TypeVar("T")
 
 
 async def deposit(client: PaymentsClient, payer: Keypair, amount: int) -> None:
@@ -64,12 +67,12 @@ async def one_request(client: PaymentsClient, rid: str, payer: str, providers: l
     )
 
 
-async def wait_ready(client: PaymentsClient, timeout_s: float = 90.0) -> None:
+async def when_available(call: Callable[[], Awaitable[T]], timeout_s: float = 90.0) -> T:
+    """Retry an idempotent call while the actor restarts (the kill is asynchronous)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            await client.pending()
-            return
+            return await call()
         except PaymentsUnavailable:
             if time.monotonic() > deadline:
                 raise
@@ -118,8 +121,8 @@ def test_actor_survives_kills_mid_settlement_and_pays_once(
         with pytest.raises(PaymentsUnavailable):
             await client.settle()  # the actor process is killed right after sending the batch
         assert (tmp_path / "killed-once").exists()
-        await wait_ready(client)  # Ray restarted it; it recovered the open batch from the ledger
-        await client.settle()
+        # Ray restarts it; on start it recovers the open batch from the ledger and the chain
+        await when_available(client.settle)
         for wallet in earned:
             assert (await client.balance(wallet)).unpaid_earnings == 0
         report = await client.reconcile()
@@ -127,8 +130,8 @@ def test_actor_survives_kills_mid_settlement_and_pays_once(
         assert report.details["paid_out"] == sum(earned.values())
 
         ray.kill(handle, no_restart=False)  # a second, plain kill: balances survive on disk
-        await wait_ready(client)
-        again = await client.reconcile()
+        await asyncio.sleep(1.0)
+        again = await when_available(client.reconcile)
         assert again.ok and again.details["paid_out"] == sum(earned.values())
         receipt = await client.get_receipt(ReceiptQuery(records[0].settlement_id, records[0].payer))
         assert receipt.settled and receipt.signatures
@@ -187,8 +190,7 @@ def test_actor_process_killed_at_each_settlement_step_recovers(
         with pytest.raises(PaymentsUnavailable):
             await client.settle()
         assert marker.read_text() == point
-        await wait_ready(client)
-        await client.settle()
+        await when_available(client.settle)
         report = await client.reconcile()
         assert report.ok, report.checks
         assert report.details["paid_out"] == earned and report.details["unpaid"] == 0
