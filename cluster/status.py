@@ -18,13 +18,14 @@ class StageName:
     index: int
     layers: str
     full: str
+    namespace: str
 
     @classmethod
-    def parse(cls, name: str) -> "StageName | None":
+    def parse(cls, name: str, namespace: str) -> "StageName | None":
         parts = name.split(":")
-        if len(parts) != 5 or parts[0] != "stage":
+        if len(parts) != 5 or parts[0] != "stage" or not parts[3].isdigit():
             return None
-        return cls(parts[1], parts[2], int(parts[3]), parts[4], name)
+        return cls(parts[1], parts[2], int(parts[3]), parts[4], name, namespace)
 
 
 def render_status(console: Console) -> None:
@@ -73,20 +74,17 @@ def _stages_table() -> Table:
     table = Table(title="Pipelines (one per replica) and their stages")
     for column in ("model", "replica", "stage", "layers", "params", "node", "pid", "RSS MiB"):
         table.add_column(column)
-    names = [StageName.parse(actor["name"]) for actor in ray.util.list_named_actors(all_namespaces=True)]
+    names = [StageName.parse(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)]
     for stage in sorted((n for n in names if n), key=lambda n: (n.model, n.replica, n.index)):
-        info = _describe(stage.full)
+        info = _describe(stage)
         table.add_row(stage.model, stage.replica[:12], str(stage.index), stage.layers,
                       f"{info.param_count / 1e6:.1f}M" if info else "?", info.node_id[:12] if info else "?",
                       str(info.pid) if info else "?", f"{info.rss_bytes / 2**20:.0f}" if info else "unreachable")
     return table
 
 
-def _describe(name: str):  # type: ignore[no-untyped-def]
-    for namespace in (ray.get_runtime_context().namespace, "serve"):
-        try:
-            actor = ray.get_actor(name, namespace=namespace)
-            return ray.get(actor.describe.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - a dead stage is shown as unreachable
-            continue
-    return None
+def _describe(stage: StageName):  # type: ignore[no-untyped-def]
+    try:
+        return ray.get(ray.get_actor(stage.full, namespace=stage.namespace).describe.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - a dead stage is shown as unreachable
+        return None

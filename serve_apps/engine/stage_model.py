@@ -115,7 +115,9 @@ def _read_stage_tensors(
         if path is None:
             raise KeyError(f"{model_dir}: checkpoint has no tensor {stored!r}")
         handle = handles.setdefault(path, safe_open(str(path), framework="pt"))
-        tensors[local] = handle.get_tensor(stored).to(dtype)  # type: ignore[attr-defined]
+        tensor = handle.get_tensor(stored)  # type: ignore[attr-defined]
+        # Own the memory (not a view of the mapped file), so the process's RSS is its weights.
+        tensors[local] = tensor.to(dtype) if tensor.dtype != dtype else tensor.clone()
     return tensors
 
 
