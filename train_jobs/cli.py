@@ -71,6 +71,7 @@ def dp(
         "eval_loss_before",
         "eval_loss",
         "samples_per_s",
+        "mean_samples_per_s",
         "resumed_from_step",
     ):
         if key in result.metrics:
