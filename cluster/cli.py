@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from cluster.config import Settings
+from cluster.config.serving import RaySection
 from cluster.deploy import ServeApp, deploy, read_serve_config, settings_for
 from cluster.models import load_catalogue, materialize
 from cluster.models.local import catalogue_with_checkpoint
@@ -42,18 +43,23 @@ def up(
 ) -> None:
     """Start (or join) a Ray cluster, deploy the OpenAI endpoint over sharded pipelines, answer a demo."""
     serve_app = read_serve_config(config)
-    settings = settings_for(serve_app, {
-        "ray": {"address": address},
-        "pipeline": {"num_stages": stages, "num_replicas": replicas},
-        "http": {"port": port},
-    })
+    settings = settings_for(
+        serve_app,
+        {
+            "ray": {"address": address},
+            "pipeline": {"num_stages": stages, "num_replicas": replicas},
+            "http": {"port": port},
+        },
+    )
     if model:
         _select_models(settings, model)
     _materialize_models(settings)
     handle = _start_cluster(settings)
     console.print(f"[bold]Ray cluster[/] {handle.address}  dashboard: {handle.dashboard_url or 'n/a'}")
-    with console.status(f"deploying {', '.join(settings.model.served)} "
-                        f"({settings.pipeline.num_stages} stages x {settings.pipeline.num_replicas} replicas)..."):
+    with console.status(
+        f"deploying {', '.join(settings.model.served)} "
+        f"({settings.pipeline.num_stages} stages x {settings.pipeline.num_replicas} replicas)..."
+    ):
         took = deploy(serve_app, settings)
     base_url = f"http://{settings.http.host}:{settings.http.port}/v1"
     console.print(f"[green]ready[/] in {took:.1f} s")
@@ -71,7 +77,7 @@ def status(
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
 ) -> None:
     """Nodes, deployments, and each pipeline's stages with their layer ranges, process and node."""
-    settings = Settings(ray={"address": address})
+    settings = Settings(ray=RaySection(address=address))
     try:
         connect_existing(settings.ray)
     except ClusterError as exc:
@@ -97,7 +103,7 @@ def down(
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
 ) -> None:
     """Drain and remove the serve application; stop the local head if `solanalm up` started it."""
-    settings = Settings(ray={"address": address})
+    settings = Settings(ray=RaySection(address=address))
     try:
         connect_existing(settings.ray)
     except ClusterError as exc:
@@ -131,19 +137,24 @@ def _materialize_models(settings: Settings) -> None:
     for name in settings.model.served:
         spec = catalogue.get(name)
         started = time.perf_counter()
-        with console.status(f"preparing weights of {name} ({settings.model.dtype or spec.dtype}; "
-                            "a GGUF is converted once, ~20 s)..."):
+        with console.status(
+            f"preparing weights of {name} ({settings.model.dtype or spec.dtype}; a GGUF is converted once, ~20 s)..."
+        ):
             path = materialize(spec, settings.model.cache_dir, settings.model.dtype)
         console.print(f"weights of {name}: {path} ({time.perf_counter() - started:.1f} s)")
 
 
 def _start_cluster(settings: Settings):  # type: ignore[no-untyped-def]
-    needed = settings.pipeline.num_replicas * len(settings.model.served) * (
-        settings.pipeline.num_stages * settings.pipeline.stage_resources.get("CPU", 0)
+    needed = (
+        settings.pipeline.num_replicas
+        * len(settings.model.served)
+        * (settings.pipeline.num_stages * settings.pipeline.stage_resources.get("CPU", 0))
     )
     num_cpus = settings.ray.num_cpus or max(os.cpu_count() or 1, int(needed) + 2)
-    if not settings.ray.address and not port_in_use("127.0.0.1", settings.ray.head_port) and port_in_use(
-        settings.http.host, settings.http.port
+    if (
+        not settings.ray.address
+        and not port_in_use("127.0.0.1", settings.ray.head_port)
+        and port_in_use(settings.http.host, settings.http.port)
     ):
         _fail(f"port {settings.http.port} is taken by another process; pass --port or stop that process")
     try:
@@ -158,8 +169,11 @@ def _stream_chat(base_url: str, model: str, message: str, max_tokens: int, tempe
     client = OpenAI(base_url=base_url, api_key=os.environ.get("SOLANALM_API_KEY", "open"), max_retries=0)
     try:
         stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": message}], max_tokens=max_tokens,
-            temperature=temperature, stream=True,
+            model=model,
+            messages=[{"role": "user", "content": message}],
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stream=True,
         )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:

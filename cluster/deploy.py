@@ -57,8 +57,7 @@ def deploy(app: ServeApp, settings: Settings) -> float:
     serve.start(http_options={"host": settings.http.host, "port": settings.http.port})
     builder = _resolve(app.import_path)
     args = settings.model_dump(mode="json", include={"model", "pipeline", "http"})
-    serve.run(builder(args), name=settings.http.app_name or app.name, route_prefix=app.route_prefix,
-              blocking=False)
+    serve.run(builder(args), name=settings.http.app_name or app.name, route_prefix=app.route_prefix, blocking=False)
     return time.perf_counter() - started
 
 

@@ -69,9 +69,15 @@ def stop_local_head(state_dir: Path) -> bool:
 
 def _start_head(section: RaySection, num_cpus: int) -> None:
     command = [
-        _ray_cli(), "start", "--head", f"--port={section.head_port}", f"--num-cpus={num_cpus}",
-        f"--dashboard-host={section.dashboard_host}", f"--dashboard-port={section.dashboard_port}",
-        "--include-dashboard=true", "--disable-usage-stats",
+        _ray_cli(),
+        "start",
+        "--head",
+        f"--port={section.head_port}",
+        f"--num-cpus={num_cpus}",
+        f"--dashboard-host={section.dashboard_host}",
+        f"--dashboard-port={section.dashboard_port}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
     ]
     if port_in_use("127.0.0.1", section.dashboard_port):
         raise ClusterError(f"port {section.dashboard_port} (Ray dashboard) is taken; set SOLANALM_RAY__DASHBOARD_PORT")
@@ -89,7 +95,7 @@ def _connect(address: str, namespace: str, started_here: bool) -> ClusterHandle:
             raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
         dashboard = context.dashboard_url
     else:
-        dashboard = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
+        dashboard = getattr(ray.get_runtime_context(), "dashboard_url", None)
     url = f"http://{dashboard}" if dashboard and not str(dashboard).startswith("http") else dashboard
     return ClusterHandle(address, url or None, started_here)
 

@@ -42,9 +42,15 @@ def _nodes_table() -> Table:
         res = node.get("Resources", {})
         labels = node.get("Labels") or {}
         shown = ", ".join(f"{k}={v}" for k, v in labels.items() if not k.startswith("ray.io/"))
-        table.add_row(node["NodeID"][:12], str(node["Alive"]), node.get("NodeManagerAddress", ""),
-                      f"{res.get('CPU', 0):g}", f"{res.get('GPU', 0):g}", f"{res.get('memory', 0) / 2**30:.1f}",
-                      shown)
+        table.add_row(
+            node["NodeID"][:12],
+            str(node["Alive"]),
+            node.get("NodeManagerAddress", ""),
+            f"{res.get('CPU', 0):g}",
+            f"{res.get('GPU', 0):g}",
+            f"{res.get('memory', 0) / 2**30:.1f}",
+            shown,
+        )
     return table
 
 
@@ -77,9 +83,16 @@ def _stages_table() -> Table:
     names = [StageName.parse(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)]
     for stage in sorted((n for n in names if n), key=lambda n: (n.model, n.replica, n.index)):
         info = _describe(stage)
-        table.add_row(stage.model, stage.replica[:12], str(stage.index), stage.layers,
-                      f"{info.param_count / 1e6:.1f}M" if info else "?", info.node_id[:12] if info else "?",
-                      str(info.pid) if info else "?", f"{info.rss_bytes / 2**20:.0f}" if info else "unreachable")
+        table.add_row(
+            stage.model,
+            stage.replica[:12],
+            str(stage.index),
+            stage.layers,
+            f"{info.param_count / 1e6:.1f}M" if info else "?",
+            info.node_id[:12] if info else "?",
+            str(info.pid) if info else "?",
+            f"{info.rss_bytes / 2**20:.0f}" if info else "unreachable",
+        )
     return table
 
 

@@ -30,12 +30,13 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         spec = catalogue.get(name)
         pipelines[name] = pipeline_deployment(name, settings.pipeline).bind(name, settings.model_dump(mode="json"))
         cards.append(ModelCard(id=name, owned_by=spec.owned_by, max_model_len=spec.max_model_len))
-    return OpenAIIngress.bind(pipelines, cards, settings.pipeline.request_timeout_s, settings.http.max_body_bytes)
+    ingress = OpenAIIngress.bind  # type: ignore[attr-defined]
+    return ingress(pipelines, cards, settings.pipeline.request_timeout_s, settings.http.max_body_bytes)
 
 
 def pipeline_deployment(model: str, pipeline: PipelineSection):  # type: ignore[no-untyped-def]
     """The PipelineServer deployment of one model: one placement group of `num_stages` bundles per replica."""
-    return serve.deployment(PipelineServer).options(
+    return serve.deployment(PipelineServer).options(  # type: ignore[attr-defined]
         name=f"pipeline-{model}",
         num_replicas=pipeline.num_replicas,
         # Serve schedules the replica into *any* bundle of its placement group (bundle index -1), so a

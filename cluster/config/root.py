@@ -27,12 +27,14 @@ class Settings(BaseSettings):
     training: TrainingSection = Field(default_factory=TrainingSection, description="Training jobs.")
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):  # type: ignore[no-untyped-def, override]
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):  # type: ignore[no-untyped-def, override]
         # Environment beats explicit values so an operator can override a YAML file without editing it.
         return env_settings, init_settings, file_secret_settings
 
 
-def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+def load_settings(path: Path | str | None = None, /, **overrides: Any) -> Settings:
     """Load settings from an optional YAML file of sections, with keyword sections merged on top."""
     data: dict[str, Any] = {}
     if path is not None:

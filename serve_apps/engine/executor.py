@@ -33,7 +33,7 @@ class RayPipelineExecutor:
             ref = stage.forward.remote(batch, ref)
         try:
             result = await asyncio.wait_for(ref, timeout=self.timeout_s)
-        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ray.exceptions.RayError) as exc:
             raise StageCallError(f"step {batch.step_id} failed: {exc}") from exc
         if not isinstance(result, StepResult):
             raise StageCallError(f"last stage returned {type(result).__name__}, expected StepResult")

@@ -92,8 +92,8 @@ class Scheduler:
             if seq.seq_id == seq_id:
                 self.waiting.remove(seq)
                 return self._mark_finished(seq, reason)
-        seq = self.running.get(seq_id)
-        return self._mark_finished(seq, reason) if seq is not None else None
+        running = self.running.get(seq_id)
+        return self._mark_finished(running, reason) if running is not None else None
 
     @property
     def has_work(self) -> bool:
@@ -147,8 +147,14 @@ class Scheduler:
     def _prefill_step(self, seq: Sequence) -> StepBatch:
         start = seq.num_cached
         end = min(len(seq.prompt_ids), start + self.limits.prefill_chunk)
-        chunk = SeqChunk(seq.seq_id, _slot(seq), start, tuple(seq.prompt_ids[start:end]), seq.sampling,
-                         sample=end == len(seq.prompt_ids))
+        chunk = SeqChunk(
+            seq.seq_id,
+            _slot(seq),
+            start,
+            tuple(seq.prompt_ids[start:end]),
+            seq.sampling,
+            sample=end == len(seq.prompt_ids),
+        )
         seq.num_cached = end
         self._last_was_prefill = True
         return self._emit(StepBatch(next(self._step_ids), (chunk,), self._take_released()), [seq])

@@ -6,7 +6,7 @@ from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 
 
-@ray.remote(max_restarts=0, max_concurrency=1)
+@ray.remote(max_restarts=0, max_concurrency=1)  # type: ignore[call-overload]
 class StageActor:
     """Holds one stage's layers and KV cache in its own process; steps run one at a time, in order."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from serve_apps.engine.kv_cache import BatchView, SlotKVCache, attention_mask
@@ -22,7 +22,7 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 class StageModel(nn.Module):
     """Decoder layers [spec.start, spec.end) of a Llama model; embedding if first, norm + lm_head if last."""
 
-    def __init__(self, config: PretrainedConfig, spec: StageSpec) -> None:
+    def __init__(self, config: LlamaConfig, spec: StageSpec) -> None:
         super().__init__()
         self.spec = spec
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if spec.first else None
@@ -55,10 +55,10 @@ class StageModel(nn.Module):
         return self.lm_head(hidden_last).float()
 
 
-def load_config(model_dir: Path) -> PretrainedConfig:
+def load_config(model_dir: Path) -> LlamaConfig:
     """The model's config with SDPA attention, validated to be an architecture the stages implement."""
     config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(config, LlamaConfig) or config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model type {config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
     config._attn_implementation = "sdpa"
     return config
@@ -129,5 +129,5 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
-            files.update({name: path for name in handle.keys()})
+            files.update({name: path for name in handle.keys()})  # noqa: SIM118 - safe_open is not iterable
     return files

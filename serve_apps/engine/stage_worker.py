@@ -16,7 +16,7 @@ from serve_apps.engine.kv_cache import BatchView, SlotKVCache
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
 from serve_apps.engine.sampling import Sampler
-from serve_apps.engine.stage_model import build_stage
+from serve_apps.engine.stage_model import build_stage, load_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +43,11 @@ class StageWorker:
         rss_before = _rss()
         self.model, self.rotary = build_stage(Path(config.model_dir), config.spec, dtype)
         self.load_rss_bytes = max(0, _rss() - rss_before)
-        attn = self.model.layers[0].self_attn if len(self.model.layers) else None
-        num_kv_heads = attn.config.num_key_value_heads if attn is not None else 1
-        head_dim = attn.head_dim if attn is not None else 1
+        model_config = load_config(Path(config.model_dir))
+        num_kv_heads = int(model_config.num_key_value_heads or model_config.num_attention_heads)
+        head_dim = int(
+            getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        )
         self.cache = SlotKVCache(
             range(config.spec.start, config.spec.end), config.kv_slots, config.max_len, num_kv_heads, head_dim, dtype
         )

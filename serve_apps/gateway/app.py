@@ -14,14 +14,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve_apps.engine.messages import SamplingParams
+from serve_apps.gateway import responses as R
 from serve_apps.gateway.backend import PipelineBackend
 from serve_apps.gateway.current import current_gateway
 from serve_apps.gateway.errors import OpenAIError, error_body, install_error_handlers
 from serve_apps.gateway.limits import BodySizeLimit
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
-from serve_apps.gateway import responses as R
 from serve_apps.protocol import (
-    Accepted, ChatTurn, Finished, GenerateEvent, GenerateRequest, Rejected, TextDelta,
+    Accepted,
+    ChatTurn,
+    Finished,
+    GenerateEvent,
+    GenerateRequest,
+    Rejected,
+    TextDelta,
 )
 
 
@@ -42,14 +48,15 @@ class Gateway:
         self.created = int(time.time())
 
     def list_models(self) -> dict:
-        data = [{"id": c.id, "object": "model", "created": self.created, "owned_by": c.owned_by}
-                for c in self.cards.values()]
+        data = [
+            {"id": c.id, "object": "model", "created": self.created, "owned_by": c.owned_by}
+            for c in self.cards.values()
+        ]
         return {"object": "list", "data": data}
 
     def to_generate_request(self, body: ChatCompletionRequest | CompletionRequest) -> GenerateRequest:
         if body.model not in self.cards or body.model not in self.backend.models():
             raise OpenAIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
-        chat = isinstance(body, ChatCompletionRequest)
         limit = body.token_limit()
         sampling = SamplingParams(
             max_tokens=limit or 1,
@@ -60,12 +67,17 @@ class Gateway:
             stop=body.stop_list(),
             ignore_eos=body.ignore_eos,
         )
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        if chat:
+        if isinstance(body, ChatCompletionRequest):
+            request_id = f"chatcmpl-{uuid.uuid4().hex}"
             turns = tuple(ChatTurn(m.role if m.role != "developer" else "system", m.text()) for m in body.messages)
             return GenerateRequest(request_id, body.model, sampling, messages=turns, max_tokens_given=limit is not None)
-        return GenerateRequest(request_id, body.model, sampling, prompt=body.prompt_text(),
-                               max_tokens_given=limit is not None)
+        return GenerateRequest(
+            f"cmpl-{uuid.uuid4().hex}",
+            body.model,
+            sampling,
+            prompt=body.prompt_text(),
+            max_tokens_given=limit is not None,
+        )
 
     async def open_stream(self, request: GenerateRequest) -> tuple[Accepted, AsyncIterator[GenerateEvent]]:
         """Start generation and wait for the replica to accept it (a Rejected becomes an OpenAIError)."""
@@ -73,8 +85,10 @@ class Gateway:
         try:
             first = await asyncio.wait_for(anext(events), self.request_timeout_s)
         except StopAsyncIteration:
-            raise OpenAIError(503, "the pipeline ended the request without an answer", code="pipeline_unavailable") from None
-        except asyncio.TimeoutError:
+            raise OpenAIError(
+                503, "the pipeline ended the request without an answer", code="pipeline_unavailable"
+            ) from None
+        except TimeoutError:
             raise OpenAIError(504, "timed out waiting for the pipeline", code="timeout") from None
         if isinstance(first, Rejected):
             headers = {"Retry-After": str(max(1, int(first.retry_after_s)))} if first.retry_after_s else None
@@ -97,18 +111,23 @@ class Gateway:
         if finished is None or finished.finish_reason == "error":
             reason = finished.error if finished else "stream ended early"
             raise OpenAIError(503, f"generation failed: {reason}", code="pipeline_unavailable")
-        return R.full_response(meta, "".join(parts), finished.finish_reason, accepted.prompt_tokens,
-                               finished.completion_tokens)
+        return R.full_response(
+            meta, "".join(parts), finished.finish_reason, accepted.prompt_tokens, finished.completion_tokens
+        )
 
-    async def sse_events(self, request: GenerateRequest, events: AsyncIterator[GenerateEvent], accepted: Accepted,
-                         chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def sse_events(
+        self,
+        request: GenerateRequest,
+        events: AsyncIterator[GenerateEvent],
+        accepted: Accepted,
+        chat: bool,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
         if chat:
             yield R.sse(R.chunk(meta, None, None, first=True))
-        completion_tokens = 0
         async for event in events:
             if isinstance(event, TextDelta):
-                completion_tokens = event.completion_tokens
                 yield R.sse(R.chunk(meta, event.text, None))
             elif isinstance(event, Finished):
                 if event.finish_reason == "error":
@@ -161,8 +180,11 @@ async def _respond(gateway: Gateway, body: ChatCompletionRequest | CompletionReq
         return JSONResponse(await gateway.complete(request, chat), headers=headers)
     accepted, events = await gateway.open_stream(request)
     stream = gateway.sse_events(request, events, accepted, chat, body.include_usage())
-    return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _health(gateway: Gateway) -> JSONResponse:
@@ -170,13 +192,30 @@ async def _health(gateway: Gateway) -> JSONResponse:
     for model in gateway.backend.models():
         try:
             info = await asyncio.wait_for(gateway.backend.describe(model), 30)
-            stages = [{"index": s.stage_index, "layers": [s.layer_start, s.layer_end], "pid": s.pid,
-                       "node_id": s.node_id, "rss_bytes": s.rss_bytes, "param_count": s.param_count}
-                      for s in info.stages]
-            pipelines.append({"model": model, "status": "ok", "replica": info.replica_id, "stages": stages,
-                              "queue_depth": info.queue_depth, "running": info.running})
+            stages = [
+                {
+                    "index": s.stage_index,
+                    "layers": [s.layer_start, s.layer_end],
+                    "pid": s.pid,
+                    "node_id": s.node_id,
+                    "rss_bytes": s.rss_bytes,
+                    "param_count": s.param_count,
+                }
+                for s in info.stages
+            ]
+            pipelines.append(
+                {
+                    "model": model,
+                    "status": "ok",
+                    "replica": info.replica_id,
+                    "stages": stages,
+                    "queue_depth": info.queue_depth,
+                    "running": info.running,
+                }
+            )
         except Exception as exc:  # noqa: BLE001 - reported, not raised: health must answer
             healthy = False
             pipelines.append({"model": model, "status": "unavailable", "error": f"{type(exc).__name__}: {exc}"})
-    return JSONResponse({"status": "ok" if healthy else "degraded", "pipelines": pipelines},
-                        status_code=200 if healthy else 503)
+    return JSONResponse(
+        {"status": "ok" if healthy else "degraded", "pipelines": pipelines}, status_code=200 if healthy else 503
+    )

@@ -2,6 +2,8 @@
 
 import json
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,17 +12,33 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
-          403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
-          413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
 
 
 class OpenAIError(Exception):
     """Raise anywhere in the gateway to answer with this status and OpenAI error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
@@ -55,14 +73,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(OpenAIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
 
-def validation_error(errors: list | tuple) -> OpenAIError:
+def validation_error(errors: Sequence[Any]) -> OpenAIError:
     """The first pydantic error as a 400 naming its field (malformed JSON included)."""
     if not errors:
         return OpenAIError(400, "invalid request")
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return OpenAIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', 'invalid JSON')}",
-                           code="invalid_json")
+        return OpenAIError(
+            400, f"malformed JSON body: {first.get('ctx', {}).get('error', 'invalid JSON')}", code="invalid_json"
+        )
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))

@@ -46,6 +46,11 @@ async def _reject(send: Send, max_bytes: int) -> None:
     import json
 
     body = json.dumps(error_body(413, f"request body exceeds {max_bytes} bytes", code="body_too_large")).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -24,18 +24,33 @@ class ResponseMeta:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def full_response(meta: ResponseMeta, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def full_response(
+    meta: ResponseMeta, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> dict:
     if meta.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {"id": meta.request_id, "object": meta.object, "created": meta.created, "model": meta.model,
-            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": meta.request_id,
+        "object": meta.object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def chunk(meta: ResponseMeta, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
@@ -53,8 +68,14 @@ def chunk(meta: ResponseMeta, text: str | None, finish_reason: str | None, first
 
 def usage_chunk(meta: ResponseMeta, prompt_tokens: int, completion_tokens: int) -> dict:
     obj = "chat.completion.chunk" if meta.chat else "text_completion"
-    return {"id": meta.request_id, "object": obj, "created": meta.created, "model": meta.model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": meta.request_id,
+        "object": obj,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def sse(data: dict | str) -> str:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from cluster.config import Settings
 from cluster.models import load_catalogue, materialize
+from serve_apps.engine.detokenizer import Detokenizer
 from serve_apps.engine.engine import Engine, EngineError
 from serve_apps.engine.executor import StepExecutor
 from serve_apps.engine.layer_split import StageSpec, split_layers
 from serve_apps.engine.messages import SamplingParams
 from serve_apps.engine.scheduler import QueueFullError, Scheduler, SchedulerLimits, Sequence
 from serve_apps.engine.stage_model import load_config
-from serve_apps.engine.detokenizer import Detokenizer
 from serve_apps.protocol import (
     Accepted,
     Finished,
@@ -177,4 +177,3 @@ def _node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-

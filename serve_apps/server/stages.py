@@ -1,6 +1,7 @@
 """The stage actors of one replica, placed one per bundle of the replica's placement group."""
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -43,8 +44,13 @@ class StagePool:
         for spec in specs:
             name = f"{prefix}:{spec.index}:{spec.start}-{spec.end}"
             config = StageConfig(
-                model_dir=str(model_dir), spec=spec, dtype=dtype, kv_slots=pipeline.max_num_seqs,
-                max_len=max_len, torch_threads=torch_threads_for(pipeline.stage_resources), actor_name=name,
+                model_dir=str(model_dir),
+                spec=spec,
+                dtype=dtype,
+                kv_slots=pipeline.max_num_seqs,
+                max_len=max_len,
+                torch_threads=torch_threads_for(pipeline.stage_resources),
+                actor_name=name,
             )
             options = stage_actor_options(pipeline.stage_resources)
             if placement_group is not None:
@@ -53,7 +59,7 @@ class StagePool:
                     placement_group_bundle_index=spec.index,
                     placement_group_capture_child_tasks=False,
                 )
-            actors.append(StageActor.options(name=name, **options).remote(config))
+            actors.append(StageActor.options(name=name, **options).remote(config))  # type: ignore[attr-defined]
             names.append(name)
         pool = cls(actors, names, pipeline.stage_call_timeout_s)
         pool.wait_ready(max(pipeline.stage_call_timeout_s, 300.0))
@@ -80,7 +86,5 @@ class StagePool:
 
     def kill(self) -> None:
         for actor in self.actors:
-            try:
+            with contextlib.suppress(Exception):  # best effort on teardown
                 ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - best effort on teardown
-                pass

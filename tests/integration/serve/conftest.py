@@ -35,12 +35,18 @@ def _free_port() -> int:
 def served(ray_cluster: None, repo_root: Path, model_cache_dir: Path) -> Iterator[ServedApp]:
     """Deploy configs/serve.yaml's builder (as `solanalm up` does) with test overrides."""
     app = read_serve_config(repo_root / "configs" / "serve.yaml")
-    settings = settings_for(app, {
-        "model": {"served": MODELS, "cache_dir": str(model_cache_dir),
-                  "catalogue": str(repo_root / "configs" / "models.yaml")},
-        "pipeline": {"num_stages": STAGES, "max_num_seqs": 16, "max_queue": 64},
-        "http": {"port": _free_port()},
-    })
+    settings = settings_for(
+        app,
+        {
+            "model": {
+                "served": MODELS,
+                "cache_dir": str(model_cache_dir),
+                "catalogue": str(repo_root / "configs" / "models.yaml"),
+            },
+            "pipeline": {"num_stages": STAGES, "max_num_seqs": 16, "max_queue": 64},
+            "http": {"port": _free_port()},
+        },
+    )
     deploy(app, settings)
     yield ServedApp(f"http://127.0.0.1:{settings.http.port}/v1", settings)
     serve.shutdown()

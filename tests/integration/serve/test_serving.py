@@ -26,15 +26,21 @@ def model_dir(served: ServedApp, name: str) -> Path:
 def reference_completion(path: Path, prompt: str, max_new_tokens: int, chat: bool) -> str:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         ids = tokenizer.encode(prompt)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 def test_models_lists_the_catalogue_entries(served: ServedApp) -> None:
@@ -43,7 +49,8 @@ def test_models_lists_the_catalogue_entries(served: ServedApp) -> None:
 
 def test_smollm2_answers_through_three_stages_exactly_as_unsharded(served: ServedApp) -> None:
     reply = served.client().chat.completions.create(
-        model=SMOL, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=24)
+        model=SMOL, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=24
+    )
     answer = reply.choices[0].message.content
     assert "Paris" in answer
     assert answer == reference_completion(model_dir(served, SMOL), QUESTION, 24, chat=True)
@@ -60,8 +67,16 @@ def test_streaming_chat_matches_the_non_streamed_answer(served: ServedApp) -> No
     client = served.client()
     messages = [{"role": "user", "content": "Count to five."}]
     whole = client.chat.completions.create(model=SMOL, messages=messages, temperature=0, max_tokens=20)
-    chunks = list(client.chat.completions.create(model=SMOL, messages=messages, temperature=0, max_tokens=20,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=SMOL,
+            messages=messages,
+            temperature=0,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -69,27 +84,39 @@ def test_streaming_chat_matches_the_non_streamed_answer(served: ServedApp) -> No
 
 def test_seeded_sampling_is_reproducible_over_http(served: ServedApp) -> None:
     client = served.client()
+
     def sample(seed: int) -> str:
-        return client.completions.create(model=TINY, prompt="Once upon", max_tokens=12, temperature=1.0,
-                                         top_p=0.95, seed=seed).choices[0].text
+        return (
+            client.completions.create(
+                model=TINY, prompt="Once upon", max_tokens=12, temperature=1.0, top_p=0.95, seed=seed
+            )
+            .choices[0]
+            .text
+        )
+
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
 
 
 def test_stop_sequence_and_max_tokens(served: ServedApp) -> None:
     client = served.client()
-    reply = client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": QUESTION}],
-                                           temperature=0, max_tokens=24, stop=["Paris"])
+    reply = client.chat.completions.create(
+        model=SMOL, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=24, stop=["Paris"]
+    )
     assert "Paris" not in reply.choices[0].message.content and reply.choices[0].finish_reason == "stop"
-    short = client.completions.create(model=TINY, prompt="a b c", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    short = client.completions.create(
+        model=TINY, prompt="a b c", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
 
 
 def test_concurrent_requests_all_complete_with_their_own_answers(served: ServedApp) -> None:
     client = served.client()
     prompts = [f"Item {i}:" for i in range(8)]
+
     def ask(prompt: str) -> str:
         return client.completions.create(model=TINY, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+
     alone = [ask(p) for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         together = list(pool.map(ask, prompts))
@@ -108,24 +135,32 @@ def test_stages_run_in_their_own_processes_and_hold_their_share(served: ServedAp
 
 
 def test_stage_memory_matches_its_weights(served: ServedApp) -> None:
-    infos = [ray.get(ray.get_actor(name, namespace=namespace).describe.remote(), timeout=60)
-             for name, namespace in _stage_actors(SMOL)]
+    infos = [
+        ray.get(ray.get_actor(name, namespace=namespace).describe.remote(), timeout=60)
+        for name, namespace in _stage_actors(SMOL)
+    ]
     assert len(infos) == STAGES
     for info in infos:
         assert 0.6 < info.load_rss_bytes / info.param_bytes < 1.6, info
 
 
 def test_each_replica_reserves_one_bundle_per_stage(served: ServedApp) -> None:
-    groups = [g for g in ray.util.placement_group_table().values()
-              if g["state"] == "CREATED" and "pipeline" in (g.get("name") or "")]
+    groups = [
+        g
+        for g in ray.util.placement_group_table().values()
+        if g["state"] == "CREATED" and "pipeline" in (g.get("name") or "")
+    ]
     assert len(groups) == 2  # one replica per model
     for group in groups:
         assert list(group["bundles"].values()) == [{"CPU": 1.0}] * STAGES
 
 
 def _stage_actors(model: str) -> list[tuple[str, str]]:
-    found = [(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"stage:{model}:")]
+    found = [
+        (a["name"], a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"stage:{model}:")
+    ]
     return sorted(found, key=lambda item: int(item[0].split(":")[3]))
 
 
@@ -136,8 +171,12 @@ def test_bad_requests_get_openai_errors_over_http(served: ServedApp) -> None:
     with pytest.raises(openai.BadRequestError) as too_long:
         client.completions.create(model=TINY, prompt="hi", max_tokens=100_000)
     assert too_long.value.code == "context_length_exceeded"
-    raw = httpx.post(served.base_url + "/chat/completions", content=b"{not json",
-                     headers={"content-type": "application/json"}, timeout=30)
+    raw = httpx.post(
+        served.base_url + "/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert raw.status_code == 400 and json.loads(raw.text)["error"]["code"] == "invalid_json"
 
 
@@ -154,6 +193,7 @@ def test_client_disconnect_frees_the_sequence(served: ServedApp) -> None:
         if running[TINY] == 0:
             break
         import time
+
         time.sleep(0.2)
     assert running[TINY] == 0
 

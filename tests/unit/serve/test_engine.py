@@ -41,6 +41,7 @@ def test_concurrent_requests_each_get_their_own_tokens() -> None:
     async def main() -> list[list[int]]:
         e = engine(CountingExecutor())
         return await asyncio.gather(collect(e, sequence("a", [1, 2], 3)), collect(e, sequence("b", [50], 4)))
+
     assert asyncio.run(main()) == [[3, 4, 5], [51, 52, 53, 54]]
 
 
@@ -52,6 +53,7 @@ def test_leaving_the_stream_early_frees_the_slot() -> None:
         await stream.aclose()  # what a client disconnect does
         # The single slot is free again: a second request runs to completion.
         return len(e.scheduler.running), await collect(e, sequence("b", [10], 2))
+
     running, tokens = asyncio.run(main())
     assert running == 0 and tokens == [11, 12]
 
@@ -60,6 +62,7 @@ def test_stage_failure_reaches_the_request_as_engine_error() -> None:
     async def main() -> None:
         e = engine(CountingExecutor(fail_on_step=0))
         await collect(e, sequence("a", [1], 3))
+
     with pytest.raises(EngineError, match="stage died"):
         asyncio.run(main())
 
@@ -70,5 +73,6 @@ def test_queue_bound_raises_queue_full() -> None:
         first = e.stream(sequence("a", [1], 50))
         await anext(first)
         await collect(e, sequence("b", [1], 1))
+
     with pytest.raises(QueueFullError):
         asyncio.run(main())

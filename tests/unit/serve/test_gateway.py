@@ -10,7 +10,13 @@ from fastapi.testclient import TestClient
 
 from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
 from serve_apps.protocol import (
-    Accepted, Finished, GenerateEvent, GenerateRequest, PipelineInfo, Rejected, TextDelta,
+    Accepted,
+    Finished,
+    GenerateEvent,
+    GenerateRequest,
+    PipelineInfo,
+    Rejected,
+    TextDelta,
 )
 
 
@@ -59,8 +65,9 @@ def chat_body(**extra: object) -> dict:
 
 def test_models_and_chat_through_the_openai_client(client: openai.OpenAI, backend: FakeBackend) -> None:
     assert [m.id for m in client.models.list().data] == ["fake"]
-    reply = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=7, temperature=0, seed=3, stop=["x"])
+    reply = client.chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=7, temperature=0, seed=3, stop=["x"]
+    )
     assert reply.choices[0].message.content == "hello world"
     assert reply.choices[0].finish_reason == "stop"
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (5, 2, 7)
@@ -69,8 +76,14 @@ def test_models_and_chat_through_the_openai_client(client: openai.OpenAI, backen
 
 
 def test_streaming_chat_with_usage(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}],
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="fake",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "hello world"
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -123,8 +136,15 @@ def test_invalid_fields_are_400_naming_the_field(http: TestClient, body: dict, p
     assert error_of(response)["param"] == param
 
 
-@pytest.mark.parametrize("extra", [{"logprobs": True}, {"tools": [{"type": "function"}]}, {"presence_penalty": 1},
-                                   {"stream_options": {"include_usage": True}}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"logprobs": True},
+        {"tools": [{"type": "function"}]},
+        {"presence_penalty": 1},
+        {"stream_options": {"include_usage": True}},
+    ],
+)
 def test_unsupported_options_are_rejected_clearly(http: TestClient, extra: dict) -> None:
     response = http.post("/v1/chat/completions", json=chat_body(**extra))
     assert response.status_code == 400
@@ -137,8 +157,9 @@ def test_unknown_model_is_404(http: TestClient) -> None:
 
 
 def test_malformed_json_is_400(http: TestClient) -> None:
-    response = http.post("/v1/chat/completions", content=b'{"model": "fake",',
-                         headers={"content-type": "application/json"})
+    response = http.post(
+        "/v1/chat/completions", content=b'{"model": "fake",', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and error_of(response)["code"] == "invalid_json"
 
 
@@ -153,14 +174,17 @@ def test_oversized_body_is_413_before_parsing(http: TestClient) -> None:
 
 
 def test_replica_rejection_keeps_its_status_and_retry_after(http: TestClient) -> None:
-    response = http.post("/v1/chat/completions",
-                         json={"model": "fake", "messages": [{"role": "user", "content": "overload"}]})
+    response = http.post(
+        "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "overload"}]}
+    )
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
     assert error_of(response)["code"] == "overloaded"
 
 
 def test_failed_generation_is_a_503_not_a_500(http: TestClient) -> None:
-    response = http.post("/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "fail"}]})
+    response = http.post(
+        "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "fail"}]}
+    )
     assert response.status_code == 503
 
 

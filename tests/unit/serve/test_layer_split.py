@@ -5,8 +5,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from serve_apps.engine.layer_split import split_layers
 from serve_apps.engine.stage_model import StageModel
 
-SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+SMOLLM2 = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.mark.parametrize("layers,stages", [(30, 1), (30, 2), (30, 3), (30, 7), (6, 6), (5, 2)])
@@ -14,7 +21,7 @@ def test_split_covers_every_layer_once_contiguously(layers: int, stages: int) ->
     specs = split_layers(layers, stages)
     assert [s.index for s in specs] == list(range(stages))
     assert specs[0].start == 0 and specs[-1].end == layers
-    assert all(a.end == b.start for a, b in zip(specs, specs[1:]))
+    assert all(a.end == b.start for a, b in zip(specs, specs[1:], strict=False))
     assert all(s.num_layers >= 1 for s in specs)
     assert max(s.num_layers for s in specs) - min(s.num_layers for s in specs) <= 1
     assert specs[0].first and specs[-1].last and sum(s.first for s in specs) == sum(s.last for s in specs) == 1
@@ -35,8 +42,7 @@ def test_split_rejects_impossible_shapes(layers: int, stages: int) -> None:
 def test_stage_parameters_on_meta_add_up_to_the_model(stages: int) -> None:
     with torch.device("meta"):
         full = sum(p.numel() for p in LlamaForCausalLM(SMOLLM2).parameters())
-        parts = [sum(p.numel() for p in StageModel(SMOLLM2, spec).parameters())
-                 for spec in split_layers(30, stages)]
+        parts = [sum(p.numel() for p in StageModel(SMOLLM2, spec).parameters()) for spec in split_layers(30, stages)]
     embedding = SMOLLM2.vocab_size * SMOLLM2.hidden_size
     # A tied lm_head is one tensor in the full model but a copy on the last stage.
     assert sum(parts) == full + embedding

@@ -13,9 +13,11 @@ def test_greedy_and_top_k_1_pick_the_argmax() -> None:
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent() -> None:
     logits = torch.zeros(1, 1000)
+
     def draw(seed: int) -> list[int]:
         sampler = Sampler()
         return [sampler.sample(logits, ["s"], [SamplingParams(temperature=1.0, seed=seed)])[0] for _ in range(5)]
+
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
 

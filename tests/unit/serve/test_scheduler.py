@@ -83,7 +83,9 @@ def test_prefill_and_decode_alternate() -> None:
     kinds = []
     for _ in range(4):
         batch = s.schedule()
-        kinds.append("decode" if all(len(c.token_ids) == 1 for c in batch.chunks) and batch.chunks[0].start_pos else "prefill")
+        kinds.append(
+            "decode" if all(len(c.token_ids) == 1 for c in batch.chunks) and batch.chunks[0].start_pos else "prefill"
+        )
         answer(s, batch)
     # a's prefill came last, so a decode goes first; then they alternate while both kinds wait.
     assert kinds == ["decode", "prefill", "decode", "prefill"]

@@ -20,8 +20,10 @@ def run_pipeline(workers: list[StageWorker], prompt: list[int], new_tokens: int,
     pieces = [prompt[i : i + chunk] for i in range(0, len(prompt), chunk)] if chunk else [prompt]
     position, step = 0, 0
     for index, piece in enumerate(pieces):
-        result = forward(workers, StepBatch(step, (SeqChunk("s", 0, position, tuple(piece), greedy,
-                                                             sample=index == len(pieces) - 1),)))
+        result = forward(
+            workers,
+            StepBatch(step, (SeqChunk("s", 0, position, tuple(piece), greedy, sample=index == len(pieces) - 1),)),
+        )
         position, step = position + len(piece), step + 1
     out.append(result.token_ids[0])
     while len(out) < new_tokens:
@@ -40,15 +42,18 @@ def forward(workers: list[StageWorker], batch: StepBatch) -> StepResult:
 
 
 def make_workers(model_dir: Path, stages: int, slots: int = 4, dtype: str = "float32") -> list[StageWorker]:
-    return [StageWorker(StageConfig(str(model_dir), spec, dtype, slots, 128, 1))
-            for spec in split_layers(6 if "untied" not in str(model_dir) else 4, stages)]
+    return [
+        StageWorker(StageConfig(str(model_dir), spec, dtype, slots, 128, 1))
+        for spec in split_layers(6 if "untied" not in str(model_dir) else 4, stages)
+    ]
 
 
 def reference(model_dir: Path, prompt: list[int], new_tokens: int, dtype: torch.dtype = torch.float32) -> list[int]:
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
@@ -76,11 +81,13 @@ def test_batched_decode_matches_each_sequence_alone(tiny_dir: Path) -> None:
     workers, greedy = make_workers(tiny_dir, 2), SamplingParams(temperature=0.0)
     outs: list[list[int]] = []
     for slot, prompt in enumerate(prompts):
-        outs.append([forward(workers, StepBatch(slot, (SeqChunk(f"s{slot}", slot, 0, tuple(prompt), greedy),)))
-                     .token_ids[0]])
+        outs.append(
+            [forward(workers, StepBatch(slot, (SeqChunk(f"s{slot}", slot, 0, tuple(prompt), greedy),))).token_ids[0]]
+        )
     for step in range(5):
-        chunks = tuple(SeqChunk(f"s{i}", i, len(p) + len(outs[i]) - 1, (outs[i][-1],), greedy)
-                       for i, p in enumerate(prompts))
+        chunks = tuple(
+            SeqChunk(f"s{i}", i, len(p) + len(outs[i]) - 1, (outs[i][-1],), greedy) for i, p in enumerate(prompts)
+        )
         for i, token in enumerate(forward(workers, StepBatch(100 + step, chunks)).token_ids):
             outs[i].append(token)
     assert outs == alone
