@@ -1,0 +1,93 @@
+"""Provider-network settings section: registry, wallet proofs, reputation, routing weights, placement.
+
+Reputation is a number in [0, 1]; every step below is a fraction of the distance to the bound it moves
+towards (see docs/network.md for the rule). Times are in seconds.
+"""
+
+from pydantic import Field
+
+from cluster.config.base import Section
+
+
+class ReputationSection(Section):
+    """How request outcomes and spot-checks move a node's reputation (all fractions in [0, 1])."""
+
+    initial: float = Field(default=0.5, ge=0, le=1, description="Reputation of a newly verified node.")
+    min_eligible: float = Field(
+        default=0.2, ge=0, le=1, description="Nodes below this get no new stages (placement skips them)."
+    )
+    success_step: float = Field(
+        default=0.01, ge=0, le=1, description="A served request moves reputation this fraction towards 1."
+    )
+    failure_step: float = Field(
+        default=0.05, ge=0, le=1, description="A failed request moves reputation this fraction towards 0."
+    )
+    verification_pass_step: float = Field(
+        default=0.05, ge=0, le=1, description="A passed spot-check moves reputation this fraction towards 1."
+    )
+    verification_fail_step: float = Field(
+        default=0.5, ge=0, le=1, description="A failed spot-check moves reputation this fraction towards 0."
+    )
+    latency_ewma_alpha: float = Field(
+        default=0.2, gt=0, le=1, description="Weight of the newest sample in the latency EWMA."
+    )
+
+
+class RoutingWeights(Section):
+    """Weights of a replica's score in the request router (higher score is preferred)."""
+
+    success: float = Field(default=1.0, ge=0, le=100, description="Weight of the success rate.")
+    latency: float = Field(default=1.0, ge=0, le=100, description="Weight of 1 / (1 + latency / reference).")
+    load: float = Field(default=1.0, ge=0, le=100, description="Weight of 1 / (1 + queued requests).")
+    reputation: float = Field(default=2.0, ge=0, le=100, description="Weight of the reputation.")
+    latency_reference_s: float = Field(
+        default=1.0, gt=0, le=3600, description="Latency at which the latency term is one half."
+    )
+
+
+class PlacementSection(Section):
+    """How stages are planned over provider nodes."""
+
+    max_stages: int = Field(default=8, ge=1, le=64, description="Most stages (nodes) in one pipeline.")
+    memory_headroom: float = Field(
+        default=0.2, ge=0, lt=1, description="Fraction of a node's memory kept free of weights (KV, activations)."
+    )
+    min_stage_gain: float = Field(
+        default=0.05, ge=0, le=10,
+        description="A further stage must raise pipeline throughput by this fraction (each stage adds a hop).",
+    )
+    node_label_key: str = Field(
+        default="ray.io/node-id", min_length=1, description="Node label that pins a stage bundle to its node."
+    )
+
+
+class NetworkSection(Section):
+    """The provider network: wallet-proved joining, the node registry, reputation, routing, spot-checks."""
+
+    registry_name: str = Field(
+        default="solanalm-registry", min_length=1, description="Named detached Ray actor of the registry."
+    )
+    registry_call_timeout_s: float = Field(default=10.0, gt=0, le=600, description="Timeout of one registry call.")
+    kv_namespace: str = Field(
+        default="solanalm-network", min_length=1, description="Ray GCS internal-KV namespace of registry state."
+    )
+    persist_interval_s: float = Field(
+        default=1.0, ge=0, le=3600,
+        description="Counter updates are written to the KV at most this often (membership changes at once).",
+    )
+    challenge_ttl_s: float = Field(default=120.0, ge=5, le=3600, description="Lifetime of a join challenge.")
+    label_prefix: str = Field(
+        default="solanalm.io", min_length=1, description="Prefix of SolanaLM's Ray node labels (wallet, region...)."
+    )
+    join_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="How long `node join` waits for its Ray node to appear."
+    )
+    drain_timeout_s: float = Field(
+        default=120.0, ge=0, le=86_400, description="How long `node leave` waits for its stages to move away."
+    )
+    verification_fraction: float = Field(
+        default=0.02, ge=0, le=1, description="Fraction of requests re-executed on another pipeline."
+    )
+    reputation: ReputationSection = Field(default_factory=ReputationSection, description="Reputation rule.")
+    routing: RoutingWeights = Field(default_factory=RoutingWeights, description="Request-router weights.")
+    placement: PlacementSection = Field(default_factory=PlacementSection, description="Stage placement.")
