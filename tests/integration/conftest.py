@@ -14,6 +14,8 @@ def ray_cluster() -> Iterator[None]:
     """A local Ray head for the whole session (namespace `solanalm-test`)."""
     if not ray.is_initialized():
         ray.init(
+            # "local": always a fresh head, even when `ray start` left a cluster on this machine.
+            address="local",
             num_cpus=TEST_RAY_CPUS,
             namespace="solanalm-test",
             include_dashboard=False,
