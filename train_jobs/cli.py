@@ -26,9 +26,7 @@ AddressOpt = Annotated[
     str | None,
     typer.Option("--address", help="Ray cluster to attach to (default: settings.ray.address)."),
 ]
-ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", exists=True, help="Job YAML under configs/train/.")
-]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", exists=True, help="Job YAML under configs/train/.")]
 
 
 def _settings(path: Path | None, address: str | None) -> Settings:
@@ -48,18 +46,12 @@ def dp(
 
     from train_jobs.config import DataParallelJob, load_job
     from train_jobs.data_parallel import run_data_parallel
+    from train_jobs.ray_connect import connect
 
     settings = _settings(settings_path, address)
     job = load_job(config, DataParallelJob, num_workers=num_workers)
-    console.print(
-        f"[bold]dp[/] {job.name}: {job.model.name}, {job.num_workers} workers, {job.sharding}"
-    )
-    ray.init(
-        address=settings.ray.address,
-        namespace=settings.ray.namespace,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    console.print(f"[bold]dp[/] {job.name}: {job.model.name}, {job.num_workers} workers, {job.sharding}")
+    connect(settings.ray, log_to_driver=False)
     try:
         result = run_data_parallel(job, settings.training)
     finally:
@@ -124,9 +116,7 @@ def fl(
 
 @app.command()
 def export(
-    checkpoint: Annotated[
-        Path, typer.Argument(exists=True, help="DDP checkpoint dir or a federated run's adapter/.")
-    ],
+    checkpoint: Annotated[Path, typer.Argument(exists=True, help="DDP checkpoint dir or a federated run's adapter/.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Servable HF directory to write.")],
     name: Annotated[str | None, typer.Option(help="Catalogue name for the export.")] = None,
     catalogue: Annotated[

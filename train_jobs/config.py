@@ -22,12 +22,8 @@ class ModelRef(_Strict):
     """A catalogue entry to fine-tune; weights come from `cluster.models.materialize`."""
 
     name: str = Field(default="tiny-llama", description="Catalogue model name.")
-    catalogue: Path = Field(
-        default=Path("configs/models.yaml"), description="Model catalogue YAML."
-    )
-    cache_dir: Path = Field(
-        default=Path("~/.cache/solanalm"), description="Materialised-weights cache."
-    )
+    catalogue: Path = Field(default=Path("configs/models.yaml"), description="Model catalogue YAML.")
+    cache_dir: Path = Field(default=Path("~/.cache/solanalm"), description="Materialised-weights cache.")
 
     @field_validator("cache_dir")
     @classmethod
@@ -46,18 +42,10 @@ class DataSpec(_Strict):
         default="plain",
         description="plain: '### Instruction/### Response' text; chat: the tokenizer's template.",
     )
-    max_length: int = Field(
-        default=64, ge=8, le=8192, description="Tokens per example (padded/truncated)."
-    )
-    eval_fraction: float = Field(
-        default=0.1, gt=0, lt=1, description="Held-out share of the examples."
-    )
-    max_examples: int | None = Field(
-        default=None, ge=2, description="Use at most this many examples (None: all)."
-    )
-    seed: int = Field(
-        default=0, description="Seed of the held-out split and the random sharding strategy."
-    )
+    max_length: int = Field(default=64, ge=8, le=8192, description="Tokens per example (padded/truncated).")
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1, description="Held-out share of the examples.")
+    max_examples: int | None = Field(default=None, ge=2, description="Use at most this many examples (None: all).")
+    seed: int = Field(default=0, description="Seed of the held-out split and the random sharding strategy.")
 
 
 class OptimSpec(_Strict):
@@ -65,12 +53,8 @@ class OptimSpec(_Strict):
 
     learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="AdamW learning rate.")
     weight_decay: float = Field(default=0.0, ge=0, le=1.0, description="AdamW weight decay.")
-    batch_size: int = Field(
-        default=8, ge=1, le=4096, description="Examples per step per worker/client."
-    )
-    max_steps: int = Field(
-        default=20, ge=1, le=10**7, description="Optimizer steps (per worker / per client round)."
-    )
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per step per worker/client.")
+    max_steps: int = Field(default=20, ge=1, le=10**7, description="Optimizer steps (per worker / per client round).")
     seed: int = Field(default=0, description="Torch seed of LoRA init and dropout.")
 
 
@@ -91,38 +75,24 @@ class PrivacySpec(_Strict):
     """Opacus DP-SGD in each client (per-example clipping, Gaussian noise, RDP accounting)."""
 
     enabled: bool = Field(default=False, description="Train with DP-SGD.")
-    noise_multiplier: float = Field(
-        default=1.0, ge=0, le=100, description="Noise std / clipping norm."
-    )
-    max_grad_norm: float = Field(
-        default=1.0, gt=0, le=1e6, description="Per-example gradient clipping norm."
-    )
-    delta: float = Field(
-        default=1e-5, gt=0, lt=1, description="Target delta of the reported (epsilon, delta)."
-    )
+    noise_multiplier: float = Field(default=1.0, ge=0, le=100, description="Noise std / clipping norm.")
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1e6, description="Per-example gradient clipping norm.")
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="Target delta of the reported (epsilon, delta).")
 
 
 class ServerDPSpec(_Strict):
     """Flower's server-side fixed-clipping DP wrapper around FedAvg (central DP on updates)."""
 
     enabled: bool = Field(default=False, description="Wrap the strategy with server-side DP.")
-    noise_multiplier: float = Field(
-        default=0.1, ge=0, le=100, description="Noise std / clipping norm."
-    )
-    clipping_norm: float = Field(
-        default=10.0, gt=0, le=1e6, description="Clipping norm of each client update."
-    )
+    noise_multiplier: float = Field(default=0.1, ge=0, le=100, description="Noise std / clipping norm.")
+    clipping_norm: float = Field(default=10.0, gt=0, le=1e6, description="Clipping norm of each client update.")
 
 
 class ClientResources(_Strict):
     """Ray resources of one Flower ClientApp actor (the simulation builds its pool from these)."""
 
-    num_cpus: float = Field(
-        default=1.0, gt=0, le=1024, description="Logical CPUs per client actor."
-    )
-    num_gpus: float = Field(
-        default=0.0, ge=0, le=64, description="GPUs per client actor (fractions share one)."
-    )
+    num_cpus: float = Field(default=1.0, gt=0, le=1024, description="Logical CPUs per client actor.")
+    num_gpus: float = Field(default=0.0, ge=0, le=64, description="GPUs per client actor (fractions share one).")
     torch_threads: int | None = Field(
         default=None,
         ge=1,
@@ -135,24 +105,16 @@ class FaultInjection(_Strict):
     """Testing aid: a worker SIGKILLs itself once, to exercise FailureConfig resume."""
 
     rank: int = Field(default=1, ge=0, description="World rank of the worker that dies.")
-    at_step: int = Field(
-        ge=1, description="It dies right after finishing this step (once per run)."
-    )
+    at_step: int = Field(ge=1, description="It dies right after finishing this step (once per run).")
 
 
 class _JobBase(_Strict):
-    name: str = Field(
-        min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (directory name)."
-    )
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (directory name).")
     model: ModelRef = Field(default_factory=ModelRef)
     data: DataSpec = Field(default_factory=DataSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
-    sharding: ShardingStrategy = Field(
-        default="round_robin", description="How examples are split among workers."
-    )
-    storage_path: Path | None = Field(
-        default=None, description="Run output root; None: training.output_dir."
-    )
+    sharding: ShardingStrategy = Field(default="round_robin", description="How examples are split among workers.")
+    storage_path: Path | None = Field(default=None, description="Run output root; None: training.output_dir.")
 
     @field_validator("storage_path")
     @classmethod
@@ -164,28 +126,14 @@ class DataParallelJob(_JobBase):
     """A Ray Train TorchTrainer DDP fine-tune."""
 
     kind: Literal["data_parallel"] = "data_parallel"
-    lora: LoraSpec | None = Field(
-        default=None, description="Train LoRA adapters only; None: full fine-tune."
-    )
-    num_workers: int = Field(
-        default=2, ge=1, le=4096, description="DDP workers (one process each)."
-    )
+    lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters only; None: full fine-tune.")
+    num_workers: int = Field(default=2, ge=1, le=4096, description="DDP workers (one process each).")
     use_gpu: bool = Field(default=False, description="NCCL on GPUs; False: gloo on CPU.")
-    cpus_per_worker: float = Field(
-        default=1.0, gt=0, le=1024, description="Logical CPUs per worker."
-    )
-    checkpoint_every_steps: int = Field(
-        default=5, ge=1, description="Report a checkpoint every N steps."
-    )
-    num_to_keep: int = Field(
-        default=2, ge=1, le=1000, description="Checkpoints kept (CheckpointConfig)."
-    )
-    max_failures: int = Field(
-        default=1, ge=-1, le=1000, description="Worker-group restarts (FailureConfig)."
-    )
-    fault_injection: FaultInjection | None = Field(
-        default=None, description="Testing only: kill a worker once."
-    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, le=1024, description="Logical CPUs per worker.")
+    checkpoint_every_steps: int = Field(default=5, ge=1, description="Report a checkpoint every N steps.")
+    num_to_keep: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept (CheckpointConfig).")
+    max_failures: int = Field(default=1, ge=-1, le=1000, description="Worker-group restarts (FailureConfig).")
+    fault_injection: FaultInjection | None = Field(default=None, description="Testing only: kill a worker once.")
 
     @model_validator(mode="after")
     def _fault_rank_exists(self) -> "DataParallelJob":
@@ -201,27 +149,17 @@ class FederatedJob(_JobBase):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapters trained and exchanged.")
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     server_dp: ServerDPSpec = Field(default_factory=ServerDPSpec)
-    num_clients: int = Field(
-        default=3, ge=1, le=10_000, description="Simulated clients (private partitions)."
-    )
+    num_clients: int = Field(default=3, ge=1, le=10_000, description="Simulated clients (private partitions).")
     num_rounds: int = Field(default=2, ge=1, le=10_000, description="FedAvg rounds.")
-    fraction_train: float = Field(
-        default=1.0, gt=0, le=1, description="Share of clients selected per round."
-    )
-    min_train_clients: int = Field(
-        default=2, ge=1, description="Selected clients per round, at least."
-    )
-    min_available_clients: int = Field(
-        default=2, ge=1, description="Clients that must be connected to start."
-    )
+    fraction_train: float = Field(default=1.0, gt=0, le=1, description="Share of clients selected per round.")
+    min_train_clients: int = Field(default=2, ge=1, description="Selected clients per round, at least.")
+    min_available_clients: int = Field(default=2, ge=1, description="Clients that must be connected to start.")
     client_resources: ClientResources = Field(default_factory=ClientResources)
     wallets: list[str] = Field(
         default_factory=list,
         description="Client reward wallets (base58) by partition; empty: derived per client.",
     )
-    round_timeout_s: float = Field(
-        default=600.0, gt=0, le=86_400, description="Wait for replies, per round."
-    )
+    round_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Wait for replies, per round.")
     simulate_drops: dict[int, list[int]] = Field(
         default_factory=dict,
         description="Testing/bench: {round: [partition ids]} that crash mid-round.",
@@ -230,17 +168,10 @@ class FederatedJob(_JobBase):
     @model_validator(mode="after")
     def _consistent(self) -> "FederatedJob":
         if self.wallets and len(self.wallets) != self.num_clients:
-            raise ValueError(
-                f"wallets has {len(self.wallets)} entries for {self.num_clients} clients"
-            )
-        if (
-            self.min_train_clients > self.num_clients
-            or self.min_available_clients > self.num_clients
-        ):
+            raise ValueError(f"wallets has {len(self.wallets)} entries for {self.num_clients} clients")
+        if self.min_train_clients > self.num_clients or self.min_available_clients > self.num_clients:
             raise ValueError("min_train_clients and min_available_clients must be <= num_clients")
-        bad = [
-            p for ids in self.simulate_drops.values() for p in ids if not 0 <= p < self.num_clients
-        ]
+        bad = [p for ids in self.simulate_drops.values() for p in ids if not 0 <= p < self.num_clients]
         if bad:
             raise ValueError(f"simulate_drops names unknown partitions {bad}")
         return self

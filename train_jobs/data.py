@@ -31,9 +31,7 @@ class TokenizedSet:
     def subset(self, indices: list[int]) -> "TokenizedSet":
         """The examples at `indices`, in that order."""
         index = torch.tensor(indices, dtype=torch.long)
-        return TokenizedSet(
-            self.input_ids[index], self.attention_mask[index], [self.texts[i] for i in indices]
-        )
+        return TokenizedSet(self.input_ids[index], self.attention_mask[index], [self.texts[i] for i in indices])
 
 
 def bundled_dataset_path() -> Path:
@@ -47,24 +45,16 @@ def load_records(path: Path | None) -> list[dict[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"dataset not found: {path}")
     if path.suffix == ".jsonl":
-        records = [
-            _check_record(json.loads(line), path)
-            for line in path.read_text().splitlines()
-            if line.strip()
-        ]
+        records = [_check_record(json.loads(line), path) for line in path.read_text().splitlines() if line.strip()]
     else:
-        records = [
-            {"text": block.strip()} for block in path.read_text().split("\n\n") if block.strip()
-        ]
+        records = [{"text": block.strip()} for block in path.read_text().split("\n\n") if block.strip()]
     if len(records) < 2:
         raise ValueError(f"{path}: need at least 2 examples, found {len(records)}")
     return records
 
 
 def _check_record(record: Any, path: Path) -> dict[str, str]:
-    if isinstance(record, dict) and (
-        "text" in record or {"instruction", "response"} <= record.keys()
-    ):
+    if isinstance(record, dict) and ("text" in record or {"instruction", "response"} <= record.keys()):
         return {key: str(value) for key, value in record.items()}
     raise ValueError(f"{path}: each line needs 'text' or 'instruction' and 'response'")
 
@@ -115,9 +105,7 @@ def load_examples(spec: DataSpec, tokenizer: Any) -> tuple[TokenizedSet, Tokeniz
     return full.subset(sorted(order[num_eval:])), full.subset(sorted(order[:num_eval]))
 
 
-def shard_indices(
-    keys: list[str], num_shards: int, strategy: ShardingStrategy, seed: int = 0
-) -> list[list[int]]:
+def shard_indices(keys: list[str], num_shards: int, strategy: ShardingStrategy, seed: int = 0) -> list[list[int]]:
     """Split example indices among `num_shards` workers or clients.
 
     round_robin: i -> i mod n (balanced). hash: a stable hash of the example text, so the same

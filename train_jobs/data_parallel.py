@@ -63,9 +63,7 @@ def build_datasets(job: DataParallelJob) -> dict[str, Any]:
     train, held_out = load_examples(job.data, tokenizer)
     shards = shard_indices(train.texts, job.num_workers, job.sharding, seed=job.data.seed)
     if any(not shard for shard in shards):
-        raise ValueError(
-            f"a worker got no examples ({[len(s) for s in shards]}); use fewer workers or more data"
-        )
+        raise ValueError(f"a worker got no examples ({[len(s) for s in shards]}); use fewer workers or more data")
     datasets = {f"train_{rank}": _to_ray(train.subset(shard)) for rank, shard in enumerate(shards)}
     datasets["eval"] = _to_ray(held_out)
     return datasets
@@ -221,9 +219,7 @@ def build_trainer(job: DataParallelJob, training: TrainingSection) -> Any:
         ),
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
         datasets=build_datasets(job),
-        dataset_config=DataConfig(
-            datasets_to_split=[]
-        ),  # each worker reads only its own train_<rank>
+        dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads only its own train_<rank>
         run_config=RunConfig(
             name=job.name,
             storage_path=str(job.storage_path),
@@ -249,20 +245,17 @@ def run_data_parallel(job: DataParallelJob, training: TrainingSection) -> DataPa
 def main(argv: list[str] | None = None) -> None:
     """`python -m train_jobs.data_parallel --config configs/train/<name>.yaml` (ray job submit)."""
     from cluster.config import load_settings
+    from train_jobs.ray_connect import connect
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--config", required=True, type=Path, help="Job YAML (configs/train/*.yaml)."
-    )
+    parser.add_argument("--config", required=True, type=Path, help="Job YAML (configs/train/*.yaml).")
     parser.add_argument("--settings", type=Path, default=None, help="Optional settings YAML.")
     parser.add_argument("--num-workers", type=int, default=None, help="Override num_workers.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     settings = load_settings(args.settings)
     job = load_job(args.config, DataParallelJob, num_workers=args.num_workers)
-    ray.init(
-        address=settings.ray.address, namespace=settings.ray.namespace, include_dashboard=False
-    )
+    connect(settings.ray)
     try:
         result = run_data_parallel(job, settings.training)
         logger.info("finished: %s, checkpoint %s", result.metrics, result.checkpoint_path)

@@ -54,9 +54,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, model: ModelRef | Non
         merge_adapter(checkpoint_dir, _base_for_adapter(checkpoint_dir, model), out_dir)
     else:
         if not (checkpoint_dir / "config.json").exists():
-            raise FileNotFoundError(
-                f"{checkpoint_dir} is neither an HF directory nor a LoRA adapter"
-            )
+            raise FileNotFoundError(f"{checkpoint_dir} is neither an HF directory nor a LoRA adapter")
         skip = shutil.ignore_patterns(TRAIN_STATE, JOB_FILE, ".*")
         shutil.copytree(checkpoint_dir, out_dir, ignore=skip, dirs_exist_ok=True)
     if (checkpoint_dir / PRIVACY_FILE).exists():
@@ -65,9 +63,7 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path, model: ModelRef | Non
     return out_dir
 
 
-def catalogue_entry(
-    path: Path, *, dtype: str = "float32", max_model_len: int | None = None
-) -> dict[str, Any]:
+def catalogue_entry(path: Path, *, dtype: str = "float32", max_model_len: int | None = None) -> dict[str, Any]:
     """The `models:` entry (YAML mapping) that serves the exported directory."""
     entry: dict[str, Any] = {
         "source": {"kind": "hf_dir", "path": str(path.expanduser().resolve())},

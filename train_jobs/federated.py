@@ -14,13 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from cluster.config import Settings
 from train_jobs.config import FederatedJob, load_job
 from train_jobs.fl_client import build_client_app
 from train_jobs.fl_server import SUMMARY_FILE, build_server_app, privacy_report
 from train_jobs.protocol import make_reward_sink
+from train_jobs.ray_connect import connect
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +58,8 @@ def run_federated(job: FederatedJob, settings: Settings) -> dict[str, Any]:
     job = resolve_job(job)
     out = run_dir(job, settings)
     out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(
-            address=settings.ray.address, namespace=settings.ray.namespace, include_dashboard=False
-        )
-    sink = make_reward_sink(
-        settings.training, settings.ray.namespace, jsonl_path=out / "rewards.jsonl"
-    )
+    connect(settings.ray)
+    sink = make_reward_sink(settings.training, settings.ray.namespace, jsonl_path=out / "rewards.jsonl")
     logger.info("privacy parameters in use: %s", json.dumps(privacy_report(job)))
     server_app = build_server_app(job, sink, settings.training.reward_lamports_per_example, out)
     run_simulation(
@@ -85,22 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     from cluster.config import load_settings
 
     parser = argparse.ArgumentParser(description="Flower federated fine-tune on the Ray cluster")
-    parser.add_argument(
-        "--config", required=True, type=Path, help="Job YAML (configs/train/*.yaml)."
-    )
+    parser.add_argument("--config", required=True, type=Path, help="Job YAML (configs/train/*.yaml).")
     parser.add_argument("--settings", type=Path, default=None, help="Optional settings YAML.")
-    parser.add_argument(
-        "--ray-address", default=None, help="Ray cluster to attach to (default: settings)."
-    )
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to attach to (default: settings).")
     parser.add_argument("--namespace", default=None, help="Ray namespace (default: settings).")
-    parser.add_argument(
-        "--storage-path", type=Path, default=None, help="Override the job's storage_path."
-    )
+    parser.add_argument("--storage-path", type=Path, default=None, help="Override the job's storage_path.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    ray_overrides = {
-        k: v for k, v in {"address": args.ray_address, "namespace": args.namespace}.items() if v
-    }
+    ray_overrides = {k: v for k, v in {"address": args.ray_address, "namespace": args.namespace}.items() if v}
     settings = load_settings(args.settings, ray=ray_overrides)
     job = load_job(args.config, FederatedJob, storage_path=args.storage_path)
     summary = run_federated(job, settings)

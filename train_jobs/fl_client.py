@@ -37,9 +37,7 @@ def client_wallet(job: FederatedJob, partition: int) -> str:
         return job.wallets[partition]
     from solders.keypair import Keypair
 
-    seed = hashlib.blake2b(
-        f"solanalm/{job.name}/client-{partition}".encode(), digest_size=32
-    ).digest()
+    seed = hashlib.blake2b(f"solanalm/{job.name}/client-{partition}".encode(), digest_size=32).digest()
     return str(Keypair.from_seed(seed).pubkey())
 
 
@@ -102,9 +100,7 @@ def build_client_app(job: FederatedJob) -> ClientApp:
     @app.query()
     def identify(message: Message, context: Context) -> Message:
         partition = int(context.node_config["partition-id"])
-        identity = ConfigRecord(
-            {"wallet": client_wallet(job, partition), "partition-id": partition}
-        )
+        identity = ConfigRecord({"wallet": client_wallet(job, partition), "partition-id": partition})
         return Message(RecordDict({"identity": identity}), reply_to=message)
 
     @app.train()
@@ -135,9 +131,7 @@ def build_client_app(job: FederatedJob) -> ClientApp:
             "epsilon": result.epsilon or 0.0,
             "round-epsilon": result.round_epsilon or 0.0,
         }
-        content = RecordDict(
-            {"arrays": ArrayRecord(trainable_state(model)), "metrics": MetricRecord(metrics)}
-        )
+        content = RecordDict({"arrays": ArrayRecord(trainable_state(model)), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=message)
 
     return app

@@ -138,9 +138,7 @@ class RewardingFedAvg(FedAvg):
         )
         return arrays, metrics
 
-    def _round_stats(
-        self, server_round: int, replies: list[Message], metrics: MetricRecord | None
-    ) -> RoundStats:
+    def _round_stats(self, server_round: int, replies: list[Message], metrics: MetricRecord | None) -> RoundStats:
         selected = [self._wallet(node) for node in self._selected.get(server_round, [])]
         examples, times, eps, round_eps = {}, {}, {}, {}
         for reply in replies:
@@ -162,9 +160,7 @@ class RewardingFedAvg(FedAvg):
             examples=examples,
             client_epsilon=eps,
             round_epsilon=round_eps,
-            train_loss=_number(metrics, "train-loss")
-            if metrics and "train-loss" in metrics
-            else None,
+            train_loss=_number(metrics, "train-loss") if metrics and "train-loss" in metrics else None,
         )
 
     def _wallet(self, node_id: int) -> str:
@@ -216,9 +212,7 @@ def _wrap_server_dp(job: FederatedJob, strategy: Strategy, sampled: int) -> Stra
     )
 
 
-def build_server_app(
-    job: FederatedJob, sink: RewardSink, lamports_per_example: int, out_dir: Path
-) -> ServerApp:
+def build_server_app(job: FederatedJob, sink: RewardSink, lamports_per_example: int, out_dir: Path) -> ServerApp:
     """A ServerApp bound to `job`; writes adapter/, privacy.json and summary.json to `out_dir`."""
     app = ServerApp()
 

@@ -83,9 +83,7 @@ class JsonlRewardSink:
 class RayActorRewardSink:
     """Calls `actor.<method>.remote([reward dicts])` on a named Ray actor; waits with a timeout."""
 
-    def __init__(
-        self, actor_name: str, method: str, namespace: str | None, timeout_s: float
-    ) -> None:
+    def __init__(self, actor_name: str, method: str, namespace: str | None, timeout_s: float) -> None:
         self.actor_name = actor_name
         self.method = method
         self.namespace = namespace
@@ -100,9 +98,7 @@ class RayActorRewardSink:
             actor = ray.get_actor(self.actor_name, namespace=self.namespace)
             ray.get(getattr(actor, self.method).remote(payload), timeout=self.timeout_s)
         except (ValueError, AttributeError, RayActorError, GetTimeoutError) as exc:
-            raise RewardSinkError(
-                f"could not record rewards with {self.actor_name}.{self.method}"
-            ) from exc
+            raise RewardSinkError(f"could not record rewards with {self.actor_name}.{self.method}") from exc
 
 
 def actor_is_running(actor_name: str, namespace: str | None) -> bool:
@@ -118,9 +114,7 @@ def actor_is_running(actor_name: str, namespace: str | None) -> bool:
     return True
 
 
-def make_reward_sink(
-    training: TrainingSection, namespace: str | None, jsonl_path: Path | None = None
-) -> RewardSink:
+def make_reward_sink(training: TrainingSection, namespace: str | None, jsonl_path: Path | None = None) -> RewardSink:
     """The sink the settings ask for; `auto` uses the payments actor when it is running."""
     use_actor = training.reward_sink == "actor" or (
         training.reward_sink == "auto" and actor_is_running(training.rewards_actor_name, namespace)

@@ -73,9 +73,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             params[name].copy_(tensor)
 
 
-def causal_lm_loss(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def causal_lm_loss(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy, averaged over each example's real tokens, then over the batch.
 
     Per-example means (not one mean over all tokens) keep each example's weight equal, which is what
@@ -84,9 +82,7 @@ def causal_lm_loss(
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     targets = input_ids[:, 1:]
     mask = attention_mask[:, 1:].to(logits.dtype)
-    per_token = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    )
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     per_token = per_token.view(targets.shape) * mask
     per_example = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
     return per_example.mean()
@@ -161,13 +157,9 @@ def train(
         shuffle=True,
     )
     dp = privacy is not None and privacy.enabled
-    private = (
-        make_private(model, optimizer, loader, privacy, accountant) if dp and privacy else None
-    )
+    private = make_private(model, optimizer, loader, privacy, accountant) if dp and privacy else None
     module, optimizer, loader = (
-        (private.module, private.optimizer, private.loader)
-        if private
-        else (model, optimizer, loader)
+        (private.module, private.optimizer, private.loader) if private else (model, optimizer, loader)
     )
     losses: list[float] = []
     examples = 0
@@ -194,9 +186,7 @@ def train(
         new_steps = state.total_steps() - (accountant.total_steps() if accountant else 0)
         result.accountant = state
         result.epsilon = epsilon(state.history(), privacy.delta)
-        result.round_epsilon = epsilon(
-            [(privacy.noise_multiplier, private.sample_rate, new_steps)], privacy.delta
-        )
+        result.round_epsilon = epsilon([(privacy.noise_multiplier, private.sample_rate, new_steps)], privacy.delta)
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError("training loss is not finite")
     return result

@@ -54,3 +54,14 @@ def test_training_settings_section(tmp_path: Path) -> None:
     assert settings.training.rewards_jsonl_path.is_absolute()
     with pytest.raises(ValidationError):
         load_settings(training={"reward_sink": "carrier-pigeon"})
+
+
+def test_ray_address_never_guesses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.config.serving import RaySection
+    from train_jobs.ray_connect import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address(RaySection()) == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert ray_address(RaySection()) == "10.0.0.1:6379"
+    assert ray_address(RaySection(address="auto")) == "auto"
