@@ -29,7 +29,13 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from train_jobs.checkpoint import write_privacy
 from train_jobs.config import FederatedJob
 from train_jobs.fl_client import build_lora_model, held_out_set
-from train_jobs.protocol import RewardSink, round_rewards
+from train_jobs.protocol import (
+    JsonlRewardSink,
+    RewardSink,
+    RewardSinkError,
+    RoundReward,
+    round_rewards,
+)
 from train_jobs.task import evaluate, load_trainable_state, trainable_state
 
 logger = logging.getLogger(__name__)
@@ -91,6 +97,7 @@ class RewardingFedAvg(FedAvg):
         sink: RewardSink,
         lamports_per_example: int,
         summary: FederatedSummary,
+        fallback_path: Path | None = None,
     ) -> None:
         super().__init__(
             fraction_train=job.fraction_train,
@@ -101,6 +108,7 @@ class RewardingFedAvg(FedAvg):
         self.job, self.wallets, self.sink = job, wallets, sink
         self.lamports_per_example = lamports_per_example
         self.run_summary = summary
+        self.fallback_sink = JsonlRewardSink(fallback_path or Path("rewards.pending.jsonl"))
         self._selected: dict[int, list[int]] = {}
         self._started: dict[int, float] = {}
 
@@ -119,15 +127,8 @@ class RewardingFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         stats = self._round_stats(server_round, replies, metrics)
         self.run_summary.rounds.append(stats)
-        self.sink.record(
-            round_rewards(
-                self.job.name,
-                server_round,
-                stats.selected,
-                stats.examples,
-                self.lamports_per_example,
-            )
-        )
+        rewards = round_rewards(self.job.name, server_round, stats.selected, stats.examples, self.lamports_per_example)
+        self.record_rewards(server_round, rewards)
         logger.info(
             "round %d: %d/%d clients finished in %.1f s, max epsilon %.3f",
             server_round,
@@ -137,6 +138,18 @@ class RewardingFedAvg(FedAvg):
             max(stats.client_epsilon.values(), default=0.0),
         )
         return arrays, metrics
+
+    def record_rewards(self, server_round: int, rewards: list[RoundReward]) -> None:
+        """Send to the sink; if it fails, keep the records in the pending JSONL and train on."""
+        try:
+            self.sink.record(rewards)
+        except RewardSinkError:
+            logger.exception(
+                "reward sink failed for round %d; records kept in %s",
+                server_round,
+                self.fallback_sink.path,
+            )
+            self.fallback_sink.record(rewards)
 
     def _round_stats(self, server_round: int, replies: list[Message], metrics: MetricRecord | None) -> RoundStats:
         selected = [self._wallet(node) for node in self._selected.get(server_round, [])]
@@ -234,7 +247,7 @@ def build_server_app(job: FederatedJob, sink: RewardSink, lamports_per_example: 
                 summary.rounds[-1].eval_loss = loss
             return MetricRecord({"eval-loss": loss})
 
-        fedavg = RewardingFedAvg(job, wallets, sink, lamports_per_example, summary)
+        fedavg = RewardingFedAvg(job, wallets, sink, lamports_per_example, summary, out_dir / "rewards.pending.jsonl")
         sampled = max(int(job.num_clients * job.fraction_train), job.min_train_clients)
         strategy = _wrap_server_dp(job, fedavg, sampled)
         result = strategy.start(

@@ -9,9 +9,7 @@ from train_jobs.config import ModelRef
 
 @pytest.fixture(scope="session")
 def tiny_ref(model_cache_dir: Path, repo_root: Path) -> ModelRef:
-    return ModelRef(
-        name="tiny-llama", catalogue=repo_root / "configs/models.yaml", cache_dir=model_cache_dir
-    )
+    return ModelRef(name="tiny-llama", catalogue=repo_root / "configs/models.yaml", cache_dir=model_cache_dir)
 
 
 @pytest.fixture(scope="session")

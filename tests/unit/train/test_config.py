@@ -43,9 +43,7 @@ def test_federated_job_validation(update: dict[str, object], message: str) -> No
 
 def test_fault_rank_must_exist() -> None:
     with pytest.raises(ValidationError, match="fault_injection.rank"):
-        DataParallelJob.model_validate(
-            {"name": "x", "num_workers": 2, "fault_injection": {"rank": 2, "at_step": 1}}
-        )
+        DataParallelJob.model_validate({"name": "x", "num_workers": 2, "fault_injection": {"rank": 2, "at_step": 1}})
 
 
 def test_training_settings_section(tmp_path: Path) -> None:

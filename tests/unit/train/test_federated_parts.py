@@ -14,21 +14,15 @@ def test_wallets_are_stable_pubkeys_or_configured(tmp_path: object) -> None:
     derived = [client_wallet(job, p) for p in range(3)]
     assert len(set(derived)) == 3 and derived == [client_wallet(job, p) for p in range(3)]
     assert all(32 <= len(w) <= 44 for w in derived)
-    named = FederatedJob(
-        name="fl", num_clients=2, min_train_clients=2, min_available_clients=2, wallets=["W0", "W1"]
-    )
+    named = FederatedJob(name="fl", num_clients=2, min_train_clients=2, min_available_clients=2, wallets=["W0", "W1"])
     assert client_wallet(named, 1) == "W1"
 
 
 def test_server_side_dp_wraps_the_rewarding_strategy(tmp_path: object) -> None:
     from pathlib import Path
 
-    job = FederatedJob(
-        name="fl", server_dp={"enabled": True, "noise_multiplier": 0.2, "clipping_norm": 5.0}
-    )
-    fedavg = RewardingFedAvg(
-        job, {}, JsonlRewardSink(Path(str(tmp_path)) / "r.jsonl"), 1, summary=None
-    )  # type: ignore[arg-type]
+    job = FederatedJob(name="fl", server_dp={"enabled": True, "noise_multiplier": 0.2, "clipping_norm": 5.0})
+    fedavg = RewardingFedAvg(job, {}, JsonlRewardSink(Path(str(tmp_path)) / "r.jsonl"), 1, summary=None)  # type: ignore[arg-type]
     wrapped = _wrap_server_dp(job, fedavg, sampled=3)
     assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping)
     assert wrapped.strategy is fedavg and wrapped.clipping_norm == 5.0
@@ -50,3 +44,20 @@ def test_client_resources_and_privacy_come_from_the_job() -> None:
         "max_grad_norm": 0.7,
         "delta": 1e-6,
     }
+
+
+def test_reward_sink_failure_keeps_records(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from train_jobs.fl_server import FederatedSummary
+    from train_jobs.protocol import RewardSinkError, round_rewards
+
+    class _Broken:
+        def record(self, rewards: object) -> None:
+            raise RewardSinkError("payments down")
+
+    pending = Path(str(tmp_path)) / "pending.jsonl"
+    job = FederatedJob(name="fl")
+    strategy = RewardingFedAvg(job, {}, _Broken(), 1, FederatedSummary(job="fl"), pending)
+    strategy.record_rewards(1, round_rewards("fl", 1, ["A"], {"A": 2}, 1))
+    assert '"amount_lamports":2' in pending.read_text()

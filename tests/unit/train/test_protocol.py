@@ -11,11 +11,7 @@ def test_round_rewards_pay_examples_and_zero_dropped() -> None:
     rewards = round_rewards("job", 2, ["A", "B", "C"], {"A": 10, "C": 4}, lamports_per_example=100)
     by_wallet = {r.wallet: r for r in rewards}
     assert by_wallet["A"].amount_lamports == 1000 and not by_wallet["A"].dropped
-    assert (
-        by_wallet["B"].amount_lamports == 0
-        and by_wallet["B"].examples == 0
-        and by_wallet["B"].dropped
-    )
+    assert by_wallet["B"].amount_lamports == 0 and by_wallet["B"].examples == 0 and by_wallet["B"].dropped
     assert by_wallet["C"].amount_lamports == 400
     assert {r.round for r in rewards} == {2}
 
@@ -25,9 +21,7 @@ def test_jsonl_sink_appends(tmp_path: Path) -> None:
     assert isinstance(sink, RewardSink)
     sink.record(round_rewards("job", 1, ["A"], {"A": 3}, 2))
     sink.record(round_rewards("job", 2, ["A"], {}, 2))
-    lines = [
-        json.loads(line) for line in (tmp_path / "r" / "rewards.jsonl").read_text().splitlines()
-    ]
+    lines = [json.loads(line) for line in (tmp_path / "r" / "rewards.jsonl").read_text().splitlines()]
     assert [(r["round"], r["amount_lamports"], r["dropped"]) for r in lines] == [
         (1, 6, False),
         (2, 0, True),
@@ -35,7 +29,5 @@ def test_jsonl_sink_appends(tmp_path: Path) -> None:
 
 
 def test_auto_sink_without_ray_is_jsonl(tmp_path: Path) -> None:
-    sink = make_reward_sink(
-        TrainingSection(reward_sink="auto"), "ns", jsonl_path=tmp_path / "x.jsonl"
-    )
+    sink = make_reward_sink(TrainingSection(reward_sink="auto"), "ns", jsonl_path=tmp_path / "x.jsonl")
     assert isinstance(sink, JsonlRewardSink) and sink.path == tmp_path / "x.jsonl"

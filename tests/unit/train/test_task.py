@@ -37,9 +37,7 @@ def test_lora_trains_only_adapters(tiny_dir: Path) -> None:
     train_set, _ = load_examples(_DATA, tokenizer)
     train(model, train_set, OptimSpec(learning_rate=1e-2, batch_size=4, max_steps=3))
     assert torch.equal(frozen, model.get_input_embeddings().weight)
-    assert any(
-        not torch.equal(state[name], value) for name, value in trainable_state(model).items()
-    )
+    assert any(not torch.equal(state[name], value) for name, value in trainable_state(model).items())
     load_trainable_state(model, state)
     assert all(torch.equal(state[name], value) for name, value in trainable_state(model).items())
 
