@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
+from ray.exceptions import ActorUnavailableError
 
 from cluster.config.network import NetworkSection
 from cluster.network import reputation
@@ -278,3 +279,17 @@ def get_or_create_registry(settings: NetworkSection, namespace: str) -> "ray.act
 def get_registry(settings: NetworkSection, namespace: str) -> "ray.actor.ActorHandle":
     """The running registry actor (ValueError when there is none)."""
     return ray.get_actor(settings.registry_name, namespace=namespace)
+
+
+def call_registry(registry: "ray.actor.ActorHandle", method: str, *args: Any, timeout_s: float,
+                  attempts: int = 5, backoff_s: float = 0.5) -> Any:
+    """Call a registry method, retrying while the actor restarts (ActorUnavailableError) with linear
+    backoff. Safe for reads and for record_* (a retried record counts at most twice); not for register,
+    whose nonce is spent by the first attempt."""
+    for attempt in range(1, attempts):
+        try:
+            return ray.get(getattr(registry, method).remote(*args), timeout=timeout_s)
+        except ActorUnavailableError:
+            logger.info("registry unavailable (restarting?); retry %d/%d", attempt, attempts - 1)
+            time.sleep(backoff_s * attempt)
+    return ray.get(getattr(registry, method).remote(*args), timeout=timeout_s)
