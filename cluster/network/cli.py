@@ -46,7 +46,7 @@ def join_command(
     label: Annotated[list[str] | None, typer.Option(help="Extra node label key=value (repeatable).")] = None,
     num_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs offered (default: all).")] = None,
     num_gpus: Annotated[int | None, typer.Option(min=0, help="GPUs offered (default: all).")] = None,
-    state_file: Annotated[Path, typer.Option(help="Where the joined node id is kept for `leave`.")] = DEFAULT_STATE_FILE,
+    state_file: Annotated[Path, typer.Option(help="Where the node id is kept for `leave`.")] = DEFAULT_STATE_FILE,
     config: ConfigOpt = None,
 ) -> None:
     """Start a labelled Ray worker node here, prove the wallet to the registry, and register."""
@@ -93,7 +93,7 @@ def list_command(
     except ValueError:
         console.print("[yellow]no registry is running[/] (start it with `solanalm node registry`)")
         raise typer.Exit(1) from None
-    records = ray.get(registry.list_nodes.remote(), timeout=section.registry_call_timeout_s)
+    records: list[NodeRecord] = ray.get(registry.list_nodes.remote(), timeout=section.registry_call_timeout_s)
     console.print(nodes_table(records))
 
 
@@ -107,7 +107,7 @@ def registry_command(
     _connect(address or settings.ray.address or "auto", settings.ray.namespace)
     section = network_section(settings)
     registry = get_or_create_registry(section, settings.ray.namespace)
-    count = ray.get(registry.ping.remote(), timeout=section.registry_call_timeout_s)
+    count: Any = ray.get(registry.ping.remote(), timeout=section.registry_call_timeout_s)
     console.print(f"[green]registry[/] {section.registry_name} running with {count} node records")
 
 

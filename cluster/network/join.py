@@ -208,7 +208,7 @@ def stage_actors_on(node_id: str) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - no dashboard: nothing to wait for is the safe answer
         logger.warning("cannot list actors on %s (%s); not waiting for a drain", node_id[:12], exc)
         return []
-    return [a.name for a in actors if (a.name or "").startswith("stage:")]
+    return [a.name for a in actors if a.name and a.name.startswith("stage:")]
 
 
 def write_state(path: Path, node: JoinedNode) -> None:

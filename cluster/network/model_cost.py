@@ -12,7 +12,7 @@ def model_cost_from_config(config: PretrainedConfig, dtype: torch.dtype = torch.
     """Bytes of one decoder layer (built on meta), the embedding, norm + lm_head, and `kv_tokens` of KV
     cache per layer. The lm_head is counted even when tied: each stage owns its own tensors."""
     with torch.device("meta"):
-        layer = LlamaDecoderLayer(config, layer_idx=0)
+        layer = LlamaDecoderLayer(config, layer_idx=0)  # type: ignore[arg-type]  # any Llama-shaped config
     layer_params = sum(p.numel() for p in layer.parameters())
     itemsize = torch.empty((), dtype=dtype).element_size()
     hidden, vocab = config.hidden_size, config.vocab_size

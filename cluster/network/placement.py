@@ -130,7 +130,9 @@ def stage_memory_bytes(plan: StagePlan, cost: ModelCost) -> list[int]:
     """Weights + KV bytes of each planned stage."""
     last = len(plan.stages) - 1
     return [
-        s.num_layers * cost.per_layer_bytes + (cost.embed_bytes if i == 0 else 0) + (cost.head_bytes if i == last else 0)
+        s.num_layers * cost.per_layer_bytes
+        + (cost.embed_bytes if i == 0 else 0)
+        + (cost.head_bytes if i == last else 0)
         for i, s in enumerate(plan.stages)
     ]
 

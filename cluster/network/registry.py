@@ -18,7 +18,7 @@ from ray.exceptions import ActorUnavailableError
 
 from cluster.config.network import NetworkSection
 from cluster.network import reputation
-from cluster.network.records import NodeCapabilities, NodeRecord
+from cluster.network.records import Health, NodeCapabilities, NodeRecord
 from cluster.network.wallet import Challenge, ChallengeBook, JoinProof, ProofError
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class NetworkRegistry:
 
     def set_draining(self, node_id: str, draining: bool = True) -> NodeRecord:
         record = self._get(node_id)
-        health = record.health if record.health == "dead" else ("draining" if draining else "alive")
+        health: Health = record.health if record.health == "dead" else ("draining" if draining else "alive")
         updated = replace(record, draining=draining, health=health)
         self._put(updated)
         return updated
@@ -87,7 +87,7 @@ class NetworkRegistry:
         alive = {n["NodeID"] for n in ray_nodes if n.get("Alive", False)}
         changed = []
         for record in list(self.records.values()):
-            health = "dead" if record.node_id not in alive else ("draining" if record.draining else "alive")
+            health: Health = "dead" if record.node_id not in alive else ("draining" if record.draining else "alive")
             if health != record.health:
                 self._put(replace(record, health=health))
                 changed.append(record.node_id)
@@ -269,11 +269,12 @@ class RegistryActor:
 
 def get_or_create_registry(settings: NetworkSection, namespace: str) -> "ray.actor.ActorHandle":
     """The registry actor of this cluster, created (detached, restarted on failure) if missing."""
-    actor_cls = ray.remote(RegistryActor)
-    return actor_cls.options(  # type: ignore[attr-defined]
+    actor_cls: Any = ray.remote(RegistryActor)
+    handle: ray.actor.ActorHandle = actor_cls.options(
         name=settings.registry_name, namespace=namespace, lifetime="detached", get_if_exists=True,
         max_restarts=-1, num_cpus=0,
     ).remote(settings.model_dump(mode="json"))
+    return handle
 
 
 def get_registry(settings: NetworkSection, namespace: str) -> "ray.actor.ActorHandle":

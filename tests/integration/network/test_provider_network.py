@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -72,7 +73,7 @@ class Providers:
 
 
 @pytest.fixture(scope="module")
-def network(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Providers, object]]:
+def network(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Providers, Any]]:
     settings = NetworkSection(registry_name=f"solanalm-registry-{uuid.uuid4().hex[:8]}", persist_interval_s=0,
                               join_timeout_s=TIMEOUT_S)
     registry = get_or_create_registry(settings, NAMESPACE)
@@ -108,19 +109,20 @@ def deploy(records: list[NodeRecord]) -> tuple[PlacementGroup, list[str], list[r
     bundles, selectors = plan_to_bundles(plan, {"CPU": 1})
     pg = placement_group(bundles, strategy="SPREAD", bundle_label_selector=selectors)
     ray.get(pg.ready(), timeout=TIMEOUT_S)
-    stages = [FakeStage.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote(s.num_layers)
+    stage_cls: Any = FakeStage
+    stages = [stage_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote(s.num_layers)
               for i, s in enumerate(plan.stages)]
     return pg, plan.node_ids, stages
 
 
 def serve_one(stages: list[ray.actor.ActorHandle]) -> int:
-    done = 0
+    done: Any = 0
     for stage in stages:
         done = ray.get(stage.forward.remote(done), timeout=TIMEOUT_S)
     return done
 
 
-def test_providers_join_with_their_labels(network: tuple[Providers, object]) -> None:
+def test_providers_join_with_their_labels(network: tuple[Providers, Any]) -> None:
     providers, registry = network
     records = {r.node_id: r for r in ray.get(registry.list_nodes.remote(), timeout=TIMEOUT_S)}
     for name, joined in providers.records.items():
@@ -130,7 +132,7 @@ def test_providers_join_with_their_labels(network: tuple[Providers, object]) -> 
     assert len(ray.get(registry.eligible_nodes.remote(), timeout=TIMEOUT_S)) == 2
 
 
-def test_a_node_without_the_wallet_label_gets_no_registration(network: tuple[Providers, object]) -> None:
+def test_a_node_without_the_wallet_label_gets_no_registration(network: tuple[Providers, Any]) -> None:
     _, registry = network
     head, keypair = ray.get_runtime_context().get_node_id(), Keypair()
     challenge = ray.get(registry.issue_challenge.remote(head, str(keypair.pubkey())), timeout=TIMEOUT_S)
@@ -138,7 +140,7 @@ def test_a_node_without_the_wallet_label_gets_no_registration(network: tuple[Pro
         ray.get(registry.register.remote(sign_challenge(keypair, challenge), NodeCapabilities()), timeout=TIMEOUT_S)
 
 
-def test_registry_state_survives_an_actor_restart(network: tuple[Providers, object]) -> None:
+def test_registry_state_survives_an_actor_restart(network: tuple[Providers, Any]) -> None:
     providers, registry = network
     fast = providers.records["fast"].node_id
     ray.get(registry.record_request.remote([fast], True, 0.25), timeout=TIMEOUT_S)
@@ -148,7 +150,7 @@ def test_registry_state_survives_an_actor_restart(network: tuple[Providers, obje
     assert len(records) == 2
 
 
-def test_stages_follow_the_plan_and_move_when_a_node_leaves(network: tuple[Providers, object]) -> None:
+def test_stages_follow_the_plan_and_move_when_a_node_leaves(network: tuple[Providers, Any]) -> None:
     providers, registry = network
     fast, slow = providers.records["fast"].node_id, providers.records["slow"].node_id
     pg, planned, stages = deploy(ray.get(registry.eligible_nodes.remote(), timeout=TIMEOUT_S))

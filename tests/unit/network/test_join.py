@@ -54,9 +54,9 @@ def test_join_with_a_bad_keypair_runs_nothing(tmp_path: Path) -> None:
 
 
 def test_network_section_bounds() -> None:
-    section = NetworkSection(verification_fraction=0.1, routing={"reputation": 3.0})
+    section = NetworkSection.model_validate({"verification_fraction": 0.1, "routing": {"reputation": 3.0}})
     assert section.routing.reputation == 3.0 and section.placement.node_label_key == "ray.io/node-id"
     with pytest.raises(ValueError):
         NetworkSection(verification_fraction=1.5)
     with pytest.raises(ValueError):
-        NetworkSection(reputation={"typo": 1})
+        NetworkSection.model_validate({"reputation": {"typo": 1}})

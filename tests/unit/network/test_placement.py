@@ -3,8 +3,15 @@
 import pytest
 
 from cluster.network.placement import (
-    ModelCost, NodeCapacity, PlacementError, capacities_from_records, plan_stages, plan_to_bundles,
-    replan_without, stage_memory_bytes,
+    ModelCost,
+    NodeCapacity,
+    PlacementError,
+    StagePlan,
+    capacities_from_records,
+    plan_stages,
+    plan_to_bundles,
+    replan_without,
+    stage_memory_bytes,
 )
 from cluster.network.records import NodeCapabilities, NodeRecord
 from serve_apps.engine.layer_split import split_layers
@@ -17,9 +24,10 @@ def node(node_id: str, memory_gib: float = 16, speed: float = 10.0) -> NodeCapac
     return NodeCapacity(node_id, int(memory_gib * GiB), speed)
 
 
-def covers_all_layers(plan, num_layers: int) -> bool:  # type: ignore[no-untyped-def]
+def covers_all_layers(plan: StagePlan, num_layers: int) -> bool:
     bounds = [(s.start, s.end) for s in plan.stages]
-    return bounds[0][0] == 0 and bounds[-1][1] == num_layers and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    contiguous = all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    return bounds[0][0] == 0 and bounds[-1][1] == num_layers and contiguous
 
 
 def test_one_roomy_node_takes_the_whole_model() -> None:
@@ -39,7 +47,8 @@ def test_memory_caps_a_fast_node() -> None:
     plan = plan_stages(COST, [node("fast-small", memory_gib=1, speed=100.0), node("slow-big", speed=1.0)], max_stages=2)
     counts = {s.node_id: s.num_layers for s in plan.stages}
     assert counts["fast-small"] == 6 and sum(counts.values()) == 30
-    assert all(m <= 0.8 * GiB for m, s in zip(stage_memory_bytes(plan, COST), plan.stages) if s.node_id == "fast-small")
+    memory = dict(zip(plan.node_ids, stage_memory_bytes(plan, COST), strict=True))
+    assert memory["fast-small"] <= 0.8 * GiB
 
 
 def test_infeasible_memory_is_a_clear_error() -> None:
@@ -85,8 +94,9 @@ def test_bundles_pin_each_stage_to_its_node() -> None:
 
 def test_capacities_from_records_turn_gflops_into_layer_speed() -> None:
     cost = ModelCost(num_layers=2, layer_bytes=1, embed_bytes=0, head_bytes=0, layer_flops_per_token=1e9)
+    gpu = NodeCapabilities(num_gpus=1, memory_bytes=GiB, gpu_memory_bytes=2 * GiB)
     records = [NodeRecord("a", "w", capabilities=NodeCapabilities(memory_bytes=GiB, throughput_gflops=50.0)),
-               NodeRecord("b", "w", capabilities=NodeCapabilities(num_gpus=1, memory_bytes=GiB, gpu_memory_bytes=2 * GiB))]
+               NodeRecord("b", "w", capabilities=gpu)]
     a, b = capacities_from_records(records, cost)
     assert (a.throughput_layers_per_s, a.memory_bytes, a.gpu) == (50.0, GiB, False)
     assert (b.throughput_layers_per_s, b.memory_bytes, b.gpu) == (1.0, 2 * GiB, True)

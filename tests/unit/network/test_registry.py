@@ -12,21 +12,23 @@ from cluster.network.reputation import pipeline_score
 from cluster.network.wallet import ProofError, sign_challenge
 
 
-def ray_node(node_id: str, wallet: str, alive: bool = True, **labels: str) -> dict[str, Any]:
+def ray_node(node_id: str, wallet: str, alive: bool = True, labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {"NodeID": node_id, "Alive": alive, "Resources": {"CPU": 4.0, "memory": 8 * 2**30},
-            "Labels": {"ray.io/node-id": node_id, "solanalm.io/wallet": wallet, **labels}}
+            "Labels": {"ray.io/node-id": node_id, "solanalm.io/wallet": wallet, **(labels or {})}}
 
 
-def join(registry: NetworkRegistry, node_id: str, keypair: Keypair, now: float = 0.0, **labels: str) -> NodeRecord:
+def join(registry: NetworkRegistry, node_id: str, keypair: Keypair, labels: dict[str, str] | None = None) -> NodeRecord:
     wallet = str(keypair.pubkey())
-    proof = sign_challenge(keypair, registry.issue_challenge(node_id, wallet, now))
-    return registry.register(proof, NodeCapabilities(throughput_gflops=10.0), ray_node(node_id, wallet, **labels), now)
+    proof = sign_challenge(keypair, registry.issue_challenge(node_id, wallet, 0.0))
+    node = ray_node(node_id, wallet, labels=labels)
+    return registry.register(proof, NodeCapabilities(throughput_gflops=10.0), node, 0.0)
 
 
 def test_register_takes_resources_and_labels_from_ray() -> None:
     registry = NetworkRegistry(NetworkSection())
-    record = join(registry, "n1", Keypair(), **{"solanalm.io/region": "eu-west"})
-    assert (record.region, record.capabilities.num_cpus, record.capabilities.memory_bytes) == ("eu-west", 4.0, 8 * 2**30)
+    record = join(registry, "n1", Keypair(), {"solanalm.io/region": "eu-west"})
+    caps = record.capabilities
+    assert (record.region, caps.num_cpus, caps.memory_bytes) == ("eu-west", 4.0, 8 * 2**30)
     assert record.capabilities.throughput_gflops == 10.0 and "ray.io/node-id" not in record.labels
     assert [r.node_id for r in registry.eligible_nodes()] == ["n1"]
 
@@ -104,7 +106,7 @@ def test_scores_prefer_reliable_fast_nodes() -> None:
 
 def test_records_round_trip_json_and_dirty_tracking() -> None:
     registry = NetworkRegistry(NetworkSection())
-    join(registry, "n1", Keypair(), **{"solanalm.io/region": "us"})
+    join(registry, "n1", Keypair(), {"solanalm.io/region": "us"})
     registry.record_request(["n1"], True, 0.5)
     dirty = registry.take_dirty()
     assert [r.node_id for r in dirty] == ["n1"] and registry.take_dirty() == []
