@@ -186,9 +186,12 @@ class KvStore:
         records = {}
         for key in kv._internal_kv_list(self.prefix, namespace=self.namespace):
             raw = kv._internal_kv_get(key, namespace=self.namespace)
-            if raw is not None:
+            try:
                 record = NodeRecord.from_json(json.loads(raw))
-                records[record.node_id] = record
+            except (TypeError, ValueError) as exc:  # one bad entry must not crash-loop the registry
+                logger.error("skipping unreadable registry entry %r: %s", key, exc)
+                continue
+            records[record.node_id] = record
         return records
 
     def save(self, records: Sequence[NodeRecord]) -> None:
