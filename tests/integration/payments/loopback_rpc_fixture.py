@@ -1,5 +1,10 @@
 """TEST FIXTURE: a loopback Solana JSON-RPC endpoint that executes transactions on LiteSVM.
 
+It runs in its own (spawned) process, like a local validator would: executing the Associated Token
+Account program in solders' LiteSVM makes a later Ray `create_actor` in the same process abort
+(std::bad_alloc), so LiteSVM must stay out of the pytest process. Test setup goes through
+`loopback_*` control methods on the same endpoint.
+
 Not a validator: it answers the handful of methods the RPC backend uses, with responses produced
 by solders' own RPC response types, so solana-py's AsyncClient parses them like a real node's.
 Every transaction is final as soon as it executes; `expire_blockhash` moves the block height past
@@ -8,10 +13,14 @@ the old blockhash's validity window.
 
 import base64
 import json
+import multiprocessing
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.rpc.responses import (
     GetAccountInfoResp,
@@ -31,10 +40,12 @@ from solders.transaction_status import TransactionConfirmationStatus, Transactio
 
 from payments.chain.base import BLOCKHASH_VALIDITY_BLOCKS
 from payments.chain.litesvm_backend import LiteSVMBackend
+from payments.chain.treasury import bootstrap_litesvm, faucet
+from payments.chain.tx import AssetSpec
 
 
-class LoopbackRpcValidator:
-    """JSON-RPC on 127.0.0.1:<port> over an in-memory LiteSVM (`self.backend` for test setup)."""
+class LoopbackRpcNode:
+    """JSON-RPC on 127.0.0.1:<port> over an in-memory LiteSVM; runs inside the fixture's process."""
 
     def __init__(self) -> None:
         self.backend = LiteSVMBackend(state_path=None)
@@ -53,7 +64,7 @@ class LoopbackRpcValidator:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def start(self) -> "LoopbackRpcValidator":
+    def start(self) -> "LoopbackRpcNode":
         self._thread.start()
         return self
 
@@ -61,19 +72,43 @@ class LoopbackRpcValidator:
         self._server.shutdown()
         self._server.server_close()
 
-    def expire_blockhash(self) -> None:
-        with self._lock:
-            self.svm.expire_blockhash()
-            self.height += BLOCKHASH_VALIDITY_BLOCKS + 1
-
     # JSON-RPC methods ---------------------------------------------------------------------------
     def _context(self) -> RpcResponseContext:
         return RpcResponseContext(int(self.svm.get_clock().slot))
 
     def call(self, method: str, params: list[Any]) -> str:
+        if method.startswith("loopback_"):  # test control, not Solana RPC
+            with self._lock:
+                result = getattr(self, f"_control_{method[9:]}")(*params)
+            return json.dumps({"jsonrpc": "2.0", "result": result, "id": 0})
         self.calls.append(method)
         with self._lock:
             return getattr(self, f"_rpc_{method}")(params)
+
+    # Test control ---------------------------------------------------------------------------------
+    def _control_bootstrap(self, treasury_secret: list[int], state_dir: str) -> str | None:
+        asset = bootstrap_litesvm(
+            self.backend, Keypair.from_bytes(bytes(treasury_secret)), "spl", None, 6, Path(state_dir)
+        )
+        return None if asset.mint is None else str(asset.mint)
+
+    def _control_faucet(self, treasury_secret: list[int], mint: str, owner: str, amount: int) -> None:
+        asset = AssetSpec(Pubkey.from_string(mint), 6)
+        faucet(self.backend, Keypair.from_bytes(bytes(treasury_secret)), asset, Pubkey.from_string(owner), amount)
+
+    def _control_expireBlockhash(self) -> None:
+        self.svm.expire_blockhash()
+        self.height += BLOCKHASH_VALIDITY_BLOCKS + 1
+
+    def _control_setConfirmation(self, level: str) -> None:
+        self.confirmation = {
+            "processed": TransactionConfirmationStatus.Processed,
+            "confirmed": TransactionConfirmationStatus.Confirmed,
+            "finalized": TransactionConfirmationStatus.Finalized,
+        }[level]
+
+    def _control_report(self) -> dict[str, list[str]]:
+        return {"calls": self.calls, "dropped": self.dropped}
 
     def _rpc_getLatestBlockhash(self, params: list[Any]) -> str:
         value = RpcBlockhash(self.svm.latest_blockhash(), self.height + BLOCKHASH_VALIDITY_BLOCKS)
@@ -89,14 +124,10 @@ class LoopbackRpcValidator:
         return GetSlotResp(slot).to_json()
 
     def _rpc_getBalance(self, params: list[Any]) -> str:
-        return GetBalanceResp(
-            int(self.svm.get_balance(Pubkey.from_string(params[0])) or 0), self._context()
-        ).to_json()
+        return GetBalanceResp(int(self.svm.get_balance(Pubkey.from_string(params[0])) or 0), self._context()).to_json()
 
     def _rpc_getAccountInfo(self, params: list[Any]) -> str:
-        return GetAccountInfoResp(
-            self.svm.get_account(Pubkey.from_string(params[0])), self._context()
-        ).to_json()
+        return GetAccountInfoResp(self.svm.get_account(Pubkey.from_string(params[0])), self._context()).to_json()
 
     def _rpc_getMinimumBalanceForRentExemption(self, params: list[Any]) -> str:
         return GetMinimumBalanceForRentExemptionResp(
@@ -202,3 +233,61 @@ class LoopbackRpcValidator:
 
 
 __all__ = ["LoopbackRpcValidator"]
+
+
+def _serve(conn: Any) -> None:
+    node = LoopbackRpcNode().start()
+    conn.send(node._server.server_address[1])
+    node._thread.join()
+
+
+class LoopbackRpcValidator:
+    """Handle of the fixture process: its URL and the test-control calls."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._parent, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LoopbackRpcValidator":
+        self._process.start()
+        if not self._parent.poll(60):
+            raise RuntimeError("loopback RPC fixture did not start")
+        self.port = int(self._parent.recv())
+        return self
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.join(10)
+
+    def control(self, method: str, *params: Any) -> Any:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": f"loopback_{method}", "params": list(params)})
+        request = urllib.request.Request(self.url, body.encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["result"]
+
+    def bootstrap(self, treasury: Keypair, state_dir: Path) -> str:
+        """Fund the treasury, create the mint and the treasury's token account; returns the mint."""
+        return str(self.control("bootstrap", list(bytes(treasury)), str(state_dir)))
+
+    def faucet(self, treasury: Keypair, mint: str, owner: Pubkey, amount: int) -> None:
+        self.control("faucet", list(bytes(treasury)), mint, str(owner), amount)
+
+    def expire_blockhash(self) -> None:
+        self.control("expireBlockhash")
+
+    def set_confirmation(self, level: str) -> None:
+        self.control("setConfirmation", level)
+
+    @property
+    def calls(self) -> list[str]:
+        return list(self.control("report")["calls"])
+
+    @property
+    def dropped(self) -> list[str]:
+        return list(self.control("report")["dropped"])

@@ -46,9 +46,7 @@ async def deposit(client: PaymentsClient, payer: Keypair, amount: int) -> None:
         )
     )
     blockhash = Hash.from_string(info.blockhash)
-    tx = Transaction(
-        [payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash
-    )
+    tx = Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash)
     signature = await client.submit_transaction(bytes(tx))
     assert (await client.deposit(DepositRequest(signature))).amount == amount
 
@@ -79,9 +77,7 @@ async def when_available(call: Callable[[], Awaitable[T]], timeout_s: float = 90
             await asyncio.sleep(0.5)
 
 
-def test_actor_survives_kills_mid_settlement_and_pays_once(
-    ray_cluster: None, tmp_path: Path
-) -> None:
+def test_actor_survives_kills_mid_settlement_and_pays_once(ray_cluster: None, tmp_path: Path) -> None:
     section = PaymentsSection(
         state_dir=tmp_path / "state",
         actor_name=f"payments-{uuid.uuid4().hex[:8]}",
@@ -100,9 +96,7 @@ def test_actor_survives_kills_mid_settlement_and_pays_once(
         providers = [str(Keypair().pubkey()) for _ in range(8)]
         records = await asyncio.gather(
             *(
-                one_request(
-                    client, f"r{i}", str(payer.pubkey()), [providers[i % 8], providers[(i + 1) % 8]]
-                )
+                one_request(client, f"r{i}", str(payer.pubkey()), [providers[i % 8], providers[(i + 1) % 8]])
                 for i in range(24)
             )
         )
@@ -112,9 +106,7 @@ def test_actor_survives_kills_mid_settlement_and_pays_once(
                 if share.role == "provider":
                     earned[share.wallet] += share.amount
         with pytest.raises(InsufficientBalance):
-            await client.place_hold(
-                HoldRequest("too-big", str(payer.pubkey()), "m", max_tokens=10**9)
-            )
+            await client.place_hold(HoldRequest("too-big", str(payer.pubkey()), "m", max_tokens=10**9))
         with pytest.raises(Forbidden):
             await client.get_receipt(ReceiptQuery(records[0].settlement_id, str(stranger.pubkey())))
 
@@ -162,18 +154,14 @@ def test_actor_survives_kills_mid_settlement_and_pays_once(
 
 
 @pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p != "after_send"])
-def test_actor_process_killed_at_each_settlement_step_recovers(
-    ray_cluster: None, tmp_path: Path, point: str
-) -> None:
+def test_actor_process_killed_at_each_settlement_step_recovers(ray_cluster: None, tmp_path: Path, point: str) -> None:
     section = PaymentsSection(
         state_dir=tmp_path / "state",
         actor_name=f"payments-{uuid.uuid4().hex[:8]}",
         actor_call_timeout_s=60.0,
     )
     marker = tmp_path / "killed-once"
-    handle = start_payments_actor(
-        section, settle_loop=False, crash_hook=KillProcessAt(point, str(marker))
-    )
+    handle = start_payments_actor(section, settle_loop=False, crash_hook=KillProcessAt(point, str(marker)))
     client = PaymentsClient(handle, section.actor_call_timeout_s)
 
     async def scenario() -> None:
@@ -181,9 +169,7 @@ def test_actor_process_killed_at_each_settlement_step_recovers(
         await deposit(client, payer, 50_000)
         providers = [str(Keypair().pubkey()) for _ in range(3)]
         records = [
-            await one_request(
-                client, f"r{i}", str(payer.pubkey()), [providers[i % 3], providers[(i + 1) % 3]]
-            )
+            await one_request(client, f"r{i}", str(payer.pubkey()), [providers[i % 3], providers[(i + 1) % 3]])
             for i in range(4)
         ]
         earned = sum(s.amount for r in records for s in r.shares if s.role == "provider")

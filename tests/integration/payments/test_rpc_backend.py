@@ -8,16 +8,20 @@ from pathlib import Path
 
 import pytest
 from solders.keypair import Keypair
+from solders.message import Message
 from solders.signature import Signature
+from solders.transaction import Transaction
+from spl.token.constants import TOKEN_PROGRAM_ID
+from spl.token.instructions import get_associated_token_address, transfer_checked
+from spl.token.models import TransferCheckedParams
 
 from cluster.config.payments import PaymentsSection
 from payments.chain.rpc_backend import RpcBackend
-from payments.chain.treasury import bootstrap_litesvm, faucet
 from payments.errors import ChainError
 from payments.protocol import DepositRequest
 from payments.service import PaymentsService
 from tests.integration.payments.loopback_rpc_fixture import LoopbackRpcValidator
-from tests.unit.payments.conftest import deposit_tx, onchain_amount, run, serve_request
+from tests.unit.payments.conftest import onchain_amount, run, serve_request
 
 
 @pytest.fixture
@@ -34,13 +38,13 @@ def service(
     treasury = Keypair()
     keypair_path = tmp_path / "treasury.json"
     keypair_path.write_text(json.dumps(list(bytes(treasury))))
-    asset = bootstrap_litesvm(validator.backend, treasury, "spl", None, 6, tmp_path / "setup")
+    mint = validator.bootstrap(treasury, tmp_path / "setup")
     section = PaymentsSection(
         state_dir=tmp_path / "state",
         chain_backend="rpc",
         rpc_url=validator.url,
         treasury_keypair_path=keypair_path,
-        mint=str(asset.mint),
+        mint=mint,
         mint_decimals=6,
         use_versioned_tx=request.param,
         batch_max_transfers=64,
@@ -53,21 +57,33 @@ def service(
 
 def rpc_deposit(service: PaymentsService, validator: LoopbackRpcValidator, amount: int) -> Keypair:
     payer = Keypair()
-    faucet(validator.backend, service.treasury, service.asset, payer.pubkey(), amount)
-    tx = deposit_tx(service, payer, amount)  # blockhash from the same LiteSVM the endpoint serves
-    signature = run(service.submit_transaction(bytes(tx)))
+    validator.faucet(service.treasury, str(service.asset.mint), payer.pubkey(), amount)
+    signature = run(service.submit_transaction(deposit_tx_rpc(service, payer, amount)))
     credited = run(service.deposit(DepositRequest(signature)))
     assert credited.newly_credited and credited.amount == amount
     return payer
 
 
-def _svm_for_deposit(service: PaymentsService, validator: LoopbackRpcValidator) -> None:
-    # deposit_tx reads the blockhash from service.chain.svm; point it at the endpoint's LiteSVM.
-    service.chain.svm = validator.svm  # type: ignore[attr-defined]
+def deposit_tx_rpc(service: PaymentsService, payer: Keypair, amount: int) -> bytes:
+    """A client-signed token transfer to the treasury, with a blockhash read over RPC."""
+    mint = service.asset.mint
+    assert mint is not None
+    ix = transfer_checked(
+        TransferCheckedParams(
+            program_id=TOKEN_PROGRAM_ID,
+            source=get_associated_token_address(payer.pubkey(), mint),
+            mint=mint,
+            dest=get_associated_token_address(service.treasury.pubkey(), mint),
+            owner=payer.pubkey(),
+            amount=amount,
+            decimals=service.asset.decimals,
+        )
+    )
+    blockhash, _ = run(service.chain.latest_blockhash())
+    return bytes(Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash))
 
 
 def test_rpc_deposit_requests_batched_payouts_match_the_ledger(service, validator) -> None:  # type: ignore[no-untyped-def]
-    _svm_for_deposit(service, validator)
     client = rpc_deposit(service, validator, 3_000_000)
     providers = [str(Keypair().pubkey()) for _ in range(12)]
     earned: dict[str, int] = defaultdict(int)
@@ -93,7 +109,6 @@ def test_rpc_deposit_requests_batched_payouts_match_the_ledger(service, validato
 
 
 def test_rpc_expired_blockhash_resigns_once(service, validator) -> None:  # type: ignore[no-untyped-def]
-    _svm_for_deposit(service, validator)
     client = rpc_deposit(service, validator, 100_000)
     provider = str(Keypair().pubkey())
     serve_request(service, "r1", str(client.pubkey()), [(provider, 1)])
@@ -123,21 +138,16 @@ def test_transport_errors_are_wrapped(validator) -> None:  # type: ignore[no-unt
     assert info.value.__cause__ is not None
 
 
-def test_rpc_batch_waits_for_commitment_and_is_never_resigned_once_landed(
-    service, validator
-) -> None:  # type: ignore[no-untyped-def]
-    from solders.transaction_status import TransactionConfirmationStatus
-
-    _svm_for_deposit(service, validator)
+def test_rpc_batch_waits_for_commitment_and_is_never_resigned_once_landed(service, validator) -> None:  # type: ignore[no-untyped-def]
     client = rpc_deposit(service, validator, 100_000)
     provider = str(Keypair().pubkey())
     serve_request(service, "r1", str(client.pubkey()), [(provider, 1)])
-    validator.confirmation = TransactionConfirmationStatus.Processed
+    validator.set_confirmation("processed")
     first = run(service.settle())
     assert first.batches_confirmed == 0 and first.pending_batches == 1
     validator.expire_blockhash()  # landed but unconfirmed: waiting, not re-signing
     assert run(service.settle()).pending_batches == 1
-    validator.confirmation = TransactionConfirmationStatus.Confirmed
+    validator.set_confirmation("confirmed")
     assert run(service.settle()).batches_confirmed == 1
     [batch] = service.book.confirmed_batches()
     assert batch.attempt == 1 and onchain_amount(service, provider) == batch.items[0][1]

@@ -1,6 +1,7 @@
 """Fixtures of the payments unit tests: a real PaymentsService on SQLite + in-process LiteSVM."""
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from spl.token.models import TransferCheckedParams
 from cluster.config.payments import PaymentsSection
 from payments.protocol import DepositRequest, HoldRequest, ProviderShare, UsageReport
 from payments.service import PaymentsService
+from tests.unit.payments.forked import is_under, run_forked
 
 
 def run(coro: Any) -> Any:
@@ -45,15 +47,11 @@ def make_service(section: PaymentsSection) -> Callable[..., PaymentsService]:
         service.ledger.engine.dispose()
 
 
-def deposit_tx(
-    service: PaymentsService, payer: Keypair, amount: int, to: Pubkey | None = None
-) -> VersionedTransaction:
+def deposit_tx(service: PaymentsService, payer: Keypair, amount: int, to: Pubkey | None = None) -> VersionedTransaction:
     """A client-signed transfer of `amount` to the treasury (or to `to`)."""
     treasury = to or service.treasury.pubkey()
     if service.asset.mint is None:
-        ix = transfer(
-            TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount)
-        )
+        ix = transfer(TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount))
     else:
         ix = transfer_checked(
             TransferCheckedParams(
@@ -67,9 +65,7 @@ def deposit_tx(
             )
         )
     blockhash = service.chain.svm.latest_blockhash()  # type: ignore[attr-defined]
-    tx = Transaction(
-        [payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash
-    )
+    tx = Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash)
     return VersionedTransaction.from_legacy(tx)
 
 
@@ -94,9 +90,7 @@ def serve_request(
     model: str = "m",
     proxy: str | None = None,
 ) -> Any:
-    service.place_hold(
-        HoldRequest(request_id, payer, model, max_tokens=max_tokens, prompt_tokens=prompt)
-    )
+    service.place_hold(HoldRequest(request_id, payer, model, max_tokens=max_tokens, prompt_tokens=prompt))
     return service.report_usage(
         UsageReport(
             request_id,
@@ -115,7 +109,12 @@ def onchain_amount(service: PaymentsService, wallet: str) -> int:
     pubkey = Pubkey.from_string(wallet)
     if service.asset.mint is None:
         return run(service.chain.lamports(pubkey))
-    return (
-        run(service.chain.token_amount(get_associated_token_address(pubkey, service.asset.mint)))
-        or 0
-    )
+    return run(service.chain.token_amount(get_associated_token_address(pubkey, service.asset.mint))) or 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    """Payments unit tests run LiteSVM: fork them (see tests/unit/payments/forked.py)."""
+    if not hasattr(os, "fork") or not is_under(item, Path(__file__).resolve().parent):
+        return None
+    return run_forked(item)

@@ -63,9 +63,7 @@ def test_self_made_message_with_unknown_nonce_is_rejected(auth: WalletAuth) -> N
     import time
 
     now = time.time()
-    message = format_message(
-        "solanalm.test", str(wallet.pubkey()), "deadbeefdeadbeef", now, now + 60
-    )
+    message = format_message("solanalm.test", str(wallet.pubkey()), "deadbeefdeadbeef", now, now + 60)
     with pytest.raises(AuthenticationFailed) as info:
         auth.verify(message, sign(wallet, message))
     assert info.value.code == "invalid_nonce"

@@ -28,9 +28,7 @@ def crash_at(point: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_killed_between_settlement_steps_pays_each_provider_exactly_once(
-    make_service, point: str
-) -> None:  # type: ignore[no-untyped-def]
+def test_killed_between_settlement_steps_pays_each_provider_exactly_once(make_service, point: str) -> None:  # type: ignore[no-untyped-def]
     hook, fired = crash_at(point)
     service = make_service(crash_hook=hook)
     client = funded_client(service, 5_000_000)

@@ -14,9 +14,7 @@ def test_transfer_to_someone_else_is_not_a_deposit(make_service) -> None:  # typ
     payer, other = Keypair(), Keypair()
     run(service.faucet(str(payer.pubkey()), 1_000))
     run(service.faucet(str(other.pubkey()), 0))
-    signature = run(
-        service.submit_transaction(bytes(deposit_tx(service, payer, 500, to=other.pubkey())))
-    )
+    signature = run(service.submit_transaction(bytes(deposit_tx(service, payer, 500, to=other.pubkey()))))
     with pytest.raises(DepositRejected):
         run(service.deposit(DepositRequest(signature)))
     assert service.balance(str(payer.pubkey())).available == 0
@@ -26,9 +24,7 @@ def test_failed_transfer_is_not_credited(make_service) -> None:  # type: ignore[
     service = make_service()
     payer = Keypair()
     run(service.faucet(str(payer.pubkey()), 100))
-    signature = run(
-        service.submit_transaction(bytes(deposit_tx(service, payer, 1_000)))
-    )  # more than it has
+    signature = run(service.submit_transaction(bytes(deposit_tx(service, payer, 1_000))))  # more than it has
     with pytest.raises(DepositRejected, match="failed on chain"):
         run(service.deposit(DepositRequest(signature)))
 

@@ -30,9 +30,7 @@ def http(service) -> TestClient:  # type: ignore[no-untyped-def]
 def sign_in(http: TestClient, wallet: Keypair) -> str:
     challenge = http.post("/v1/auth/challenge", json={"wallet": str(wallet.pubkey())}).json()
     signature = str(wallet.sign_message(challenge["message"].encode()))
-    response = http.post(
-        "/v1/auth/verify", json={"message": challenge["message"], "signature": signature}
-    )
+    response = http.post("/v1/auth/verify", json={"message": challenge["message"], "signature": signature})
     assert response.status_code == 200, response.text
     return response.json()["api_key"]
 
@@ -48,9 +46,7 @@ def test_sign_in_deposit_and_balance(http: TestClient, service) -> None:  # type
     tx = base64.b64encode(bytes(deposit_tx(service, wallet, 70_000))).decode()
     deposit = http.post("/v1/deposits", json={"transaction": tx}, headers=auth(key))
     assert deposit.status_code == 200, deposit.text
-    again = http.post(
-        "/v1/deposits", json={"signature": deposit.json()["signature"]}, headers=auth(key)
-    )
+    again = http.post("/v1/deposits", json={"signature": deposit.json()["signature"]}, headers=auth(key))
     assert again.json()["newly_credited"] is False
     balance = http.get("/v1/balance", headers=auth(key)).json()
     assert (balance["wallet"], balance["available"]) == (str(wallet.pubkey()), 70_000)
@@ -60,18 +56,11 @@ def test_forged_and_replayed_sign_ins_get_401(http: TestClient) -> None:
     wallet, attacker = Keypair(), Keypair()
     challenge = http.post("/v1/auth/challenge", json={"wallet": str(wallet.pubkey())}).json()
     forged = str(attacker.sign_message(challenge["message"].encode()))
-    response = http.post(
-        "/v1/auth/verify", json={"message": challenge["message"], "signature": forged}
-    )
+    response = http.post("/v1/auth/verify", json={"message": challenge["message"], "signature": forged})
     assert response.status_code == 401
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     good = str(wallet.sign_message(challenge["message"].encode()))
-    assert (
-        http.post(
-            "/v1/auth/verify", json={"message": challenge["message"], "signature": good}
-        ).status_code
-        == 200
-    )
+    assert http.post("/v1/auth/verify", json={"message": challenge["message"], "signature": good}).status_code == 200
     replay = http.post("/v1/auth/verify", json={"message": challenge["message"], "signature": good})
     assert replay.status_code == 401 and replay.json()["error"]["code"] == "invalid_nonce"
     assert http.get("/v1/balance").status_code == 401
@@ -80,10 +69,7 @@ def test_forged_and_replayed_sign_ins_get_401(http: TestClient) -> None:
 
 def test_receipt_readable_by_payer_and_provider_only(http: TestClient, service) -> None:  # type: ignore[no-untyped-def]
     payer, provider, stranger = funded_client(service, 100_000), Keypair(), Keypair()
-    keys = {
-        name: sign_in(http, kp)
-        for name, kp in (("payer", payer), ("provider", provider), ("stranger", stranger))
-    }
+    keys = {name: sign_in(http, kp) for name, kp in (("payer", payer), ("provider", provider), ("stranger", stranger))}
     record = serve_request(service, "r1", str(payer.pubkey()), [(str(provider.pubkey()), 30)])
     url = f"/v1/receipts/{record.settlement_id}"
     mine = http.get(url, headers=auth(keys["payer"]))
@@ -103,9 +89,7 @@ def test_revoked_key_gets_401(http: TestClient) -> None:
     # a second key of the same wallet, revoked with the first
     challenge = http.post("/v1/auth/challenge", json={"wallet": str(wallet.pubkey())}).json()
     signature = str(wallet.sign_message(challenge["message"].encode()))
-    issued = http.post(
-        "/v1/auth/verify", json={"message": challenge["message"], "signature": signature}
-    ).json()
+    issued = http.post("/v1/auth/verify", json={"message": challenge["message"], "signature": signature}).json()
     assert http.delete(f"/v1/auth/keys/{issued['id']}", headers=auth(key)).status_code == 200
     assert http.get("/v1/balance", headers=auth(issued["api_key"])).status_code == 401
     assert http.get("/v1/balance", headers=auth(key)).status_code == 200

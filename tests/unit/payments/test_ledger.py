@@ -16,9 +16,7 @@ PAYER, P1, P2, PROXY = "payer1", "prov1", "prov2", "proxy1"
 
 @pytest.fixture
 def ledger() -> Ledger:
-    return Ledger(
-        create_engine("sqlite://"), lambda model: Price(1_000, 2_000), SplitPolicy(500, 100)
-    )
+    return Ledger(create_engine("sqlite://"), lambda model: Price(1_000, 2_000), SplitPolicy(500, 100))
 
 
 def assert_balanced(ledger: Ledger) -> None:
@@ -27,12 +25,8 @@ def assert_balanced(ledger: Ledger) -> None:
     assert not failed, failed
 
 
-def usage(
-    rid: str, prompt: int = 100, completion: int = 50, proxy: str | None = None
-) -> UsageReport:
-    return UsageReport(
-        rid, PAYER, "m", prompt, completion, (ProviderShare(P1, 20), ProviderShare(P2, 10)), proxy
-    )
+def usage(rid: str, prompt: int = 100, completion: int = 50, proxy: str | None = None) -> UsageReport:
+    return UsageReport(rid, PAYER, "m", prompt, completion, (ProviderShare(P1, 20), ProviderShare(P2, 10)), proxy)
 
 
 def test_deposit_is_credited_once(ledger: Ledger) -> None:
@@ -98,9 +92,7 @@ def test_failed_request_is_not_charged(ledger: Ledger) -> None:
 def test_group_commit_isolates_bad_reports(ledger: Ledger) -> None:
     ledger.credit_deposit("sig1", PAYER, 10_000, slot=1)
     ledger.place_hold(HoldRequest("r1", PAYER, "m", max_tokens=100))
-    results = ledger.record_usage(
-        [usage("r1", completion=10), usage("nohold"), usage("r1", completion=10)]
-    )
+    results = ledger.record_usage([usage("r1", completion=10), usage("nohold"), usage("r1", completion=10)])
     assert not isinstance(results[0], Exception)
     assert isinstance(results[1], NotFound) and isinstance(results[2], NotFound)
     assert_balanced(ledger)
@@ -114,9 +106,7 @@ def test_double_entry_holds_after_every_operation(ledger: Ledger) -> None:
         action = rng.choice(["hold", "settle", "release", "deposit"])
         if action == "hold":
             try:
-                ledger.place_hold(
-                    HoldRequest(f"r{step}", PAYER, "m", max_tokens=rng.randint(1, 400))
-                )
+                ledger.place_hold(HoldRequest(f"r{step}", PAYER, "m", max_tokens=rng.randint(1, 400)))
                 open_ids.append(f"r{step}")
             except InsufficientBalance:
                 pass
@@ -125,9 +115,7 @@ def test_double_entry_holds_after_every_operation(ledger: Ledger) -> None:
         elif open_ids:
             rid = open_ids.pop(rng.randrange(len(open_ids)))
             if action == "settle":
-                ledger.record_usage(
-                    [usage(rid, prompt=rng.randint(0, 50), completion=rng.randint(0, 1))]
-                )
+                ledger.record_usage([usage(rid, prompt=rng.randint(0, 50), completion=rng.randint(0, 1))])
             else:
                 ledger.release_hold(rid)
         assert_balanced(ledger)
@@ -136,8 +124,6 @@ def test_double_entry_holds_after_every_operation(ledger: Ledger) -> None:
 def test_tampering_is_detected(ledger: Ledger) -> None:
     ledger.credit_deposit("sig1", PAYER, 1_000, slot=1)
     with ledger.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "UPDATE accounts SET balance = balance + 1 WHERE name = 'client:payer1'"
-        )
+        conn.exec_driver_sql("UPDATE accounts SET balance = balance + 1 WHERE name = 'client:payer1'")
     checks, _ = ledger_checks(ledger)
     assert not checks["balances_sum_to_zero"] and not checks["balances_match_postings"]

@@ -12,17 +12,11 @@ from payments.chain.base import BLOCKHASH_VALIDITY_BLOCKS
 from payments.chain.litesvm_backend import LiteSVMBackend
 
 
-def signed_transfer(
-    backend: LiteSVMBackend, payer: Keypair, lamports: int
-) -> tuple[VersionedTransaction, Keypair]:
+def signed_transfer(backend: LiteSVMBackend, payer: Keypair, lamports: int) -> tuple[VersionedTransaction, Keypair]:
     dest = Keypair()
     blockhash = backend.svm.latest_blockhash()
-    ix = transfer(
-        TransferParams(from_pubkey=payer.pubkey(), to_pubkey=dest.pubkey(), lamports=lamports)
-    )
-    tx = Transaction(
-        [payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash
-    )
+    ix = transfer(TransferParams(from_pubkey=payer.pubkey(), to_pubkey=dest.pubkey(), lamports=lamports))
+    tx = Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash)
     return VersionedTransaction.from_legacy(tx), dest
 
 

@@ -29,9 +29,7 @@ def test_spl_end_to_end_chain_balances_equal_the_ledger(make_service) -> None:  
     for i in range(30):
         payer = str(clients[i % 2].pubkey())
         hops = [(providers[i % 24], 16), (providers[(i + 5) % 24], 14)]
-        records.append(
-            serve_request(service, f"req-{i}", payer, hops, proxy=proxy if i % 3 == 0 else None)
-        )
+        records.append(serve_request(service, f"req-{i}", payer, hops, proxy=proxy if i % 3 == 0 else None))
     report = run(service.settle())
     assert report.pending_batches == 0 and report.payouts_confirmed == 25
     earned: dict[str, int] = defaultdict(int)
@@ -76,12 +74,8 @@ def test_sol_payouts_pack_19_per_legacy_transaction_and_hold_sub_rent_amounts(ma
     client = funded_client(service, 10**11)
     rich = [str(Keypair().pubkey()) for _ in range(40)]
     for i, wallet in enumerate(rich):
-        serve_request(
-            service, f"r{i}", str(client.pubkey()), [(wallet, 1)], prompt=100, completion=0
-        )
-    tiny = str(
-        Keypair().pubkey()
-    )  # 1 token: 10,000 lamports, below rent exemption of a new account
+        serve_request(service, f"r{i}", str(client.pubkey()), [(wallet, 1)], prompt=100, completion=0)
+    tiny = str(Keypair().pubkey())  # 1 token: 10,000 lamports, below rent exemption of a new account
     serve_request(service, "tiny", str(client.pubkey()), [(tiny, 1)], prompt=1, completion=0)
     report = run(service.settle())
     assert report.payouts_confirmed == 40 and report.held_wallets == 1
@@ -111,9 +105,7 @@ def test_expired_blockhash_is_resigned_and_paid_once(make_service) -> None:  # t
 
 
 def test_failed_batch_is_not_paid_and_returns_to_unpaid(make_service) -> None:  # type: ignore[no-untyped-def]
-    service = make_service(
-        section={"asset": "sol", "default_price": {"prompt_per_1k": 10**7, "completion_per_1k": 0}}
-    )
+    service = make_service(section={"asset": "sol", "default_price": {"prompt_per_1k": 10**7, "completion_per_1k": 0}})
     client = funded_client(service, 10**10)
     provider = str(Keypair().pubkey())
     serve_request(service, "r1", str(client.pubkey()), [(provider, 1)], prompt=1000, completion=0)
@@ -124,9 +116,7 @@ def test_failed_batch_is_not_paid_and_returns_to_unpaid(make_service) -> None:  
 
     svm.set_account(
         service.treasury.pubkey(),
-        Account(
-            100_000, bytes(account.data), account.owner, account.executable, account.rent_epoch
-        ),
+        Account(100_000, bytes(account.data), account.owner, account.executable, account.rent_epoch),
     )
     run(service.settle())
     assert onchain_amount(service, provider) == 0
@@ -144,10 +134,7 @@ def test_restart_keeps_chain_balances(make_service) -> None:  # type: ignore[no-
     run(service.settle())
     paid = onchain_amount(service, provider)
     restarted = make_service()
-    assert (
-        restarted.asset == service.asset
-        and restarted.treasury.pubkey() == service.treasury.pubkey()
-    )
+    assert restarted.asset == service.asset and restarted.treasury.pubkey() == service.treasury.pubkey()
     assert onchain_amount(restarted, provider) == paid > 0
     assert run(restarted.reconcile()).ok
     assert Pubkey.from_string(provider) != restarted.treasury.pubkey()

@@ -19,9 +19,7 @@ def serve_many(service, n: int) -> dict[str, int]:  # type: ignore[no-untyped-de
     earned: dict[str, int] = defaultdict(int)
     for i in range(n):
         wallet = str(Keypair().pubkey())
-        record = serve_request(
-            service, f"r{i}", str(client.pubkey()), [(wallet, 1)], prompt=100, completion=0
-        )
+        record = serve_request(service, f"r{i}", str(client.pubkey()), [(wallet, 1)], prompt=100, completion=0)
         earned[wallet] += record.shares[0].amount
     return earned
 
@@ -39,10 +37,7 @@ def test_v0_batches_carry_many_more_payouts(make_service, asset: str) -> None:  
     assert sum(sizes) == 70 and sizes[0] >= 45, sizes
     batch = service.book.confirmed_batches()[0]
     fetched = run(service.chain.fetch_transaction(Signature.from_string(batch.signature)))
-    assert (
-        isinstance(fetched.transaction.message, MessageV0)
-        and fetched.transaction.message.address_table_lookups
-    )
+    assert isinstance(fetched.transaction.message, MessageV0) and fetched.transaction.message.address_table_lookups
     for wallet, amount in earned.items():
         assert onchain_amount(service, wallet) == amount
     assert run(service.reconcile()).ok
