@@ -51,21 +51,6 @@ class PaymentsUnavailable(PaymentError):
     code = "payments_unavailable"
 
 
-def _ensure_event_loop() -> None:
-    """Give this thread an event loop if asyncio.run() left it without one.
-
-    Ray 2.55 aborts the whole process (C++ terminate, not an exception) when an async actor is
-    created from a thread whose loop asyncio.run() (or a test plugin) closed or unset, e.g. after
-    earlier tests in the same process.
-    """
-    try:
-        usable = not asyncio.get_event_loop().is_closed()
-    except RuntimeError:
-        usable = False
-    if not usable:
-        asyncio.set_event_loop(asyncio.new_event_loop())
-
-
 def start_payments_actor(
     section: PaymentsSection,
     *,
@@ -74,7 +59,6 @@ def start_payments_actor(
     crash_hook: CrashHook | None = None,
 ) -> Any:
     """Start (or get) the named detached payments actor; restarted by Ray if its process dies."""
-    _ensure_event_loop()
     remote_cls = ray.remote(PaymentsActor).options(  # type: ignore[attr-defined]
         name=section.actor_name,
         namespace=namespace,
