@@ -24,6 +24,7 @@ from cluster.network.wallet import Challenge, ChallengeBook, JoinProof, ProofErr
 logger = logging.getLogger(__name__)
 
 RAY_LABEL_PREFIX = "ray.io/"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource that only the head node has
 
 
 @dataclass(slots=True)
@@ -216,6 +217,10 @@ class RegistryActor:
     def ping(self) -> int:
         return len(self._registry.records)
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (the head)."""
+        return ray.get_runtime_context().get_node_id()
+
     def issue_challenge(self, node_id: str, wallet: str) -> Challenge:
         return self._registry.issue_challenge(node_id, wallet, time.time())
 
@@ -271,11 +276,13 @@ class RegistryActor:
 
 
 def get_or_create_registry(settings: NetworkSection, namespace: str) -> "ray.actor.ActorHandle":
-    """The registry actor of this cluster, created (detached, restarted on failure) if missing."""
+    """The registry actor of this cluster, created (detached, restarted on failure) if missing. It is
+    pinned to the head node: on a provider node it would die (and forget recent counters) when that
+    provider leaves."""
     actor_cls: Any = ray.remote(RegistryActor)
     handle: ray.actor.ActorHandle = actor_cls.options(
         name=settings.registry_name, namespace=namespace, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, num_cpus=0,
+        max_restarts=-1, num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001},
     ).remote(settings.model_dump(mode="json"))
     return handle
 

@@ -124,18 +124,18 @@ def serve_one(stages: list[ray.actor.ActorHandle]) -> int:
 
 def test_providers_join_with_their_labels(network: tuple[Providers, Any]) -> None:
     providers, registry = network
-    records = {r.node_id: r for r in ray.get(registry.list_nodes.remote(), timeout=TIMEOUT_S)}
+    records = {r.node_id: r for r in call_registry(registry, "list_nodes", timeout_s=TIMEOUT_S)}
     for name, joined in providers.records.items():
         record = records[joined.node_id]
         assert (record.health, record.verified, record.region) == ("alive", True, f"{name}-region")
         assert record.labels["solanalm.io/wallet"] == record.wallet and record.capabilities.num_cpus == 1.0
-    assert len(ray.get(registry.eligible_nodes.remote(), timeout=TIMEOUT_S)) == 2
+    assert len(call_registry(registry, "eligible_nodes", timeout_s=TIMEOUT_S)) == 2
 
 
 def test_a_node_without_the_wallet_label_gets_no_registration(network: tuple[Providers, Any]) -> None:
     _, registry = network
     head, keypair = ray.get_runtime_context().get_node_id(), Keypair()
-    challenge = ray.get(registry.issue_challenge.remote(head, str(keypair.pubkey())), timeout=TIMEOUT_S)
+    challenge = call_registry(registry, "issue_challenge", head, str(keypair.pubkey()), timeout_s=TIMEOUT_S)
     with pytest.raises(ProofError, match="not labelled"):
         ray.get(registry.register.remote(sign_challenge(keypair, challenge), NodeCapabilities()), timeout=TIMEOUT_S)
 
@@ -143,17 +143,20 @@ def test_a_node_without_the_wallet_label_gets_no_registration(network: tuple[Pro
 def test_registry_state_survives_an_actor_restart(network: tuple[Providers, Any]) -> None:
     providers, registry = network
     fast = providers.records["fast"].node_id
-    ray.get(registry.record_request.remote([fast], True, 0.25), timeout=TIMEOUT_S)
+    call_registry(registry, "record_request", [fast], True, 0.25, timeout_s=TIMEOUT_S)
     ray.kill(registry, no_restart=False)
     records = {r.node_id: r for r in call_registry(registry, "list_nodes", timeout_s=TIMEOUT_S)}
     assert records[fast].requests_served == 1 and records[fast].latency_ewma_s == 0.25
     assert len(records) == 2
+    # The registry lives on the head, never on a provider node that may leave.
+    head = ray.get_runtime_context().get_node_id()
+    assert call_registry(registry, "node_id", timeout_s=TIMEOUT_S) == head
 
 
 def test_stages_follow_the_plan_and_move_when_a_node_leaves(network: tuple[Providers, Any]) -> None:
     providers, registry = network
     fast, slow = providers.records["fast"].node_id, providers.records["slow"].node_id
-    pg, planned, stages = deploy(ray.get(registry.eligible_nodes.remote(), timeout=TIMEOUT_S))
+    pg, planned, stages = deploy(call_registry(registry, "eligible_nodes", timeout_s=TIMEOUT_S))
     assert planned == [fast, slow] or planned == [slow, fast]
     assert [ray.get(s.node.remote(), timeout=TIMEOUT_S) for s in stages] == planned
     assert serve_one(stages) == COST.num_layers
@@ -162,9 +165,9 @@ def test_stages_follow_the_plan_and_move_when_a_node_leaves(network: tuple[Provi
     for stage in stages:
         ray.kill(stage)
     remove_placement_group(pg)
-    records = {r.node_id: r for r in ray.get(registry.list_nodes.remote(), timeout=TIMEOUT_S)}
+    records = {r.node_id: r for r in call_registry(registry, "list_nodes", timeout_s=TIMEOUT_S)}
     assert records[slow].health == "dead" and records[fast].health == "alive"
-    pg, planned, stages = deploy(ray.get(registry.eligible_nodes.remote(), timeout=TIMEOUT_S))
+    pg, planned, stages = deploy(call_registry(registry, "eligible_nodes", timeout_s=TIMEOUT_S))
     assert planned == [fast]
     assert serve_one(stages) == COST.num_layers
     remove_placement_group(pg)
