@@ -91,13 +91,13 @@ class RayActorRewardSink:
 
     def record(self, rewards: Sequence[RoundReward]) -> None:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import RayError  # actor gone, timeout, or an error raised in the method
 
         payload = [reward.model_dump(mode="json") for reward in rewards]
         try:
             actor = ray.get_actor(self.actor_name, namespace=self.namespace)
             ray.get(getattr(actor, self.method).remote(payload), timeout=self.timeout_s)
-        except (ValueError, AttributeError, RayActorError, GetTimeoutError) as exc:
+        except (ValueError, AttributeError, RayError) as exc:
             raise RewardSinkError(f"could not record rewards with {self.actor_name}.{self.method}") from exc
 
 

@@ -21,6 +21,9 @@ class _FakePayments:
     def all(self) -> list[dict[str, object]]:
         return self.records
 
+    def reject(self, rewards: list[dict[str, object]]) -> None:
+        raise ValueError("unknown wallet")
+
 
 def test_auto_sink_calls_the_named_actor_by_method() -> None:
     training = TrainingSection(rewards_actor_name="fake-payments-train-test")
@@ -42,3 +45,13 @@ def test_missing_actor_is_a_sink_error() -> None:
     sink = RayActorRewardSink("no-such-actor", "record_training_rewards", "solanalm-test", 5.0)
     with pytest.raises(RewardSinkError):
         sink.record(round_rewards("job", 1, ["A"], {"A": 1}, 1))
+
+
+def test_error_inside_the_actor_is_a_sink_error() -> None:
+    actor = _FakePayments.options(name="fake-payments-reject").remote()  # type: ignore[attr-defined]
+    try:
+        sink = RayActorRewardSink("fake-payments-reject", "reject", "solanalm-test", 30.0)
+        with pytest.raises(RewardSinkError):
+            sink.record(round_rewards("job", 1, ["A"], {"A": 1}, 1))
+    finally:
+        ray.kill(actor)
