@@ -7,6 +7,7 @@ import yaml
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cluster.config.network import NetworkSection
 from cluster.config.payments import PaymentsSection
 from cluster.config.serving import HttpSection, ModelSection, PipelineSection, RaySection
 from cluster.config.training import TrainingSection
@@ -25,6 +26,9 @@ class Settings(BaseSettings):
     pipeline: PipelineSection = Field(default_factory=PipelineSection, description="Sharded pipeline shape.")
     payments: PaymentsSection = Field(default_factory=PaymentsSection, description="Metering and settlement.")
     training: TrainingSection = Field(default_factory=TrainingSection, description="Training jobs.")
+    network: NetworkSection = Field(
+        default_factory=NetworkSection, description="Provider network: registry, reputation, routing, placement."
+    )
 
     @classmethod
     def settings_customise_sources(
