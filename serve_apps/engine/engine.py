@@ -5,7 +5,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from serve_apps.engine.executor import StageCallError, StepExecutor
+from serve_apps.engine.executor import PipelineRecovery, StageCallError, StepExecutor
 from serve_apps.engine.scheduler import Scheduler, Sequence
 
 logger = logging.getLogger(__name__)
@@ -24,9 +24,19 @@ class EngineError(RuntimeError):
 class Engine:
     """Runs steps back to back while there is work; each request reads its tokens from its own queue."""
 
-    def __init__(self, scheduler: Scheduler, executor: StepExecutor) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: StepExecutor,
+        recovery: PipelineRecovery | None = None,
+        max_recovery_attempts: int = 3,
+    ) -> None:
         self.scheduler = scheduler
         self.executor = executor
+        self.recovery = recovery
+        self.max_recovery_attempts = max_recovery_attempts
+        self.recoveries = 0
+        self.healthy = True  # False once a recovery gave up; Serve's health check then replaces the replica
         self._queues: dict[str, asyncio.Queue[TokenEvent | Exception]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -75,13 +85,33 @@ class Engine:
             try:
                 result = await self.executor.execute(batch)
             except StageCallError as exc:
-                self._fail_step(batch.step_id, exc)
+                if not await self._recover(exc):
+                    self._fail_step(batch.step_id, exc)
                 continue
             self.steps += 1
             for update in self.scheduler.update(result):
                 queue = self._queues.get(update.seq_id)
                 if queue is not None:
                     queue.put_nowait(TokenEvent(update.token_id, update.finish_reason))
+
+    async def _recover(self, exc: StageCallError) -> bool:
+        """Bring dead stages back and replay every live sequence; False when the pipeline stays broken."""
+        if self.recovery is None:
+            return False
+        for attempt in range(1, self.max_recovery_attempts + 1):
+            logger.warning("step failed (%s); recovering the pipeline, attempt %d", exc, attempt)
+            try:
+                if await self.recovery.recover():
+                    self.recoveries += 1
+                    self.healthy = True
+                    replayed = self.scheduler.replay_all()
+                    logger.warning("pipeline recovered; replaying %d sequences", replayed)
+                    return True
+            except Exception:  # noqa: BLE001 - any failure here is retried, then reported to requests
+                logger.exception("pipeline recovery attempt %d failed", attempt)
+            await asyncio.sleep(min(2.0, 0.25 * 2**attempt))
+        self.healthy = False
+        return False
 
     def _fail_step(self, step_id: int, exc: Exception) -> None:
         logger.error("pipeline step %d failed: %s", step_id, exc)

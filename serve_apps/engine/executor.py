@@ -12,6 +12,12 @@ class StepExecutor(Protocol):
     async def execute(self, batch: StepBatch) -> StepResult: ...
 
 
+class PipelineRecovery(Protocol):
+    """Brings a pipeline whose stage died back to full strength (recreating stages as needed)."""
+
+    async def recover(self) -> bool: ...
+
+
 class StageCallError(RuntimeError):
     """A stage call failed or timed out; the engine decides whether to retry."""
 

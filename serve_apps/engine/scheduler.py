@@ -44,8 +44,13 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def prefill_target(self) -> int:
+        """Tokens to cache before decoding: the prompt, or after a replay the whole history but its last token."""
+        return len(self.token_ids) - 1 if self.output_ids else len(self.prompt_ids)
+
+    @property
     def prefilled(self) -> bool:
-        return self.num_cached >= len(self.prompt_ids)
+        return self.num_cached >= self.prefill_target
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,17 @@ class Scheduler:
         """Forget an in-flight step that raised; its sequences are returned for the caller to handle."""
         return self._inflight.pop(step_id, [])
 
+    def replay_all(self) -> int:
+        """After stages lost their KV caches: re-prefill every resident sequence from its token history.
+
+        Already sampled tokens are kept and not sampled again, so generation resumes where it stopped.
+        Returns the number of sequences that will be replayed.
+        """
+        self._inflight.clear()
+        for seq in self.running.values():
+            seq.num_cached = 0
+        return len(self.running)
+
     # -- internals ------------------------------------------------------------------------------
     def _admit(self) -> None:
         while self.waiting and self._free_slots:
@@ -145,15 +161,15 @@ class Scheduler:
             self.running[seq.seq_id] = seq
 
     def _prefill_step(self, seq: Sequence) -> StepBatch:
-        start = seq.num_cached
-        end = min(len(seq.prompt_ids), start + self.limits.prefill_chunk)
+        start, target = seq.num_cached, seq.prefill_target
+        end = min(target, start + self.limits.prefill_chunk)
         chunk = SeqChunk(
             seq.seq_id,
             _slot(seq),
             start,
-            tuple(seq.prompt_ids[start:end]),
+            tuple(seq.token_ids[start:end]),
             seq.sampling,
-            sample=end == len(seq.prompt_ids),
+            sample=end == target and not seq.output_ids,
         )
         seq.num_cached = end
         self._last_was_prefill = True

@@ -77,7 +77,7 @@ class PipelineServer:
         executor, self.pool = factory(self.plan, self.settings)
         pipeline = self.settings.pipeline
         limits = SchedulerLimits(pipeline.max_num_seqs, pipeline.max_batch_size, pipeline.max_queue)
-        self.engine = Engine(Scheduler(limits, self.prompts.eos_token_ids), executor)
+        self.engine = Engine(Scheduler(limits, self.prompts.eos_token_ids), executor, recovery=self.pool)
         logger.info("pipeline %s ready: %d stages", model_name, len(self.plan.stages))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
@@ -143,9 +143,14 @@ class PipelineServer:
         )
 
     async def check_health(self) -> None:
-        """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it."""
-        if self.pool is not None:
-            await self.pool.ping()
+        """Serve calls this periodically; raising marks the replica unhealthy and Serve replaces it.
+
+        A dead stage alone is not unhealthy: the engine recreates it and replays its sequences (replacing
+        the whole replica would lose every in-flight request). Only a pipeline that could not be
+        recovered is reported, so Serve starts a fresh replica with a fresh placement group.
+        """
+        if not self.engine.healthy:
+            raise RuntimeError("the pipeline lost a stage and could not recover it")
 
     def __del__(self) -> None:
         pool = getattr(self, "pool", None)

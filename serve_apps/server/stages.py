@@ -1,9 +1,15 @@
-"""The stage actors of one replica, placed one per bundle of the replica's placement group."""
+"""The stage actors of one replica, placed one per bundle of the replica's placement group.
+
+The pool keeps each stage's recipe (config + actor options), so a stage whose process died is
+recreated in the same bundle; the engine then replays every live sequence to rebuild the caches.
+"""
 
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.util import get_current_placement_group
@@ -18,14 +24,35 @@ from serve_apps.engine.stage_worker import StageConfig
 
 logger = logging.getLogger(__name__)
 
+NAME_RETRIES = 20  # a dead actor's name is released shortly after its death is known
+LOAD_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class StageRecipe:
+    """How to (re)create one stage actor: its config and its Ray options (bundle included)."""
+
+    name: str
+    config: StageConfig
+    options: dict[str, Any]
+
+    def start(self) -> Any:
+        return StageActor.options(name=self.name, **self.options).remote(self.config)  # type: ignore[attr-defined]
+
 
 class StagePool:
-    """Creates, describes, health-checks and tears down the stage actors of one pipeline."""
+    """Creates, describes, health-checks, recreates and tears down the stage actors of one pipeline."""
 
-    def __init__(self, actors: list, names: list[str], timeout_s: float) -> None:
-        self.actors = actors
-        self.names = names
+    def __init__(self, recipes: list[StageRecipe], timeout_s: float) -> None:
+        self.recipes = recipes
         self.timeout_s = timeout_s
+        self.actors: list[Any] = [recipe.start() for recipe in recipes]
+        self.restarts = 0
+        self._recovering = asyncio.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return [recipe.name for recipe in self.recipes]
 
     @classmethod
     def create(
@@ -40,7 +67,7 @@ class StagePool:
         """Start one actor per stage in bundle i of the current placement group (if any); wait until loaded."""
         placement_group = get_current_placement_group()
         prefix = f"stage:{model}:{ray.get_runtime_context().get_actor_id() or 'driver'}"
-        actors, names = [], []
+        recipes = []
         for spec in specs:
             name = f"{prefix}:{spec.index}:{spec.start}-{spec.end}"
             config = StageConfig(
@@ -59,11 +86,10 @@ class StagePool:
                     placement_group_bundle_index=spec.index,
                     placement_group_capture_child_tasks=False,
                 )
-            actors.append(StageActor.options(name=name, **options).remote(config))  # type: ignore[attr-defined]
-            names.append(name)
-        pool = cls(actors, names, pipeline.stage_call_timeout_s)
-        pool.wait_ready(max(pipeline.stage_call_timeout_s, 300.0))
-        logger.info("stages ready: %s", ", ".join(names))
+            recipes.append(StageRecipe(name, config, options))
+        pool = cls(recipes, pipeline.stage_call_timeout_s)
+        pool.wait_ready(max(pipeline.stage_call_timeout_s, LOAD_TIMEOUT_S))
+        logger.info("stages ready: %s", ", ".join(pool.names))
         return pool
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -76,13 +102,48 @@ class StagePool:
             raise TimeoutError(f"stages not ready after {timeout_s:.0f} s: {', '.join(refs[r] for r in pending)}")
 
     def executor(self) -> RayPipelineExecutor:
+        # The executor shares `self.actors`, so a recreated stage is used from the next step on.
         return RayPipelineExecutor(self.actors, self.timeout_s)
 
+    async def recover(self) -> bool:
+        """Recreate every stage that does not answer a ping, each in its own bundle; True when all answer."""
+        async with self._recovering:
+            return await self._recover_dead()
+
+    async def _recover_dead(self) -> bool:
+        dead = [i for i, alive in enumerate(await asyncio.gather(*map(self._alive, self.actors))) if not alive]
+        for index in dead:
+            logger.warning("stage %s is dead; recreating it in bundle %d", self.names[index], index)
+            with contextlib.suppress(Exception):
+                ray.kill(self.actors[index], no_restart=True)
+            self.actors[index] = await self._restart(self.recipes[index])
+            self.restarts += 1
+        return all(await asyncio.gather(*map(self._alive, self.actors)))
+
+    async def _restart(self, recipe: StageRecipe) -> Any:
+        for _ in range(NAME_RETRIES):
+            try:
+                actor = recipe.start()
+                break
+            except ValueError:  # name still held by the dead actor
+                await asyncio.sleep(0.5)
+        else:
+            raise RuntimeError(f"could not recreate stage {recipe.name}: its name stays taken")
+        await asyncio.wait_for(actor.ping.remote(), LOAD_TIMEOUT_S)
+        return actor
+
+    async def _alive(self, actor: Any) -> bool:
+        try:
+            return bool(await asyncio.wait_for(actor.ping.remote(), self.timeout_s))
+        except (ray.exceptions.RayError, TimeoutError):
+            return False
+
     async def describe(self) -> list[StageInfo]:
-        return list(await asyncio.wait_for(asyncio.gather(*[a.describe.remote() for a in self.actors]), self.timeout_s))
+        calls = asyncio.gather(*[actor.describe.remote() for actor in self.actors])
+        return list(await asyncio.wait_for(calls, self.timeout_s))
 
     async def ping(self) -> None:
-        await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in self.actors]), self.timeout_s)
+        await asyncio.wait_for(asyncio.gather(*[actor.ping.remote() for actor in self.actors]), self.timeout_s)
 
     def kill(self) -> None:
         for actor in self.actors:

@@ -76,3 +76,48 @@ def test_queue_bound_raises_queue_full() -> None:
 
     with pytest.raises(QueueFullError):
         asyncio.run(main())
+
+
+class FlakyExecutor(CountingExecutor):
+    """Fails the given steps once (a stage died), then works; counts recoveries asked of it."""
+
+    def __init__(self, fail_steps: set[int]) -> None:
+        super().__init__()
+        self.fail_steps, self.recovered = set(fail_steps), 0
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        self.batches.append(batch)
+        if batch.step_id in self.fail_steps:
+            self.fail_steps.discard(batch.step_id)
+            raise StageCallError("stage died")
+        return StepResult(batch.step_id, tuple(c.token_ids[-1] + 1 if c.sample else -1 for c in batch.chunks))
+
+    async def recover(self) -> bool:
+        self.recovered += 1
+        return True
+
+
+def test_stage_failure_is_recovered_and_output_is_unchanged() -> None:
+    async def main(fail_steps: set[int]) -> tuple[list[list[int]], int]:
+        executor = FlakyExecutor(fail_steps)
+        e = Engine(Scheduler(SchedulerLimits(4, 8, 8), eos_token_ids=(999,)), executor, recovery=executor)
+        outs = await asyncio.gather(collect(e, sequence("a", [1, 2], 6)), collect(e, sequence("b", [50], 6)))
+        return list(outs), executor.recovered
+
+    baseline, _ = asyncio.run(main(set()))
+    faulted, recovered = asyncio.run(main({3, 6, 7}))
+    assert faulted == baseline and recovered == 3
+
+
+def test_unrecoverable_pipeline_fails_requests_clearly() -> None:
+    class Hopeless(FlakyExecutor):
+        async def recover(self) -> bool:
+            return False
+
+    async def main() -> None:
+        executor = Hopeless({0})
+        e = Engine(Scheduler(SchedulerLimits(4, 8, 8), (999,)), executor, recovery=executor, max_recovery_attempts=1)
+        await collect(e, sequence("a", [1], 3))
+
+    with pytest.raises(EngineError):
+        asyncio.run(main())

@@ -143,3 +143,18 @@ def test_failed_step_returns_its_sequences() -> None:
     s.add(seq("a"))
     batch = s.schedule()
     assert [q.seq_id for q in s.fail(batch.step_id)] == ["a"]
+
+
+def test_replay_recomputes_history_without_sampling_again() -> None:
+    s = sched(chunk=4)
+    s.add(seq("a", prompt=3, max_tokens=10))
+    prefill_all(s)
+    answer(s, s.schedule(), token=8)  # outputs: [7, 8]
+    assert s.replay_all() == 1
+    replay = s.schedule()
+    chunk = replay.chunks[0]
+    # History 10 11 12 7 8: everything but the last token is recomputed; nothing is sampled.
+    assert (chunk.start_pos, chunk.token_ids, chunk.sample) == (0, (10, 11, 12, 7), False)
+    assert answer(s, replay) == []
+    decode = s.schedule()
+    assert (decode.chunks[0].start_pos, decode.chunks[0].token_ids) == (4, (8,))
