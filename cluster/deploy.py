@@ -56,7 +56,12 @@ def deploy(app: ServeApp, settings: Settings) -> float:
     started = time.perf_counter()
     serve.start(http_options={"host": settings.http.host, "port": settings.http.port})
     builder = _resolve(app.import_path)
-    args = settings.model_dump(mode="json", include={"model", "pipeline", "http"})
+    args = settings.model_dump(mode="json", include={"model", "pipeline", "http", "network"})
+    # Secrets are masked in a JSON dump; payments settings travel as values, unmasked.
+    args["payments"] = settings.payments.model_dump(mode="python")
+    args["payments"] = {
+        k: (v.get_secret_value() if hasattr(v, "get_secret_value") else v) for k, v in args["payments"].items()
+    }
     serve.run(builder(args), name=settings.http.app_name or app.name, route_prefix=app.route_prefix, blocking=False)
     return time.perf_counter() - started
 

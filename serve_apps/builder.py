@@ -28,10 +28,17 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     pipelines, cards = {}, []
     for name in settings.model.served:
         spec = catalogue.get(name)
-        pipelines[name] = pipeline_deployment(name, settings.pipeline).bind(name, settings.model_dump(mode="json"))
+        pipelines[name] = pipeline_deployment(name, settings.pipeline).bind(name, settings)
         cards.append(ModelCard(id=name, owned_by=spec.owned_by, max_model_len=spec.max_model_len))
     ingress = OpenAIIngress.bind  # type: ignore[attr-defined]
-    return ingress(pipelines, cards, settings.pipeline.request_timeout_s, settings.http.max_body_bytes)
+    return ingress(
+        pipelines,
+        cards,
+        settings.pipeline.request_timeout_s,
+        settings.http.max_body_bytes,
+        settings.payments,
+        settings.ray.namespace,
+    )
 
 
 def pipeline_deployment(model: str, pipeline: PipelineSection):  # type: ignore[no-untyped-def]

@@ -54,11 +54,20 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderWork:
+    """Layers one provider wallet served for a request (None: a node with no wallet label)."""
+
+    wallet: str | None
+    layers: int
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     finish_reason: str  # "stop" | "length" | "error" | "abort"
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    providers: tuple[ProviderWork, ...] = ()
 
 
 GenerateEvent = Accepted | Rejected | TextDelta | Finished

@@ -36,6 +36,11 @@ class PaymentsSection(Section):
     open_mode: bool = Field(
         default=False, description="Serve without authentication or charging (embedded demo only)."
     )
+    operator_wallet: str | None = Field(
+        default=None,
+        description="Wallet credited for stages on nodes without a provider wallet label (the operator's own"
+        " machines); None: the network treasury.",
+    )
     actor_name: str = Field(
         default="solanalm-payments", min_length=1, description="Named detached Ray actor."
     )
@@ -51,6 +56,7 @@ class PaymentsSection(Section):
     )
     state_dir: Path = Field(
         default=Path("~/.local/state/solanalm/payments"),
+        validate_default=True,
         description="SQLite ledger, LiteSVM chain snapshot and generated treasury keypair.",
     )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(

@@ -9,16 +9,21 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from payments.client import PaymentsUnavailable
+from payments.http import build_router
+from payments.protocol import SETTLEMENT_HEADER
 from serve_apps.engine.messages import SamplingParams
 from serve_apps.gateway import responses as R
 from serve_apps.gateway.backend import PipelineBackend
 from serve_apps.gateway.current import current_gateway
 from serve_apps.gateway.errors import OpenAIError, error_body, install_error_handlers
 from serve_apps.gateway.limits import BodySizeLimit
+from serve_apps.gateway.metering import Metering
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_apps.protocol import (
     Accepted,
@@ -29,6 +34,8 @@ from serve_apps.protocol import (
     Rejected,
     TextDelta,
 )
+
+DEFAULT_CONTEXT = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +48,15 @@ class ModelCard:
 class Gateway:
     """What the HTTP routes do, independent of FastAPI and of how pipelines are reached."""
 
-    def __init__(self, backend: PipelineBackend, cards: list[ModelCard], request_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        backend: PipelineBackend,
+        cards: list[ModelCard],
+        request_timeout_s: float = 600.0,
+        metering: Metering | None = None,
+    ) -> None:
         self.backend = backend
+        self.metering = metering or Metering(None)
         self.cards = {card.id: card for card in cards}
         self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
@@ -97,7 +111,12 @@ class Gateway:
             raise OpenAIError(500, f"unexpected first event {type(first).__name__}", code="internal_error")
         return first, events
 
-    async def complete(self, request: GenerateRequest, chat: bool) -> dict:
+    def hold_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int:
+        """The most completion tokens a request may produce: what it asked for, else the model's context."""
+        card = self.cards[body.model]
+        return body.token_limit() or card.max_model_len or DEFAULT_CONTEXT
+
+    async def complete(self, request: GenerateRequest, chat: bool, payer: str | None) -> dict:
         accepted, events = await self.open_stream(request)
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
         parts: list[str] = []
@@ -111,9 +130,13 @@ class Gateway:
         if finished is None or finished.finish_reason == "error":
             reason = finished.error if finished else "stream ended early"
             raise OpenAIError(503, f"generation failed: {reason}", code="pipeline_unavailable")
-        return R.full_response(
+        body = R.full_response(
             meta, "".join(parts), finished.finish_reason, accepted.prompt_tokens, finished.completion_tokens
         )
+        settlement_id = await self.metering.settle(request, payer, finished)
+        if settlement_id is not None:
+            body["settlement_id"] = settlement_id
+        return body
 
     async def sse_events(
         self,
@@ -122,22 +145,34 @@ class Gateway:
         accepted: Accepted,
         chat: bool,
         include_usage: bool,
+        payer: str | None = None,
     ) -> AsyncIterator[str]:
+        """SSE chunks; the final chunk carries the settlement id (headers are gone by then)."""
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
-        if chat:
-            yield R.sse(R.chunk(meta, None, None, first=True))
-        async for event in events:
-            if isinstance(event, TextDelta):
-                yield R.sse(R.chunk(meta, event.text, None))
-            elif isinstance(event, Finished):
-                if event.finish_reason == "error":
-                    yield R.sse(error_body(503, f"generation failed: {event.error}", code="pipeline_unavailable"))
+        settled = False
+        try:
+            if chat:
+                yield R.sse(R.chunk(meta, None, None, first=True))
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    yield R.sse(R.chunk(meta, event.text, None))
+                elif isinstance(event, Finished):
+                    if event.finish_reason == "error":
+                        yield R.sse(error_body(503, f"generation failed: {event.error}", code="pipeline_unavailable"))
+                        break
+                    settlement_id = await self.metering.settle(request, payer, event)
+                    settled = True
+                    final = R.chunk(meta, None, event.finish_reason)
+                    if settlement_id is not None:
+                        final["settlement_id"] = settlement_id
+                    yield R.sse(final)
+                    if include_usage:
+                        yield R.sse(R.usage_chunk(meta, accepted.prompt_tokens, event.completion_tokens))
                     break
-                yield R.sse(R.chunk(meta, None, event.finish_reason))
-                if include_usage:
-                    yield R.sse(R.usage_chunk(meta, accepted.prompt_tokens, event.completion_tokens))
-                break
-        yield R.sse("[DONE]")
+            yield R.sse("[DONE]")
+        finally:
+            if not settled:  # failed, or the client went away: the hold is released, nothing is charged
+                await self.metering.release(request.request_id, "not completed")
 
 
 def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
@@ -159,32 +194,53 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
         return core(request).list_models()
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        return await _respond(core(request), body, chat=True)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, authorization: str | None = Header(default=None)
+    ) -> JSONResponse | StreamingResponse:
+        return await _respond(core(request), body, chat=True, authorization=authorization)
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        return await _respond(core(request), body, chat=False)
+    async def completions(
+        body: CompletionRequest, request: Request, authorization: str | None = Header(default=None)
+    ) -> JSONResponse | StreamingResponse:
+        return await _respond(core(request), body, chat=False, authorization=authorization)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
         return await _health(core(request))
 
+    # Wallet sign-in, balance, deposits and receipts: the payments package's routes, over the same
+    # payments client the gateway meters with (503 while payments are disabled).
+    app.include_router(build_router(lambda: _payments_of(app)))
     return app
 
 
-async def _respond(gateway: Gateway, body: ChatCompletionRequest | CompletionRequest, chat: bool):  # type: ignore[no-untyped-def]
+def _payments_of(app: FastAPI) -> Any:
+    gateway = app.state.gateway or current_gateway()
+    if gateway is None or gateway.metering.payments is None:
+        raise PaymentsUnavailable("payments are not enabled on this gateway")
+    return gateway.metering.payments
+
+
+async def _respond(  # type: ignore[no-untyped-def]
+    gateway: Gateway, body: ChatCompletionRequest | CompletionRequest, chat: bool, authorization: str | None
+):
     request = gateway.to_generate_request(body)
-    headers = {"x-request-id": request.request_id}
-    if not body.stream:
-        return JSONResponse(await gateway.complete(request, chat), headers=headers)
-    accepted, events = await gateway.open_stream(request)
-    stream = gateway.sse_events(request, events, accepted, chat, body.include_usage())
-    return StreamingResponse(
-        stream,
-        media_type="text/event-stream",
-        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    payer = await gateway.metering.admit(authorization, request, gateway.hold_tokens(body))
+    try:
+        if not body.stream:
+            result = await gateway.complete(request, chat, payer)
+            headers = {"x-request-id": request.request_id}
+            if "settlement_id" in result:
+                headers[SETTLEMENT_HEADER] = result["settlement_id"]
+            return JSONResponse(result, headers=headers)
+        accepted, events = await gateway.open_stream(request)
+    except BaseException:
+        await gateway.metering.release(request.request_id, "failed")
+        raise
+    stream = gateway.sse_events(request, events, accepted, chat, body.include_usage(), payer)
+    headers = {"x-request-id": request.request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
 
 async def _health(gateway: Gateway) -> JSONResponse:

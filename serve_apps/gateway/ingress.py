@@ -1,10 +1,14 @@
 """The Ray Serve ingress deployment wrapping the FastAPI gateway."""
 
+from typing import Any
+
 from ray import serve
 
+from cluster.config.payments import PaymentsSection
 from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
 from serve_apps.gateway.backend import ServeHandleBackend
 from serve_apps.gateway.current import set_current
+from serve_apps.gateway.metering import Metering
 
 gateway_app = create_gateway_app()
 
@@ -12,7 +16,25 @@ gateway_app = create_gateway_app()
 @serve.deployment(name="gateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
 @serve.ingress(gateway_app)
 class OpenAIIngress:
-    """Routes OpenAI requests to one PipelineServer deployment per model."""
+    """Routes OpenAI requests to one PipelineServer deployment per model; meters them when payments are on."""
 
-    def __init__(self, pipelines: dict, cards: list[ModelCard], request_timeout_s: float, max_body_bytes: int) -> None:
-        set_current(Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s), max_body_bytes)
+    def __init__(
+        self,
+        pipelines: dict,
+        cards: list[ModelCard],
+        request_timeout_s: float,
+        max_body_bytes: int,
+        payments: PaymentsSection,
+        namespace: str,
+    ) -> None:
+        metering = Metering(_payments_client(payments, namespace), payments.operator_wallet)
+        set_current(Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering), max_body_bytes)
+
+
+def _payments_client(section: PaymentsSection, namespace: str) -> Any:
+    if not section.enabled:
+        return None
+    from payments.client import PaymentsClient, start_payments_actor
+
+    # Named and detached: every gateway replica shares the one payments actor (and its ledger).
+    return PaymentsClient(start_payments_actor(section, namespace=namespace), section.actor_call_timeout_s)

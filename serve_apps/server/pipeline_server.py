@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+
 from cluster.config import Settings
 from cluster.models import load_catalogue, materialize
 from serve_apps.engine.detokenizer import Detokenizer
@@ -27,6 +29,7 @@ from serve_apps.protocol import (
     GenerateEvent,
     GenerateRequest,
     PipelineInfo,
+    ProviderWork,
     Rejected,
     TextDelta,
 )
@@ -78,6 +81,7 @@ class PipelineServer:
         pipeline = self.settings.pipeline
         limits = SchedulerLimits(pipeline.max_num_seqs, pipeline.max_batch_size, pipeline.max_queue)
         self.engine = Engine(Scheduler(limits, self.prompts.eos_token_ids), executor, recovery=self.pool)
+        self.providers = self._provider_work()
         logger.info("pipeline %s ready: %d stages", model_name, len(self.plan.stages))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
@@ -114,18 +118,31 @@ class PipelineServer:
                     self.engine.abort(seq.seq_id, "stop")
                     if text:
                         yield TextDelta(text, count)
-                    yield Finished("stop", prompt_tokens, count)
+                    yield Finished("stop", prompt_tokens, count, providers=self.providers)
                     return
                 if text:
                     yield TextDelta(text, count)
                 if final:
-                    yield Finished(event.finish_reason, prompt_tokens, count)
+                    yield Finished(event.finish_reason, prompt_tokens, count, providers=self.providers)
                     return
                 event = await anext(events)
         except EngineError as exc:
             yield Finished("error", prompt_tokens, count, error=str(exc))
         finally:
             await events.aclose()
+
+    def _provider_work(self) -> tuple[ProviderWork, ...]:
+        """Which wallet serves which layers: each stage's node carries its provider's wallet label."""
+        if self.pool is None:
+            return (ProviderWork(None, self.plan.num_layers),)
+        wallet_key = f"{self.settings.network.label_prefix}/wallet"
+        labels = {node["NodeID"]: node.get("Labels") or {} for node in ray.nodes()}
+        nodes = self.pool.node_ids()
+        work: dict[str | None, int] = {}
+        for spec, node_id in zip(self.plan.stages, nodes, strict=True):
+            wallet = labels.get(node_id, {}).get(wallet_key)
+            work[wallet] = work.get(wallet, 0) + spec.num_layers
+        return tuple(ProviderWork(wallet, layers) for wallet, layers in work.items())
 
     async def describe(self) -> PipelineInfo:
         stages = await self.pool.describe() if self.pool is not None else ()

@@ -101,6 +101,11 @@ class StagePool:
             self.kill()
             raise TimeoutError(f"stages not ready after {timeout_s:.0f} s: {', '.join(refs[r] for r in pending)}")
 
+    def node_ids(self) -> list[str]:
+        """The Ray node each stage runs on (blocking; used once at start-up)."""
+        infos = ray.get([actor.describe.remote() for actor in self.actors], timeout=self.timeout_s)
+        return [info.node_id for info in infos]
+
     def executor(self) -> RayPipelineExecutor:
         # The executor shares `self.actors`, so a recreated stage is used from the next step on.
         return RayPipelineExecutor(self.actors, self.timeout_s)

@@ -32,7 +32,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def served(ray_cluster: None, repo_root: Path, model_cache_dir: Path) -> Iterator[ServedApp]:
+def served(
+    ray_cluster: None, repo_root: Path, model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedApp]:
     """Deploy configs/serve.yaml's builder (as `solanalm up` does) with test overrides."""
     app = read_serve_config(repo_root / "configs" / "serve.yaml")
     settings = settings_for(
@@ -45,6 +47,7 @@ def served(ray_cluster: None, repo_root: Path, model_cache_dir: Path) -> Iterato
             },
             "pipeline": {"num_stages": STAGES, "max_num_seqs": 16, "max_queue": 64},
             "http": {"port": _free_port()},
+            "payments": {"state_dir": str(tmp_path_factory.mktemp("payments")), "actor_name": "solanalm-payments-test"},
         },
     )
     deploy(app, settings)

@@ -207,3 +207,26 @@ def test_status_command_shows_every_stage(served: ServedApp) -> None:
     assert result.exit_code == 0, result.output
     for layers in ("0-10", "10-20", "20-30", "0-2", "2-4", "4-6"):
         assert layers in result.output
+
+
+def test_every_request_is_metered_with_a_readable_receipt(served: ServedApp) -> None:
+    """Open mode (the embedded demo): no charge, but a settlement record per request and its receipt."""
+    response = httpx.post(
+        served.base_url + "/completions",
+        json={"model": TINY, "prompt": "Pay me", "max_tokens": 4, "temperature": 0},
+        timeout=60,
+    )
+    body = response.json()
+    settlement_id = response.headers["x-solanalm-settlement-id"]
+    assert body["settlement_id"] == settlement_id
+    receipt = httpx.get(served.base_url + f"/receipts/{settlement_id}", timeout=30).json()
+    assert receipt["request_id"] == body["id"] and receipt["completion_tokens"] == 4
+    assert sum(share["layers_served"] for share in receipt["shares"] if share["role"] == "provider") == 6
+    with httpx.stream(
+        "POST",
+        served.base_url + "/completions",
+        json={"model": TINY, "prompt": "Stream me", "max_tokens": 3, "temperature": 0, "stream": True},
+        timeout=60,
+    ) as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["settlement_id"].startswith("set_")
