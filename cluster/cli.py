@@ -199,12 +199,11 @@ def _first_model(base_url: str) -> str:
 
 def _serve_until_interrupted(settings: Settings, started_here: bool) -> None:
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Explicit handlers: a shell that starts us in the background ignores SIGINT by default.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     console.print("\nserving; press Ctrl-C to stop")
-    try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
+    while not stop.wait(1.0):
         pass
     _shutdown(settings, stop_head=started_here)
 
