@@ -31,7 +31,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
+# Package scope: the replicas (and their CPUs) are released before other packages' tests run.
+@pytest.fixture(scope="package")
 def served(
     ray_cluster: None, repo_root: Path, model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServedApp]:
