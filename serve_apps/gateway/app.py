@@ -5,6 +5,7 @@ tests drive it in-process; `OpenAIIngress` is the Serve ingress deployment that 
 """
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from payments.http import build_router
 from payments.protocol import SETTLEMENT_HEADER
 from serve_apps.engine.messages import SamplingParams
 from serve_apps.gateway import responses as R
-from serve_apps.gateway.backend import PipelineBackend
+from serve_apps.gateway.backend import PipelineBackend, PipelineLost
 from serve_apps.gateway.current import current_gateway
 from serve_apps.gateway.errors import OpenAIError, error_body, install_error_handlers
 from serve_apps.gateway.limits import BodySizeLimit
@@ -36,6 +37,8 @@ from serve_apps.protocol import (
 )
 
 DEFAULT_CONTEXT = 2048
+REPLICA_RETRIES = 2  # a non-streamed request whose replica died is re-sent this many times
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +114,34 @@ class Gateway:
             raise OpenAIError(500, f"unexpected first event {type(first).__name__}", code="internal_error")
         return first, events
 
+    async def open_stream_retrying(self, request: GenerateRequest) -> tuple[Accepted, AsyncIterator[GenerateEvent]]:
+        """open_stream, re-sent to another replica if the first one dies before accepting."""
+        for attempt in range(1, REPLICA_RETRIES + 2):
+            try:
+                return await self.open_stream(request)
+            except PipelineLost as exc:
+                logger.warning("replica lost before accepting %s (attempt %d): %s", request.request_id, attempt, exc)
+        raise OpenAIError(
+            503, "the pipeline replica was lost; retry later", code="pipeline_unavailable", headers={"Retry-After": "5"}
+        )
+
     def hold_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int:
         """The most completion tokens a request may produce: what it asked for, else the model's context."""
         card = self.cards[body.model]
         return body.token_limit() or card.max_model_len or DEFAULT_CONTEXT
 
     async def complete(self, request: GenerateRequest, chat: bool, payer: str | None) -> dict:
+        """A whole (non-streamed) answer; a lost replica is retried on another, nothing was sent yet."""
+        for attempt in range(1, REPLICA_RETRIES + 2):
+            try:
+                return await self._complete_once(request, chat, payer)
+            except PipelineLost as exc:
+                logger.warning("replica lost during %s (attempt %d): %s", request.request_id, attempt, exc)
+        raise OpenAIError(
+            503, "the pipeline replica was lost; retry later", code="pipeline_unavailable", headers={"Retry-After": "5"}
+        )
+
+    async def _complete_once(self, request: GenerateRequest, chat: bool, payer: str | None) -> dict:
         accepted, events = await self.open_stream(request)
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
         parts: list[str] = []
@@ -153,7 +178,10 @@ class Gateway:
         try:
             if chat:
                 yield R.sse(R.chunk(meta, None, None, first=True))
-            async for event in events:
+            async for event in _until_lost(events):
+                if isinstance(event, PipelineLost):
+                    yield R.sse(error_body(503, f"the pipeline replica was lost: {event}", code="pipeline_unavailable"))
+                    break
                 if isinstance(event, TextDelta):
                     yield R.sse(R.chunk(meta, event.text, None))
                 elif isinstance(event, Finished):
@@ -173,6 +201,15 @@ class Gateway:
         finally:
             if not settled:  # failed, or the client went away: the hold is released, nothing is charged
                 await self.metering.release(request.request_id, "not completed")
+
+
+async def _until_lost(events: AsyncIterator[GenerateEvent]) -> AsyncIterator[GenerateEvent | PipelineLost]:
+    """The stream's events, ending with the PipelineLost error as an item (a stream cannot be retried)."""
+    try:
+        async for event in events:
+            yield event
+    except PipelineLost as exc:
+        yield exc
 
 
 def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
@@ -234,7 +271,7 @@ async def _respond(  # type: ignore[no-untyped-def]
             if "settlement_id" in result:
                 headers[SETTLEMENT_HEADER] = result["settlement_id"]
             return JSONResponse(result, headers=headers)
-        accepted, events = await gateway.open_stream(request)
+        accepted, events = await gateway.open_stream_retrying(request)
     except BaseException:
         await gateway.metering.release(request.request_id, "failed")
         raise

@@ -6,6 +6,10 @@ from typing import Protocol
 from serve_apps.protocol import GenerateEvent, GenerateRequest, PipelineInfo
 
 
+class PipelineLost(RuntimeError):
+    """The replica serving a request died (process killed, node gone); the request may be retried."""
+
+
 class PipelineBackend(Protocol):
     """The gateway's view of the model pipelines it routes to."""
 
@@ -27,8 +31,13 @@ class ServeHandleBackend:
         return list(self._handles)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
-        async for event in self._streaming[request.model].generate.remote(request):
-            yield event
+        from ray.exceptions import RayActorError
+
+        try:
+            async for event in self._streaming[request.model].generate.remote(request):
+                yield event
+        except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the replica is gone
+            raise PipelineLost(str(exc)) from exc
 
     async def describe(self, model: str) -> PipelineInfo:
         return await self._handles[model].describe.remote()

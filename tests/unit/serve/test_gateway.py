@@ -202,3 +202,44 @@ def test_openapi_schema_documents_the_request_models(http: TestClient) -> None:
     schema = http.get("/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"]
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
+
+
+class LosingBackend(FakeBackend):
+    """The first `losses` streams die like a killed replica (after Accepted); later ones answer."""
+
+    def __init__(self, losses: int) -> None:
+        super().__init__()
+        self.losses = losses
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        from serve_apps.gateway.backend import PipelineLost
+
+        if self.losses > 0:
+            self.losses -= 1
+            yield Accepted(prompt_tokens=5)
+            yield TextDelta("hel", 1)
+            raise PipelineLost("replica died")
+        async for event in super().stream(request):
+            yield event
+
+
+def test_non_streamed_request_is_retried_when_its_replica_dies() -> None:
+    backend = LosingBackend(losses=2)
+    http = TestClient(create_gateway_app(Gateway(backend, [ModelCard("fake", "tests")])))
+    response = http.post("/v1/chat/completions", json=chat_body())
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "hello world"
+    assert len(backend.requests) == 1  # the two lost attempts never reached FakeBackend.stream
+
+
+def test_stream_gets_an_error_event_not_a_hang_when_its_replica_dies() -> None:
+    http = TestClient(create_gateway_app(Gateway(LosingBackend(losses=1), [ModelCard("fake", "tests")])))
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True)) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["code"] == "pipeline_unavailable"
+
+
+def test_replica_lost_every_time_is_a_503_with_retry_after() -> None:
+    http = TestClient(create_gateway_app(Gateway(LosingBackend(losses=10), [ModelCard("fake", "tests")])))
+    response = http.post("/v1/chat/completions", json=chat_body())
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
