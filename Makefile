@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/solanalm up --block
 
+# Unit tests first, in their own process: they must never share a process with a Ray driver
+# (payments unit tests fork children, and forking a process with Ray's threads can hang).
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
