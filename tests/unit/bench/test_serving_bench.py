@@ -1,0 +1,71 @@
+"""Pure helpers of bench/serving_bench.py: percentiles, rates, phase summaries, prompts, target ratios."""
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[3] / "bench" / "serving_bench.py"
+
+
+@pytest.fixture(scope="module")
+def sb() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("serving_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word: enough to check prompt lengths."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return text.split()
+
+    def decode(self, ids: list[str]) -> str:
+        return " ".join(ids)
+
+
+def test_percentile_interpolates(sb: ModuleType) -> None:
+    assert sb.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert sb.percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert sb.percentile([5.0], 99) == 5.0
+    with pytest.raises(ValueError):
+        sb.percentile([], 50)
+
+
+def test_decode_rate_excludes_first_token(sb: ModuleType) -> None:
+    assert sb.decode_rate(sb.Timing(0.0, 1.0, 2.0, 11)) == pytest.approx(10.0)
+    assert sb.decode_rate(sb.Timing(0.0, 1.0, 1.0, 1)) == 0.0
+
+
+def test_summarize_counts_errors_and_aggregate(sb: ModuleType) -> None:
+    timings = [sb.Timing(0.0, 0.1, 1.0, 10), sb.Timing(0.0, 0.3, 1.0, 10), sb.Timing(0.0, 0.0, 0.5, 0, "boom")]
+    out = sb.summarize(timings, 2.0)
+    assert out["tokens"] == 20 and out["errors"] == 1 and out["aggregate_tok_s"] == 10.0
+    assert out["ttft_ms_p50"] == 200.0 and out["error_messages"] == ["boom"]
+
+
+def test_prompts_are_deterministic_distinct_and_sized(sb: ModuleType) -> None:
+    first = sb.build_prompts(WordTokenizer(), 8, 100)
+    assert first == sb.build_prompts(WordTokenizer(), 8, 100)
+    assert len(set(first)) == 8
+    assert all(95 <= len(p.split()) <= 100 for p in first)
+
+
+def test_targets_are_ratios_and_missing_systems_are_unknown(sb: ModuleType) -> None:
+    systems = {
+        "solanalm-1": {"decode": {"decode_tok_s": 10.0}, "concurrency": {"16": {"aggregate_tok_s": 100.0}}},
+        "solanalm-3": {"decode": {"decode_tok_s": 9.0}, "concurrency": {"16": {"aggregate_tok_s": 80.0}}},
+    }
+    rows = {row["target"]: row for row in sb.check_targets(systems)}
+    assert rows["3 stages vs 1 stage, aggregate at 16 streams"] == {
+        "target": "3 stages vs 1 stage, aggregate at 16 streams",
+        "ratio": 0.8,
+        "needed": 0.9,
+        "met": False,
+    }
+    assert rows["3 stages vs 1 stage, single-stream decode"]["met"] is True
+    assert rows["64 streams vs llama-cpp-python"]["met"] is None
