@@ -77,11 +77,7 @@ def status(
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
 ) -> None:
     """Nodes, deployments, and each pipeline's stages with their layer ranges, process and node."""
-    settings = Settings(ray=RaySection(address=address))
-    try:
-        connect_existing(settings.ray)
-    except ClusterError as exc:
-        _fail(str(exc))
+    _join_existing(address)
     render_status(console)
 
 
@@ -103,12 +99,18 @@ def down(
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
 ) -> None:
     """Drain and remove the serve application; stop the local head if `solanalm up` started it."""
+    settings = _join_existing(address)
+    _shutdown(settings, stop_head=True)
+
+
+def _join_existing(address: str | None) -> Settings:
+    """Settings for a command on a running cluster; a clear error (exit 1) when none runs."""
     settings = Settings(ray=RaySection(address=address))
     try:
         connect_existing(settings.ray)
     except ClusterError as exc:
         _fail(str(exc))
-    _shutdown(settings, stop_head=True)
+    return settings
 
 
 def _select_models(settings: Settings, models: list[str]) -> None:
