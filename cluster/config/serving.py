@@ -36,6 +36,13 @@ class HttpSection(Section):
     port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
     app_name: str = Field(default="solanalm", description="Ray Serve application name.")
     route_prefix: str = Field(default="/", description="Route prefix of the application.")
+    client_rate_per_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=100_000,
+        description="Requests per second one client (API key or IP) may make; 0: no limit.",
+    )
+    client_burst: int = Field(default=20, ge=1, le=100_000, description="Requests a client may make at once.")
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, le=100_000_000, description="Largest request body accepted."
     )

@@ -23,7 +23,7 @@ from serve_apps.gateway import responses as R
 from serve_apps.gateway.backend import PipelineBackend, PipelineLost
 from serve_apps.gateway.current import current_gateway
 from serve_apps.gateway.errors import OpenAIError, error_body, install_error_handlers
-from serve_apps.gateway.limits import BodySizeLimit
+from serve_apps.gateway.limits import BodySizeLimit, ClientRateLimiter, retry_after_header
 from serve_apps.gateway.metering import Metering
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_apps.protocol import (
@@ -57,8 +57,10 @@ class Gateway:
         cards: list[ModelCard],
         request_timeout_s: float = 600.0,
         metering: Metering | None = None,
+        limiter: ClientRateLimiter | None = None,
     ) -> None:
         self.backend = backend
+        self.limiter = limiter or ClientRateLimiter(0.0, 1)
         self.metering = metering or Metering(None)
         self.cards = {card.id: card for card in cards}
         self.request_timeout_s = request_timeout_s
@@ -234,13 +236,13 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, authorization: str | None = Header(default=None)
     ) -> JSONResponse | StreamingResponse:
-        return await _respond(core(request), body, chat=True, authorization=authorization)
+        return await _respond(core(request), body, True, authorization, _client_key(request, authorization))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(
         body: CompletionRequest, request: Request, authorization: str | None = Header(default=None)
     ) -> JSONResponse | StreamingResponse:
-        return await _respond(core(request), body, chat=False, authorization=authorization)
+        return await _respond(core(request), body, False, authorization, _client_key(request, authorization))
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
@@ -252,6 +254,13 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
     return app
 
 
+def _client_key(request: Request, authorization: str | None) -> str:
+    """Whom a rate limit applies to: the API key if one is sent, else the client address."""
+    if authorization:
+        return "key:" + authorization
+    return "ip:" + (request.client.host if request.client else "unknown")
+
+
 def _payments_of(app: FastAPI) -> Any:
     gateway = app.state.gateway or current_gateway()
     if gateway is None or gateway.metering.payments is None:
@@ -260,8 +269,20 @@ def _payments_of(app: FastAPI) -> Any:
 
 
 async def _respond(  # type: ignore[no-untyped-def]
-    gateway: Gateway, body: ChatCompletionRequest | CompletionRequest, chat: bool, authorization: str | None
+    gateway: Gateway,
+    body: ChatCompletionRequest | CompletionRequest,
+    chat: bool,
+    authorization: str | None,
+    client: str,
 ):
+    wait_s = gateway.limiter.acquire(client)
+    if wait_s > 0:
+        raise OpenAIError(
+            429,
+            "rate limit reached for this client; retry later",
+            code="rate_limit_exceeded",
+            headers=retry_after_header(wait_s),
+        )
     request = gateway.to_generate_request(body)
     payer = await gateway.metering.admit(authorization, request, gateway.hold_tokens(body))
     try:

@@ -8,6 +8,7 @@ from cluster.config.payments import PaymentsSection
 from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
 from serve_apps.gateway.backend import ServeHandleBackend
 from serve_apps.gateway.current import set_current
+from serve_apps.gateway.limits import ClientRateLimiter
 from serve_apps.gateway.metering import Metering
 
 gateway_app = create_gateway_app()
@@ -24,11 +25,14 @@ class OpenAIIngress:
         cards: list[ModelCard],
         request_timeout_s: float,
         max_body_bytes: int,
+        client_limit: tuple[float, int],
         payments: PaymentsSection,
         namespace: str,
     ) -> None:
         metering = Metering(_payments_client(payments, namespace), payments.operator_wallet)
-        set_current(Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering), max_body_bytes)
+        limiter = ClientRateLimiter(*client_limit)
+        gateway = Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering, limiter)
+        set_current(gateway, max_body_bytes)
 
 
 def _payments_client(section: PaymentsSection, namespace: str) -> Any:

@@ -1,4 +1,8 @@
-"""Reject oversized bodies before they are read or parsed (ASGI middleware)."""
+"""Request limits: oversized bodies rejected before parsing (ASGI middleware), per-client rate limits."""
+
+import math
+import time
+from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,3 +58,32 @@ async def _reject(send: Send, max_bytes: int) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+@dataclass
+class ClientRateLimiter:
+    """A token bucket per client (API key, else address): `rate_per_s` sustained, `burst` at once."""
+
+    rate_per_s: float
+    burst: int
+    max_clients: int = 100_000
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # client -> (tokens, last time)
+
+    def acquire(self, client: str, now: float | None = None) -> float:
+        """0 when the request may go; else the seconds until it may (the caller answers 429)."""
+        if self.rate_per_s <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate_per_s)
+        if tokens < 1.0:
+            self._buckets[client] = (tokens, now)
+            return (1.0 - tokens) / self.rate_per_s
+        if len(self._buckets) >= self.max_clients and client not in self._buckets:
+            self._buckets.clear()  # bounded memory: forgetting buckets only ever lets requests through
+        self._buckets[client] = (tokens - 1.0, now)
+        return 0.0
+
+
+def retry_after_header(wait_s: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(wait_s)))}
