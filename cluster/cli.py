@@ -77,8 +77,8 @@ def status(
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
 ) -> None:
     """Nodes, deployments, and each pipeline's stages with their layer ranges, process and node."""
-    _join_existing(address)
-    render_status(console)
+    settings = _join_existing(address)
+    render_status(console, settings.network, settings.ray.namespace)
 
 
 @app.command()

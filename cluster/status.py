@@ -6,6 +6,8 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
+from cluster.config.network import NetworkSection
+
 STAGE_PREFIX = "stage:"
 
 
@@ -28,10 +30,23 @@ class StageName:
         return cls(parts[1], parts[2], int(parts[3]), parts[4], name, namespace)
 
 
-def render_status(console: Console) -> None:
+def render_status(console: Console, network: NetworkSection, namespace: str) -> None:
     console.print(_nodes_table())
+    console.print(_providers(network, namespace))
     console.print(_serve_table())
     console.print(_stages_table())
+
+
+def _providers(network: NetworkSection, namespace: str) -> Table | str:
+    """The registry's provider nodes (wallet, health, reputation), when a registry runs."""
+    from cluster.network.cli import nodes_table
+    from cluster.network.registry import call_registry, get_registry
+
+    try:
+        registry = get_registry(network, namespace)
+    except ValueError:
+        return "no provider registry is running (`solanalm node registry` starts one)"
+    return nodes_table(call_registry(registry, "list_nodes", timeout_s=network.registry_call_timeout_s))
 
 
 def _nodes_table() -> Table:

@@ -39,6 +39,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         (settings.http.client_rate_per_s, settings.http.client_burst),
         settings.payments,
         settings.ray.namespace,
+        settings.network,
     )
 
 

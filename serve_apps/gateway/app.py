@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,9 @@ class Gateway:
         request_timeout_s: float = 600.0,
         metering: Metering | None = None,
         limiter: ClientRateLimiter | None = None,
+        network_nodes: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
     ) -> None:
+        self.network_nodes = network_nodes
         self.backend = backend
         self.limiter = limiter or ClientRateLimiter(0.0, 1)
         self.metering = metering or Metering(None)
@@ -247,6 +249,17 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
         return await _health(core(request))
+
+    @app.get("/v1/network/nodes")
+    async def network_nodes(request: Request) -> dict:
+        source = core(request).network_nodes
+        if source is None:
+            raise OpenAIError(503, "this gateway has no provider registry", code="registry_unavailable")
+        try:
+            nodes = await source()
+        except LookupError as exc:
+            raise OpenAIError(503, str(exc), code="registry_unavailable") from None
+        return {"object": "list", "data": nodes}
 
     # Wallet sign-in, balance, deposits and receipts: the payments package's routes, over the same
     # payments client the gateway meters with (503 while payments are disabled).

@@ -1,9 +1,12 @@
 """The Ray Serve ingress deployment wrapping the FastAPI gateway."""
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ray import serve
 
+from cluster.config.network import NetworkSection
 from cluster.config.payments import PaymentsSection
 from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
 from serve_apps.gateway.backend import ServeHandleBackend
@@ -28,11 +31,31 @@ class OpenAIIngress:
         client_limit: tuple[float, int],
         payments: PaymentsSection,
         namespace: str,
+        network: NetworkSection,
     ) -> None:
         metering = Metering(_payments_client(payments, namespace), payments.operator_wallet)
         limiter = ClientRateLimiter(*client_limit)
-        gateway = Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering, limiter)
+        nodes = registry_nodes_source(network, namespace)
+        gateway = Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering, limiter, nodes)
         set_current(gateway, max_body_bytes)
+
+
+def registry_nodes_source(section: NetworkSection, namespace: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+    """Reads the provider registry's node records (LookupError when no registry runs)."""
+    from cluster.network.registry import call_registry, get_registry
+
+    def read() -> list[dict[str, Any]]:
+        try:
+            registry = get_registry(section, namespace)
+        except ValueError:
+            raise LookupError("no provider registry is running (start one with `solanalm node registry`)") from None
+        records = call_registry(registry, "list_nodes", timeout_s=section.registry_call_timeout_s)
+        return [record.to_json() for record in records]
+
+    async def nodes() -> list[dict[str, Any]]:
+        return await asyncio.to_thread(read)
+
+    return nodes
 
 
 def _payments_client(section: PaymentsSection, namespace: str) -> Any:

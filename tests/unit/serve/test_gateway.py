@@ -267,3 +267,16 @@ def test_token_bucket_refills_at_its_rate() -> None:
     assert limiter.acquire("c", now=0.0) == 0.0
     assert limiter.acquire("c", now=0.1) == pytest.approx(0.4)
     assert limiter.acquire("c", now=0.6) == 0.0
+
+
+def test_network_nodes_lists_the_registry_or_says_it_is_missing() -> None:
+    async def nodes() -> list[dict]:
+        return [{"node_id": "n1", "wallet": "W", "reputation": 0.5}]
+
+    async def missing() -> list[dict]:
+        raise LookupError("no provider registry is running")
+
+    listed = TestClient(create_gateway_app(Gateway(FakeBackend(), [], network_nodes=nodes))).get("/v1/network/nodes")
+    assert listed.status_code == 200 and listed.json()["data"][0]["wallet"] == "W"
+    absent = TestClient(create_gateway_app(Gateway(FakeBackend(), [], network_nodes=missing))).get("/v1/network/nodes")
+    assert absent.status_code == 503 and error_of(absent)["code"] == "registry_unavailable"
