@@ -16,15 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from solders.keypair import Keypair
-from solders.message import Message
-from solders.system_program import TransferParams, transfer
-from solders.transaction import Transaction
-from spl.token.constants import TOKEN_PROGRAM_ID
-from spl.token.instructions import get_associated_token_address, transfer_checked
-from spl.token.models import TransferCheckedParams
 
 from cluster.config.payments import PaymentsSection
 from payments.chain.tx import AssetSpec, BudgetSpec, PayoutLine, fit_lines
+from payments.deposits import deposit_transaction
 from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
 from payments.pricing import Price
 from payments.protocol import DepositRequest, HoldRequest, ProviderShare, UsageReport
@@ -126,28 +121,8 @@ async def bench_onchain_batch(tmp: Path, asset: str, versioned: bool) -> dict[st
 
 
 async def _deposit(service: PaymentsService, payer: Keypair, amount: int) -> None:
-    treasury, asset = service.treasury.pubkey(), service.asset
-    if asset.mint is None:
-        ix = transfer(
-            TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount)
-        )
-    else:
-        ix = transfer_checked(
-            TransferCheckedParams(
-                program_id=TOKEN_PROGRAM_ID,
-                source=get_associated_token_address(payer.pubkey(), asset.mint),
-                mint=asset.mint,
-                dest=get_associated_token_address(treasury, asset.mint),
-                owner=payer.pubkey(),
-                amount=amount,
-                decimals=asset.decimals,
-            )
-        )
-    blockhash, _ = await service.chain.latest_blockhash()
-    tx = Transaction(
-        [payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash
-    )
-    await service.deposit(DepositRequest(await service.submit_transaction(bytes(tx))))
+    tx = await deposit_transaction(service, payer, amount)
+    await service.deposit(DepositRequest(await service.submit_transaction(tx)))
 
 
 def main() -> None:

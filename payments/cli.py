@@ -16,14 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from solders.keypair import Keypair
-from solders.message import Message
-from solders.system_program import TransferParams, transfer
-from solders.transaction import Transaction
-from spl.token.constants import TOKEN_PROGRAM_ID
-from spl.token.instructions import get_associated_token_address, transfer_checked
-from spl.token.models import TransferCheckedParams
 
 from cluster.config import load_settings
+from payments.deposits import deposit_transaction
 from payments.errors import PaymentError
 from payments.protocol import DepositRequest
 from payments.service import PaymentsService
@@ -148,27 +143,7 @@ async def _transfer_bytes(service: PaymentsService, keypair_path: Path, amount: 
     if amount <= 0:
         raise PaymentError("--amount must be > 0")
     payer = Keypair.from_bytes(bytes(json.loads(keypair_path.read_text())))
-    treasury, asset = service.treasury.pubkey(), service.asset
-    if asset.mint is None:
-        ix = transfer(
-            TransferParams(from_pubkey=payer.pubkey(), to_pubkey=treasury, lamports=amount)
-        )
-    else:
-        ix = transfer_checked(
-            TransferCheckedParams(
-                program_id=TOKEN_PROGRAM_ID,
-                source=get_associated_token_address(payer.pubkey(), asset.mint),
-                mint=asset.mint,
-                dest=get_associated_token_address(treasury, asset.mint),
-                owner=payer.pubkey(),
-                amount=amount,
-                decimals=asset.decimals,
-            )
-        )
-    blockhash, _ = await service.chain.latest_blockhash()
-    return bytes(
-        Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash)
-    )
+    return await deposit_transaction(service, payer, amount)
 
 
 @app.command()
