@@ -28,7 +28,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     pipelines, cards = {}, []
     for name in settings.model.served:
         spec = catalogue.get(name)
-        pipelines[name] = pipeline_deployment(name, settings.pipeline).bind(name, settings)
+        deployment = pipeline_deployment(name, settings.pipeline, settings.network.placement.node_label_key)
+        pipelines[name] = deployment.bind(name, settings)
         cards.append(ModelCard(id=name, owned_by=spec.owned_by, max_model_len=spec.max_model_len))
     ingress = OpenAIIngress.bind  # type: ignore[attr-defined]
     return ingress(
@@ -43,8 +44,17 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     )
 
 
-def pipeline_deployment(model: str, pipeline: PipelineSection):  # type: ignore[no-untyped-def]
-    """The PipelineServer deployment of one model: one placement group of `num_stages` bundles per replica."""
+def pipeline_deployment(  # type: ignore[no-untyped-def]
+    model: str, pipeline: PipelineSection, node_label_key: str = "ray.io/node-id"
+):
+    """The PipelineServer deployment of one model: one placement group of one bundle per stage per replica;
+    a planned placement (`pipeline.placements[model]`) pins each bundle to its node by label."""
+    placement = pipeline.placements.get(model)
+    pinned = placement is not None and placement.node_ids is not None
+    options: dict[str, Any] = {}
+    if pinned:
+        # Each bundle's node is fixed by its selector; SPREAD is Serve's scheduling path for such groups.
+        options["placement_group_bundle_label_selector"] = stage_label_selectors(model, pipeline, node_label_key)
     return serve.deployment(PipelineServer).options(  # type: ignore[attr-defined]
         name=f"pipeline-{model}",
         num_replicas=pipeline.num_replicas,
@@ -52,18 +62,27 @@ def pipeline_deployment(model: str, pipeline: PipelineSection):  # type: ignore[
         # replica that reserved CPU could take a stage's share; the replica only coordinates, so it
         # reserves none and every bundle stays exactly one stage's.
         ray_actor_options={"num_cpus": 0},
-        placement_group_bundles=stage_bundles(pipeline),
-        placement_group_strategy=pipeline.placement_strategy,
+        placement_group_bundles=stage_bundles(pipeline, model),
+        placement_group_strategy="SPREAD" if pinned else pipeline.placement_strategy,
         max_ongoing_requests=pipeline.max_num_seqs + pipeline.max_queue + 8,
         health_check_period_s=10,
         health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=30,
+        graceful_shutdown_timeout_s=pipeline.graceful_shutdown_timeout_s,
+        **options,
     )
 
 
-def stage_bundles(pipeline: PipelineSection) -> list[dict[str, float]]:
-    """One bundle per stage: stage i is created in bundle i."""
-    return [dict(pipeline.stage_resources) for _ in range(pipeline.num_stages)]
+def stage_bundles(pipeline: PipelineSection, model: str | None = None) -> list[dict[str, float]]:
+    """One bundle per stage (stage i is created in bundle i); a planned model has its plan's stage count."""
+    placement = pipeline.placements.get(model) if model is not None else None
+    count = len(placement.stage_layers) if placement is not None else pipeline.num_stages
+    return [dict(pipeline.stage_resources) for _ in range(count)]
+
+
+def stage_label_selectors(model: str, pipeline: PipelineSection, node_label_key: str) -> list[dict[str, str]]:
+    """Bundle i's label selector pins it to stage i's planned node."""
+    node_ids = pipeline.placements[model].node_ids or []
+    return [{node_label_key: node_id} for node_id in node_ids]
 
 
 def _absolute_paths(settings: Settings) -> Settings:

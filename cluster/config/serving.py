@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cluster.config.base import Section
 
@@ -70,6 +70,30 @@ class ModelSection(Section):
         return value.expanduser()
 
 
+class StagePlacement(Section):
+    """One model's planned pipeline: layers per stage and (optionally) the Ray node each stage is pinned to."""
+
+    stage_layers: list[int] = Field(
+        min_length=1, max_length=64, description="Decoder layers of each stage, in order; must sum to the model's."
+    )
+    node_ids: list[str] | None = Field(
+        default=None, description="Ray node id of each stage (its bundle gets a node label selector); None: anywhere."
+    )
+
+    @field_validator("stage_layers")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(count < 1 for count in value):
+            raise ValueError("every stage needs at least one layer")
+        return value
+
+    @model_validator(mode="after")
+    def _one_node_per_stage(self) -> "StagePlacement":
+        if self.node_ids is not None and len(self.node_ids) != len(self.stage_layers):
+            raise ValueError("node_ids needs one node id per stage")
+        return self
+
+
 class PipelineSection(Section):
     """Shape and limits of one sharded pipeline (one per Serve replica)."""
 
@@ -90,6 +114,13 @@ class PipelineSection(Section):
     )
     stage_call_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Timeout of one stage call.")
     request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Whole-request timeout.")
+    placements: dict[str, StagePlacement] = Field(
+        default_factory=dict,
+        description="Per served model: planned stage layer counts and nodes (overrides num_stages' equal split).",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30.0, ge=0, le=3600, description="How long a replica being replaced may finish its requests."
+    )
 
     @field_validator("stage_resources")
     @classmethod

@@ -59,8 +59,22 @@ def plan_model(model_name: str, settings: Settings) -> ModelPlan:
     config = load_config(model_dir)
     limit = settings.pipeline.max_model_len or spec.max_model_len or config.max_position_embeddings
     max_len = min(limit, config.max_position_embeddings)
-    stages = split_layers(config.num_hidden_layers, settings.pipeline.num_stages)
+    stages = _stage_specs(model_name, config.num_hidden_layers, settings)
     return ModelPlan(model_name, model_dir, dtype, max_len, config.num_hidden_layers, tuple(stages))
+
+
+def _stage_specs(model_name: str, num_layers: int, settings: Settings) -> list[StageSpec]:
+    """The planned layer ranges (`pipeline.placements[model]`), else `num_stages` equal ones."""
+    placement = settings.pipeline.placements.get(model_name)
+    if placement is None:
+        return split_layers(num_layers, settings.pipeline.num_stages)
+    if sum(placement.stage_layers) != num_layers:
+        raise ValueError(
+            f"placement of {model_name}: stage_layers {placement.stage_layers} sum to "
+            f"{sum(placement.stage_layers)}, the model has {num_layers} layers"
+        )
+    counts = [float(count) for count in placement.stage_layers]
+    return split_layers(num_layers, len(counts), weights=counts)
 
 
 ExecutorFactory = Callable[[ModelPlan, Settings], tuple[StepExecutor, StagePool | None]]

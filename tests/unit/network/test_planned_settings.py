@@ -1,0 +1,50 @@
+"""A planned placement in the settings: validated, turned into pinned bundles, and into exact layer ranges."""
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.config import load_settings
+from cluster.config.serving import PipelineSection, StagePlacement
+from serve_apps.builder import pipeline_deployment, stage_bundles, stage_label_selectors
+from serve_apps.server.pipeline_server import _stage_specs
+
+
+def planned(layers: list[int], nodes: list[str] | None = None) -> PipelineSection:
+    return PipelineSection(num_stages=3, placements={"m": StagePlacement(stage_layers=layers, node_ids=nodes)})
+
+
+def test_placement_rejects_empty_stages_and_a_node_count_mismatch() -> None:
+    with pytest.raises(ValidationError, match="at least one layer"):
+        StagePlacement(stage_layers=[4, 0])
+    with pytest.raises(ValidationError, match="one node id per stage"):
+        StagePlacement(stage_layers=[4, 2], node_ids=["a"])
+    with pytest.raises(ValidationError):
+        StagePlacement(stage_layers=[])
+
+
+def test_bundles_follow_the_plan_and_other_models_keep_num_stages() -> None:
+    pipeline = planned([4, 2], ["node-a", "node-b"])
+    assert stage_bundles(pipeline, "m") == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert len(stage_bundles(pipeline, "other")) == 3
+    assert stage_label_selectors("m", pipeline, "ray.io/node-id") == [
+        {"ray.io/node-id": "node-a"}, {"ray.io/node-id": "node-b"}]
+
+
+def test_a_pinned_deployment_carries_label_selectors_and_spread() -> None:
+    config = pipeline_deployment("m", planned([4, 2], ["node-a", "node-b"]))._deployment_config
+    replica = pipeline_deployment("m", planned([4, 2], ["node-a", "node-b"]))._replica_config
+    assert replica.placement_group_bundle_label_selector == [{"ray.io/node-id": "node-a"},
+                                                             {"ray.io/node-id": "node-b"}]
+    assert replica.placement_group_strategy == "SPREAD" and config.graceful_shutdown_timeout_s == 30.0
+    unpinned = pipeline_deployment("m", planned([4, 2]))._replica_config
+    assert unpinned.placement_group_bundle_label_selector is None
+    assert unpinned.placement_group_strategy == "PACK" and len(unpinned.placement_group_bundles) == 2
+
+
+def test_planned_layer_counts_become_exact_ranges() -> None:
+    settings = load_settings(pipeline={"num_stages": 2, "placements": {"m": {"stage_layers": [5, 1]}}})
+    assert [(s.start, s.end, s.first, s.last) for s in _stage_specs("m", 6, settings)] == [
+        (0, 5, True, False), (5, 6, False, True)]
+    assert [(s.start, s.end) for s in _stage_specs("other", 6, settings)] == [(0, 3), (3, 6)]
+    with pytest.raises(ValueError, match="sum to 7, the model has 6"):
+        _stage_specs("m", 6, load_settings(pipeline={"placements": {"m": {"stage_layers": [5, 2]}}}))
