@@ -1,7 +1,10 @@
 """The Ray actor of one stage, created by the replica inside its placement-group bundle."""
 
+import time
+
 import ray
 
+from serve_apps import metrics
 from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 
@@ -12,10 +15,14 @@ class StageActor:
 
     def __init__(self, config: StageConfig) -> None:
         self.worker = StageWorker(config)
+        self._metric_model = metrics.stage_model_label(config.actor_name, config.model_dir)
 
     def forward(self, batch: StepBatch, hidden=None):  # type: ignore[no-untyped-def]
         """Hidden states in (an ObjectRef resolved by Ray from the previous stage), hidden or tokens out."""
-        return self.worker.forward(batch, hidden)
+        started = time.perf_counter()
+        out = self.worker.forward(batch, hidden)
+        metrics.record_stage_forward(self._metric_model, self.worker.spec.index, time.perf_counter() - started)
+        return out
 
     def describe(self) -> StageInfo:
         return self.worker.describe()

@@ -1,0 +1,1 @@
+"""Operations support shared by every SolanaLM package: metric definitions, JSON logs, Grafana provisioning."""
