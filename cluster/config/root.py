@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cluster.config.network import NetworkSection
+from cluster.config.observability import LoggingSection
 from cluster.config.payments import PaymentsSection
 from cluster.config.serving import HttpSection, ModelSection, PipelineSection, RaySection
 from cluster.config.training import TrainingSection
@@ -29,6 +30,7 @@ class Settings(BaseSettings):
     network: NetworkSection = Field(
         default_factory=NetworkSection, description="Provider network: registry, reputation, routing, placement."
     )
+    logging: LoggingSection = Field(default_factory=LoggingSection, description="Log format (text or JSON), level.")
 
     @classmethod
     def settings_customise_sources(
