@@ -53,11 +53,23 @@ class PlacementSection(Section):
         default=0.2, ge=0, lt=1, description="Fraction of a node's memory kept free of weights (KV, activations)."
     )
     min_stage_gain: float = Field(
-        default=0.05, ge=0, le=10,
+        default=0.05,
+        ge=0,
+        le=10,
         description="A further stage must raise pipeline throughput by this fraction (each stage adds a hop).",
     )
     node_label_key: str = Field(
         default="ray.io/node-id", min_length=1, description="Node label that pins a stage bundle to its node."
+    )
+    watch_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        description="How often the placement controller checks the registry for departed (dead/draining) nodes.",
+    )
+    use_registry: bool = Field(
+        default=True,
+        description="Plan stages over the registry's eligible provider nodes when one runs (else equal split).",
     )
 
 
@@ -72,7 +84,9 @@ class NetworkSection(Section):
         default="solanalm-network", min_length=1, description="Ray GCS internal-KV namespace of registry state."
     )
     persist_interval_s: float = Field(
-        default=1.0, ge=0, le=3600,
+        default=1.0,
+        ge=0,
+        le=3600,
         description="Counter updates are written to the KV at most this often (membership changes at once).",
     )
     challenge_ttl_s: float = Field(default=120.0, ge=5, le=3600, description="Lifetime of a join challenge.")

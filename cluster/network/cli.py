@@ -52,14 +52,24 @@ def join_command(
     """Start a labelled Ray worker node here, prove the wallet to the registry, and register."""
     settings = load_settings(config)
     try:
-        node, record = joining.join(address, wallet, network_section(settings), settings.ray.namespace, region,
-                                    _parse_labels(label), num_cpus, num_gpus)
+        node, record = joining.join(
+            address,
+            wallet,
+            network_section(settings),
+            settings.ray.namespace,
+            region,
+            _parse_labels(label),
+            num_cpus,
+            num_gpus,
+        )
     except (joining.JoinError, ProofError) as exc:
         console.print(f"[red]join failed:[/] {exc}")
         raise typer.Exit(1) from exc
     joining.write_state(state_file.expanduser(), node)
-    console.print(f"[green]joined[/] node {node.node_id} for wallet {node.wallet} "
-                  f"(reputation {record.reputation:.2f}, {record.capabilities.throughput_gflops:.1f} GFLOP/s)")
+    console.print(
+        f"[green]joined[/] node {node.node_id} for wallet {node.wallet} "
+        f"(reputation {record.reputation:.2f}, {record.capabilities.throughput_gflops:.1f} GFLOP/s)"
+    )
 
 
 @app.command("leave")
@@ -114,15 +124,37 @@ def registry_command(
 def nodes_table(records: list[NodeRecord]) -> Table:
     """A rich table of node records (also what `solanalm status` can show)."""
     table = Table(title="Provider nodes")
-    for column in ("node", "wallet", "region", "health", "CPU", "GPU", "GFLOP/s", "served", "failed",
-                   "checks ok/bad", "latency s", "reputation"):
+    for column in (
+        "node",
+        "wallet",
+        "region",
+        "health",
+        "CPU",
+        "GPU",
+        "GFLOP/s",
+        "served",
+        "failed",
+        "checks ok/bad",
+        "latency s",
+        "reputation",
+    ):
         table.add_column(column)
     for r in records:
         latency = f"{r.latency_ewma_s:.3f}" if r.latency_ewma_s is not None else "-"
-        table.add_row(r.node_id[:12], r.wallet[:8] + "...", r.region or "-", r.health, f"{r.capabilities.num_cpus:g}",
-                      f"{r.capabilities.num_gpus:g}", f"{r.capabilities.throughput_gflops:.1f}", str(r.requests_served),
-                      str(r.failures), f"{r.verifications_passed}/{r.verifications_failed}", latency,
-                      f"{r.reputation:.2f}")
+        table.add_row(
+            r.node_id[:12],
+            r.wallet[:8] + "...",
+            r.region or "-",
+            r.health,
+            f"{r.capabilities.num_cpus:g}",
+            f"{r.capabilities.num_gpus:g}",
+            f"{r.capabilities.throughput_gflops:.1f}",
+            str(r.requests_served),
+            str(r.failures),
+            f"{r.verifications_passed}/{r.verifications_failed}",
+            latency,
+            f"{r.reputation:.2f}",
+        )
     return table
 
 

@@ -65,7 +65,11 @@ def run_command(command: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def node_labels(
-    prefix: str, wallet: str, join_token: str, region: str = "", hardware: str = "cpu",
+    prefix: str,
+    wallet: str,
+    join_token: str,
+    region: str = "",
+    hardware: str = "cpu",
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The Ray node labels of a provider: wallet, region, hardware, the join token, and extra labels."""
@@ -80,12 +84,21 @@ def node_labels(
 
 
 def ray_start_command(
-    address: str, labels: Mapping[str, str], num_cpus: int | None = None, num_gpus: int | None = None,
-    resources: Mapping[str, float] | None = None, block: bool = False,
+    address: str,
+    labels: Mapping[str, str],
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    resources: Mapping[str, float] | None = None,
+    block: bool = False,
 ) -> list[str]:
     """`ray start` for a worker node joining `address` with `labels` (Ray 2.55: --labels "k=v,k2=v2")."""
-    command = [ray_cli(), "start", f"--address={address}", "--disable-usage-stats",
-               "--labels=" + ",".join(f"{k}={v}" for k, v in labels.items())]
+    command = [
+        ray_cli(),
+        "start",
+        f"--address={address}",
+        "--disable-usage-stats",
+        "--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()),
+    ]
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
@@ -118,8 +131,10 @@ def local_capabilities(gpu_memory_bytes: int = 0, measure_s: float = 0.3) -> Nod
     import psutil
 
     return NodeCapabilities(
-        num_cpus=float(psutil.cpu_count() or 1), memory_bytes=int(psutil.virtual_memory().available),
-        gpu_memory_bytes=gpu_memory_bytes, throughput_gflops=measure_throughput_gflops(measure_s),
+        num_cpus=float(psutil.cpu_count() or 1),
+        memory_bytes=int(psutil.virtual_memory().available),
+        gpu_memory_bytes=gpu_memory_bytes,
+        throughput_gflops=measure_throughput_gflops(measure_s),
     )
 
 
@@ -136,7 +151,11 @@ def find_node_by_label(key: str, value: str, timeout_s: float, poll_s: float = 0
 
 
 def prove_and_register(
-    registry: Any, node_id: str, keypair: Keypair, capabilities: NodeCapabilities, timeout_s: float,
+    registry: Any,
+    node_id: str,
+    keypair: Keypair,
+    capabilities: NodeCapabilities,
+    timeout_s: float,
 ) -> NodeRecord:
     """Ask the registry for a challenge for `node_id`, sign it with the wallet, register."""
     try:
@@ -148,15 +167,22 @@ def prove_and_register(
 
 
 def join(
-    address: str, keypair_path: Path, settings: NetworkSection, namespace: str, region: str = "",
-    extra_labels: Mapping[str, str] | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-    capabilities: NodeCapabilities | None = None, runner: Runner = run_command, block: bool = False,
+    address: str,
+    keypair_path: Path,
+    settings: NetworkSection,
+    namespace: str,
+    region: str = "",
+    extra_labels: Mapping[str, str] | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    capabilities: NodeCapabilities | None = None,
+    runner: Runner = run_command,
+    block: bool = False,
 ) -> tuple[JoinedNode, NodeRecord]:
     """Start this machine's labelled Ray node in the cluster at `address`, prove the wallet, register."""
     keypair = load_keypair(keypair_path)
     wallet, token = str(keypair.pubkey()), secrets.token_hex(8)
-    labels = node_labels(settings.label_prefix, wallet, token, region,
-                         "gpu" if num_gpus else "cpu", extra_labels)
+    labels = node_labels(settings.label_prefix, wallet, token, region, "gpu" if num_gpus else "cpu", extra_labels)
     runner(ray_start_command(address, labels, num_cpus, num_gpus, block=block))
     if not ray.is_initialized():
         ray.init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False)
@@ -164,16 +190,23 @@ def join(
     try:
         registry = get_registry(settings, namespace)
     except ValueError as exc:
-        raise JoinError(f"the cluster runs no registry {settings.registry_name!r} "
-                        "(the operator starts it: `solanalm node registry`)") from exc
-    record = prove_and_register(registry, node_id, keypair, capabilities or local_capabilities(),
-                                settings.registry_call_timeout_s)
+        raise JoinError(
+            f"the cluster runs no registry {settings.registry_name!r} "
+            "(the operator starts it: `solanalm node registry`)"
+        ) from exc
+    record = prove_and_register(
+        registry, node_id, keypair, capabilities or local_capabilities(), settings.registry_call_timeout_s
+    )
     return JoinedNode(node_id=node_id, address=address, wallet=wallet), record
 
 
 def leave(
-    node: JoinedNode, settings: NetworkSection, namespace: str, runner: Runner = run_command,
-    stages_on: Callable[[str], Sequence[str]] | None = None, poll_s: float = 1.0,
+    node: JoinedNode,
+    settings: NetworkSection,
+    namespace: str,
+    runner: Runner = run_command,
+    stages_on: Callable[[str], Sequence[str]] | None = None,
+    poll_s: float = 1.0,
 ) -> bool:
     """Mark the node draining (no new stages), wait up to drain_timeout_s for its stages to be moved by
     the serving side, then `ray stop`. Returns whether it drained in time."""
@@ -187,13 +220,15 @@ def leave(
     return drained
 
 
-def wait_for_drain(node_id: str, timeout_s: float, stages_on: Callable[[str], Sequence[str]],
-                   poll_s: float = 1.0) -> bool:
+def wait_for_drain(
+    node_id: str, timeout_s: float, stages_on: Callable[[str], Sequence[str]], poll_s: float = 1.0
+) -> bool:
     deadline = time.monotonic() + timeout_s
     while stages := stages_on(node_id):
         if time.monotonic() > deadline:
-            logger.warning("node %s still runs %d stages after %.0f s; leaving anyway", node_id[:12],
-                           len(stages), timeout_s)
+            logger.warning(
+                "node %s still runs %d stages after %.0f s; leaving anyway", node_id[:12], len(stages), timeout_s
+            )
             return False
         time.sleep(poll_s)
     return True

@@ -85,8 +85,11 @@ class StagePlan:
 
 
 def plan_stages(
-    cost: ModelCost, nodes: Sequence[NodeCapacity], max_stages: int = 8,
-    min_memory_headroom: float = 0.2, min_stage_gain: float = 0.05,
+    cost: ModelCost,
+    nodes: Sequence[NodeCapacity],
+    max_stages: int = 8,
+    min_memory_headroom: float = 0.2,
+    min_stage_gain: float = 0.05,
 ) -> StagePlan:
     """The fastest pipeline over at most `max_stages` of `nodes`.
 
@@ -100,8 +103,10 @@ def plan_stages(
     usable = {n.node_id: int(n.memory_bytes * (1 - min_memory_headroom)) for n in nodes}
     candidates = [n for n in nodes if n.throughput_layers_per_s > 0 and usable[n.node_id] >= cost.per_layer_bytes]
     if not candidates:
-        raise PlacementError(f"no node can hold even one layer ({cost.per_layer_bytes} bytes) "
-                             f"after {min_memory_headroom:.0%} headroom; nodes: {len(nodes)}")
+        raise PlacementError(
+            f"no node can hold even one layer ({cost.per_layer_bytes} bytes) "
+            f"after {min_memory_headroom:.0%} headroom; nodes: {len(nodes)}"
+        )
     by_speed = sorted(candidates, key=lambda n: (-n.throughput_layers_per_s, -n.memory_bytes, n.node_id))
     by_room = sorted(candidates, key=lambda n: (-n.memory_bytes, -n.throughput_layers_per_s, n.node_id))
     best: StagePlan | None = None
@@ -113,8 +118,10 @@ def plan_stages(
     if best is None:
         total = sum(usable[n.node_id] for n in by_room[:max_stages])
         need = cost.num_layers * cost.per_layer_bytes + cost.embed_bytes + cost.head_bytes
-        raise PlacementError(f"model needs {need / 2**30:.2f} GiB but at most {max_stages} nodes offer "
-                             f"{total / 2**30:.2f} GiB after {min_memory_headroom:.0%} headroom")
+        raise PlacementError(
+            f"model needs {need / 2**30:.2f} GiB but at most {max_stages} nodes offer "
+            f"{total / 2**30:.2f} GiB after {min_memory_headroom:.0%} headroom"
+        )
     return best
 
 
@@ -138,7 +145,9 @@ def stage_memory_bytes(plan: StagePlan, cost: ModelCost) -> list[int]:
 
 
 def plan_to_bundles(
-    plan: StagePlan, stage_resources: Mapping[str, float], label_key: str = NODE_ID_LABEL,
+    plan: StagePlan,
+    stage_resources: Mapping[str, float],
+    label_key: str = NODE_ID_LABEL,
     memory_bytes: Sequence[int] | None = None,
 ) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
     """Placement-group bundles (stage i in bundle i) and per-bundle label selectors pinning each bundle
@@ -166,8 +175,9 @@ def capacities_from_records(records: Iterable[NodeRecord], cost: ModelCost) -> l
         speed = DEFAULT_THROUGHPUT
         if caps.throughput_gflops > 0 and cost.layer_flops_per_token > 0:
             speed = caps.throughput_gflops * 1e9 / cost.layer_flops_per_token
-        capacities.append(NodeCapacity(record.node_id, caps.weight_memory_bytes, speed, caps.num_gpus > 0,
-                                       dict(record.labels)))
+        capacities.append(
+            NodeCapacity(record.node_id, caps.weight_memory_bytes, speed, caps.num_gpus > 0, dict(record.labels))
+        )
     return capacities
 
 

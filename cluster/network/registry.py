@@ -47,8 +47,12 @@ class NetworkRegistry:
         return self.challenges.issue(node_id, wallet, now)
 
     def register(
-        self, proof: JoinProof, capabilities: NodeCapabilities, ray_node: dict[str, Any] | None,
-        now: float, labels: dict[str, str] | None = None,
+        self,
+        proof: JoinProof,
+        capabilities: NodeCapabilities,
+        ray_node: dict[str, Any] | None,
+        now: float,
+        labels: dict[str, str] | None = None,
     ) -> NodeRecord:
         """Verify the proof against the challenge and the live Ray node, then add (or refresh) the record.
 
@@ -67,9 +71,15 @@ class NetworkRegistry:
                 raise ProofError(f"declared label {key}={value} differs from the node's {node_labels.get(key)!r}")
         others = [r for r in self.records.values() if r.node_id != node_id]
         record = NodeRecord(
-            node_id=node_id, wallet=wallet, region=node_labels.get(self.label("region"), ""), labels=node_labels,
-            capabilities=_with_ray_resources(capabilities, ray_node), verified=True, health="alive",
-            joined_at=now, reputation=reputation.joining_reputation(wallet, others, self.settings.reputation),
+            node_id=node_id,
+            wallet=wallet,
+            region=node_labels.get(self.label("region"), ""),
+            labels=node_labels,
+            capabilities=_with_ray_resources(capabilities, ray_node),
+            verified=True,
+            health="alive",
+            joined_at=now,
+            reputation=reputation.joining_reputation(wallet, others, self.settings.reputation),
         )
         self._put(record)
         logger.info("node %s joined for wallet %s (reputation %.2f)", node_id[:12], wallet, record.reputation)
@@ -199,8 +209,9 @@ class KvStore:
         from ray.experimental import internal_kv as kv
 
         for record in records:
-            kv._internal_kv_put(self.prefix + record.node_id, json.dumps(record.to_json()), True,
-                                namespace=self.namespace)
+            kv._internal_kv_put(
+                self.prefix + record.node_id, json.dumps(record.to_json()), True, namespace=self.namespace
+            )
 
 
 class RegistryActor:
@@ -224,8 +235,9 @@ class RegistryActor:
     def issue_challenge(self, node_id: str, wallet: str) -> Challenge:
         return self._registry.issue_challenge(node_id, wallet, time.time())
 
-    def register(self, proof: JoinProof, capabilities: NodeCapabilities,
-                 labels: dict[str, str] | None = None) -> NodeRecord:
+    def register(
+        self, proof: JoinProof, capabilities: NodeCapabilities, labels: dict[str, str] | None = None
+    ) -> NodeRecord:
         ray_node = next((n for n in ray.nodes() if n["NodeID"] == proof.challenge.node_id), None)
         record = self._registry.register(proof, capabilities, ray_node, time.time(), labels)
         self._persist(force=True)
@@ -281,8 +293,13 @@ def get_or_create_registry(settings: NetworkSection, namespace: str) -> "ray.act
     provider leaves."""
     actor_cls: Any = ray.remote(RegistryActor)
     handle: ray.actor.ActorHandle = actor_cls.options(
-        name=settings.registry_name, namespace=namespace, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001},
+        name=settings.registry_name,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        num_cpus=0,
+        resources={HEAD_NODE_RESOURCE: 0.001},
     ).remote(settings.model_dump(mode="json"))
     return handle
 
@@ -292,8 +309,14 @@ def get_registry(settings: NetworkSection, namespace: str) -> "ray.actor.ActorHa
     return ray.get_actor(settings.registry_name, namespace=namespace)
 
 
-def call_registry(registry: "ray.actor.ActorHandle", method: str, *args: Any, timeout_s: float,
-                  attempts: int = 5, backoff_s: float = 0.5) -> Any:
+def call_registry(
+    registry: "ray.actor.ActorHandle",
+    method: str,
+    *args: Any,
+    timeout_s: float,
+    attempts: int = 5,
+    backoff_s: float = 0.5,
+) -> Any:
     """Call a registry method, retrying while the actor restarts (ActorUnavailableError) with linear
     backoff. Safe for reads and for record_* (a retried record counts at most twice); not for register,
     whose nonce is spent by the first attempt."""

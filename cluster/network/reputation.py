@@ -25,22 +25,33 @@ def towards_zero(value: float, step: float) -> float:
 def after_request(record: NodeRecord, ok: bool, latency_s: float, rule: ReputationSection) -> NodeRecord:
     """Counters, latency EWMA (successful requests only) and reputation after one request."""
     if not ok:
-        return replace(record, failures=record.failures + 1,
-                       reputation=towards_zero(record.reputation, rule.failure_step))
+        return replace(
+            record, failures=record.failures + 1, reputation=towards_zero(record.reputation, rule.failure_step)
+        )
     ewma = record.latency_ewma_s
     latency = max(0.0, latency_s)
     ewma = latency if ewma is None else (1 - rule.latency_ewma_alpha) * ewma + rule.latency_ewma_alpha * latency
-    return replace(record, requests_served=record.requests_served + 1, latency_ewma_s=ewma,
-                   reputation=towards_one(record.reputation, rule.success_step))
+    return replace(
+        record,
+        requests_served=record.requests_served + 1,
+        latency_ewma_s=ewma,
+        reputation=towards_one(record.reputation, rule.success_step),
+    )
 
 
 def after_verification(record: NodeRecord, passed: bool, rule: ReputationSection) -> NodeRecord:
     """Counters and reputation after one spot-check of a request this node took part in."""
     if passed:
-        return replace(record, verifications_passed=record.verifications_passed + 1,
-                       reputation=towards_one(record.reputation, rule.verification_pass_step))
-    return replace(record, verifications_failed=record.verifications_failed + 1,
-                   reputation=towards_zero(record.reputation, rule.verification_fail_step))
+        return replace(
+            record,
+            verifications_passed=record.verifications_passed + 1,
+            reputation=towards_one(record.reputation, rule.verification_pass_step),
+        )
+    return replace(
+        record,
+        verifications_failed=record.verifications_failed + 1,
+        reputation=towards_zero(record.reputation, rule.verification_fail_step),
+    )
 
 
 def joining_reputation(wallet: str, known: Iterable[NodeRecord], rule: ReputationSection) -> float:
