@@ -62,12 +62,23 @@ class ProviderWork:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyCommission:
+    """A proxy node served the request: its wallet (None: the operator's) earns the proxy commission."""
+
+    wallet: str | None
+    commission_bps: int | None = None  # None: the network's configured payments.proxy_commission_bps
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
+    """The request's end; its token counts are final (a proxy learns the prompt's only from the upstream)."""
+
     finish_reason: str  # "stop" | "length" | "error" | "abort"
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
     providers: tuple[ProviderWork, ...] = ()
+    proxy: ProxyCommission | None = None
 
 
 GenerateEvent = Accepted | Rejected | TextDelta | Finished

@@ -1,13 +1,19 @@
 """The model catalogue: served model names mapped to a weight source and serving defaults."""
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cluster.config.payments import ModelPrice
 
 DType = Literal["float32", "bfloat16"]
+Backend = Literal["transformers", "llamacpp", "vllm", "proxy"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class ModelSource(BaseModel):
@@ -15,7 +21,9 @@ class ModelSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["gguf", "gguf_package", "hf_dir", "tiny"] = Field(description="Source type.")
+    kind: Literal["gguf", "gguf_package", "hf_dir", "tiny", "remote"] = Field(
+        description="Source type; `remote`: the weights live upstream (proxy backend)."
+    )
     path: Path | None = Field(default=None, description="GGUF file (gguf) or HF directory (hf_dir).")
     package: str | None = Field(default=None, description="Installed package holding the GGUF (gguf_package).")
     file: str | None = Field(default=None, description="GGUF file name inside the package (gguf_package).")
@@ -23,7 +31,13 @@ class ModelSource(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self) -> "ModelSource":
-        needs = {"gguf": ("path",), "hf_dir": ("path",), "gguf_package": ("package", "file"), "tiny": ()}
+        needs = {
+            "gguf": ("path",),
+            "hf_dir": ("path",),
+            "gguf_package": ("package", "file"),
+            "tiny": (),
+            "remote": (),
+        }
         missing = [name for name in needs[self.kind] if getattr(self, name) is None]
         if missing:
             raise ValueError(f"source kind {self.kind!r} needs {', '.join(missing)}")
@@ -42,17 +56,155 @@ class ModelSource(BaseModel):
         raise ValueError(f"source kind {self.kind!r} has no GGUF file")
 
 
+class LlamaCppOptions(BaseModel):
+    """llama.cpp backend (extra `cpu`): one GGUF served by llama-cpp-python in the replica process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float = Field(default=1.0, gt=0, le=512, description="CPUs the replica reserves.")
+    n_threads: int | None = Field(default=None, ge=1, le=512, description="llama.cpp threads; None: num_cpus.")
+    n_batch: int = Field(default=512, ge=1, le=65_536, description="Prompt tokens evaluated per llama.cpp batch.")
+    max_queue: int = Field(
+        default=16, ge=0, le=100_000, description="Requests waiting behind the running one before 503."
+    )
+    num_replicas: int = Field(default=1, ge=1, le=1024, description="Independent llama.cpp replicas.")
+
+
+class VllmOptions(BaseModel):
+    """vLLM backend (extra `gpu`): the replica's placement-group bundles become vLLM's Ray workers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs one layer is split across.")
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description="Contiguous layer ranges (stages).")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Fraction of each GPU's memory vLLM may use (weights + KV cache)."
+    )
+    max_num_seqs: int = Field(default=64, ge=1, le=4096, description="Sequences batched together per step.")
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=16, le=1_000_000, description="Tokens per engine step; None: vLLM's default."
+    )
+    enforce_eager: bool = Field(default=False, description="Disable CUDA graphs (faster start, slower decode).")
+    enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prompt prefixes.")
+    quantization: str | None = Field(default=None, max_length=64, description="vLLM quantization method or None.")
+    gpus_per_worker: float = Field(default=1.0, gt=0, le=8, description="GPU share of each worker bundle.")
+    cpus_per_worker: float = Field(default=1.0, ge=0, le=512, description="CPUs of each worker bundle.")
+    placement_strategy: PlacementStrategy = Field(
+        default="PACK", description="PACK: one node if it fits; STRICT_SPREAD: one worker per node."
+    )
+    num_replicas: int = Field(default=1, ge=1, le=1024, description="Independent vLLM engines.")
+
+    @property
+    def world_size(self) -> int:
+        """Workers (GPUs) of one engine: tensor x pipeline parallel."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+class ProxyOptions(BaseModel):
+    """Proxy backend: forwards to an OpenAI-compatible or Anthropic Messages upstream for a commission."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = Field(description="Upstream API base, e.g. https://api.openai.com/v1 or http://host:11434/v1.")
+    api: Literal["openai", "anthropic"] = Field(default="openai", description="Upstream API flavour.")
+    upstream_model: str = Field(min_length=1, max_length=256, description="Model name sent upstream.")
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the upstream key (read by the builder/replica)."
+    )
+    anthropic_version: str = Field(default="2023-06-01", description="anthropic-version header (anthropic api).")
+    timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Timeout of one upstream request.")
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=600, description="Timeout to connect to the upstream.")
+    rate_limit_per_s: float = Field(
+        default=0.0, ge=0, le=100_000, description="Requests per second sent upstream per replica; 0: no limit."
+    )
+    rate_limit_burst: int = Field(default=10, ge=1, le=100_000, description="Requests sent upstream at once.")
+    max_concurrency: int = Field(default=64, ge=1, le=100_000, description="Upstream requests in flight before 503.")
+    default_max_tokens: int = Field(
+        default=1024, ge=1, le=1_000_000, description="max_tokens sent when the client gives none (anthropic needs it)."
+    )
+    cache: bool = Field(default=False, description="Cache answers of identical deterministic requests.")
+    cache_entries: int = Field(default=1024, ge=1, le=1_000_000, description="Most cached answers (LRU).")
+    cache_ttl_s: float = Field(default=3600.0, gt=0, le=30 * 86_400, description="Lifetime of a cached answer.")
+    commission_bps: int | None = Field(
+        default=None, ge=0, le=5_000, description="Proxy commission; None: payments.proxy_commission_bps."
+    )
+    wallet: str | None = Field(
+        default=None,
+        min_length=32,
+        max_length=44,
+        description="Proxy operator wallet (base58) paid as provider and commission; None: the node's wallet label.",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"base_url must be an http(s) URL, not {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError(f"api_key_env must be an environment variable name, not {value!r}")
+        return value
+
+
+_REMOTE = ModelSource(kind="remote")
+_OPTIONS = ("llamacpp", "vllm", "proxy")
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "transformers": ("gguf", "gguf_package", "hf_dir", "tiny"),
+    "llamacpp": ("gguf", "gguf_package"),
+    "vllm": ("hf_dir", "gguf"),
+    "proxy": ("remote",),
+}
+
+
 class ModelSpec(BaseModel):
-    """One catalogue entry."""
+    """One catalogue entry: a public model name, the backend that serves it and that backend's options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="Public model name clients send as `model`.")
-    source: ModelSource
+    backend: Backend = Field(
+        default="transformers",
+        description="transformers: the sharded engine; llamacpp: a GGUF on CPU; vllm: GPU workers; proxy: upstream.",
+    )
+    source: ModelSource = Field(default=_REMOTE, description="Weights; proxy models have none (remote).")
     dtype: DType = Field(default="float32", description="Compute dtype of the served weights.")
     owned_by: str = Field(default="solanalm", description="Owner shown in /v1/models.")
     max_model_len: int | None = Field(default=None, ge=16, description="Context limit; None: the model config's.")
     tiny_layers: int = Field(default=6, ge=1, le=64, description="Layers of the tiny model (tiny source only).")
+    price: ModelPrice | None = Field(default=None, description="Price; None: payments.prices or default_price.")
+    llamacpp: LlamaCppOptions | None = Field(default=None, description="Options of the llamacpp backend.")
+    vllm: VllmOptions | None = Field(default=None, description="Options of the vllm backend.")
+    proxy: ProxyOptions | None = Field(default=None, description="Upstream of the proxy backend (required there).")
+
+    @model_validator(mode="after")
+    def _backend_fits(self) -> "ModelSpec":
+        given = [key for key in _OPTIONS if getattr(self, key) is not None and key != self.backend]
+        if given:
+            raise ValueError(f"model {self.name!r}: `{given[0]}` options given but backend is {self.backend!r}")
+        if self.backend == "proxy" and self.proxy is None:
+            raise ValueError(f"model {self.name!r}: backend 'proxy' needs `proxy: {{base_url, upstream_model}}`")
+        if self.source.kind not in _SOURCES[self.backend]:
+            allowed = ", ".join(_SOURCES[self.backend])
+            raise ValueError(
+                f"model {self.name!r}: backend {self.backend!r} cannot serve source kind {self.source.kind!r} "
+                f"(allowed: {allowed})"
+            )
+        return self
+
+    def llamacpp_options(self) -> LlamaCppOptions:
+        return self.llamacpp or LlamaCppOptions()
+
+    def vllm_options(self) -> VllmOptions:
+        return self.vllm or VllmOptions()
+
+    def proxy_options(self) -> ProxyOptions:
+        if self.proxy is None:
+            raise ValueError(f"model {self.name!r} has no proxy options")
+        return self.proxy
 
 
 class Catalogue(BaseModel):
@@ -80,5 +232,9 @@ class Catalogue(BaseModel):
 def load_catalogue(path: Path | str) -> Catalogue:
     """Parse the catalogue YAML (`default:` and `models: {name: {source: ..., dtype: ...}}`)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    models = {name: ModelSpec(name=name, **entry) for name, entry in (raw.get("models") or {}).items()}
+    models = {}
+    for name, entry in (raw.get("models") or {}).items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: model {name!r} must be a mapping, not {type(entry).__name__}")
+        models[name] = ModelSpec(name=name, **entry)
     return Catalogue(default=raw.get("default", ""), models=models)
