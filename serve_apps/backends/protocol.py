@@ -11,6 +11,7 @@ replica, a vLLM replica and a proxy are interchangeable behind it:
 
 import asyncio
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -80,12 +81,13 @@ class AdmissionGate:
 
 def replica_id(prefix: str = "local") -> str:
     """The Serve replica id, or a process-unique id outside Serve (tests)."""
+    serve = sys.modules.get("ray.serve")  # inside a replica Serve is imported; elsewhere not worth importing
     try:
-        from ray import serve
-
-        return str(serve.get_replica_context().replica_id.unique_id)
-    except Exception:  # noqa: BLE001 - outside Serve
-        return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if serve is not None:
+            return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - outside a replica
+        pass
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def node_id() -> str:
