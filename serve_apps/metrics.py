@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any
 
 from cluster.observability.metrics import LATENCY_BUCKETS_S, MetricSet, MetricSpec
@@ -180,3 +181,18 @@ def stage_model_label(actor_name: str, model_dir: str) -> str:
     if len(parts) >= 2 and parts[0] == "stage" and parts[1]:
         return parts[1]
     return model_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+# Set in the request's task once the replica accepted it: from then on `observe_events` counts the
+# outcome, before it the gateway counts the rejection (so each request is counted once).
+_ACCEPTED: ContextVar[bool] = ContextVar("solanalm_request_accepted", default=False)
+
+
+def mark_accepted() -> None:
+    _ACCEPTED.set(True)
+
+
+def record_rejection(model: str, status: int) -> None:
+    """A request answered with an error before a replica accepted it (after: `observe_events` counts it)."""
+    if not _ACCEPTED.get():
+        record_request(model, str(status))

@@ -15,9 +15,11 @@ from typing import Any
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from cluster.observability.logs import REQUEST_ID
 from payments.client import PaymentsUnavailable
 from payments.http import build_router
 from payments.protocol import SETTLEMENT_HEADER
+from serve_apps import metrics
 from serve_apps.engine.messages import SamplingParams
 from serve_apps.gateway import responses as R
 from serve_apps.gateway.backend import PipelineBackend, PipelineLost
@@ -102,6 +104,7 @@ class Gateway:
 
     async def open_stream(self, request: GenerateRequest) -> tuple[Accepted, AsyncIterator[GenerateEvent]]:
         """Start generation and wait for the replica to accept it (a Rejected becomes an OpenAIError)."""
+        started = time.perf_counter()
         events = self.backend.stream(request)
         try:
             first = await asyncio.wait_for(anext(events), self.request_timeout_s)
@@ -116,7 +119,8 @@ class Gateway:
             raise OpenAIError(first.status, first.message, first.param, first.code, headers)
         if not isinstance(first, Accepted):
             raise OpenAIError(500, f"unexpected first event {type(first).__name__}", code="internal_error")
-        return first, events
+        metrics.mark_accepted()
+        return first, metrics.observe_events(request.model, started, events)
 
     async def open_stream_retrying(self, request: GenerateRequest) -> tuple[Accepted, AsyncIterator[GenerateEvent]]:
         """open_stream, re-sent to another replica if the first one dies before accepting."""
@@ -288,6 +292,21 @@ async def _respond(  # type: ignore[no-untyped-def]
     authorization: str | None,
     client: str,
 ):
+    """_answer, counting a request rejected before a replica accepted it (metrics count the rest)."""
+    try:
+        return await _answer(gateway, body, chat, authorization, client)
+    except OpenAIError as exc:
+        metrics.record_rejection(body.model if body.model in gateway.cards else "unknown", exc.status)
+        raise
+
+
+async def _answer(  # type: ignore[no-untyped-def]
+    gateway: Gateway,
+    body: ChatCompletionRequest | CompletionRequest,
+    chat: bool,
+    authorization: str | None,
+    client: str,
+):
     wait_s = gateway.limiter.acquire(client)
     if wait_s > 0:
         raise OpenAIError(
@@ -297,6 +316,7 @@ async def _respond(  # type: ignore[no-untyped-def]
             headers=retry_after_header(wait_s),
         )
     request = gateway.to_generate_request(body)
+    REQUEST_ID.set(request.request_id)  # every log line of this request carries its id
     payer = await gateway.metering.admit(authorization, request, gateway.hold_tokens(body))
     try:
         if not body.stream:
