@@ -16,6 +16,8 @@ import ray
 
 from cluster.config import Settings
 from cluster.models import load_catalogue, materialize
+from cluster.observability.logs import REQUEST_ID, configure_logging
+from serve_apps import metrics
 from serve_apps.engine.detokenizer import Detokenizer
 from serve_apps.engine.engine import Engine, EngineError
 from serve_apps.engine.executor import StepExecutor
@@ -87,6 +89,7 @@ class PipelineServer:
         self, model_name: str, settings: dict | Settings, executor_factory: ExecutorFactory | None = None
     ) -> None:
         self.settings = settings if isinstance(settings, Settings) else Settings(**settings)
+        configure_logging(self.settings.logging)
         self.plan = plan_model(model_name, self.settings)
         self.replica_id = _replica_id()
         self.prompts = PromptProcessor.from_model_dir(self.plan.model_dir, self.plan.max_model_len)
@@ -96,6 +99,7 @@ class PipelineServer:
         limits = SchedulerLimits(pipeline.max_num_seqs, pipeline.max_batch_size, pipeline.max_queue)
         self.engine = Engine(Scheduler(limits, self.prompts.eos_token_ids), executor, recovery=self.pool)
         self.providers = self._provider_work()
+        self.gauges = metrics.EngineGauges(model_name, self.engine)  # queue, running, KV slots, steps
         logger.info("pipeline %s ready: %d stages", model_name, len(self.plan.stages))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
@@ -104,6 +108,7 @@ class PipelineServer:
         if isinstance(prepared, Rejected):
             yield prepared
             return
+        self.gauges.ensure_started()
         sampling = _with_max_tokens(request.sampling, prepared.max_tokens)
         seq = Sequence(request.request_id, prepared.token_ids, sampling, self.plan.max_model_len)
         prompt_tokens = len(prepared.token_ids)
@@ -116,6 +121,7 @@ class PipelineServer:
         except EngineError as exc:
             yield Rejected(503, str(exc), code="pipeline_unavailable", retry_after_s=1.0)
             return
+        REQUEST_ID.set(request.request_id)  # after the engine loop started: its task must not inherit the id
         yield Accepted(prompt_tokens)
         async for event in self._text_events(request, seq, first, events, prompt_tokens):
             yield event
