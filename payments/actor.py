@@ -31,6 +31,8 @@ from payments.protocol import (
     TrainingReward,
     UsageReport,
     WalletIdentity,
+    WithheldPayout,
+    WithholdPayout,
 )
 from payments.service import PaymentsService
 from payments.settlement import CrashHook, _no_crash
@@ -119,6 +121,9 @@ class PaymentsActor:
 
     async def release_hold(self, release: ReleaseHold) -> None:
         await self._run((await self._svc()).release_hold, release)
+
+    async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
+        return await self._run((await self._svc()).withhold_payout, req)
 
     async def get_receipt(self, query: ReceiptQuery) -> Receipt:
         return await self._run((await self._svc()).get_receipt, query)

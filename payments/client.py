@@ -36,6 +36,8 @@ from payments.protocol import (
     SignIn,
     UsageReport,
     WalletIdentity,
+    WithheldPayout,
+    WithholdPayout,
 )
 from payments.service import PaymentsService
 from payments.settlement import CrashHook
@@ -113,6 +115,9 @@ class PaymentsClient:
     async def release_hold(self, release: ReleaseHold) -> None:
         await self._call("release_hold", release)
 
+    async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
+        return await self._call("withhold_payout", req)
+
     async def get_receipt(self, query: ReceiptQuery) -> Receipt:
         return await self._call("get_receipt", query)
 
@@ -167,6 +172,9 @@ class LocalPaymentsClient:
 
     async def release_hold(self, release: ReleaseHold) -> None:
         self.service.release_hold(release)
+
+    async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
+        return self.service.withhold_payout(req)
 
     async def get_receipt(self, query: ReceiptQuery) -> Receipt:
         return self.service.get_receipt(query)

@@ -9,6 +9,7 @@ Request lifecycle, as the gateway sees it:
 2. `place_hold(HoldRequest) -> Hold`                 (402 when the balance does not cover it)
 3a. `report_usage(UsageReport) -> SettlementRecord`  (completed; its id goes in the response)
 3b. `release_hold(ReleaseHold) -> None`              (the request failed or was rejected: no charge)
+3c. `withhold_payout(WithholdPayout) -> WithheldPayout` (a later spot-check failed: providers unpaid)
 4. `get_receipt(ReceiptQuery) -> Receipt`            (403 unless the reader is the payer or a payee)
 """
 
@@ -91,11 +92,31 @@ class ReleaseHold:
 
 
 @dataclass(frozen=True, slots=True)
+class WithholdPayout:
+    """A spot-check of a settled request failed: withhold these provider wallets' payout for it."""
+
+    request_id: str
+    wallets: tuple[str, ...]
+    reason: str = "verification failed"
+
+
+@dataclass(frozen=True, slots=True)
+class WithheldPayout:
+    """What was withheld (`amount` base units from `wallets`); `too_late`: shares already in a batch."""
+
+    request_id: str
+    settlement_id: str
+    amount: int
+    wallets: tuple[str, ...]
+    too_late: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ShareLine:
     """One line of a settlement's split."""
 
     wallet: str
-    role: str  # "provider" | "network" | "proxy"
+    role: str  # "provider" | "network" | "proxy" | "withheld" (a provider share withheld after a failed check)
     layers_served: int
     amount: int
 
@@ -226,6 +247,7 @@ class PaymentsAPI(Protocol):
     async def place_hold(self, req: HoldRequest) -> Hold: ...
     async def report_usage(self, report: UsageReport) -> SettlementRecord: ...
     async def release_hold(self, release: ReleaseHold) -> None: ...
+    async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout: ...
     async def get_receipt(self, query: ReceiptQuery) -> Receipt: ...
     async def balance(self, wallet: str) -> Balance: ...
     async def deposit(self, req: DepositRequest) -> Deposit: ...

@@ -28,6 +28,7 @@ from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
 from payments.ledger.payouts import PayoutBook
 from payments.ledger.reconcile import ledger_checks
 from payments.ledger.schema import settlement_shares, settlements
+from payments.ledger.withholding import withhold_payout
 from payments.pricing import Price
 from payments.protocol import (
     ApiKey,
@@ -48,6 +49,8 @@ from payments.protocol import (
     TrainingReward,
     UsageReport,
     WalletIdentity,
+    WithheldPayout,
+    WithholdPayout,
 )
 from payments.settlement import CrashHook, Settler, SettlerConfig, _no_crash
 
@@ -154,6 +157,12 @@ class PaymentsService:
 
     def release_hold(self, release: ReleaseHold) -> None:
         self.ledger.release_hold(release.request_id)
+
+    def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
+        """A failed spot-check: the named providers' unpaid shares of the request are withheld."""
+        result = withhold_payout(self.ledger, req)
+        logger.info("withheld %d from %s for %s (%s)", result.amount, result.wallets, req.request_id, req.reason)
+        return result
 
     def get_receipt(self, query: ReceiptQuery) -> Receipt:
         """The record and its on-chain status, for the payer or a paid provider only."""

@@ -359,7 +359,7 @@ class Ledger:
                 )
                 .where(
                     settlement_shares.c.settlement_id == settlement_id,
-                    settlement_shares.c.role != "network",
+                    settlement_shares.c.role.in_(("provider", "proxy")),
                     settlement_shares.c.amount > 0,
                 )
             ).all()

@@ -58,7 +58,8 @@ def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
         unpaid_shares = _sum(
             conn,
             select(func.sum(settlement_shares.c.amount)).where(
-                settlement_shares.c.batch_id.is_(None), settlement_shares.c.role != "network"
+                settlement_shares.c.batch_id.is_(None),
+                settlement_shares.c.role.notin_(("network", "withheld")),
             ),
         )
         open_items = _sum(
