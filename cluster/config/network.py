@@ -43,6 +43,33 @@ class RoutingWeights(Section):
     latency_reference_s: float = Field(
         default=1.0, gt=0, le=3600, description="Latency at which the latency term is one half."
     )
+    score_tolerance: float = Field(
+        default=0.02, ge=0, le=1, description="Replicas whose scores differ by less share a rank (shorter queue wins)."
+    )
+    stats_period_s: float = Field(
+        default=2.0, gt=0, le=3600, description="How often Serve collects each replica's routing stats."
+    )
+
+
+class VerificationSection(Section):
+    """Spot-checks: how a sampled request is re-executed on another pipeline and compared."""
+
+    max_tokens: int = Field(
+        default=128, ge=1, le=8192, description="Tokens of the request's history (prompt + completion) traced."
+    )
+    fingerprint_dims: int = Field(
+        default=8, ge=1, le=256, description="Random projections per position in a stage's activation fingerprint."
+    )
+    tolerance: float = Field(
+        default=5e-3, gt=0, le=1, description="Largest relative fingerprint difference that still counts as equal."
+    )
+    timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Timeout of each trace and the referee.")
+    max_concurrent: int = Field(
+        default=2, ge=1, le=64, description="Spot-checks running at once per gateway; further samples are skipped."
+    )
+    referee_num_cpus: float = Field(
+        default=1.0, ge=0, le=64, description="CPUs of the referee task that recomputes a disputed stage."
+    )
 
 
 class PlacementSection(Section):
@@ -101,6 +128,9 @@ class NetworkSection(Section):
     )
     verification_fraction: float = Field(
         default=0.02, ge=0, le=1, description="Fraction of requests re-executed on another pipeline."
+    )
+    verification: VerificationSection = Field(
+        default_factory=VerificationSection, description="How spot-checks re-execute and compare."
     )
     reputation: ReputationSection = Field(default_factory=ReputationSection, description="Reputation rule.")
     routing: RoutingWeights = Field(default_factory=RoutingWeights, description="Request-router weights.")
