@@ -14,7 +14,15 @@ from rich.console import Console
 
 from cluster.config import Settings
 from cluster.config.serving import RaySection
-from cluster.deploy import ServeApp, deploy, read_serve_config, settings_for
+from cluster.deploy import (
+    ServeApp,
+    deploy,
+    plan_deployment,
+    read_serve_config,
+    settings_for,
+    start_controller,
+    with_plans,
+)
 from cluster.models import load_catalogue, materialize
 from cluster.models.local import catalogue_with_checkpoint
 from cluster.ray_cluster import ClusterError, connect_existing, ensure_cluster, port_in_use, stop_local_head
@@ -56,6 +64,7 @@ def up(
     _materialize_models(settings)
     handle = _start_cluster(settings)
     console.print(f"[bold]Ray cluster[/] {handle.address}  dashboard: {handle.dashboard_url or 'n/a'}")
+    settings, plans = _plan_placements(settings)
     with console.status(
         f"deploying {', '.join(settings.model.served)} "
         f"({settings.pipeline.num_stages} stages x {settings.pipeline.num_replicas} replicas)..."
@@ -69,7 +78,10 @@ def up(
         console.print(f"\n[bold]demo[/] > {DEMO_QUESTION}")
         _stream_chat(base_url, settings.model.served[0], DEMO_QUESTION, max_tokens=64)
     if block:
+        controller = start_controller(serve_app, settings, plans) if plans else None
         _serve_until_interrupted(settings, handle.started_here)
+        if controller is not None:
+            controller.stop()
 
 
 @app.command()
@@ -144,6 +156,20 @@ def _materialize_models(settings: Settings) -> None:
         ):
             path = materialize(spec, settings.model.cache_dir, settings.model.dtype)
         console.print(f"weights of {name}: {path} ({time.perf_counter() - started:.1f} s)")
+
+
+def _plan_placements(settings: Settings) -> tuple[Settings, dict]:
+    """Stages planned over the registry's eligible providers (pinned by label); none: the equal split."""
+    from cluster.network.placement import PlacementError
+    from cluster.network.serving_plan import describe_plan
+
+    try:
+        plans = plan_deployment(settings)
+    except PlacementError as exc:
+        _fail(f"the provider nodes cannot hold the served models: {exc}")
+    for model, plan in plans.items():
+        console.print(f"[bold]placement[/] {model}: {describe_plan(plan)}")
+    return (with_plans(settings, plans), plans) if plans else (settings, plans)
 
 
 def _start_cluster(settings: Settings):  # type: ignore[no-untyped-def]

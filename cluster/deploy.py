@@ -2,9 +2,14 @@
 
 `cluster` sits below `serve_apps`, so it never imports the builder statically: the config file names
 it (`import_path: serve_apps.builder:build_app`) and it is resolved at run time.
+
+With a provider registry running, `plan_deployment` plans each served model's stages over the eligible
+provider nodes and `with_plans` writes the plans into `pipeline.placements` (layer counts + pinned nodes);
+`start_controller` then keeps them on live nodes (re-plan and redeploy when a planned node leaves).
 """
 
 import importlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +19,14 @@ import yaml
 from ray import serve
 
 from cluster.config import Settings, load_settings
+from cluster.models import load_catalogue, materialize
+from cluster.network.model_cost import model_cost_for
+from cluster.network.placement import ModelCost, StagePlan
+from cluster.network.records import NodeRecord
+from cluster.network.replacement import PlacementController
+from cluster.network.serving_plan import placements_args, plan_models
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +77,74 @@ def deploy(app: ServeApp, settings: Settings) -> float:
     }
     serve.run(builder(args), name=settings.http.app_name or app.name, route_prefix=app.route_prefix, blocking=False)
     return time.perf_counter() - started
+
+
+def model_costs(settings: Settings) -> dict[str, ModelCost]:
+    """Per served model: layer, embedding, head and KV bytes (KV for `max_num_seqs` full contexts)."""
+    catalogue = load_catalogue(settings.model.catalogue)
+    costs = {}
+    for name in settings.model.served:
+        spec = catalogue.get(name)
+        dtype = settings.model.dtype or spec.dtype
+        model_dir = materialize(spec, settings.model.cache_dir, dtype)
+        max_len = settings.pipeline.max_model_len or spec.max_model_len or 0
+        costs[name] = model_cost_for(model_dir, dtype, kv_tokens=settings.pipeline.max_num_seqs * max_len)
+    return costs
+
+
+def registry_records(settings: Settings, eligible: bool = True) -> list[NodeRecord] | None:
+    """The registry's (eligible) node records, or None when no registry runs on the cluster."""
+    from cluster.network.registry import call_registry, get_registry
+
+    try:
+        registry = get_registry(settings.network, settings.ray.namespace)
+    except ValueError:
+        return None
+    method = "eligible_nodes" if eligible else "list_nodes"
+    records: list[NodeRecord] = call_registry(registry, method, timeout_s=settings.network.registry_call_timeout_s)
+    return records
+
+
+def plan_deployment(settings: Settings, costs: dict[str, ModelCost] | None = None) -> dict[str, StagePlan]:
+    """Stage plans over the registry's eligible providers; {} (today's equal split) without registry or
+    providers, or when `network.placement.use_registry` is off."""
+    if not settings.network.placement.use_registry:
+        return {}
+    records = registry_records(settings)
+    if not records:
+        return {}
+    return plan_models(costs if costs is not None else model_costs(settings), records, settings.network.placement)
+
+
+def with_plans(settings: Settings, plans: dict[str, StagePlan]) -> Settings:
+    """A copy of `settings` whose `pipeline.placements` are exactly `plans` (empty: unpinned equal split)."""
+    planned = settings.model_copy(deep=True)
+    planned.pipeline = planned.pipeline.model_copy(update={"placements": {}})
+    planned.pipeline.placements = placements_args(plans)  # type: ignore[assignment]  # validated on assignment
+    return planned
+
+
+def start_controller(
+    app: ServeApp, settings: Settings, plans: dict[str, StagePlan], costs: dict[str, ModelCost] | None = None
+) -> PlacementController:
+    """Watch the registry in a daemon thread; when a planned node leaves, re-plan and redeploy `app`."""
+
+    def redeploy(new_plans: dict[str, StagePlan]) -> None:
+        deploy(app, with_plans(settings, new_plans))
+
+    def records() -> list[NodeRecord]:
+        return registry_records(settings, eligible=False) or []
+
+    controller = PlacementController(
+        costs if costs is not None else model_costs(settings),
+        plans,
+        settings.network.placement,
+        records,
+        redeploy,
+        min_reputation=settings.network.reputation.min_eligible,
+    )
+    controller.start()
+    return controller
 
 
 def _resolve(import_path: str):  # type: ignore[no-untyped-def]

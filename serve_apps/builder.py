@@ -29,7 +29,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     for name in settings.model.served:
         spec = catalogue.get(name)
         deployment = pipeline_deployment(name, settings.pipeline, settings.network.placement.node_label_key)
-        pipelines[name] = deployment.bind(name, settings)
+        pipelines[name] = deployment.bind(name, _own_placement(settings, name))
         cards.append(ModelCard(id=name, owned_by=spec.owned_by, max_model_len=spec.max_model_len))
     ingress = OpenAIIngress.bind  # type: ignore[attr-defined]
     return ingress(
@@ -83,6 +83,12 @@ def stage_label_selectors(model: str, pipeline: PipelineSection, node_label_key:
     """Bundle i's label selector pins it to stage i's planned node."""
     node_ids = pipeline.placements[model].node_ids or []
     return [{node_label_key: node_id} for node_id in node_ids]
+
+
+def _own_placement(settings: Settings, model: str) -> Settings:
+    # Each pipeline sees only its own placement, so re-planning one model does not restart the others.
+    own = {k: v for k, v in settings.pipeline.placements.items() if k == model}
+    return settings.model_copy(update={"pipeline": settings.pipeline.model_copy(update={"placements": own})})
 
 
 def _absolute_paths(settings: Settings) -> Settings:

@@ -1,14 +1,17 @@
 """A Llama-family model's per-layer memory and compute, measured on the meta device (no weights)."""
 
+from pathlib import Path
+
 import torch
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from cluster.network.placement import ModelCost
 
 
-def model_cost_from_config(config: PretrainedConfig, dtype: torch.dtype = torch.float32,
-                           kv_tokens: int = 0) -> ModelCost:
+def model_cost_from_config(
+    config: PretrainedConfig, dtype: torch.dtype = torch.float32, kv_tokens: int = 0
+) -> ModelCost:
     """Bytes of one decoder layer (built on meta), the embedding, norm + lm_head, and `kv_tokens` of KV
     cache per layer. The lm_head is counted even when tied: each stage owns its own tensors."""
     with torch.device("meta"):
@@ -27,3 +30,9 @@ def model_cost_from_config(config: PretrainedConfig, dtype: torch.dtype = torch.
         layer_flops_per_token=2.0 * layer_params,
         head_layer_equiv=vocab * hidden / layer_params,
     )
+
+
+def model_cost_for(model_dir: Path, dtype: str, kv_tokens: int = 0) -> ModelCost:
+    """The cost of a materialised Hugging Face directory (its config.json only) in `dtype` ('float32'...)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    return model_cost_from_config(config, getattr(torch, dtype), kv_tokens)

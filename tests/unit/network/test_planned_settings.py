@@ -27,14 +27,15 @@ def test_bundles_follow_the_plan_and_other_models_keep_num_stages() -> None:
     assert stage_bundles(pipeline, "m") == [{"CPU": 1.0}, {"CPU": 1.0}]
     assert len(stage_bundles(pipeline, "other")) == 3
     assert stage_label_selectors("m", pipeline, "ray.io/node-id") == [
-        {"ray.io/node-id": "node-a"}, {"ray.io/node-id": "node-b"}]
+        {"ray.io/node-id": "node-a"},
+        {"ray.io/node-id": "node-b"},
+    ]
 
 
 def test_a_pinned_deployment_carries_label_selectors_and_spread() -> None:
     config = pipeline_deployment("m", planned([4, 2], ["node-a", "node-b"]))._deployment_config
     replica = pipeline_deployment("m", planned([4, 2], ["node-a", "node-b"]))._replica_config
-    assert replica.placement_group_bundle_label_selector == [{"ray.io/node-id": "node-a"},
-                                                             {"ray.io/node-id": "node-b"}]
+    assert replica.placement_group_bundle_label_selector == [{"ray.io/node-id": "node-a"}, {"ray.io/node-id": "node-b"}]
     assert replica.placement_group_strategy == "SPREAD" and config.graceful_shutdown_timeout_s == 30.0
     unpinned = pipeline_deployment("m", planned([4, 2]))._replica_config
     assert unpinned.placement_group_bundle_label_selector is None
@@ -44,7 +45,18 @@ def test_a_pinned_deployment_carries_label_selectors_and_spread() -> None:
 def test_planned_layer_counts_become_exact_ranges() -> None:
     settings = load_settings(pipeline={"num_stages": 2, "placements": {"m": {"stage_layers": [5, 1]}}})
     assert [(s.start, s.end, s.first, s.last) for s in _stage_specs("m", 6, settings)] == [
-        (0, 5, True, False), (5, 6, False, True)]
+        (0, 5, True, False),
+        (5, 6, False, True),
+    ]
     assert [(s.start, s.end) for s in _stage_specs("other", 6, settings)] == [(0, 3), (3, 6)]
     with pytest.raises(ValueError, match="sum to 7, the model has 6"):
         _stage_specs("m", 6, load_settings(pipeline={"placements": {"m": {"stage_layers": [5, 2]}}}))
+
+
+def test_each_pipeline_is_built_with_only_its_own_placement() -> None:
+    from serve_apps.builder import _own_placement
+
+    settings = load_settings(pipeline={"placements": {"a": {"stage_layers": [3, 3]}, "b": {"stage_layers": [6]}}})
+    own = _own_placement(settings, "a")
+    assert list(own.pipeline.placements) == ["a"] and list(settings.pipeline.placements) == ["a", "b"]
+    assert list(_own_placement(settings, "c").pipeline.placements) == []
