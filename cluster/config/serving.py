@@ -112,6 +112,13 @@ class PipelineSection(Section):
     max_model_len: int | None = Field(
         default=None, ge=16, le=1_000_000, description="Context limit (prompt + completion); None: the model's."
     )
+    max_inflight_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Steps in flight at once (pipelining: decodes split into this many micro-batches); None: stages.",
+    )
+    prefill_chunk: int = Field(default=512, ge=16, le=65_536, description="Most prompt tokens of one prefill step.")
     stage_call_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Timeout of one stage call.")
     request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Whole-request timeout.")
     placements: dict[str, StagePlacement] = Field(

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from serve_apps.engine.executor import PipelineRecovery, StageCallError, StepExecutor
+from serve_apps.engine.messages import StepBatch
 from serve_apps.engine.scheduler import Scheduler, Sequence
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,12 @@ class EngineError(RuntimeError):
 
 
 class Engine:
-    """Runs steps back to back while there is work; each request reads its tokens from its own queue."""
+    """Keeps up to `max_inflight_steps` steps in flight; each request reads its tokens from its own queue.
+
+    With one step in flight the stages of a pipeline take turns; with one per stage (pipelining) stage 0
+    computes micro-batch k+1 while stage 1 computes micro-batch k. Steps are submitted in order and stage
+    actors run their calls in submission order, so every stage sees a sequence's chunks in order.
+    """
 
     def __init__(
         self,
@@ -30,17 +36,26 @@ class Engine:
         executor: StepExecutor,
         recovery: PipelineRecovery | None = None,
         max_recovery_attempts: int = 3,
+        max_inflight_steps: int = 1,
     ) -> None:
+        if max_inflight_steps < 1:
+            raise ValueError("max_inflight_steps must be at least 1")
         self.scheduler = scheduler
         self.executor = executor
         self.recovery = recovery
         self.max_recovery_attempts = max_recovery_attempts
+        self.max_inflight_steps = max_inflight_steps
         self.recoveries = 0
         self.healthy = True  # False once a recovery gave up; Serve's health check then replaces the replica
         self._queues: dict[str, asyncio.Queue[TokenEvent | Exception]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._stale: set[asyncio.Task[None]] = set()  # steps of a pipeline that has since been recovered
+        self._epoch = 0  # bumped by every failure: results of older steps are dropped (they are replayed)
+        self._recovering = False
         self.steps = 0
+        self.max_inflight_seen = 0  # most steps that were in flight at once (pipelining at work)
 
     async def stream(self, seq: Sequence) -> AsyncIterator[TokenEvent]:
         """Queue `seq` (QueueFullError if the queue is full) and yield its tokens as they are sampled.
@@ -77,22 +92,55 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
+            self._wakeup.clear()
+            if not self._recovering:
+                self._launch_steps()
+            await self._wakeup.wait()
+
+    def _launch_steps(self) -> None:
+        """Submit steps until `max_inflight_steps` are in flight or the scheduler has nothing to run."""
+        loop = asyncio.get_running_loop()
+        while len(self._inflight) < self.max_inflight_steps:
             batch = self.scheduler.schedule()
             if batch is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            try:
-                result = await self.executor.execute(batch)
-            except StageCallError as exc:
-                if not await self._recover(exc):
-                    self._fail_step(batch.step_id, exc)
-                continue
-            self.steps += 1
-            for update in self.scheduler.update(result):
-                queue = self._queues.get(update.seq_id)
-                if queue is not None:
-                    queue.put_nowait(TokenEvent(update.token_id, update.finish_reason))
+                return
+            task = loop.create_task(self._step(batch, self._epoch), name=f"step-{batch.step_id}")
+            self._inflight[batch.step_id] = task
+
+    async def _step(self, batch: StepBatch, epoch: int) -> None:
+        self.max_inflight_seen = max(self.max_inflight_seen, len(self._inflight))
+        try:
+            result = await self.executor.execute(batch)
+        except StageCallError as exc:
+            if epoch == self._epoch:
+                await self._on_failure(batch, exc)
+            return
+        finally:
+            self._inflight.pop(batch.step_id, None)
+            self._wakeup.set()
+        if epoch != self._epoch:
+            return  # computed by the pipeline before its recovery: the replay recomputes it
+        self.steps += 1
+        for update in self.scheduler.update(result):
+            queue = self._queues.get(update.seq_id)
+            if queue is not None:
+                queue.put_nowait(TokenEvent(update.token_id, update.finish_reason))
+
+    async def _on_failure(self, batch: StepBatch, exc: StageCallError) -> None:
+        """A step failed: every step in flight is void; recover the pipeline and replay, or fail everyone."""
+        self._epoch += 1
+        self._stale.update(self._inflight.values())
+        for task in self._inflight.values():
+            task.add_done_callback(self._stale.discard)
+        self._inflight.clear()
+        self._recovering = True
+        try:
+            recovered = await self._recover(exc)
+        finally:
+            self._recovering = False
+            self._wakeup.set()
+        if not recovered:
+            self._fail_all(exc)
 
     async def _recover(self, exc: StageCallError) -> bool:
         """Bring dead stages back and replay every live sequence; False when the pipeline stays broken."""
@@ -113,10 +161,12 @@ class Engine:
         self.healthy = False
         return False
 
-    def _fail_step(self, step_id: int, exc: Exception) -> None:
-        logger.error("pipeline step %d failed: %s", step_id, exc)
-        for seq in self.scheduler.fail(step_id):
-            self.scheduler.finish(seq.seq_id, "error")
-            queue = self._queues.get(seq.seq_id)
+    def _fail_all(self, exc: Exception) -> None:
+        """The pipeline is broken: every resident sequence ends with an error its request sees."""
+        logger.error("pipeline failed: %s", exc)
+        self.scheduler.replay_all()  # forget in-flight steps; nothing of them will be applied
+        for seq_id in list(self.scheduler.running):
+            self.scheduler.finish(seq_id, "error")
+            queue = self._queues.get(seq_id)
             if queue is not None:
                 queue.put_nowait(EngineError(f"pipeline failure: {exc}"))

@@ -1,5 +1,6 @@
 """Token selection on the last stage: greedy, temperature, top-k, top-p; seeded per sequence."""
 
+import hashlib
 import os
 
 import torch
@@ -8,36 +9,55 @@ from serve_apps.engine.messages import SamplingParams
 
 
 class Sampler:
-    """Keeps one torch.Generator per sequence so a seeded request is reproducible under any batching."""
+    """Draws each token from a generator seeded by (the request's seed, the token's position).
+
+    So a seeded request is reproducible under any batching, and after a restart of the last stage (its
+    state is lost, the sequence is replayed) it continues with the very draws it would have made.
+    Unseeded requests get a random base seed per sequence.
+    """
 
     def __init__(self) -> None:
-        self._generators: dict[str, torch.Generator] = {}
+        self._base_seeds: dict[str, int] = {}
+        self._generator = torch.Generator()
 
     def release(self, seq_id: str) -> None:
-        self._generators.pop(seq_id, None)
+        self._base_seeds.pop(seq_id, None)
 
-    def sample(self, logits: torch.Tensor, seq_ids: list[str], params: list[SamplingParams]) -> list[int]:
-        """Pick one token per row of `logits` [B, V] (float32)."""
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seq_ids: list[str],
+        params: list[SamplingParams],
+        positions: list[int] | None = None,
+    ) -> list[int]:
+        """Pick one token per row of `logits` [B, V] (float32); `positions[i]`: where row i's token goes."""
         tokens: list[int] = []
         greedy = logits.argmax(dim=-1).tolist()
         for row, (seq_id, param) in enumerate(zip(seq_ids, params, strict=True)):
             if param.greedy:
                 tokens.append(int(greedy[row]))
             else:
-                tokens.append(self._sample_row(logits[row], seq_id, param))
+                position = positions[row] if positions is not None else 0
+                tokens.append(self._sample_row(logits[row], seq_id, param, position))
         return tokens
 
-    def _sample_row(self, logits: torch.Tensor, seq_id: str, param: SamplingParams) -> int:
+    def _sample_row(self, logits: torch.Tensor, seq_id: str, param: SamplingParams, position: int) -> int:
         probs = filtered_probs(logits, param.temperature, param.top_k, param.top_p)
-        return int(torch.multinomial(probs, 1, generator=self._generator(seq_id, param.seed)))
+        base = param.seed if param.seed is not None else self._base_seed(seq_id)
+        self._generator.manual_seed(draw_seed(base, position))
+        return int(torch.multinomial(probs, 1, generator=self._generator))
 
-    def _generator(self, seq_id: str, seed: int | None) -> torch.Generator:
-        generator = self._generators.get(seq_id)
-        if generator is None:
-            generator = torch.Generator()
-            generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-            self._generators[seq_id] = generator
-        return generator
+    def _base_seed(self, seq_id: str) -> int:
+        base = self._base_seeds.get(seq_id)
+        if base is None:
+            base = self._base_seeds[seq_id] = int.from_bytes(os.urandom(8), "little") >> 1
+        return base
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed for the draw at `position` of a request seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -5,6 +5,10 @@ most `prefill_chunk` tokens) and then decode together. A step is either one pref
 single-token decodes; when both kinds are pending they alternate so new requests reach their first token
 quickly while running ones keep streaming. Every sequence keeps its whole token history, so its cache
 can be rebuilt by replaying it.
+
+Pipelining: with `num_microbatches` = M > 1 the engine keeps up to M steps in flight, one per stage in the
+best case. A sequence is in at most one step at a time, so the decoding sequences are split into M
+micro-batches of near-equal size; while micro-batch k is on stage 1, micro-batch k+1 runs on stage 0.
 """
 
 import itertools
@@ -68,6 +72,12 @@ class SchedulerLimits:
     max_batch_size: int
     max_queue: int
     prefill_chunk: int = 512
+    num_microbatches: int = 1  # steps the engine keeps in flight (pipelining); decodes are split this many ways
+
+    def __post_init__(self) -> None:
+        smallest = min(self.num_slots, self.max_batch_size, self.prefill_chunk, self.num_microbatches)
+        if smallest < 1 or self.max_queue < 0:
+            raise ValueError(f"invalid scheduler limits: {self}")
 
 
 class Scheduler:
@@ -83,6 +93,7 @@ class Scheduler:
         self._step_ids = itertools.count()
         self._last_was_prefill = False
         self._inflight: dict[int, list[Sequence]] = {}
+        self._inflight_released: dict[int, tuple[tuple[str, int], ...]] = {}
 
     # -- requests -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -114,11 +125,12 @@ class Scheduler:
         self._admit()
         busy = {s.seq_id for seqs in self._inflight.values() for s in seqs}
         prefill = [s for s in self.running.values() if not s.prefilled and s.seq_id not in busy]
-        decode = [s for s in self.running.values() if s.prefilled and s.seq_id not in busy]
+        decoding = [s for s in self.running.values() if s.prefilled]
+        decode = [s for s in decoding if s.seq_id not in busy]
         if prefill and (not decode or not self._last_was_prefill):
             return self._prefill_step(prefill[0])
         if decode:
-            return self._decode_step(decode[: self.limits.max_batch_size])
+            return self._decode_step(decode[: self._microbatch_size(len(decoding))])
         if self._released:
             return self._emit(StepBatch(next(self._step_ids), (), self._take_released()), [])
         return None
@@ -126,6 +138,7 @@ class Scheduler:
     def update(self, result: StepResult) -> list[TokenUpdate]:
         """Apply a finished step: append sampled tokens, detect EOS and length limits."""
         seqs = self._inflight.pop(result.step_id, [])
+        self._inflight_released.pop(result.step_id, None)
         updates: list[TokenUpdate] = []
         for seq, token in zip(seqs, result.token_ids, strict=True):
             if seq.status is SeqStatus.FINISHED or token < 0:
@@ -139,7 +152,12 @@ class Scheduler:
 
     def fail(self, step_id: int) -> list[Sequence]:
         """Forget an in-flight step that raised; its sequences are returned for the caller to handle."""
+        self._requeue_released(step_id)
         return self._inflight.pop(step_id, [])
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
 
     def replay_all(self) -> int:
         """After stages lost their KV caches: re-prefill every resident sequence from its token history.
@@ -147,6 +165,8 @@ class Scheduler:
         Already sampled tokens are kept and not sampled again, so generation resumes where it stopped.
         Returns the number of sequences that will be replayed.
         """
+        for step_id in list(self._inflight):
+            self._requeue_released(step_id)
         self._inflight.clear()
         for seq in self.running.values():
             seq.num_cached = 0
@@ -187,9 +207,19 @@ class Scheduler:
             self.running[seq.seq_id] = self.running.pop(seq.seq_id)
         return self._emit(StepBatch(next(self._step_ids), tuple(chunks), self._take_released()), seqs)
 
+    def _microbatch_size(self, decoding: int) -> int:
+        """Rows of one decode step: the decoding sequences split evenly over the micro-batches."""
+        return max(1, min(self.limits.max_batch_size, -(-decoding // self.limits.num_microbatches)))
+
     def _emit(self, batch: StepBatch, seqs: list[Sequence]) -> StepBatch:
         self._inflight[batch.step_id] = seqs
+        if batch.released_slots:
+            self._inflight_released[batch.step_id] = batch.released_slots
         return batch
+
+    def _requeue_released(self, step_id: int) -> None:
+        # A step that never completed may not have told every stage which sequences ended: tell them again.
+        self._released.extend(self._inflight_released.pop(step_id, ()))
 
     def _take_released(self) -> tuple[tuple[str, int], ...]:
         released, self._released = tuple(self._released), []

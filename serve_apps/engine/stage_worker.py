@@ -66,7 +66,9 @@ class StageWorker:
         if not self.spec.last:
             return out
         logits = self.model.logits(out[:, -1, :])
-        sampled = self.sampler.sample(logits, [c.seq_id for c in batch.chunks], [c.sampling for c in batch.chunks])
+        chunks = batch.chunks
+        positions = [c.start_pos + len(c.token_ids) for c in chunks]
+        sampled = self.sampler.sample(logits, [c.seq_id for c in chunks], [c.sampling for c in chunks], positions)
         tokens = tuple(tok if chunk.sample else -1 for tok, chunk in zip(sampled, batch.chunks, strict=True))
         return StepResult(batch.step_id, tokens)
 

@@ -96,8 +96,12 @@ class PipelineServer:
         factory = executor_factory or _ray_executor
         executor, self.pool = factory(self.plan, self.settings)
         pipeline = self.settings.pipeline
-        limits = SchedulerLimits(pipeline.max_num_seqs, pipeline.max_batch_size, pipeline.max_queue)
-        self.engine = Engine(Scheduler(limits, self.prompts.eos_token_ids), executor, recovery=self.pool)
+        inflight = pipeline.max_inflight_steps or len(self.plan.stages)
+        limits = SchedulerLimits(
+            pipeline.max_num_seqs, pipeline.max_batch_size, pipeline.max_queue, pipeline.prefill_chunk, inflight
+        )
+        scheduler = Scheduler(limits, self.prompts.eos_token_ids)
+        self.engine = Engine(scheduler, executor, recovery=self.pool, max_inflight_steps=inflight)
         self.providers = self._provider_work()
         self.gauges = metrics.EngineGauges(model_name, self.engine)  # queue, running, KV slots, steps
         logger.info("pipeline %s ready: %d stages", model_name, len(self.plan.stages))

@@ -121,3 +121,54 @@ def test_unrecoverable_pipeline_fails_requests_clearly() -> None:
 
     with pytest.raises(EngineError):
         asyncio.run(main())
+
+
+class PipelinedExecutor(CountingExecutor):
+    """A pipeline of `stages` stages: each processes one step at a time, in submission order, taking `stage_s`."""
+
+    def __init__(self, stages: int, stage_s: float, fail_steps: set[int] | None = None) -> None:
+        super().__init__()
+        self.locks = [asyncio.Lock() for _ in range(stages)]
+        self.stage_s = stage_s
+        self.fail_steps = set(fail_steps or ())
+        self.recovered = 0
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        self.batches.append(batch)
+        for lock in self.locks:
+            async with lock:
+                await asyncio.sleep(self.stage_s)
+        if batch.step_id in self.fail_steps:
+            self.fail_steps.discard(batch.step_id)
+            raise StageCallError("stage died")
+        return StepResult(batch.step_id, tuple(c.token_ids[-1] + 1 if c.sample else -1 for c in batch.chunks))
+
+    async def recover(self) -> bool:
+        self.recovered += 1
+        return True
+
+
+def pipelined(executor: PipelinedExecutor, inflight: int) -> Engine:
+    limits = SchedulerLimits(8, 8, 8, num_microbatches=inflight)
+    return Engine(Scheduler(limits, (999,)), executor, recovery=executor, max_inflight_steps=inflight)
+
+
+def test_pipelining_keeps_stages_busy_and_output_unchanged() -> None:
+    async def main(inflight: int, fail_steps: set[int]) -> tuple[list[list[int]], Engine, float]:
+        executor = PipelinedExecutor(stages=3, stage_s=0.002, fail_steps=fail_steps)
+        e = pipelined(executor, inflight)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        outs = await asyncio.gather(*(collect(e, sequence(f"s{i}", [i * 10], 12)) for i in range(6)))
+        return list(outs), e, loop.time() - start
+
+    serial, serial_engine, serial_s = asyncio.run(main(1, set()))
+    piped, piped_engine, piped_s = asyncio.run(main(3, set()))
+    assert piped == serial == [[i * 10 + k for k in range(1, 13)] for i in range(6)]
+    assert serial_engine.max_inflight_seen == 1 and piped_engine.max_inflight_seen == 3
+    # Decodes are split into three micro-batches of two rows: the three stages compute at once.
+    decode_rows = [len(b.chunks) for b in piped_engine.executor.batches if b.chunks and b.chunks[0].sample]  # type: ignore[attr-defined]
+    assert max(decode_rows) == 2
+    assert piped_s < serial_s
+    faulted, faulted_engine, _ = asyncio.run(main(3, {5, 9, 10, 20}))
+    assert faulted == serial and faulted_engine.recoveries >= 3

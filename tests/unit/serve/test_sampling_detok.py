@@ -16,10 +16,23 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent() -> None:
 
     def draw(seed: int) -> list[int]:
         sampler = Sampler()
-        return [sampler.sample(logits, ["s"], [SamplingParams(temperature=1.0, seed=seed)])[0] for _ in range(5)]
+        params = [SamplingParams(temperature=1.0, seed=seed)]
+        return [sampler.sample(logits, ["s"], params, [position])[0] for position in range(5)]
 
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
+
+
+def test_seeded_draws_depend_only_on_seed_and_position() -> None:
+    """A last stage restarted mid-sequence (fresh Sampler) resumes the very same draws."""
+    logits = torch.zeros(1, 1000)
+    params = [SamplingParams(temperature=0.9, seed=7)]
+    original = Sampler()
+    first = [original.sample(logits, ["s"], params, [p])[0] for p in range(10, 20)]
+    restarted = Sampler()
+    resumed = [restarted.sample(logits, ["s"], params, [p])[0] for p in range(15, 20)]
+    assert resumed == first[5:]
+    assert len(set(first)) > 1
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:

@@ -158,3 +158,17 @@ def test_replay_recomputes_history_without_sampling_again() -> None:
     assert answer(s, replay) == []
     decode = s.schedule()
     assert (decode.chunks[0].start_pos, decode.chunks[0].token_ids) == (4, (8,))
+
+
+def test_scheduler_splits_decodes_into_microbatches() -> None:
+    s = Scheduler(SchedulerLimits(8, 8, 8, num_microbatches=3), (EOS,))
+    for i in range(7):
+        s.add(seq(f"s{i}", prompt=1, max_tokens=50))
+    while s.waiting or not all(seq.prefilled for seq in s.running.values()):  # prefill all (decodes interleave)
+        batch = s.schedule()
+        assert batch is not None
+        answer(s, batch)
+    sizes = []
+    while (batch := s.schedule()) is not None:
+        sizes.append(len(batch.chunks))
+    assert sizes == [3, 3, 1]
