@@ -25,6 +25,7 @@ from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 from spl.token.instructions import get_associated_token_address
 
+from payments import metrics
 from payments.chain.base import ChainBackend
 from payments.chain.lookup import LookupTables
 from payments.chain.tx import (
@@ -127,7 +128,9 @@ class Settler:
             if not c:
                 break  # failed or still pending: retry on the next pass, do not burn fees now
         pending = len(self.book.open_batches())
-        return BatchReport(confirmed, count, paid, pending, len(held))
+        report = BatchReport(confirmed, count, paid, pending, len(held))
+        metrics.record_settle_pass(report, sum(self.book.unpaid().values()))
+        return report
 
     async def recover(self) -> BatchReport:
         """Finish only the batches a previous run left open (the restart path)."""
@@ -135,7 +138,9 @@ class Settler:
         for batch in self.book.open_batches():
             c, p = await self._drive(batch)
             confirmed, paid, count = confirmed + c, paid + p, count + (len(batch.items) if c else 0)
-        return BatchReport(confirmed, count, paid, len(self.book.open_batches()), 0)
+        report = BatchReport(confirmed, count, paid, len(self.book.open_batches()), 0)
+        metrics.record_settle_pass(report)
+        return report
 
     async def _select_lines(self) -> tuple[list[PayoutLine], set[str]]:
         candidates: list[PayoutLine] = []

@@ -26,6 +26,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
+from train_jobs import metrics as train_metrics
 from train_jobs.checkpoint import write_privacy
 from train_jobs.config import FederatedJob
 from train_jobs.fl_client import build_lora_model, held_out_set
@@ -129,6 +130,8 @@ class RewardingFedAvg(FedAvg):
         self.run_summary.rounds.append(stats)
         rewards = round_rewards(self.job.name, server_round, stats.selected, stats.examples, self.lamports_per_example)
         self.record_rewards(server_round, rewards)
+        max_epsilon = max(stats.client_epsilon.values(), default=0.0)
+        train_metrics.record_round(self.job.name, stats.round_time_s, max_epsilon, len(stats.dropped))
         logger.info(
             "round %d: %d/%d clients finished in %.1f s, max epsilon %.3f",
             server_round,
