@@ -9,6 +9,7 @@ from cluster.config.base import Section
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 DType = Literal["float32", "bfloat16"]
+Transport = Literal["compiled_graph", "actor_calls"]
 
 
 class RaySection(Section):
@@ -94,6 +95,23 @@ class StagePlacement(Section):
         return self
 
 
+class StageFaultSection(Section):
+    """TEST / CHAOS TOOL, off by default: perturb one stage's weights so it computes wrong activations.
+
+    Used to show that spot-check verification catches a faulty provider; never set it in production."""
+
+    stage_index: int = Field(ge=0, le=63, description="Which stage of the pipeline is perturbed.")
+    noise_scale: float = Field(
+        default=0.5, gt=0, le=100, description="Gaussian noise added to each decoder weight, times its std."
+    )
+    node_label: str | None = Field(
+        default=None,
+        pattern=r"^[^=]+=[^=]*$",
+        description="'key=value': perturb only a stage whose Ray node carries this label; None: every replica's.",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the noise.")
+
+
 class PipelineSection(Section):
     """Shape and limits of one sharded pipeline (one per Serve replica)."""
 
@@ -118,6 +136,10 @@ class PipelineSection(Section):
         le=64,
         description="Steps in flight at once (pipelining: decodes split into this many micro-batches); None: stages.",
     )
+    transport: Transport = Field(
+        default="compiled_graph",
+        description="Stage-to-stage transport: a Ray compiled graph (shared-memory channels) or plain actor calls.",
+    )
     prefill_chunk: int = Field(default=512, ge=16, le=65_536, description="Most prompt tokens of one prefill step.")
     stage_call_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Timeout of one stage call.")
     request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Whole-request timeout.")
@@ -127,6 +149,9 @@ class PipelineSection(Section):
     )
     graceful_shutdown_timeout_s: float = Field(
         default=30.0, ge=0, le=3600, description="How long a replica being replaced may finish its requests."
+    )
+    fault_injection: StageFaultSection | None = Field(
+        default=None, description="Test/chaos tool: perturb one stage's weights (None: off). Never in production."
     )
 
     @field_validator("stage_resources")

@@ -30,6 +30,14 @@ class StageActor:
     def ping(self) -> bool:
         return True
 
+    def trace(self, inputs, dims: int):  # type: ignore[no-untyped-def]
+        """Verification: cache-free forward of a token history -> (output, fingerprint); see StageWorker.trace."""
+        return self.worker.trace(inputs, dims)
+
+    def inject_fault(self, stage_index: int, noise_scale: float, seed: int, node_label: str | None = None) -> bool:
+        """TEST / CHAOS TOOL: perturb this stage's weights (see StageWorker.inject_fault)."""
+        return self.worker.inject_fault(stage_index, noise_scale, seed, node_label)
+
 
 def stage_actor_options(resources: dict[str, float]) -> dict[str, object]:
     """Ray actor options that request exactly one stage bundle's resources."""

@@ -1,0 +1,56 @@
+"""The Ray Serve request router of the pipeline deployments: prefer replicas whose providers score higher.
+
+Named in the deployment's `request_router_config` (see serve_apps.builder). Each replica's
+`record_routing_stats()` reports its pipeline score (serve_apps.routing.stats); Serve's controller polls
+it every `request_routing_stats_period_s` and hands it to every router as `RunningReplica.routing_stats`.
+
+Not FIFOMixin: that mixin hands a chosen replica to the oldest pending request, which would send a
+pinned verification trace (or anything else) to a replica chosen for another request. The base class
+assigns each choice to the request it was made for.
+"""
+
+import random
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from serve_apps.routing.ranking import (
+    ROUTING_HINT_KWARG,
+    Candidate,
+    ReplicaStats,
+    RoutingHint,
+    apply_hint,
+    rank_candidates,
+)
+
+DEFAULT_SCORE_TOLERANCE = 0.02
+
+
+class ReputationRouter(RequestRouter):
+    """Ranks replicas by their reported pipeline score; power of two choices where scores are missing."""
+
+    _tolerance: float = DEFAULT_SCORE_TOLERANCE
+    _rng: random.Random = random.Random()
+
+    def initialize_state(
+        self, score_tolerance: float = DEFAULT_SCORE_TOLERANCE, seed: int | None = None, **_: Any
+    ) -> None:
+        """Called by Serve with `request_router_kwargs`."""
+        self._tolerance = float(score_tolerance)
+        self._rng = random.Random(seed)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
+        allowed = apply_hint(list(by_id), hint_of(pending_request))
+        candidates = [Candidate(i, ReplicaStats.from_dict(by_id[i].routing_stats)) for i in allowed]
+        return [[by_id[i] for i in rank] for rank in rank_candidates(candidates, self._tolerance, self._rng)]
+
+
+def hint_of(pending_request: PendingRequest | None) -> RoutingHint | None:
+    """The RoutingHint passed as the call's `routing_hint=` keyword, if any."""
+    if pending_request is None:
+        return None
+    hint = (pending_request.kwargs or {}).get(ROUTING_HINT_KWARG)
+    return hint if isinstance(hint, RoutingHint) else None

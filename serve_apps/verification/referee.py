@@ -1,0 +1,27 @@
+"""The referee: recompute one stage from the model's reference weights (a Ray task, off the gateway).
+
+The referee trusts only the weights on disk (the operator's model cache, the same files every stage
+loads) and the served pipeline's input to the stage, so it says which of two disagreeing pipelines is
+wrong without trusting either.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serve_apps.engine.layer_split import StageSpec
+from serve_apps.engine.stage_model import build_stage
+from serve_apps.verification.fingerprint import fingerprint
+from serve_apps.verification.trace import trace_forward
+
+
+def reference_fingerprint(model_dir: str, spec: StageSpec, dtype: str, inputs: Any, dims: int) -> tuple[float, ...]:
+    """Fingerprint of `spec`'s layers, loaded from `model_dir`, applied to `inputs` (cache-free)."""
+    torch.set_num_threads(1)
+    model, rotary = build_stage(Path(model_dir), spec, getattr(torch, dtype))
+    return fingerprint(trace_forward(model, rotary, inputs), dims)
+
+
+def stage_spec(index: int, layer_start: int, layer_end: int, num_stages: int) -> StageSpec:
+    return StageSpec(index, layer_start, layer_end, first=index == 0, last=index == num_stages - 1)
