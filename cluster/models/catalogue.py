@@ -112,7 +112,9 @@ class ProxyOptions(BaseModel):
         default=None, description="Environment variable holding the upstream key (read by the builder/replica)."
     )
     anthropic_version: str = Field(default="2023-06-01", description="anthropic-version header (anthropic api).")
-    timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Timeout of one upstream request.")
+    timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="Longest wait for the upstream's answer to start and between chunks."
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0, le=600, description="Timeout to connect to the upstream.")
     rate_limit_per_s: float = Field(
         default=0.0, ge=0, le=100_000, description="Requests per second sent upstream per replica; 0: no limit."

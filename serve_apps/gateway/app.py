@@ -48,6 +48,7 @@ class ModelCard:
     id: str
     owned_by: str
     max_model_len: int | None = None
+    backend: str = "transformers"  # shown in /v1/models: transformers | llamacpp | vllm | proxy
 
 
 class Gateway:
@@ -72,7 +73,7 @@ class Gateway:
 
     def list_models(self) -> dict:
         data = [
-            {"id": c.id, "object": "model", "created": self.created, "owned_by": c.owned_by}
+            {"id": c.id, "object": "model", "created": self.created, "owned_by": c.owned_by, "backend": c.backend}
             for c in self.cards.values()
         ]
         return {"object": "list", "data": data}
@@ -163,8 +164,9 @@ class Gateway:
         if finished is None or finished.finish_reason == "error":
             reason = finished.error if finished else "stream ended early"
             raise OpenAIError(503, f"generation failed: {reason}", code="pipeline_unavailable")
+        # Finished's counts are final (a proxy learns the prompt's tokens only from its upstream's last chunk).
         body = R.full_response(
-            meta, "".join(parts), finished.finish_reason, accepted.prompt_tokens, finished.completion_tokens
+            meta, "".join(parts), finished.finish_reason, finished.prompt_tokens, finished.completion_tokens
         )
         settlement_id = await self.metering.settle(request, payer, finished)
         if settlement_id is not None:
@@ -203,7 +205,7 @@ class Gateway:
                         final["settlement_id"] = settlement_id
                     yield R.sse(final)
                     if include_usage:
-                        yield R.sse(R.usage_chunk(meta, accepted.prompt_tokens, event.completion_tokens))
+                        yield R.sse(R.usage_chunk(meta, event.prompt_tokens, event.completion_tokens))
                     break
             yield R.sse("[DONE]")
         finally:

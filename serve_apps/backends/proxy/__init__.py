@@ -1,0 +1,1 @@
+"""Proxy backend: a replica that forwards requests to an external API and earns a commission."""
