@@ -67,6 +67,7 @@ class UsageReport:
     completion_tokens: int
     providers: tuple[ProviderShare, ...]
     proxy_wallet: str | None = None
+    proxy_commission_bps: int | None = None  # the proxy's own rate (catalogue); None: the configured one
 
 
 @dataclass(frozen=True, slots=True)

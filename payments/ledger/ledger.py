@@ -22,7 +22,7 @@ from payments.ledger.schema import (
     settlement_shares,
     settlements,
 )
-from payments.pricing import Price, hold_amount, request_cost, split_cost
+from payments.pricing import BPS, Price, hold_amount, request_cost, split_cost
 from payments.protocol import (
     Balance,
     Deposit,
@@ -290,7 +290,7 @@ class Ledger:
             cost,
             layers,
             self.policy.network_bps,
-            self.policy.proxy_bps,
+            self._proxy_bps(report),
             report.proxy_wallet is not None,
         )
         shares = [
@@ -313,6 +313,15 @@ class Ledger:
             shares=tuple(shares),
             created_at=time.time(),
         )
+
+    def _proxy_bps(self, report: UsageReport) -> int:
+        """The proxy's commission: its own rate when the report names one, else the configured one."""
+        bps = report.proxy_commission_bps
+        if bps is None:
+            return self.policy.proxy_bps
+        if not 0 <= bps <= BPS // 2:
+            raise InvalidRequest(f"proxy_commission_bps must be within 0..{BPS // 2}")
+        return bps
 
     def _load_record(
         self, conn: Connection, *, request_id: str | None = None, settlement_id: str | None = None

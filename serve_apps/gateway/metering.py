@@ -48,8 +48,16 @@ class Metering:
         providers = tuple(
             [ProviderShare(work.wallet or await self._operator(), work.layers) for work in finished.providers]
         )
+        proxy = finished.proxy  # a proxy node served it: its wallet earns the proxy commission
         report = UsageReport(
-            request.request_id, payer, request.model, finished.prompt_tokens, finished.completion_tokens, providers
+            request.request_id,
+            payer,
+            request.model,
+            finished.prompt_tokens,
+            finished.completion_tokens,
+            providers,
+            proxy_wallet=(proxy.wallet or await self._operator()) if proxy is not None else None,
+            proxy_commission_bps=proxy.commission_bps if proxy is not None else None,
         )
         try:
             record = await self.payments.report_usage(report)
