@@ -94,6 +94,19 @@ def status(
 
 
 @app.command()
+def tui(
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    refresh: Annotated[float, typer.Option(min=0.2, help="Seconds between snapshots.")] = 2.0,
+) -> None:
+    """Live monitor: nodes, pipelines and where their stages run, requests/s and tokens/s, earnings per wallet."""
+    from cluster.tui.app import NetworkMonitor
+    from cluster.tui.source import ClusterSource
+
+    settings = _join_existing(address)
+    NetworkMonitor(ClusterSource(settings), refresh_s=refresh).run()
+
+
+@app.command()
 def chat(
     message: Annotated[str, typer.Argument(help="What to ask.")],
     model: Annotated[str | None, typer.Option(help="Model name (default: the first served).")] = None,
