@@ -7,9 +7,10 @@ it with an injected executor instead of Ray actors.
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -35,8 +36,12 @@ from serve_apps.protocol import (
     Rejected,
     TextDelta,
 )
+from serve_apps.routing.ranking import RoutingHint
+from serve_apps.routing.stats import RegistryLink
 from serve_apps.server.stages import StagePool
 from serve_apps.server.tokenization import PromptProcessor
+from serve_apps.verification.protocol import TraceRequest, TraceResult
+from serve_apps.verification.tracing import inject_faults, stage_nodes, trace_replica
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +108,10 @@ class PipelineServer:
         scheduler = Scheduler(limits, self.prompts.eos_token_ids)
         self.engine = Engine(scheduler, executor, recovery=self.pool, max_inflight_steps=inflight)
         self.providers = self._provider_work()
+        # Routing and verification: this pipeline's nodes and wallets, the registry, optional fault injection.
+        self.node_ids, self.wallets = stage_nodes(self.pool, self.settings.network.label_prefix)
+        self.registry = RegistryLink(self.settings.network, self.settings.ray.namespace)
+        inject_faults(self.pool, pipeline.fault_injection, pipeline.stage_call_timeout_s)
         self.gauges = metrics.EngineGauges(model_name, self.engine)  # queue, running, KV slots, steps
         logger.info("pipeline %s ready: %d stages", model_name, len(self.plan.stages))
 
@@ -127,8 +136,39 @@ class PipelineServer:
             return
         REQUEST_ID.set(request.request_id)  # after the engine loop started: its task must not inherit the id
         yield Accepted(prompt_tokens)
+        started = time.monotonic()
         async for event in self._text_events(request, seq, first, events, prompt_tokens):
+            if isinstance(event, Finished):
+                event = replace(event, replica_id=self.replica_id)
+                per_token_s = (time.monotonic() - started) / max(1, event.completion_tokens)
+                self.registry.record_request(self.node_ids, event.finish_reason != "error", per_token_s)
             yield event
+
+    async def record_routing_stats(self) -> dict:
+        """Serve polls this every `routing.stats_period_s`; the ReputationRouter ranks replicas by it."""
+        scheduler = self.engine.scheduler
+        return await self.registry.routing_stats(
+            self.replica_id, self.node_ids, scheduler.num_waiting, len(scheduler.running)
+        )
+
+    async def trace(self, request: TraceRequest, routing_hint: RoutingHint | None = None) -> TraceResult:
+        """Verification: a cache-free trace of a token history through this pipeline's stages (not metered).
+        `routing_hint` is read by the router (pin to / avoid a replica), not here."""
+        actors = self.pool.actors if self.pool is not None else []
+        plan = self.plan
+        return await trace_replica(
+            request,
+            self.replica_id,
+            plan.name,
+            str(plan.model_dir),
+            plan.dtype,
+            self.prompts,
+            actors,
+            plan.stages,
+            self.node_ids,
+            self.wallets,
+            self.settings.pipeline.stage_call_timeout_s,
+        )
 
     async def _text_events(self, request, seq, first, events, prompt_tokens):  # type: ignore[no-untyped-def]
         detok = Detokenizer(self.prompts.tokenizer, request.sampling.stop)

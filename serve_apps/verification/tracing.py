@@ -1,6 +1,7 @@
 """The replica side of a trace: the history's token ids, then each stage's cache-free forward in order."""
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,9 @@ import torch
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.protocol import Rejected
 from serve_apps.server.tokenization import PromptProcessor
-from serve_apps.verification.protocol import StageTrace, TraceRequest
+from serve_apps.verification.protocol import StageTrace, TraceRequest, TraceResult
+
+logger = logging.getLogger(__name__)
 
 
 def history_token_ids(request: TraceRequest, prompts: PromptProcessor) -> tuple[int, ...]:
@@ -46,3 +49,56 @@ async def trace_stages(
         current, print_ = await asyncio.wait_for(actor.trace.remote(current, dims), timeout_s)
         traces.append(StageTrace(spec.index, spec.start, spec.end, node_id, wallet, tuple(print_)))
     return tuple(traces), tuple(inputs)
+
+
+async def trace_replica(
+    request: TraceRequest,
+    replica_id: str,
+    model: str,
+    model_dir: str,
+    dtype: str,
+    prompts: PromptProcessor,
+    actors: Sequence[Any],
+    specs: Sequence[StageSpec],
+    node_ids: Sequence[str],
+    wallets: Sequence[str | None],
+    timeout_s: float,
+) -> TraceResult:
+    """A replica's whole trace; a failure comes back as `error` (the verifier calls it inconclusive)."""
+    try:
+        token_ids = history_token_ids(request, prompts)
+        stages, inputs = await trace_stages(
+            actors, specs, node_ids, wallets, token_ids, request.fingerprint_dims, timeout_s
+        )
+    except Exception as exc:  # noqa: BLE001 - reported to the verifier, which decides
+        return TraceResult(replica_id, model, model_dir, dtype, (), (), error=f"{type(exc).__name__}: {exc}")
+    kept = inputs if request.keep_inputs else ()
+    return TraceResult(replica_id, model, model_dir, dtype, token_ids, stages, kept)
+
+
+def stage_nodes(pool: Any, label_prefix: str) -> tuple[list[str], list[str | None]]:
+    """Each stage's Ray node id and that node's provider wallet label (None: no wallet, the operator's)."""
+    if pool is None:
+        return [], []
+    import ray
+
+    labels = {node["NodeID"]: node.get("Labels") or {} for node in ray.nodes()}
+    node_ids = pool.node_ids()
+    return node_ids, [labels.get(n, {}).get(f"{label_prefix}/wallet") for n in node_ids]
+
+
+def inject_faults(pool: Any, fault: Any, timeout_s: float) -> int:
+    """TEST / CHAOS TOOL: apply `pipeline.fault_injection` (a StageFaultSection) to the pool's stages;
+    returns how many stages took it."""
+    if pool is None or fault is None:
+        return 0
+    import ray
+
+    calls = [
+        actor.inject_fault.remote(fault.stage_index, fault.noise_scale, fault.seed, fault.node_label)
+        for actor in pool.actors
+    ]
+    applied = sum(bool(x) for x in ray.get(calls, timeout=timeout_s))
+    if applied:
+        logger.warning("FAULT INJECTION: perturbed stage %d of this pipeline (test/chaos tool)", fault.stage_index)
+    return applied
