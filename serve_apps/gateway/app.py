@@ -37,6 +37,7 @@ from serve_apps.protocol import (
     Rejected,
     TextDelta,
 )
+from serve_apps.verification.verifier import Verifier
 
 DEFAULT_CONTEXT = 2048
 REPLICA_RETRIES = 2  # a non-streamed request whose replica died is re-sent this many times
@@ -62,8 +63,10 @@ class Gateway:
         metering: Metering | None = None,
         limiter: ClientRateLimiter | None = None,
         network_nodes: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
         self.network_nodes = network_nodes
+        self.verifier = verifier  # spot-checks a sample of settled requests in the background
         self.backend = backend
         self.limiter = limiter or ClientRateLimiter(0.0, 1)
         self.metering = metering or Metering(None)
@@ -171,7 +174,13 @@ class Gateway:
         settlement_id = await self.metering.settle(request, payer, finished)
         if settlement_id is not None:
             body["settlement_id"] = settlement_id
+        self.spot_check(request, finished, "".join(parts))
         return body
+
+    def spot_check(self, request: GenerateRequest, finished: Finished, completion: str) -> None:
+        """Maybe verify this answered (and settled) request in the background; never delays the answer."""
+        if self.verifier is not None:
+            self.verifier.submit(request, finished.replica_id, completion)
 
     async def sse_events(
         self,
@@ -185,6 +194,7 @@ class Gateway:
         """SSE chunks; the final chunk carries the settlement id (headers are gone by then)."""
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
         settled = False
+        parts: list[str] = []  # the completion, for a spot-check
         try:
             if chat:
                 yield R.sse(R.chunk(meta, None, None, first=True))
@@ -193,6 +203,7 @@ class Gateway:
                     yield R.sse(error_body(503, f"the pipeline replica was lost: {event}", code="pipeline_unavailable"))
                     break
                 if isinstance(event, TextDelta):
+                    parts.append(event.text)
                     yield R.sse(R.chunk(meta, event.text, None))
                 elif isinstance(event, Finished):
                     if event.finish_reason == "error":
@@ -200,6 +211,7 @@ class Gateway:
                         break
                     settlement_id = await self.metering.settle(request, payer, event)
                     settled = True
+                    self.spot_check(request, event, "".join(parts))
                     final = R.chunk(meta, None, event.finish_reason)
                     if settlement_id is not None:
                         final["settlement_id"] = settlement_id

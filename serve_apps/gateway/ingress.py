@@ -13,6 +13,7 @@ from serve_apps.gateway.backend import ServeHandleBackend
 from serve_apps.gateway.current import set_current
 from serve_apps.gateway.limits import ClientRateLimiter
 from serve_apps.gateway.metering import Metering
+from serve_apps.verification.verifier import build_verifier
 
 gateway_app = create_gateway_app()
 
@@ -36,7 +37,8 @@ class OpenAIIngress:
         metering = Metering(_payments_client(payments, namespace), payments.operator_wallet)
         limiter = ClientRateLimiter(*client_limit)
         nodes = registry_nodes_source(network, namespace)
-        gateway = Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering, limiter, nodes)
+        verifier = build_verifier(pipelines, network, namespace, metering.withhold)
+        gateway = Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering, limiter, nodes, verifier)
         set_current(gateway, max_body_bytes)
 
 

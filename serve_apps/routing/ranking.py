@@ -29,6 +29,17 @@ class RoutingHint:
     avoid_replica: str | None = None
 
 
+def hint_violation(hint: RoutingHint | None, replica_id: str) -> str | None:
+    """Why `replica_id` must not serve a call with this hint (None: it may)."""
+    if hint is None:
+        return None
+    if hint.pin_replica is not None and hint.pin_replica != replica_id:
+        return f"pinned to replica {hint.pin_replica}, which is not available"
+    if hint.avoid_replica == replica_id:
+        return "no replica other than the one to avoid is available"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaStats:
     """What a replica's `record_routing_stats` reports (as a plain dict, Serve's format)."""

@@ -43,7 +43,10 @@ class ReputationRouter(RequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        allowed = apply_hint(list(by_id), hint_of(pending_request))
+        # A hint no replica satisfies (the pinned one is gone, or it is the only one to avoid) must not
+        # leave the call waiting in Serve's routing loop, which would hold up other requests: route it
+        # anywhere and let the replica answer that it is the wrong one (PipelineServer.trace).
+        allowed = apply_hint(list(by_id), hint_of(pending_request)) or list(by_id)
         candidates = [Candidate(i, ReplicaStats.from_dict(by_id[i].routing_stats)) for i in allowed]
         return [[by_id[i] for i in rank] for rank in rank_candidates(candidates, self._tolerance, self._rng)]
 

@@ -36,7 +36,7 @@ from serve_apps.protocol import (
     Rejected,
     TextDelta,
 )
-from serve_apps.routing.ranking import RoutingHint
+from serve_apps.routing.ranking import RoutingHint, hint_violation
 from serve_apps.routing.stats import RegistryLink
 from serve_apps.server.stages import StagePool
 from serve_apps.server.tokenization import PromptProcessor
@@ -153,7 +153,10 @@ class PipelineServer:
 
     async def trace(self, request: TraceRequest, routing_hint: RoutingHint | None = None) -> TraceResult:
         """Verification: a cache-free trace of a token history through this pipeline's stages (not metered).
-        `routing_hint` is read by the router (pin to / avoid a replica), not here."""
+        `routing_hint` is for the router (pin to / avoid a replica); a replica it excludes refuses."""
+        refused = hint_violation(routing_hint, self.replica_id)
+        if refused is not None:
+            return TraceResult(self.replica_id, self.plan.name, "", self.plan.dtype, (), (), error=refused)
         actors = self.pool.actors if self.pool is not None else []
         plan = self.plan
         return await trace_replica(

@@ -13,6 +13,7 @@ import torch
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.stage_model import build_stage
 from serve_apps.verification.fingerprint import fingerprint
+from serve_apps.verification.protocol import TraceResult
 from serve_apps.verification.trace import trace_forward
 
 
@@ -25,3 +26,19 @@ def reference_fingerprint(model_dir: str, spec: StageSpec, dtype: str, inputs: A
 
 def stage_spec(index: int, layer_start: int, layer_end: int, num_stages: int) -> StageSpec:
     return StageSpec(index, layer_start, layer_end, first=index == 0, last=index == num_stages - 1)
+
+
+async def run_referee(served: TraceResult, stage: int, dims: int, num_cpus: float = 1.0) -> tuple[float, ...]:
+    """`reference_fingerprint` of the served pipeline's disputed stage, as a Ray task on this (the
+    gateway's, i.e. the operator's) node when it has room, with the served pipeline's input to it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not served.inputs:
+        raise ValueError("the served trace kept no stage inputs")
+    trace = served.stages[stage]
+    spec = stage_spec(trace.index, trace.layer_start, trace.layer_end, len(served.stages))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    task: Any = ray.remote(reference_fingerprint).options(num_cpus=num_cpus, scheduling_strategy=here)
+    result: tuple[float, ...] = await task.remote(served.model_dir, spec, served.dtype, served.inputs[stage], dims)
+    return result

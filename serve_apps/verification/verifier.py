@@ -21,6 +21,7 @@ from serve_apps.protocol import GenerateRequest
 from serve_apps.routing.ranking import ROUTING_HINT_KWARG, RoutingHint
 from serve_apps.verification.judge import first_mismatch, judge, precheck
 from serve_apps.verification.protocol import TraceRequest, TraceResult, Verdict
+from serve_apps.verification.reporting import VerificationReporter, Withhold
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +141,18 @@ class Verifier:
         """Wait for the running checks (tests, shutdown)."""
         with contextlib.suppress(Exception):
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def build_verifier(
+    handles: dict[str, Any], network: NetworkSection, namespace: str, withhold: Withhold | None
+) -> Verifier | None:
+    """The gateway's verifier over the pipeline deployments' handles (None when the fraction is 0)."""
+    if network.verification_fraction <= 0:
+        return None
+
+    async def referee(served: TraceResult, stage: int, dims: int) -> tuple[float, ...]:
+        from serve_apps.verification.referee import run_referee  # torch + transformers: only when needed
+
+        return await run_referee(served, stage, dims, network.verification.referee_num_cpus)
+
+    return Verifier(handles, network, referee, VerificationReporter(network, namespace, withhold))

@@ -12,6 +12,7 @@ from serve_apps.routing.ranking import (
     ReplicaStats,
     RoutingHint,
     apply_hint,
+    hint_violation,
     power_of_two,
     rank_candidates,
     score_of,
@@ -81,8 +82,13 @@ def test_hints_pin_or_avoid_a_replica() -> None:
     ids = ["a", "b", "c"]
     assert apply_hint(ids, None) == ids
     assert apply_hint(ids, RoutingHint(pin_replica="b")) == ["b"]
-    assert apply_hint(ids, RoutingHint(pin_replica="gone")) == []  # the router waits, the caller times out
+    assert apply_hint(ids, RoutingHint(pin_replica="gone")) == []  # the router then routes anywhere...
     assert apply_hint(ids, RoutingHint(avoid_replica="a")) == ["b", "c"]
+    # ... and the replica that gets it refuses:
+    assert hint_violation(RoutingHint(pin_replica="gone"), "a") is not None
+    assert hint_violation(RoutingHint(avoid_replica="a"), "a") is not None
+    assert hint_violation(RoutingHint(avoid_replica="a"), "b") is None
+    assert hint_violation(RoutingHint(pin_replica="b"), "b") is None and hint_violation(None, "b") is None
 
 
 class _Pending:
@@ -154,3 +160,5 @@ def test_the_router_ranks_serve_replicas_by_their_reported_stats() -> None:
     assert ranks == [[good], [bad]]
     avoid = _Pending({"routing_hint": RoutingHint(avoid_replica="good")})
     assert asyncio.run(router.choose_replicas([bad, good], avoid)) == [[bad]]  # type: ignore[list-item,arg-type]
+    # Nothing satisfies the hint: routed anyway (never left waiting in Serve's routing loop).
+    assert asyncio.run(router.choose_replicas([good], avoid)) == [[good]]  # type: ignore[list-item,arg-type]
