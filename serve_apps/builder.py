@@ -31,7 +31,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         deployment = pipeline_deployment(name, settings.pipeline, settings.network.placement.node_label_key)
         pipelines[name] = deployment.bind(name, _own_placement(settings, name))
         cards.append(ModelCard(id=name, owned_by=spec.owned_by, max_model_len=spec.max_model_len))
-    ingress = OpenAIIngress.bind  # type: ignore[attr-defined]
+    # A redeploy (re-placement after a node left) replaces the gateway too: the old one finishes its
+    # requests, which the new pipeline replicas may answer only after they load, so it may take as long
+    # as a request may.
+    options: dict[str, Any] = {"graceful_shutdown_timeout_s": settings.pipeline.request_timeout_s}
+    if any(p.node_ids for p in settings.pipeline.placements.values()):
+        # Stages run on provider nodes that may leave; the gateway (and the payments actor it starts
+        # next to itself) stays on the operator's head, which Ray marks with this resource.
+        options["ray_actor_options"] = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+    ingress = OpenAIIngress.options(**options).bind  # type: ignore[attr-defined]
     return ingress(
         pipelines,
         cards,

@@ -60,3 +60,22 @@ def test_each_pipeline_is_built_with_only_its_own_placement() -> None:
     own = _own_placement(settings, "a")
     assert list(own.pipeline.placements) == ["a"] and list(settings.pipeline.placements) == ["a", "b"]
     assert list(_own_placement(settings, "c").pipeline.placements) == []
+
+
+def test_with_pinned_stages_the_gateway_stays_on_the_head(repo_root, model_cache_dir) -> None:  # type: ignore[no-untyped-def]
+    from serve_apps.builder import build_app
+
+    args = {
+        "model": {
+            "served": ["tiny-llama"],
+            "catalogue": str(repo_root / "configs/models.yaml"),
+            "cache_dir": str(model_cache_dir),
+        },
+        "payments": {"enabled": False},
+    }
+    plain = build_app(args)
+    assert "resources" not in (plain._bound_deployment.ray_actor_options or {})
+    args["pipeline"] = {"placements": {"tiny-llama": {"stage_layers": [5, 1], "node_ids": ["a", "b"]}}}
+    pinned = build_app(args)
+    assert (pinned._bound_deployment.ray_actor_options or {})["resources"] == {"node:__internal_head__": 0.001}
+    assert pinned._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 600.0  # request_timeout_s
