@@ -163,6 +163,8 @@ def _materialize_models(settings: Settings) -> None:
     catalogue = load_catalogue(settings.model.catalogue)
     for name in settings.model.served:
         spec = catalogue.get(name)
+        if spec.backend != "transformers":  # llama.cpp reads its GGUF as is; vLLM its dir; a proxy has none
+            continue
         started = time.perf_counter()
         with console.status(
             f"preparing weights of {name} ({settings.model.dtype or spec.dtype}; a GGUF is converted once, ~20 s)..."
