@@ -112,7 +112,7 @@ def power_of_two(replica_ids: Sequence[str], rng: random.Random) -> list[str]:
 
 def rank_candidates(candidates: Sequence[Candidate], tolerance: float, rng: random.Random) -> list[list[str]]:
     """Ranks of replica ids, most preferred first: scored replicas by descending score (grouped within
-    `tolerance`), then a power-of-two pick among the replicas without a score."""
+    `tolerance`, shuffled within a rank), then a power-of-two pick among the replicas without a score."""
     scored = sorted(
         (c for c in candidates if c.stats is not None and c.stats.pipeline_score is not None),
         key=lambda c: (-(c.stats.pipeline_score or 0.0), c.replica_id),  # type: ignore[union-attr]
@@ -126,6 +126,8 @@ def rank_candidates(candidates: Sequence[Candidate], tolerance: float, rng: rand
             ranks.append([])
             top = score
         ranks[-1].append(candidate.replica_id)
+    for rank in ranks:
+        rng.shuffle(rank)  # Serve takes the first of the shortest queues: ties must not favour one replica
     if unscored:
         ranks.append(power_of_two(unscored, rng))
     return ranks
