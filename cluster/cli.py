@@ -25,6 +25,7 @@ from cluster.deploy import (
 )
 from cluster.models import load_catalogue, materialize
 from cluster.models.local import catalogue_with_checkpoint
+from cluster.observability.logs import configure_logging
 from cluster.ray_cluster import ClusterError, connect_existing, ensure_cluster, port_in_use, stop_local_head
 from cluster.status import render_status
 
@@ -32,6 +33,13 @@ app = typer.Typer(help="SolanaLM: a decentralized LLM compute network on Ray.", 
 console = Console()
 DEFAULT_SERVE_CONFIG = Path("configs/serve.yaml")
 DEMO_QUESTION = "What is the capital of France?"
+
+
+@app.callback()
+def _logging() -> None:
+    """SolanaLM: a decentralized LLM compute network on Ray."""
+    # SOLANALM_LOGGING__FORMAT=json / __LEVEL=DEBUG apply to every command, plugins included.
+    configure_logging(Settings().logging)
 
 
 def _state_dir(settings: Settings) -> Path:
