@@ -7,7 +7,9 @@ from typing import Any
 from ray import serve
 
 from cluster.config.network import NetworkSection
+from cluster.config.observability import LoggingSection
 from cluster.config.payments import PaymentsSection
+from cluster.observability.logs import configure_logging
 from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
 from serve_apps.gateway.backend import ServeHandleBackend
 from serve_apps.gateway.current import set_current
@@ -33,7 +35,9 @@ class OpenAIIngress:
         payments: PaymentsSection,
         namespace: str,
         network: NetworkSection,
+        logging_section: LoggingSection | None = None,
     ) -> None:
+        configure_logging(logging_section or LoggingSection())
         metering = Metering(_payments_client(payments, namespace), payments.operator_wallet)
         limiter = ClientRateLimiter(*client_limit)
         nodes = registry_nodes_source(network, namespace)
