@@ -13,8 +13,13 @@ from cluster.network.cli import app
 
 def test_node_labels_carry_wallet_region_hardware_and_token() -> None:
     labels = joining.node_labels("solanalm.io", "WalLet1", "tok", "eu-west", "gpu", {"team.io/rack": "r7"})
-    assert labels == {"solanalm.io/wallet": "WalLet1", "solanalm.io/hardware": "gpu", "solanalm.io/join": "tok",
-                      "solanalm.io/region": "eu-west", "team.io/rack": "r7"}
+    assert labels == {
+        "solanalm.io/wallet": "WalLet1",
+        "solanalm.io/hardware": "gpu",
+        "solanalm.io/join": "tok",
+        "solanalm.io/region": "eu-west",
+        "team.io/rack": "r7",
+    }
     with pytest.raises(joining.JoinError, match="invalid node label"):
         joining.node_labels("solanalm.io", "w", "tok", region="eu west")
     with pytest.raises(joining.JoinError, match="invalid node label"):
@@ -22,10 +27,18 @@ def test_node_labels_carry_wallet_region_hardware_and_token() -> None:
 
 
 def test_ray_start_command_line() -> None:
-    command = joining.ray_start_command("10.0.0.1:6379", {"a.io/w": "x", "a.io/r": "eu"}, num_cpus=2,
-                                        resources={"solanalm_stage": 4}, block=True)
-    assert command[1:] == ["start", "--address=10.0.0.1:6379", "--disable-usage-stats", "--labels=a.io/w=x,a.io/r=eu",
-                           "--num-cpus=2", '--resources={"solanalm_stage": 4}', "--block"]
+    command = joining.ray_start_command(
+        "10.0.0.1:6379", {"a.io/w": "x", "a.io/r": "eu"}, num_cpus=2, resources={"solanalm_stage": 4}, block=True
+    )
+    assert command[1:] == [
+        "start",
+        "--address=10.0.0.1:6379",
+        "--disable-usage-stats",
+        "--labels=a.io/w=x,a.io/r=eu",
+        "--num-cpus=2",
+        '--resources={"solanalm_stage": 4}',
+        "--block",
+    ]
     assert joining.ray_stop_command()[1:] == ["stop"]
 
 

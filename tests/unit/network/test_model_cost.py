@@ -8,8 +8,15 @@ from cluster.network.placement import NodeCapacity, plan_stages, stage_memory_by
 from serve_apps.engine.layer_split import split_layers
 from serve_apps.engine.stage_model import StageModel
 
-CONFIG = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+CONFIG = LlamaConfig(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 
 
 def param_bytes(module: torch.nn.Module) -> int:

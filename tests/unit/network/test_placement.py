@@ -95,8 +95,10 @@ def test_bundles_pin_each_stage_to_its_node() -> None:
 def test_capacities_from_records_turn_gflops_into_layer_speed() -> None:
     cost = ModelCost(num_layers=2, layer_bytes=1, embed_bytes=0, head_bytes=0, layer_flops_per_token=1e9)
     gpu = NodeCapabilities(num_gpus=1, memory_bytes=GiB, gpu_memory_bytes=2 * GiB)
-    records = [NodeRecord("a", "w", capabilities=NodeCapabilities(memory_bytes=GiB, throughput_gflops=50.0)),
-               NodeRecord("b", "w", capabilities=gpu)]
+    records = [
+        NodeRecord("a", "w", capabilities=NodeCapabilities(memory_bytes=GiB, throughput_gflops=50.0)),
+        NodeRecord("b", "w", capabilities=gpu),
+    ]
     a, b = capacities_from_records(records, cost)
     assert (a.throughput_layers_per_s, a.memory_bytes, a.gpu) == (50.0, GiB, False)
     assert (b.throughput_layers_per_s, b.memory_bytes, b.gpu) == (1.0, 2 * GiB, True)

@@ -13,8 +13,12 @@ from cluster.network.wallet import ProofError, sign_challenge
 
 
 def ray_node(node_id: str, wallet: str, alive: bool = True, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"NodeID": node_id, "Alive": alive, "Resources": {"CPU": 4.0, "memory": 8 * 2**30},
-            "Labels": {"ray.io/node-id": node_id, "solanalm.io/wallet": wallet, **(labels or {})}}
+    return {
+        "NodeID": node_id,
+        "Alive": alive,
+        "Resources": {"CPU": 4.0, "memory": 8 * 2**30},
+        "Labels": {"ray.io/node-id": node_id, "solanalm.io/wallet": wallet, **(labels or {})},
+    }
 
 
 def join(registry: NetworkRegistry, node_id: str, keypair: Keypair, labels: dict[str, str] | None = None) -> NodeRecord:

@@ -17,14 +17,18 @@ from cluster.network.serving_plan import (
 )
 
 GIB = 2**30
-COST = ModelCost(num_layers=30, layer_bytes=GIB // 10, embed_bytes=GIB // 10, head_bytes=GIB // 10,
-                 layer_flops_per_token=1e9)
+COST = ModelCost(
+    num_layers=30, layer_bytes=GIB // 10, embed_bytes=GIB // 10, head_bytes=GIB // 10, layer_flops_per_token=1e9
+)
 SECTION = PlacementSection(min_stage_gain=0.0, memory_headroom=0.0)
 
 
 def node(node_id: str, gflops: float, memory_gib: float = 16, **changes: object) -> NodeRecord:
-    record = NodeRecord(node_id, wallet=f"w-{node_id}",
-                        capabilities=NodeCapabilities(memory_bytes=int(memory_gib * GIB), throughput_gflops=gflops))
+    record = NodeRecord(
+        node_id,
+        wallet=f"w-{node_id}",
+        capabilities=NodeCapabilities(memory_bytes=int(memory_gib * GIB), throughput_gflops=gflops),
+    )
     return replace(record, **changes)  # type: ignore[arg-type]
 
 
@@ -49,7 +53,7 @@ def test_placements_args_are_valid_pipeline_settings() -> None:
     args = placements_args(plans)
     assert args == {"m": {"stage_layers": [s.num_layers for s in plans["m"].stages], "node_ids": ["a", "b"]}}
     assert sum(args["m"]["stage_layers"]) == 30 and args["m"]["stage_layers"][0] == 20
-    assert PipelineSection(placements=args).placements["m"].node_ids == ["a", "b"]
+    assert PipelineSection.model_validate({"placements": args}).placements["m"].node_ids == ["a", "b"]
     assert "2 stages: a layers 0-20, b layers 20-30" in describe_plan(plans["m"])
 
 
@@ -73,8 +77,9 @@ class FakeCluster:
         self.deployed: list[dict[str, StagePlan]] = []
 
     def controller(self, plans: dict[str, StagePlan]) -> PlacementController:
-        return PlacementController({"m": COST}, plans, SECTION, lambda: list(self.records), self.deployed.append,
-                                   min_reputation=0.2)
+        return PlacementController(
+            {"m": COST}, plans, SECTION, lambda: list(self.records), self.deployed.append, min_reputation=0.2
+        )
 
 
 def test_controller_replans_without_the_departed_node_and_redeploys_once() -> None:
