@@ -14,6 +14,7 @@ from ray.serve import Application
 from cluster.config import Settings, load_settings
 from cluster.config.serving import PipelineSection
 from cluster.models import load_catalogue
+from serve_apps.backends.deployments import backend_deployment
 from serve_apps.gateway.app import ModelCard
 from serve_apps.gateway.ingress import OpenAIIngress
 from serve_apps.server.pipeline_server import PipelineServer
@@ -28,9 +29,14 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     pipelines, cards = {}, []
     for name in settings.model.served:
         spec = catalogue.get(name)
-        deployment = pipeline_deployment(name, settings.pipeline, settings.network.placement.node_label_key)
-        pipelines[name] = deployment.bind(name, _own_placement(settings, name))
-        cards.append(ModelCard(id=name, owned_by=spec.owned_by, max_model_len=spec.max_model_len))
+        if spec.backend == "transformers":
+            deployment = pipeline_deployment(name, settings.pipeline, settings.network.placement.node_label_key)
+            pipelines[name] = deployment.bind(name, _own_placement(settings, name))
+        else:  # llamacpp, vllm, proxy: same replica contract, their own deployment (docs/backends.md)
+            pipelines[name] = backend_deployment(spec, settings)
+        if spec.price is not None and name not in settings.payments.prices:
+            settings.payments.prices = {**settings.payments.prices, name: spec.price}
+        cards.append(ModelCard(id=name, owned_by=spec.owned_by, max_model_len=spec.max_model_len, backend=spec.backend))
     # A redeploy (re-placement after a node left) replaces the gateway too: the old one finishes its
     # requests, which the new pipeline replicas may answer only after they load, so it may take as long
     # as a request may.
