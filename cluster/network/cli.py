@@ -121,6 +121,34 @@ def registry_command(
     console.print(f"[green]registry[/] {section.registry_name} running with {count} node records")
 
 
+@app.command("plan")
+def plan_command(
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: settings).")] = None,
+    model: Annotated[
+        list[str] | None, typer.Option(help="Catalogue name to plan (repeatable; default: served).")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Dry run: how `solanalm up` would place each model's stages over the registry's eligible nodes."""
+    from cluster.deploy import plan_deployment
+    from cluster.network.placement import PlacementError
+    from cluster.network.serving_plan import describe_plan
+
+    settings = load_settings(config)
+    if model:
+        settings.model.served = model
+    _connect(address or settings.ray.address or "auto", settings.ray.namespace)
+    try:
+        plans = plan_deployment(settings)
+    except PlacementError as exc:
+        console.print(f"[red]no placement:[/] {exc}")
+        raise typer.Exit(1) from exc
+    if not plans:
+        console.print("no registry or no eligible provider node: `solanalm up` splits layers equally on the cluster")
+    for name, plan in plans.items():
+        console.print(f"[bold]{name}[/] {describe_plan(plan)}")
+
+
 def nodes_table(records: list[NodeRecord]) -> Table:
     """A rich table of node records (also what `solanalm status` can show)."""
     table = Table(title="Provider nodes")

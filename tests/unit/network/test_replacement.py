@@ -109,3 +109,12 @@ def test_controller_falls_back_when_the_rest_cannot_hold_the_model() -> None:
     cluster.records[0] = node("a", 20, memory_gib=2.0, health="dead")
     event = controller.check()
     assert event is not None and event.plans == {}
+
+
+def test_node_plan_is_a_dry_run_command() -> None:
+    from typer.testing import CliRunner
+
+    from cluster.network.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "--help"])
+    assert result.exit_code == 0 and "Dry run" in result.output and "--model" in result.output
