@@ -333,7 +333,16 @@ class ServeProbe:
         return out
 
 
-def bench_solanalm(plan: Plan, prompts: list[str], stages: list[int], stage_cpus: int, max_seqs: int) -> dict:
+def stage_cpus_for(stages: int, requested: str, cores: int) -> int:
+    """CPUs (= torch threads) of each stage: a number, or `auto` = the machine's cores shared by the stages."""
+    if requested == "auto":
+        return max(1, cores // stages)
+    return max(1, int(requested))
+
+
+def bench_solanalm(
+    plan: Plan, prompts: list[str], stages: list[int], stage_cpus: str, max_seqs: int, transports: list[str]
+) -> dict:
     import ray
     from ray import serve
 
@@ -342,7 +351,7 @@ def bench_solanalm(plan: Plan, prompts: list[str], stages: list[int], stage_cpus
     if not ray.is_initialized():
         ray.init(
             address="local",
-            num_cpus=max(8, stage_cpus * max(stages) + 2),
+            num_cpus=max(8, (os.cpu_count() or 2) * max(stages) + 2),
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
@@ -350,9 +359,11 @@ def bench_solanalm(plan: Plan, prompts: list[str], stages: list[int], stage_cpus
     app = read_serve_config(REPO_ROOT / "configs" / "serve.yaml")
     results: dict[str, dict] = {}
     app_name, port = "solanalm", _free_port()  # Serve keeps its first proxy port for the whole run
-    for count in stages:
-        name = f"solanalm-{count}"
-        print(f"  {name}: deploying", flush=True)
+    runs = [(count, transport) for count in stages for transport in transports]
+    for count, transport in runs:
+        name = f"solanalm-{count}" if transport == transports[0] else f"solanalm-{count}-{transport}"
+        cpus = stage_cpus_for(count, stage_cpus, os.cpu_count() or 2)
+        print(f"  {name}: deploying ({cpus} CPU per stage, {transport})", flush=True)
         try:
             settings = settings_for(
                 app,
@@ -362,7 +373,8 @@ def bench_solanalm(plan: Plan, prompts: list[str], stages: list[int], stage_cpus
                         "num_stages": count,
                         "max_batch_size": max_seqs,
                         "max_num_seqs": max_seqs,
-                        "stage_resources": {"CPU": stage_cpus},
+                        "stage_resources": {"CPU": cpus},
+                        "transport": transport,
                     },
                     "http": {"port": port},
                 },
@@ -378,6 +390,8 @@ def bench_solanalm(plan: Plan, prompts: list[str], stages: list[int], stage_cpus
                 deploy_ready_s=round(ready_s, 1),
                 stage_pids=pids,
                 stage_layers=[s["layers"] for s in health["pipelines"][0]["stages"]],
+                stage_cpus=cpus,
+                transport=transport,
             )
             results[name] = result
         except Exception as exc:  # noqa: BLE001 - one stage count failing must not lose the others
@@ -528,9 +542,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of transformers and llama.cpp")
     parser.add_argument(
         "--stage-cpus",
-        type=int,
-        default=1,
-        help="CPUs (= torch threads) per SolanaLM stage; 1 is configs/serve.yaml's default",
+        default="auto",
+        help="CPUs (= torch threads) per SolanaLM stage, or auto: the machine's cores divided by the stages",
+    )
+    parser.add_argument(
+        "--transports",
+        default="compiled_graph",
+        help="stage transports to compare (comma list of compiled_graph, actor_calls); the first is solanalm-N",
     )
     args = parser.parse_args()
 
@@ -579,7 +597,10 @@ def main() -> None:
     if "solanalm" in wanted:
         print(f"== solanalm (load {os.getloadavg()[0]:.1f})", flush=True)
         stages = [int(s) for s in args.stages.split(",")]
-        served = _guarded(lambda: bench_solanalm(plan, prompts, stages, args.stage_cpus, max(64, max(concurrency))))
+        transports = args.transports.split(",")
+        served = _guarded(
+            lambda: bench_solanalm(plan, prompts, stages, args.stage_cpus, max(64, max(concurrency)), transports)
+        )
         result["systems"].update(served if "reason" not in served else {"solanalm": served})
         result["load_avg_1m_before_solanalm"] = round(os.getloadavg()[0], 2)
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]

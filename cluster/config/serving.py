@@ -140,6 +140,14 @@ class PipelineSection(Section):
         default="compiled_graph",
         description="Stage-to-stage transport: a Ray compiled graph (shared-memory channels) or plain actor calls.",
     )
+    kv_cache_bytes: int | None = Field(
+        default=None,
+        ge=2**20,
+        description="KV-cache memory per stage in bytes; None: kv_memory_fraction of the node's free memory.",
+    )
+    kv_memory_fraction: float = Field(
+        default=0.3, gt=0, le=0.95, description="Share of free memory the stages' KV caches may plan to use."
+    )
     prefill_chunk: int = Field(default=512, ge=16, le=65_536, description="Most prompt tokens of one prefill step.")
     stage_call_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Timeout of one stage call.")
     request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Whole-request timeout.")

@@ -1,7 +1,14 @@
-"""Fans a step out to the stage actors: hidden states go stage to stage as ObjectRefs, not via the replica."""
+"""Fans a step out to the stage actors: hidden states go stage to stage, never back through the replica.
+
+Two transports: `RayPipelineExecutor` chains plain actor calls (ObjectRefs, ~2 ms per hop here);
+`CompiledGraphExecutor` runs the same chain as a Ray compiled graph (shared-memory channels between
+stage processes, well under 1 ms per hop). Both submit steps in call order, which is what pipelining needs.
+"""
 
 import asyncio
-from typing import Protocol
+import contextlib
+import logging
+from typing import Any, Protocol
 
 from serve_apps.engine.messages import StepBatch, StepResult
 
@@ -20,6 +27,9 @@ class PipelineRecovery(Protocol):
 
 class StageCallError(RuntimeError):
     """A stage call failed or timed out; the engine decides whether to retry."""
+
+
+logger = logging.getLogger(__name__)
 
 
 class RayPipelineExecutor:
@@ -44,3 +54,102 @@ class RayPipelineExecutor:
         if not isinstance(result, StepResult):
             raise StageCallError(f"last stage returned {type(result).__name__}, expected StepResult")
         return result
+
+
+class CompiledGraphExecutor:
+    """The stage chain compiled once into a Ray compiled graph; recompiled when a stage was recreated.
+
+    Stage actors run graph steps on a background thread, so their other methods (ping, describe) still
+    answer. Up to `max_inflight` steps may be in flight (the engine's pipelining depth).
+    """
+
+    def __init__(  # stages: list[ActorHandle]
+        self, stages: list, timeout_s: float, max_inflight: int, probe_s: float = 1.0
+    ) -> None:
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        self.stages = stages  # shared with the stage pool: a recreated stage shows up here
+        self.timeout_s = timeout_s
+        self.max_inflight = max_inflight
+        self.probe_s = probe_s
+        self.compilations = 0
+        self._dag: Any = None
+        self._compiled_for: list[Any] = []
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        try:
+            dag = self._graph()
+            future = await dag.execute_async(batch)
+            result = await self._await_result(future, batch.step_id)
+        except Exception as exc:  # noqa: BLE001 - Ray raises channel, actor and (on teardown) even TypeErrors
+            self.close()
+            raise StageCallError(f"step {batch.step_id} failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, StepResult):
+            raise StageCallError(f"last stage returned {type(result).__name__}, expected StepResult")
+        return result
+
+    async def _await_result(self, future: Any, step_id: int) -> Any:
+        """The step's result; a stage found dead while waiting fails the step now, not at the timeout.
+
+        A compiled graph does not always notice that a stage's process died (the reader just waits), so
+        a step that takes longer than `probe_s` pings the stages (answered on their main thread).
+        """
+        waiting = asyncio.ensure_future(_awaited(future))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=min(self.probe_s, max(0.0, deadline - loop.time())))
+            if done:
+                return waiting.result()
+            dead = await self._dead_stages()
+            if dead or loop.time() >= deadline:
+                waiting.cancel()
+                reason = f"stages {dead} died" if dead else f"no result after {self.timeout_s:.0f} s"
+                raise StageCallError(f"step {step_id}: {reason}")
+
+    async def _dead_stages(self) -> list[int]:
+        import ray
+
+        async def dead(stage: Any) -> bool:
+            try:
+                await asyncio.wait_for(stage.ping.remote(), timeout=self.probe_s * 5)
+            except ray.exceptions.RayActorError:
+                return True
+            except (TimeoutError, ray.exceptions.RayError):
+                return False  # slow to answer is not dead
+            return False
+
+        flags = await asyncio.gather(*(dead(stage) for stage in self.stages))
+        return [index for index, flag in enumerate(flags) if flag]
+
+    def _graph(self) -> Any:
+        actor_ids = [stage._actor_id for stage in self.stages]
+        if self._dag is None or actor_ids != self._compiled_for:
+            self.close()
+            self._dag = compile_stage_graph(self.stages, self.max_inflight)
+            self._compiled_for = actor_ids
+            self.compilations += 1
+            logger.info("compiled the stage graph (%d stages, compilation %d)", len(self.stages), self.compilations)
+        return self._dag
+
+    def close(self) -> None:
+        """Tear the graph down (idempotent); the next step compiles a new one."""
+        dag, self._dag = self._dag, None
+        if dag is not None:
+            with contextlib.suppress(Exception):  # a graph with a dead stage may fail to tear down cleanly
+                dag.teardown()
+
+
+async def _awaited(future: Any) -> Any:
+    return await future
+
+
+def compile_stage_graph(stages: list, max_inflight: int) -> Any:
+    """stage_0.forward(batch) -> stage_1.forward(batch, hidden) -> ... as an asyncio compiled graph."""
+    from ray.dag import InputNode
+
+    with InputNode() as batch:
+        node = stages[0].forward.bind(batch, None)
+        for stage in stages[1:]:
+            node = stage.forward.bind(batch, node)
+    return node.experimental_compile(enable_asyncio=True, _max_inflight_executions=max_inflight)

@@ -91,3 +91,36 @@ def attention_mask(view: BatchView) -> torch.Tensor | None:
     starts = torch.tensor(view.start_pos).view(rows, 1, 1)
     query_pos = starts + torch.arange(q_len).view(1, q_len, 1)
     return (kv_index.view(1, 1, kv_len) <= query_pos).unsqueeze(1)
+
+
+@dataclass(frozen=True, slots=True)
+class KVPlan:
+    """How many sequences (slots of `max_len` tokens) a pipeline's KV caches hold, and what that costs."""
+
+    slots: int
+    bytes_per_token: int  # of the largest stage
+    bytes_per_stage: int  # of the largest stage at `slots` full slots
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Key + value bytes one token occupies in `num_layers` layers."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
+
+
+def plan_kv_slots(wanted_slots: int, max_len: int, bytes_per_token: int, budget_bytes: int) -> KVPlan:
+    """The most slots (up to `wanted_slots`) whose full KV cache fits `budget_bytes` on the largest stage.
+
+    Planned up front so a stage never runs out of cache mid-sequence; requests beyond the slots wait in
+    the scheduler's bounded queue (admission control). ValueError when not even one sequence fits.
+    """
+    per_slot = max_len * bytes_per_token
+    if per_slot <= 0 or wanted_slots < 1:
+        raise ValueError("KV planning needs positive sizes")
+    fitting = budget_bytes // per_slot
+    if fitting < 1:
+        raise ValueError(
+            f"one sequence of {max_len} tokens needs {per_slot / 2**20:.1f} MiB of KV cache per stage, "
+            f"but only {budget_bytes / 2**20:.1f} MiB are available: lower max_model_len or use more stages"
+        )
+    slots = min(wanted_slots, fitting)
+    return KVPlan(slots, bytes_per_token, slots * per_slot)

@@ -78,3 +78,5 @@ class StageInfo:
     kv_slots: int
     kv_capacity_tokens: int
     extra: dict[str, str] = field(default_factory=dict)
+    busy_s: float = 0.0  # seconds this stage spent computing steps since it started
+    steps: int = 0  # steps it computed

@@ -5,6 +5,7 @@ it as the Ray actor placed in the replica's placement-group bundle.
 """
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +54,20 @@ class StageWorker:
         )
         self.sampler = Sampler()
         self.dtype = dtype
+        self.busy_s = 0.0  # compute seconds (the busy fraction of a stage = busy_s / wall seconds)
+        self.steps = 0
 
-    @torch.inference_mode()
     def forward(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | StepResult:
         """Run this stage's layers for `batch`; the last stage returns sampled tokens, others hidden states."""
+        started = time.perf_counter()
+        try:
+            return self._forward(batch, hidden)
+        finally:
+            self.busy_s += time.perf_counter() - started
+            self.steps += 1
+
+    @torch.inference_mode()
+    def _forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor | StepResult:
         self._release(batch)
         if not batch.chunks:
             return StepResult(batch.step_id, ()) if self.spec.last else torch.empty(0)
@@ -103,6 +114,8 @@ class StageWorker:
             torch_threads=torch.get_num_threads(),
             kv_slots=self.cache.num_slots,
             kv_capacity_tokens=self.cache.capacity_tokens(),
+            busy_s=round(self.busy_s, 4),
+            steps=self.steps,
         )
 
     def trace(self, inputs: torch.Tensor, dims: int) -> tuple[torch.Tensor, tuple[float, ...]]:

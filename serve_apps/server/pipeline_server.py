@@ -12,16 +12,20 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import psutil
 import ray
 
 from cluster.config import Settings
+from cluster.config.serving import PipelineSection
 from cluster.models import load_catalogue, materialize
 from cluster.observability.logs import REQUEST_ID, configure_logging
 from serve_apps import metrics
 from serve_apps.engine.detokenizer import Detokenizer
 from serve_apps.engine.engine import Engine, EngineError
 from serve_apps.engine.executor import StepExecutor
+from serve_apps.engine.kv_cache import KVPlan, kv_bytes_per_token, plan_kv_slots
 from serve_apps.engine.layer_split import StageSpec, split_layers
 from serve_apps.engine.messages import SamplingParams
 from serve_apps.engine.scheduler import QueueFullError, Scheduler, SchedulerLimits, Sequence
@@ -44,6 +48,7 @@ from serve_apps.verification.protocol import TraceRequest, TraceResult
 from serve_apps.verification.tracing import inject_faults, stage_nodes, trace_replica
 
 logger = logging.getLogger(__name__)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,7 @@ class ModelPlan:
     max_model_len: int
     num_layers: int
     stages: tuple[StageSpec, ...]
+    kv: KVPlan
 
 
 def plan_model(model_name: str, settings: Settings) -> ModelPlan:
@@ -67,7 +73,22 @@ def plan_model(model_name: str, settings: Settings) -> ModelPlan:
     limit = settings.pipeline.max_model_len or spec.max_model_len or config.max_position_embeddings
     max_len = min(limit, config.max_position_embeddings)
     stages = _stage_specs(model_name, config.num_hidden_layers, settings)
-    return ModelPlan(model_name, model_dir, dtype, max_len, config.num_hidden_layers, tuple(stages))
+    kv = _plan_kv(config, stages, dtype, max_len, settings.pipeline)
+    logger.info(
+        "%s: %d KV slots of %d tokens, %.0f MiB per stage", model_name, kv.slots, max_len, kv.bytes_per_stage / 2**20
+    )
+    return ModelPlan(model_name, model_dir, dtype, max_len, config.num_hidden_layers, tuple(stages), kv)
+
+
+def _plan_kv(config: Any, stages: list[StageSpec], dtype: str, max_len: int, pipeline: PipelineSection) -> KVPlan:
+    """KV slots from the model's shape and the memory budget: every admitted sequence can reach max_len."""
+    kv_heads = int(config.num_key_value_heads or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    per_token = kv_bytes_per_token(max(s.num_layers for s in stages), kv_heads, head_dim, DTYPE_BYTES[dtype])
+    budget = pipeline.kv_cache_bytes
+    if budget is None:  # stages of one replica may share a node: each plans with its share of free memory
+        budget = int(psutil.virtual_memory().available * pipeline.kv_memory_fraction / len(stages))
+    return plan_kv_slots(pipeline.max_num_seqs, max_len, per_token, budget)
 
 
 def _stage_specs(model_name: str, num_layers: int, settings: Settings) -> list[StageSpec]:
@@ -103,7 +124,7 @@ class PipelineServer:
         pipeline = self.settings.pipeline
         inflight = pipeline.max_inflight_steps or len(self.plan.stages)
         limits = SchedulerLimits(
-            pipeline.max_num_seqs, pipeline.max_batch_size, pipeline.max_queue, pipeline.prefill_chunk, inflight
+            self.plan.kv.slots, pipeline.max_batch_size, pipeline.max_queue, pipeline.prefill_chunk, inflight
         )
         scheduler = Scheduler(limits, self.prompts.eos_token_ids)
         self.engine = Engine(scheduler, executor, recovery=self.pool, max_inflight_steps=inflight)
@@ -249,7 +270,9 @@ def _with_max_tokens(sampling: SamplingParams, max_tokens: int) -> SamplingParam
 
 
 def _ray_executor(plan: ModelPlan, settings: Settings) -> tuple[StepExecutor, StagePool]:
-    pool = StagePool.create(plan.name, plan.model_dir, plan.dtype, plan.stages, plan.max_model_len, settings.pipeline)
+    pool = StagePool.create(
+        plan.name, plan.model_dir, plan.dtype, plan.stages, plan.max_model_len, settings.pipeline, plan.kv.slots
+    )
     return pool.executor(), pool
 
 

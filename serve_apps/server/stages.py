@@ -16,7 +16,7 @@ from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config.serving import PipelineSection
-from serve_apps.engine.executor import RayPipelineExecutor
+from serve_apps.engine.executor import CompiledGraphExecutor, RayPipelineExecutor, StepExecutor
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.messages import StageInfo
 from serve_apps.engine.stage_actor import StageActor, stage_actor_options, torch_threads_for
@@ -43,9 +43,14 @@ class StageRecipe:
 class StagePool:
     """Creates, describes, health-checks, recreates and tears down the stage actors of one pipeline."""
 
-    def __init__(self, recipes: list[StageRecipe], timeout_s: float) -> None:
+    def __init__(
+        self, recipes: list[StageRecipe], timeout_s: float, transport: str = "actor_calls", max_inflight: int = 1
+    ) -> None:
         self.recipes = recipes
         self.timeout_s = timeout_s
+        self.transport = transport
+        self.max_inflight = max_inflight
+        self._executor: StepExecutor | None = None
         self.actors: list[Any] = [recipe.start() for recipe in recipes]
         self.restarts = 0
         self._recovering = asyncio.Lock()
@@ -63,6 +68,7 @@ class StagePool:
         specs: tuple[StageSpec, ...],
         max_len: int,
         pipeline: PipelineSection,
+        kv_slots: int | None = None,
     ) -> "StagePool":
         """Start one actor per stage in bundle i of the current placement group (if any); wait until loaded."""
         placement_group = get_current_placement_group()
@@ -74,7 +80,7 @@ class StagePool:
                 model_dir=str(model_dir),
                 spec=spec,
                 dtype=dtype,
-                kv_slots=pipeline.max_num_seqs,
+                kv_slots=kv_slots or pipeline.max_num_seqs,
                 max_len=max_len,
                 torch_threads=torch_threads_for(pipeline.stage_resources),
                 actor_name=name,
@@ -87,7 +93,8 @@ class StagePool:
                     placement_group_capture_child_tasks=False,
                 )
             recipes.append(StageRecipe(name, config, options))
-        pool = cls(recipes, pipeline.stage_call_timeout_s)
+        inflight = pipeline.max_inflight_steps or len(specs)
+        pool = cls(recipes, pipeline.stage_call_timeout_s, pipeline.transport, inflight)
         pool.wait_ready(max(pipeline.stage_call_timeout_s, LOAD_TIMEOUT_S))
         logger.info("stages ready: %s", ", ".join(pool.names))
         return pool
@@ -106,9 +113,14 @@ class StagePool:
         infos = ray.get([actor.describe.remote() for actor in self.actors], timeout=self.timeout_s)
         return [info.node_id for info in infos]
 
-    def executor(self) -> RayPipelineExecutor:
-        # The executor shares `self.actors`, so a recreated stage is used from the next step on.
-        return RayPipelineExecutor(self.actors, self.timeout_s)
+    def executor(self) -> StepExecutor:
+        """The pipeline's step executor; it shares `self.actors`, so a recreated stage is used from the next step."""
+        if self._executor is None:
+            if self.transport == "compiled_graph":
+                self._executor = CompiledGraphExecutor(self.actors, self.timeout_s, self.max_inflight)
+            else:
+                self._executor = RayPipelineExecutor(self.actors, self.timeout_s)
+        return self._executor
 
     async def recover(self) -> bool:
         """Recreate every stage that does not answer a ping, each in its own bundle; True when all answer."""
@@ -151,6 +163,8 @@ class StagePool:
         await asyncio.wait_for(asyncio.gather(*[actor.ping.remote() for actor in self.actors]), self.timeout_s)
 
     def kill(self) -> None:
+        if isinstance(self._executor, CompiledGraphExecutor):
+            self._executor.close()
         for actor in self.actors:
             with contextlib.suppress(Exception):  # best effort on teardown
                 ray.kill(actor, no_restart=True)
