@@ -69,7 +69,7 @@ def deploy(app: ServeApp, settings: Settings) -> float:
     started = time.perf_counter()
     serve.start(http_options={"host": settings.http.host, "port": settings.http.port})
     builder = _resolve(app.import_path)
-    args = settings.model_dump(mode="json", include={"model", "pipeline", "http", "network"})
+    args = settings.model_dump(mode="json", include={"model", "pipeline", "http", "network", "logging"})
     # Secrets are masked in a JSON dump; payments settings travel as values, unmasked.
     args["payments"] = settings.payments.model_dump(mode="python")
     args["payments"] = {

@@ -55,6 +55,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         settings.payments,
         settings.ray.namespace,
         settings.network,
+        settings.logging,
     )
 
 
