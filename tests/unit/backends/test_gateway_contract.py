@@ -30,6 +30,18 @@ def client() -> openai.OpenAI:
     return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
 
 
+def test_every_replica_class_implements_the_contract() -> None:
+    from serve_apps.backends.llamacpp import LlamaCppServer
+    from serve_apps.backends.protocol import ModelReplica
+    from serve_apps.backends.proxy.server import ProxyServer
+    from serve_apps.backends.vllm_server import VllmServer
+    from serve_apps.server.pipeline_server import PipelineServer
+
+    for replica in (PipelineServer, LlamaCppServer, VllmServer, ProxyServer):
+        assert issubclass(replica, ModelReplica), replica
+    assert not issubclass(LateUsageBackend, ModelReplica)  # a gateway backend, not a replica
+
+
 def test_models_list_backend_and_owner() -> None:
     models = {m.id: m for m in client().models.list().data}
     assert (models["px"].owned_by, models["px"].backend) == ("openai", "proxy")  # type: ignore[attr-defined]
