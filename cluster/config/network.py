@@ -64,8 +64,9 @@ class VerificationSection(Section):
         default=5e-3, gt=0, le=1, description="Largest relative fingerprint difference that still counts as equal."
     )
     timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Timeout of each trace and the referee.")
-    max_concurrent: int = Field(
-        default=2, ge=1, le=64, description="Spot-checks running at once per gateway; further samples are skipped."
+    max_concurrent: int = Field(default=2, ge=1, le=64, description="Spot-checks running at once per gateway.")
+    max_queued: int = Field(
+        default=32, ge=0, le=10_000, description="Sampled checks waiting for a slot; beyond this they are skipped."
     )
     referee_num_cpus: float = Field(
         default=1.0, ge=0, le=64, description="CPUs of the referee task that recomputes a disputed stage."

@@ -3,8 +3,8 @@ replica that served it and on a different one, compare, ask the referee about a 
 report: reputation to the registry, withheld payout to payments, a metric if the metrics module exists.
 
 Runs in background tasks: the client's answer never waits, and nothing here is metered (the client is
-not charged for the re-execution). At most `max_concurrent` checks run at once; further samples are
-skipped (counted), never queued without bound.
+not charged for the re-execution). At most `max_concurrent` checks run at once and `max_queued` wait;
+further samples are skipped (counted), never queued without bound.
 """
 
 import asyncio
@@ -59,6 +59,7 @@ class Verifier:
         self.sample = sample
         self.stats = VerifierStats()
         self._tasks: set[asyncio.Task[Verdict]] = set()
+        self._slots: asyncio.Semaphore | None = None  # created on the event loop, at the first check
 
     def submit(self, request: GenerateRequest, served_replica: str, completion: str) -> asyncio.Task[Verdict] | None:
         """Maybe start a background spot-check of a finished request; returns its task if started."""
@@ -67,13 +68,23 @@ class Verifier:
         if self.sample() >= self.network.verification_fraction:
             return None
         self.stats.sampled += 1
-        if len(self._tasks) >= self.settings.max_concurrent:
+        if len(self._tasks) >= self.settings.max_concurrent + self.settings.max_queued:
             self.stats.skipped_busy += 1
             return None
-        task = asyncio.get_running_loop().create_task(self.verify(request, served_replica, completion))
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.max_concurrent)
+        task = asyncio.get_running_loop().create_task(
+            self._verify_in_slot(self._slots, request, served_replica, completion)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def _verify_in_slot(
+        self, slots: asyncio.Semaphore, request: GenerateRequest, served_replica: str, completion: str
+    ) -> Verdict:
+        async with slots:
+            return await self.verify(request, served_replica, completion)
 
     async def verify(self, request: GenerateRequest, served_replica: str, completion: str) -> Verdict:
         """Trace, compare, referee, report; never raises (a broken check is 'inconclusive')."""
