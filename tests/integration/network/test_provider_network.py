@@ -1,28 +1,44 @@
 """The provider network on a real Ray cluster: two extra Ray nodes on this machine join with wallets
 (`ray start --address ... --labels ... --block`, one process group each), the registry verifies and
-persists them across an actor restart, stages are planned and pinned onto them by label, and when one
-node is stopped the registry marks it dead and the re-plan runs every layer on the other."""
+persists them across an actor restart; then the real Serve application (tiny-llama) is planned onto
+them, its stages pinned by label, and when one node is stopped the placement controller re-plans and
+redeploys while a loop of OpenAI requests keeps succeeding."""
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray import serve
 from solders.keypair import Keypair
 
+from cluster.config import Settings
 from cluster.config.network import NetworkSection
+from cluster.deploy import (
+    ServeApp,
+    deploy,
+    model_costs,
+    plan_deployment,
+    read_serve_config,
+    settings_for,
+    start_controller,
+    with_plans,
+)
 from cluster.network import join as joining
-from cluster.network.placement import ModelCost, capacities_from_records, plan_stages, plan_to_bundles
 from cluster.network.records import NodeCapabilities, NodeRecord
 from cluster.network.registry import call_registry, get_or_create_registry
 from cluster.network.wallet import ProofError, sign_challenge, write_keypair
@@ -30,7 +46,7 @@ from cluster.network.wallet import ProofError, sign_challenge, write_keypair
 pytestmark = pytest.mark.slow
 NAMESPACE = "solanalm-test"
 TIMEOUT_S = 60
-COST = ModelCost(num_layers=6, layer_bytes=2**20, embed_bytes=2**20, head_bytes=2**20, layer_flops_per_token=1e9)
+PROVIDER_CPUS = 2  # one stage of the old and one of the new placement fit during a rolling update
 
 
 class Providers:
@@ -50,12 +66,24 @@ class Providers:
             # which a bare ray.init() on this machine follows, at the test cluster.
             temp_dir = tempfile.mkdtemp(prefix="slm-", dir="/tmp")
             self.temp_dirs.append(temp_dir)
-            self.processes[name] = subprocess.Popen([*command, f"--temp-dir={temp_dir}"], stdout=subprocess.DEVNULL,
-                                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            self.processes[name] = subprocess.Popen(
+                [*command, f"--temp-dir={temp_dir}"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
         node, record = joining.join(
-            ray.get_runtime_context().gcs_address, keypair_path, self.settings, NAMESPACE, region=f"{name}-region",
-            num_cpus=1, capabilities=NodeCapabilities(throughput_gflops=gflops), runner=start, block=True)
+            ray.get_runtime_context().gcs_address,
+            keypair_path,
+            self.settings,
+            NAMESPACE,
+            region=f"{name}-region",
+            num_cpus=PROVIDER_CPUS,
+            capabilities=NodeCapabilities(throughput_gflops=gflops),
+            runner=start,
+            block=True,
+        )
         self.records[name] = record
         return record
 
@@ -74,8 +102,9 @@ class Providers:
 
 @pytest.fixture(scope="module")
 def network(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Providers, Any]]:
-    settings = NetworkSection(registry_name=f"solanalm-registry-{uuid.uuid4().hex[:8]}", persist_interval_s=0,
-                              join_timeout_s=TIMEOUT_S)
+    settings = NetworkSection(
+        registry_name=f"solanalm-registry-{uuid.uuid4().hex[:8]}", persist_interval_s=0, join_timeout_s=TIMEOUT_S
+    )
     registry = get_or_create_registry(settings, NAMESPACE)
     providers = Providers(settings, tmp_path_factory.mktemp("wallets"))
     try:
@@ -90,45 +119,13 @@ def network(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
         kv._internal_kv_del(f"{settings.registry_name}/", del_by_prefix=True, namespace=settings.kv_namespace)
 
 
-@ray.remote(num_cpus=1)
-class FakeStage:
-    """Stands in for a stage actor: reports its node and adds its layer count to the running total."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
-
-    def node(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    def forward(self, layers_done: int) -> int:
-        return layers_done + self.num_layers
-
-
-def deploy(records: list[NodeRecord]) -> tuple[PlacementGroup, list[str], list[ray.actor.ActorHandle]]:
-    plan = plan_stages(COST, capacities_from_records(records, COST), max_stages=4, min_stage_gain=0.0)
-    bundles, selectors = plan_to_bundles(plan, {"CPU": 1})
-    pg = placement_group(bundles, strategy="SPREAD", bundle_label_selector=selectors)
-    ray.get(pg.ready(), timeout=TIMEOUT_S)
-    stage_cls: Any = FakeStage
-    stages = [stage_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote(s.num_layers)
-              for i, s in enumerate(plan.stages)]
-    return pg, plan.node_ids, stages
-
-
-def serve_one(stages: list[ray.actor.ActorHandle]) -> int:
-    done: Any = 0
-    for stage in stages:
-        done = ray.get(stage.forward.remote(done), timeout=TIMEOUT_S)
-    return done
-
-
 def test_providers_join_with_their_labels(network: tuple[Providers, Any]) -> None:
     providers, registry = network
     records = {r.node_id: r for r in call_registry(registry, "list_nodes", timeout_s=TIMEOUT_S)}
     for name, joined in providers.records.items():
         record = records[joined.node_id]
         assert (record.health, record.verified, record.region) == ("alive", True, f"{name}-region")
-        assert record.labels["solanalm.io/wallet"] == record.wallet and record.capabilities.num_cpus == 1.0
+        assert record.labels["solanalm.io/wallet"] == record.wallet and record.capabilities.num_cpus == PROVIDER_CPUS
     assert len(call_registry(registry, "eligible_nodes", timeout_s=TIMEOUT_S)) == 2
 
 
@@ -153,21 +150,133 @@ def test_registry_state_survives_an_actor_restart(network: tuple[Providers, Any]
     assert call_registry(registry, "node_id", timeout_s=TIMEOUT_S) == head
 
 
-def test_stages_follow_the_plan_and_move_when_a_node_leaves(network: tuple[Providers, Any]) -> None:
+class RequestLoop:
+    """Sends small chat requests back to back (official `openai` client) and records every outcome."""
+
+    def __init__(self, client: openai.OpenAI) -> None:
+        self.client = client
+        self.outcomes: list[tuple[float, str]] = []  # (seconds taken, "ok" or the error)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RequestLoop":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(TIMEOUT_S * 2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                ask(self.client)
+                outcome = "ok"
+            except openai.OpenAIError as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            self.outcomes.append((time.perf_counter() - started, outcome))
+
+    def wait_for(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.outcomes) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def ask(client: openai.OpenAI) -> str:
+    reply = client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.0
+    )
+    return reply.choices[0].message.content or ""
+
+
+def stage_nodes(base_url: str) -> list[str]:
+    """Where the pipeline's stages run, as the gateway's /healthz reports (describe of the stage actors)."""
+    try:
+        health = httpx.get(base_url.removesuffix("/v1") + "/healthz", timeout=TIMEOUT_S).json()
+    except httpx.HTTPError:  # the gateway itself is being replaced
+        return []
+    (pipeline,) = health["pipelines"]
+    return [stage["node_id"] for stage in pipeline.get("stages", [])]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def serve_settings(repo_root: Path, cache: Path, tmp: Path, registry_name: str) -> tuple[ServeApp, Settings]:
+    app = read_serve_config(repo_root / "configs" / "serve.yaml")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    settings = settings_for(
+        app,
+        {
+            "ray": {"namespace": NAMESPACE},
+            "model": {
+                "served": ["tiny-llama"],
+                "cache_dir": str(cache),
+                "catalogue": str(repo_root / "configs" / "models.yaml"),
+            },
+            # A replaced pipeline replica gets 5 s to finish (its requests are then re-sent by the gateway);
+            # the replaced gateway may finish its requests for request_timeout_s.
+            "pipeline": {
+                "max_num_seqs": 4,
+                "max_queue": 16,
+                "graceful_shutdown_timeout_s": 5,
+                "request_timeout_s": 120,
+            },
+            "http": {"port": port},
+            "payments": {"state_dir": str(tmp), "actor_name": f"payments-{registry_name}"},
+            "network": {
+                "registry_name": registry_name,
+                "persist_interval_s": 0,
+                "placement": {"min_stage_gain": 0.0, "watch_interval_s": 0.5},
+            },
+        },
+    )
+    return app, settings
+
+
+def test_stages_are_planned_onto_providers_and_move_when_one_leaves(
+    network: tuple[Providers, Any], repo_root: Path, model_cache_dir: Path, tmp_path: Path
+) -> None:
     providers, registry = network
     fast, slow = providers.records["fast"].node_id, providers.records["slow"].node_id
-    pg, planned, stages = deploy(call_registry(registry, "eligible_nodes", timeout_s=TIMEOUT_S))
-    assert planned == [fast, slow] or planned == [slow, fast]
-    assert [ray.get(s.node.remote(), timeout=TIMEOUT_S) for s in stages] == planned
-    assert serve_one(stages) == COST.num_layers
-
-    providers.stop("slow")
-    for stage in stages:
-        ray.kill(stage)
-    remove_placement_group(pg)
-    records = {r.node_id: r for r in call_registry(registry, "list_nodes", timeout_s=TIMEOUT_S)}
-    assert records[slow].health == "dead" and records[fast].health == "alive"
-    pg, planned, stages = deploy(call_registry(registry, "eligible_nodes", timeout_s=TIMEOUT_S))
-    assert planned == [fast]
-    assert serve_one(stages) == COST.num_layers
-    remove_placement_group(pg)
+    app, settings = serve_settings(repo_root, model_cache_dir, tmp_path, providers.settings.registry_name)
+    costs = model_costs(settings)
+    plans = plan_deployment(settings, costs)
+    # tiny-llama: lm_head outweighs the 6 small layers, so the faster node takes the head and one layer.
+    assert plans["tiny-llama"].node_ids == [slow, fast] and plans["tiny-llama"].weights == [5.0, 1.0]
+    deploy(app, with_plans(settings, plans))
+    base_url = f"http://127.0.0.1:{settings.http.port}/v1"
+    client = openai.OpenAI(base_url=base_url, api_key="test", max_retries=0, timeout=TIMEOUT_S * 2)
+    controller = start_controller(app, settings, plans, costs)
+    try:
+        assert stage_nodes(base_url) == [slow, fast]  # each stage runs on its planned provider node
+        with RequestLoop(client) as loop:
+            loop.wait_for(2, TIMEOUT_S)
+            before = len(loop.outcomes)
+            providers.stop("slow")  # that node's `ray start --block` process group only
+            wait_until(lambda: bool(controller.history), TIMEOUT_S, "the controller to re-place")
+            wait_until(lambda: stage_nodes(base_url) == [fast], TIMEOUT_S, "the stages to move to the fast node")
+            loop.wait_for(len(loop.outcomes) + 2, TIMEOUT_S)
+        event = controller.history[0]
+        assert event.departed == (slow,) and event.plans["tiny-llama"].node_ids == [fast]
+        failures = [outcome for _, outcome in loop.outcomes if outcome != "ok"]
+        assert not failures, failures
+        assert len(loop.outcomes) >= before + 3, loop.outcomes
+        slowest = max(taken for taken, _ in loop.outcomes)
+        print(
+            f"re-placement: {len(loop.outcomes)} requests, all ok, slowest {slowest:.1f} s, "
+            f"redeploy {event.redeploy_s:.1f} s"
+        )
+    finally:
+        controller.stop()
+        serve.shutdown()
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(settings.payments.actor_name, namespace=NAMESPACE))
