@@ -10,13 +10,16 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.config import Settings, load_settings
+from cluster.config.network import RoutingWeights
 from cluster.config.serving import PipelineSection
 from cluster.models import load_catalogue
 from serve_apps.backends.deployments import backend_deployment
 from serve_apps.gateway.app import ModelCard
 from serve_apps.gateway.ingress import OpenAIIngress
+from serve_apps.routing.router import ReputationRouter
 from serve_apps.server.pipeline_server import PipelineServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +33,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     for name in settings.model.served:
         spec = catalogue.get(name)
         if spec.backend == "transformers":
-            deployment = pipeline_deployment(name, settings.pipeline, settings.network.placement.node_label_key)
+            deployment = pipeline_deployment(
+                name, settings.pipeline, settings.network.placement.node_label_key, settings.network.routing
+            )
             pipelines[name] = deployment.bind(name, _own_placement(settings, name))
         else:  # llamacpp, vllm, proxy: same replica contract, their own deployment (docs/backends.md)
             pipelines[name] = backend_deployment(spec, settings)
@@ -60,10 +65,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 
 def pipeline_deployment(  # type: ignore[no-untyped-def]
-    model: str, pipeline: PipelineSection, node_label_key: str = "ray.io/node-id"
+    model: str, pipeline: PipelineSection, node_label_key: str = "ray.io/node-id", routing: RoutingWeights | None = None
 ):
     """The PipelineServer deployment of one model: one placement group of one bundle per stage per replica;
-    a planned placement (`pipeline.placements[model]`) pins each bundle to its node by label."""
+    a planned placement (`pipeline.placements[model]`) pins each bundle to its node by label. Requests are
+    routed by the ReputationRouter (serve_apps/routing)."""
     placement = pipeline.placements.get(model)
     pinned = placement is not None and placement.node_ids is not None
     options: dict[str, Any] = {}
@@ -83,8 +89,19 @@ def pipeline_deployment(  # type: ignore[no-untyped-def]
         health_check_period_s=10,
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=pipeline.graceful_shutdown_timeout_s,
+        request_router_config=request_router_config(routing or RoutingWeights()),
         **options,
     )
+
+
+def request_router_config(routing: RoutingWeights) -> RequestRouterConfig:
+    """Serve's router config: the ReputationRouter, fed by each replica's `record_routing_stats`."""
+    fields: dict[str, Any] = {  # Ray's pydantic model confuses mypy's view of its keywords
+        "request_router_class": ReputationRouter,
+        "request_router_kwargs": {"score_tolerance": routing.score_tolerance},
+        "request_routing_stats_period_s": routing.stats_period_s,
+    }
+    return RequestRouterConfig(**fields)
 
 
 def stage_bundles(pipeline: PipelineSection, model: str | None = None) -> list[dict[str, float]]:
