@@ -17,6 +17,7 @@ from cluster.config.serving import RaySection
 from cluster.deploy import (
     ServeApp,
     deploy,
+    drain_and_shutdown,
     plan_deployment,
     read_serve_config,
     settings_for,
@@ -260,10 +261,8 @@ def _serve_until_interrupted(settings: Settings, started_here: bool) -> None:
 
 
 def _shutdown(settings: Settings, stop_head: bool) -> None:
-    from ray import serve
-
     with console.status("draining in-flight requests and removing the serve application..."):
-        serve.shutdown()
+        drain_and_shutdown(settings.http.app_name)
     if stop_head and stop_local_head(_state_dir(settings)):
         console.print("stopped the local Ray head")
     console.print("[green]shut down cleanly[/]")

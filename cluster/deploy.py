@@ -79,6 +79,20 @@ def deploy(app: ServeApp, settings: Settings) -> float:
     return time.perf_counter() - started
 
 
+def drain_and_shutdown(app_name: str) -> None:
+    """Remove the application gracefully, then stop Serve.
+
+    Deleting the application first lets every replica finish its in-flight requests (each deployment's
+    graceful_shutdown_timeout_s) while the HTTP proxies still carry their responses; `serve.shutdown()`
+    alone stops the proxies at once and cuts running streams.
+    """
+    try:
+        serve.delete(app_name)
+    except Exception:  # noqa: BLE001 - no such application (already removed): nothing to drain
+        logger.info("no serve application %r to drain", app_name)
+    serve.shutdown()
+
+
 def model_costs(settings: Settings) -> dict[str, ModelCost]:
     """Per served model: layer, embedding, head and KV bytes (KV for `max_num_seqs` full contexts)."""
     catalogue = load_catalogue(settings.model.catalogue)
