@@ -16,7 +16,7 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         ROUND_DURATION,
         "histogram",
-        "Wall time of one federated round (s), configure to aggregate.",
+        "Wall time of one federated round (s), from sending the global model to aggregating the updates.",
         ("job",),
         LATENCY_BUCKETS_S,
     ),
