@@ -24,6 +24,7 @@ from solders.pubkey import Pubkey
 from solders.signature import Signature
 from solders.transaction import VersionedTransaction
 from spl.token.instructions import get_associated_token_address
+from tqdm import tqdm
 
 from payments import metrics
 from payments.chain.base import ChainBackend
@@ -107,9 +108,11 @@ class Settler:
     async def settle(self, max_batches: int = 100) -> BatchReport:
         """Finish open batches, then batch every payable unpaid earning; one pass."""
         confirmed = paid = count = 0
+        bar = self._progress(max_batches)
         for batch in self.book.open_batches():
             c, p = await self._drive(batch)
             confirmed, paid, count = confirmed + c, paid + p, count + (len(batch.items) if c else 0)
+            bar.update()
         held: set[str] = set()
         for _ in range(max_batches):
             lines, held = await self._select_lines()
@@ -125,12 +128,20 @@ class Settler:
                 paid + p,
                 count + (len(created.items) if c else 0),
             )
+            bar.update()
             if not c:
                 break  # failed or still pending: retry on the next pass, do not burn fees now
+        bar.close()
         pending = len(self.book.open_batches())
         report = BatchReport(confirmed, count, paid, pending, len(held))
         metrics.record_settle_pass(report, sum(self.book.unpaid().values()))
         return report
+
+    def _progress(self, max_batches: int) -> tqdm:
+        """A progress bar over this pass's batches on a terminal (a catch-up can be long); silent elsewhere."""
+        wallets = len(self.book.unpaid())
+        expected = len(self.book.open_batches()) + -(-wallets // max(1, self.config.batch_max_transfers))
+        return tqdm(total=min(expected, max_batches), desc="payout batches", unit="batch", disable=None, leave=False)
 
     async def recover(self) -> BatchReport:
         """Finish only the batches a previous run left open (the restart path)."""
