@@ -1,27 +1,8 @@
-"""Activation fingerprints: a fixed random projection of a stage's output, small enough to ship.
-
-Every process builds the same projection (fixed seed), so two pipelines that compute the same
-activations produce the same fingerprint up to float noise, and a perturbed stage moves it far.
-"""
+"""Comparing activation fingerprints (pure, no torch: the gateway compares, stages compute them in
+`serve_apps.verification.trace`)."""
 
 import math
 from collections.abc import Sequence
-
-import torch
-
-FINGERPRINT_SEED = 0x5EED
-
-
-def projection(hidden_size: int, dims: int, seed: int = FINGERPRINT_SEED) -> torch.Tensor:
-    """[hidden_size, dims] Gaussian matrix, scaled so a projected unit vector has unit variance."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(hidden_size, dims, generator=generator, dtype=torch.float32) / math.sqrt(hidden_size)
-
-
-def fingerprint(hidden: torch.Tensor, dims: int) -> tuple[float, ...]:
-    """Project every position of `hidden` ([..., H]) onto `dims` fixed directions; flattened."""
-    flat = hidden.detach().to(torch.float32).reshape(-1, hidden.shape[-1])
-    return tuple(float(x) for x in (flat @ projection(hidden.shape[-1], dims)).flatten())
 
 
 def distance(a: Sequence[float], b: Sequence[float]) -> float:

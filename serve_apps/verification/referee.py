@@ -12,9 +12,8 @@ import torch
 
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.stage_model import build_stage
-from serve_apps.verification.fingerprint import fingerprint
 from serve_apps.verification.protocol import TraceResult
-from serve_apps.verification.trace import trace_forward
+from serve_apps.verification.trace import fingerprint, trace_forward
 
 
 def reference_fingerprint(model_dir: str, spec: StageSpec, dtype: str, inputs: Any, dims: int) -> tuple[float, ...]:
