@@ -361,6 +361,8 @@ async def _health(gateway: Gateway) -> JSONResponse:
                     "node_id": s.node_id,
                     "rss_bytes": s.rss_bytes,
                     "param_count": s.param_count,
+                    "busy_s": s.busy_s,  # compute seconds since the stage started (busy fraction = Δbusy / Δwall)
+                    "steps": s.steps,
                 }
                 for s in info.stages
             ]
