@@ -9,7 +9,14 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.backends.conftest import GGUF_MODEL, HAS_LLAMA_CPP, UPSTREAM_KEY, Deployed, Upstream
+from tests.integration.backends.conftest import (
+    GGUF_MODEL,
+    HAS_LLAMA_CPP,
+    PROXY_WALLET,
+    UPSTREAM_KEY,
+    Deployed,
+    Upstream,
+)
 
 CHAT = [{"role": "user", "content": "Tell me about the sea."}]
 
@@ -36,7 +43,15 @@ def test_proxy_answers_as_the_upstream_does(deployed: Deployed, upstream: Upstre
         direct.usage.prompt_tokens,
         direct.usage.completion_tokens,
     )
-    assert raw.headers.get("x-solanalm-settlement-id", "").startswith("set_")
+    settlement_id = raw.headers.get("x-solanalm-settlement-id", "")
+    receipt = httpx.get(f"{deployed.base_url}/receipts/{settlement_id}", timeout=30).json()
+    # The proxy operator is the provider and takes the proxy commission (amounts are 0 in open mode).
+    roles = {(share["role"], share["wallet"]) for share in receipt["shares"]}
+    assert {("provider", PROXY_WALLET), ("proxy", PROXY_WALLET)} <= roles, receipt
+    assert (receipt["prompt_tokens"], receipt["completion_tokens"]) == (
+        direct.usage.prompt_tokens,
+        direct.usage.completion_tokens,
+    )
     # The upstream saw the operator's key from the environment variable, never the client's.
     assert upstream.recorder.seen[len(before) :] == [("/v1/chat/completions", f"Bearer {UPSTREAM_KEY}")]
 
