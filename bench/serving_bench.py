@@ -309,11 +309,14 @@ def bench_llama_cpp(plan: Plan, prompts: list[str], threads: int) -> dict:
 
 # -- SolanaLM through its HTTP API -----------------------------------------------------------------
 class ServeProbe:
-    """CPU seconds of the stage processes (pids from /healthz) and of the replica, gateway and proxy."""
+    """CPU seconds of the stage processes (pids from /healthz) and of the replica, gateway and proxy,
+    plus each stage's own compute seconds (`busy_s` in /healthz): `stageN.busy` = the engine-measured
+    busy fraction of stage N, independent of how many threads it uses."""
 
-    def __init__(self, stage_pids: list[int]) -> None:
+    def __init__(self, stage_pids: list[int], base: str | None = None) -> None:
         import psutil
 
+        self.base = base
         self.processes = {f"stage{i}": psutil.Process(pid) for i, pid in enumerate(stage_pids)}
         markers = {"replica": f"pipeline-{MODEL}", "gateway": ":gateway", "proxy": "ProxyActor"}
         for proc in psutil.process_iter(["cmdline"]):
@@ -330,7 +333,19 @@ class ServeProbe:
                 out[name] = times.user + times.system
             except Exception:  # noqa: BLE001 - a process gone mid-run is left out, not fatal
                 continue
+        out.update(self.stage_busy_seconds())
         return out
+
+    def stage_busy_seconds(self) -> dict[str, float]:
+        if self.base is None:
+            return {}
+        import httpx
+
+        try:
+            stages = httpx.get(f"{self.base}/healthz", timeout=30).json()["pipelines"][0]["stages"]
+        except Exception:  # noqa: BLE001 - health unavailable for a moment: no engine figure this phase
+            return {}
+        return {f"stage{s['index']}.busy": float(s.get("busy_s", 0.0)) for s in stages}
 
 
 def stage_cpus_for(stages: int, requested: str, cores: int) -> int:
@@ -385,7 +400,7 @@ def bench_solanalm(
             health = _wait_healthy(base, 600)
             ready_s = time.perf_counter() - started
             pids = [stage["pid"] for stage in health["pipelines"][0]["stages"]]
-            result = asyncio.run(_http_phases(plan, prompts, base, ServeProbe(pids)))
+            result = asyncio.run(_http_phases(plan, prompts, base, ServeProbe(pids, base)))
             result.update(
                 deploy_ready_s=round(ready_s, 1),
                 stage_pids=pids,
