@@ -98,12 +98,8 @@ async def bench_onchain_batch(tmp: Path, asset: str, versioned: bool) -> dict[st
     await _deposit(service, payer, 10**11)
     providers = [str(Keypair().pubkey()) for _ in range(60)]
     for i, wallet in enumerate(providers):
-        service.place_hold(
-            HoldRequest(f"r{i}", str(payer.pubkey()), "m", max_tokens=1, prompt_tokens=100)
-        )
-        service.report_usage(
-            UsageReport(f"r{i}", str(payer.pubkey()), "m", 100, 0, (ProviderShare(wallet, 1),))
-        )
+        service.place_hold(HoldRequest(f"r{i}", str(payer.pubkey()), "m", max_tokens=1, prompt_tokens=100))
+        service.report_usage(UsageReport(f"r{i}", str(payer.pubkey()), "m", 100, 0, (ProviderShare(wallet, 1),)))
         if asset == "spl":  # token accounts exist already: measure transfers, not account creation
             await service.faucet(wallet, 1)
     start = time.perf_counter()
@@ -129,9 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=20_000, help="settlement records to write")
     parser.add_argument("--group", type=int, default=256, help="records per group commit")
-    parser.add_argument(
-        "--single-records", type=int, default=500, help="records for the commit-per-record run"
-    )
+    parser.add_argument("--single-records", type=int, default=500, help="records for the commit-per-record run")
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL")
     parser.add_argument("--providers", type=int, default=64, help="distinct provider wallets")
     args = parser.parse_args()
@@ -139,12 +133,8 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "python": platform.python_version(),
     }
-    result["ledger_group_commit"] = bench_ledger(
-        args.records, args.group, args.synchronous, args.providers
-    )
-    result["ledger_commit_per_record"] = bench_ledger(
-        args.single_records, 1, args.synchronous, args.providers
-    )
+    result["ledger_group_commit"] = bench_ledger(args.records, args.group, args.synchronous, args.providers)
+    result["ledger_commit_per_record"] = bench_ledger(args.single_records, 1, args.synchronous, args.providers)
     result["payouts_per_tx"] = bench_payouts()
     with tempfile.TemporaryDirectory() as tmp:
         for asset in ("sol", "spl"):

@@ -30,9 +30,7 @@ from train_jobs.config import (
 from train_jobs.data import load_examples
 from train_jobs.task import add_lora, base_model_dir, evaluate, load_model, train
 
-LORA = LoraSpec(
-    r=8, alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-)
+LORA = LoraSpec(r=8, alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
 
 
 def local_dp_off_on(ref: ModelRef, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -42,9 +40,7 @@ def local_dp_off_on(ref: ModelRef, args: argparse.Namespace) -> list[dict[str, A
         model, tokenizer = load_model(base_model_dir(ref))
         model = add_lora(model, LORA)
         train_set, held_out = load_examples(DataSpec(max_length=args.max_length), tokenizer)
-        privacy = PrivacySpec(
-            enabled=enabled, noise_multiplier=args.noise, max_grad_norm=1.0, delta=args.delta
-        )
+        privacy = PrivacySpec(enabled=enabled, noise_multiplier=args.noise, max_grad_norm=1.0, delta=args.delta)
         before = evaluate(model, held_out)
         optim = OptimSpec(learning_rate=args.lr, batch_size=args.batch_size, max_steps=args.steps)
         result = train(model, train_set, optim, privacy=privacy)
@@ -78,9 +74,7 @@ def ddp_scaling(ref: ModelRef, args: argparse.Namespace, storage: Path) -> list[
             name=f"bench-ddp-{workers}",
             model=ref,
             data=DataSpec(max_length=args.max_length),
-            optim=OptimSpec(
-                learning_rate=3e-3, batch_size=args.batch_size, max_steps=args.ddp_steps
-            ),
+            optim=OptimSpec(learning_rate=3e-3, batch_size=args.batch_size, max_steps=args.ddp_steps),
             num_workers=workers,
             checkpoint_every_steps=args.ddp_steps,
             storage_path=storage,
@@ -112,9 +106,7 @@ def federated(ref: ModelRef, args: argparse.Namespace, storage: Path) -> dict[st
         data=DataSpec(max_length=args.max_length),
         optim=OptimSpec(learning_rate=2e-2, batch_size=args.batch_size, max_steps=args.fl_steps),
         lora=LORA,
-        privacy=PrivacySpec(
-            enabled=True, noise_multiplier=args.noise, max_grad_norm=1.0, delta=args.delta
-        ),
+        privacy=PrivacySpec(enabled=True, noise_multiplier=args.noise, max_grad_norm=1.0, delta=args.delta),
         num_clients=3,
         num_rounds=args.rounds,
         min_train_clients=3,
@@ -154,9 +146,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--noise", type=float, default=0.8, help="DP-SGD noise multiplier.")
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument(
-        "--address", default=None, help="Ray cluster address (default: start a local head)."
-    )
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local head).")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
