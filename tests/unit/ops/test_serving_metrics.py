@@ -26,7 +26,7 @@ class ThreeTokenBackend:
         return ["fake"]
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
-        text = request.prompt or request.messages[-1].content
+        text = request.prompt or (request.messages or ())[-1].content
         if "overload" in text:
             yield Rejected(503, "busy", code="overloaded", retry_after_s=1)
             return
