@@ -63,3 +63,49 @@ def test_no_body_gets_a_server_error(body: dict, route: str) -> None:
 def test_no_raw_bytes_get_a_server_error(raw: bytes) -> None:
     response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500
+
+
+def _request_validator(route: str):  # type: ignore[no-untyped-def]
+    """A JSON-Schema validator of the request body `route` declares in the served /openapi.json."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT202012
+
+    document = client.get("/openapi.json").json()
+    body = document["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    registry = Registry().with_resource("urn:openapi", DRAFT202012.create_resource(document))
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **_rebase(body)}
+    return Draft202012Validator(schema, registry=registry)
+
+
+def _rebase(node):  # type: ignore[no-untyped-def]
+    """Point `#/components/...` references at the registered OpenAPI document."""
+    if isinstance(node, dict):
+        return {k: ("urn:openapi" + v if k == "$ref" else _rebase(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebase(v) for v in node]
+    return node
+
+
+VALIDATORS = {route: _request_validator(route) for route in ("/v1/chat/completions", "/v1/completions")}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=BODY, route=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+def test_openapi_schema_matches_what_is_accepted(body: dict, route: str) -> None:
+    """What /openapi.json rejects is answered 4xx; what is answered 2xx, /openapi.json accepts."""
+    response = client.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
+    schema_ok = VALIDATORS[route].is_valid(body)
+    if not schema_ok:
+        assert 400 <= response.status_code < 500, (body, response.status_code)
+    if response.status_code < 300:
+        assert schema_ok, body
+
+
+def test_openapi_schema_declares_the_strict_request_models() -> None:
+    chat = VALIDATORS["/v1/chat/completions"]
+    good = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    assert chat.is_valid(good)
+    assert not chat.is_valid({**good, "bogus": 1})  # unknown fields are rejected, and declared so
+    assert not chat.is_valid({**good, "temperature": 7})
+    assert client.post("/v1/chat/completions", json=good).status_code == 200
