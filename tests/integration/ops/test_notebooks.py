@@ -1,7 +1,8 @@
 """The notebooks run end to end on the tiny model (nbclient, a subprocess kernel with its own Ray).
 
 Each notebook ends by printing one JSON summary; the test checks it. The kernels start their own
-local Ray (`ray.init(address="local")`), separate from the session fixture's.
+local Ray (`ray.init(address="local")`), separate from the session fixture's; the two that do so
+are marked slow (`-m "not slow"` skips them).
 """
 
 import json
