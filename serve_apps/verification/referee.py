@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from cluster.network.registry import HEAD_NODE_RESOURCE
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.stage_model import build_stage
 from serve_apps.verification.protocol import TraceResult
@@ -28,16 +29,15 @@ def stage_spec(index: int, layer_start: int, layer_end: int, num_stages: int) ->
 
 
 async def run_referee(served: TraceResult, stage: int, dims: int, num_cpus: float = 1.0) -> tuple[float, ...]:
-    """`reference_fingerprint` of the served pipeline's disputed stage, as a Ray task on this (the
-    gateway's, i.e. the operator's) node when it has room, with the served pipeline's input to it."""
+    """`reference_fingerprint` of the served pipeline's disputed stage on the served pipeline's input to it,
+    as a Ray task on the head node: the operator's machine, never a provider's (the gateway itself may run
+    on a provider node, and a provider must not referee itself)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not served.inputs:
         raise ValueError("the served trace kept no stage inputs")
     trace = served.stages[stage]
     spec = stage_spec(trace.index, trace.layer_start, trace.layer_end, len(served.stages))
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    task: Any = ray.remote(reference_fingerprint).options(num_cpus=num_cpus, scheduling_strategy=here)
+    task: Any = ray.remote(reference_fingerprint).options(num_cpus=num_cpus, resources={HEAD_NODE_RESOURCE: 0.001})
     result: tuple[float, ...] = await task.remote(served.model_dir, spec, served.dtype, served.inputs[stage], dims)
     return result
