@@ -69,7 +69,11 @@ class VerificationSection(Section):
         default=32, ge=0, le=10_000, description="Sampled checks waiting for a slot; beyond this they are skipped."
     )
     referee_num_cpus: float = Field(
-        default=1.0, ge=0, le=64, description="CPUs of the referee task that recomputes a disputed stage."
+        default=0.0,
+        ge=0,
+        le=64,
+        description="Logical CPUs the referee task (recomputes a disputed stage, on the head) reserves; the head"
+        " usually advertises none (k8s: num-cpus 0), so 0.",
     )
 
 
