@@ -131,15 +131,34 @@ async def observe_events(
                 if outcome == "ok":
                     record_finished(model, event, first_at, time.perf_counter())
                 record_request(model, outcome)
+                _log_outcome(model, outcome, started_at, first_at, event)
             yield event
     except Exception:
         if outcome is None:
             outcome = "error"
             record_request(model, outcome)
+            _log_outcome(model, outcome, started_at, first_at, None)
         raise
     finally:
         if outcome is None:  # closed before a Finished: the client went away or the stream was cancelled
             record_request(model, "aborted")
+            _log_outcome(model, "aborted", started_at, first_at, None)
+
+
+def _log_outcome(
+    model: str, outcome: str, started_at: float, first_at: float | None, finished: Finished | None
+) -> None:
+    """One INFO line per request (an access log; with JSON logs it carries the request id)."""
+    fields: dict[str, object] = {"model": model, "outcome": outcome, "duration_s": time.perf_counter() - started_at}
+    if first_at is not None:
+        fields["ttft_s"] = first_at - started_at
+    if finished is not None:
+        fields.update(
+            finish_reason=finished.finish_reason,
+            prompt_tokens=finished.prompt_tokens,
+            completion_tokens=finished.completion_tokens,
+        )
+    logger.info("request %s", outcome, extra=fields)
 
 
 class EngineGauges:

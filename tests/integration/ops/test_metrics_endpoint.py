@@ -1,11 +1,15 @@
 """Serving metrics on Ray's Prometheus endpoint after real requests through a deployed tiny-llama app."""
 
+import contextlib
+import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
+import ray
 from ray import serve
 
 from cluster.deploy import deploy, read_serve_config, settings_for
@@ -23,7 +27,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def base_url(ray_cluster: None, repo_root: Path, model_cache_dir: Path) -> Iterator[str]:
-    """configs/serve.yaml's builder with tiny-llama in one stage, payments off (their metrics: unit tests)."""
+    """configs/serve.yaml's builder: tiny-llama in one stage, JSON logs, payments off (their metrics: unit tests)."""
     app = read_serve_config(repo_root / "configs" / "serve.yaml")
     settings = settings_for(
         app,
@@ -36,6 +40,7 @@ def base_url(ray_cluster: None, repo_root: Path, model_cache_dir: Path) -> Itera
             "pipeline": {"num_stages": 1, "max_num_seqs": SLOTS, "max_queue": 8},
             "http": {"port": _free_port()},
             "payments": {"enabled": False},
+            "logging": {"format": "json", "level": "INFO"},
         },
     )
     deploy(app, settings)
@@ -89,3 +94,35 @@ def test_requests_tokens_latencies_and_engine_gauges_are_exported(base_url: str)
     assert scrape.values("ray_solanalm_queue_depth", model=MODEL)
     # Inside a Serve replica the serving metrics carry Serve's deployment tag.
     assert scrape.total("ray_solanalm_engine_steps_total", model=MODEL, deployment=f"pipeline-{MODEL}") >= 2
+
+
+def _json_lines_with(text: str) -> list[dict]:
+    """JSON log lines of this session's Ray logs (Ray copies each worker's stderr there) containing `text`."""
+    node = ray._private.worker._global_node  # the session's head: its logs directory
+    assert node is not None
+    logs = Path(node.get_logs_dir_path())
+    found = []
+    for path in logs.rglob("*"):
+        if not path.is_file() or path.suffix not in (".err", ".out", ".log"):
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            if text in line and line.lstrip().startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    found.append(json.loads(line))
+    return found
+
+
+def test_gateway_logs_are_json_with_the_request_id(base_url: str) -> None:
+    client = openai.OpenAI(base_url=base_url, api_key="open", max_retries=0, timeout=120)
+    reply = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+    )
+    deadline = time.monotonic() + 20
+    lines = _json_lines_with(reply.id)
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.5)
+        lines = _json_lines_with(reply.id)
+    access = [line for line in lines if line.get("logger") == "serve_apps.metrics"]
+    assert access, f"no JSON access line for {reply.id}"
+    assert access[0]["request_id"] == reply.id and access[0]["message"] == "request ok"
+    assert access[0]["completion_tokens"] == 3 and access[0]["level"] == "INFO"

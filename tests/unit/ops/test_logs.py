@@ -3,24 +3,12 @@
 import io
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 
 from cluster.config import Settings
 from cluster.config.observability import LoggingSection
 from cluster.observability.logs import REQUEST_ID, JsonFormatter, RequestIdFilter, configure_logging
-
-
-@pytest.fixture()
-def restore_root() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name in ("cluster", "serve_apps", "payments", "train_jobs", "bench"):
-        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 def _line(record: logging.LogRecord) -> dict:

@@ -133,3 +133,24 @@ def test_settle_pass_and_federated_round_metrics(monkeypatch: pytest.MonkeyPatch
     assert fake.values(train_metrics.EPSILON, "set") == [1.25]
     assert fake.values(train_metrics.CLIENTS_DROPPED, "inc") == [1]
     assert fake.tags(train_metrics.ROUNDS) == [{"job": "fl-job"}]
+
+
+def test_each_request_logs_one_json_access_line_with_its_request_id(
+    fake: FakeFlavour, client: openai.OpenAI, restore_root: None
+) -> None:
+    import io
+    import json
+    import logging
+
+    from cluster.config.observability import LoggingSection
+    from cluster.observability.logs import JsonFormatter, configure_logging
+
+    configure_logging(LoggingSection(format="json", level="INFO"))
+    (handler,) = [h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter)]
+    stream = io.StringIO()
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    reply = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}])
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (access,) = [line for line in lines if line["logger"] == "serve_apps.metrics"]
+    assert access["message"] == "request ok" and access["request_id"] == reply.id
+    assert access["completion_tokens"] == 3 and access["model"] == "fake" and access["ttft_s"] >= 0
