@@ -149,6 +149,9 @@ class PipelineSection(Section):
         default=0.3, gt=0, le=0.95, description="Share of free memory the stages' KV caches may plan to use."
     )
     prefill_chunk: int = Field(default=512, ge=16, le=65_536, description="Most prompt tokens of one prefill step.")
+    recovery_timeout_s: float = Field(
+        default=300.0, gt=0, le=86_400, description="How long a replica keeps recreating dead stages before giving up."
+    )
     stage_call_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Timeout of one stage call.")
     request_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Whole-request timeout.")
     placements: dict[str, StagePlacement] = Field(

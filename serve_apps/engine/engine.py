@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -35,8 +36,9 @@ class Engine:
         scheduler: Scheduler,
         executor: StepExecutor,
         recovery: PipelineRecovery | None = None,
-        max_recovery_attempts: int = 3,
+        max_recovery_attempts: int = 1000,
         max_inflight_steps: int = 1,
+        recovery_timeout_s: float = 300.0,
     ) -> None:
         if max_inflight_steps < 1:
             raise ValueError("max_inflight_steps must be at least 1")
@@ -44,6 +46,7 @@ class Engine:
         self.executor = executor
         self.recovery = recovery
         self.max_recovery_attempts = max_recovery_attempts
+        self.recovery_timeout_s = recovery_timeout_s  # keep recreating stages this long (they may die again)
         self.max_inflight_steps = max_inflight_steps
         self.recoveries = 0
         self.healthy = True  # False once a recovery gave up; Serve's health check then replaces the replica
@@ -146,7 +149,10 @@ class Engine:
         """Bring dead stages back and replay every live sequence; False when the pipeline stays broken."""
         if self.recovery is None:
             return False
+        deadline = time.monotonic() + self.recovery_timeout_s
         for attempt in range(1, self.max_recovery_attempts + 1):
+            if attempt > 1 and time.monotonic() >= deadline:
+                break
             logger.warning("step failed (%s); recovering the pipeline, attempt %d", exc, attempt)
             try:
                 if await self.recovery.recover():

@@ -127,7 +127,13 @@ class PipelineServer:
             self.plan.kv.slots, pipeline.max_batch_size, pipeline.max_queue, pipeline.prefill_chunk, inflight
         )
         scheduler = Scheduler(limits, self.prompts.eos_token_ids)
-        self.engine = Engine(scheduler, executor, recovery=self.pool, max_inflight_steps=inflight)
+        self.engine = Engine(
+            scheduler,
+            executor,
+            recovery=self.pool,
+            max_inflight_steps=inflight,
+            recovery_timeout_s=pipeline.recovery_timeout_s,
+        )
         self.providers = self._provider_work()
         # Routing and verification: this pipeline's nodes and wallets, the registry, optional fault injection.
         self.node_ids, self.wallets = stage_nodes(self.pool, self.settings.network.label_prefix)

@@ -7,6 +7,7 @@ recreated in the same bundle; the engine then replays every live sequence to reb
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from serve_apps.engine.stage_worker import StageConfig
 
 logger = logging.getLogger(__name__)
 
-NAME_RETRIES = 20  # a dead actor's name is released shortly after its death is known
+NAME_RETRIES = 20
+LOAD_ATTEMPTS = 5  # a dead actor's name is released shortly after its death is known
 LOAD_TIMEOUT_S = 300.0
 
 
@@ -100,13 +102,32 @@ class StagePool:
         return pool
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Block until every stage has loaded its layers; name the ones that did not."""
-        refs = {actor.ping.remote(): name for actor, name in zip(self.actors, self.names, strict=True)}
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        ray.get(ready)  # surfaces a stage that failed to load
-        if pending:
-            self.kill()
-            raise TimeoutError(f"stages not ready after {timeout_s:.0f} s: {', '.join(refs[r] for r in pending)}")
+        """Block until every stage has loaded its layers; a stage that died while loading is started again
+        (up to LOAD_ATTEMPTS times: a provider process may be killed at any moment); name the ones that hang."""
+        deadline = time.monotonic() + timeout_s
+        for _attempt in range(LOAD_ATTEMPTS):
+            refs = {actor.ping.remote(): index for index, actor in enumerate(self.actors)}
+            ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=max(1.0, deadline - time.monotonic()))
+            if pending:
+                self.kill()
+                names = ", ".join(self.names[refs[ref]] for ref in pending)
+                raise TimeoutError(f"stages not ready after {timeout_s:.0f} s: {names}")
+            dead = [refs[ref] for ref in ready if not _answered(ref)]
+            if not dead:
+                return
+            for index in dead:
+                logger.warning("stage %s died while loading; starting it again", self.names[index])
+                self.actors[index] = self._start_blocking(self.recipes[index])
+        self.kill()
+        raise RuntimeError(f"stages kept dying while loading ({LOAD_ATTEMPTS} attempts)")
+
+    def _start_blocking(self, recipe: StageRecipe) -> Any:
+        for _ in range(NAME_RETRIES):
+            try:
+                return recipe.start()
+            except ValueError:  # name still held by the dead actor
+                time.sleep(0.5)
+        raise RuntimeError(f"could not recreate stage {recipe.name}: its name stays taken")
 
     def node_ids(self) -> list[str]:
         """The Ray node each stage runs on (blocking; used once at start-up)."""
@@ -168,3 +189,14 @@ class StagePool:
         for actor in self.actors:
             with contextlib.suppress(Exception):  # best effort on teardown
                 ray.kill(actor, no_restart=True)
+
+
+def _answered(ref: Any) -> bool:
+    """True when a stage's ping came back; False when the stage died (a load error is raised)."""
+    try:
+        ray.get(ref)
+    except ray.exceptions.ActorDiedError as exc:
+        if "creation task" in str(exc) or "__init__" in str(exc):
+            raise  # the stage's constructor failed: loading again would fail the same way
+        return False
+    return True
