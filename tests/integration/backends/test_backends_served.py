@@ -28,6 +28,9 @@ def test_models_list_each_backend_and_owner(deployed: Deployed) -> None:
     if HAS_LLAMA_CPP:
         assert models[GGUF_MODEL].backend == "llamacpp"  # type: ignore[attr-defined]
         assert models[GGUF_MODEL].owned_by == "HuggingFaceTB"
+    health = httpx.get(deployed.base_url.removesuffix("/v1") + "/healthz", timeout=60)
+    assert health.status_code == 200 and {p["status"] for p in health.json()["pipelines"]} == {"ok"}
+    assert {p["model"] for p in health.json()["pipelines"]} == set(models)
 
 
 def test_proxy_answers_as_the_upstream_does(deployed: Deployed, upstream: Upstream) -> None:
