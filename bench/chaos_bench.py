@@ -100,7 +100,11 @@ def stage_actor_names(model: str) -> list[tuple[str, str]]:
 
 
 class Killer(threading.Thread):
-    """Kills a random stage actor of the model every `every_s` seconds until stopped."""
+    """Kills a random stage actor of the model every `every_s` seconds until stopped.
+
+    A tick is skipped while the pipeline is not whole (a previous victim is still being recreated and
+    loading): killing replacements faster than a process can start would test nothing but the clock.
+    """
 
     def __init__(self, model: str, every_s: float, seed: int) -> None:
         super().__init__(daemon=True)
@@ -108,20 +112,33 @@ class Killer(threading.Thread):
         self.random = random.Random(seed)
         self.stop = threading.Event()
         self.kills: list[str] = []
+        self.skipped = 0
 
     def run(self) -> None:
         import ray
 
         while not self.stop.wait(self.every_s):
-            candidates = stage_actor_names(self.model)
-            if not candidates:
+            actors = self._loaded_stages()
+            if not actors:
+                self.skipped += 1
                 continue
-            name, namespace = self.random.choice(candidates)
+            name, actor = self.random.choice(actors)
             try:
-                ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+                ray.kill(actor, no_restart=True)
                 self.kills.append(name)
             except Exception:  # noqa: BLE001 - it may be dead already (being recreated)
                 continue
+
+    def _loaded_stages(self) -> list[tuple[str, Any]]:
+        """Every stage actor, if all of them answer a ping (loaded); else [] (the pipeline is recovering)."""
+        import ray
+
+        try:
+            actors = [(name, ray.get_actor(name, namespace=ns)) for name, ns in stage_actor_names(self.model)]
+            ray.get([actor.ping.remote() for _, actor in actors], timeout=2.0)
+        except Exception:  # noqa: BLE001 - a stage is dead or still loading
+            return []
+        return actors
 
 
 class MemorySampler(threading.Thread):
@@ -319,6 +336,7 @@ def main() -> None:
         "peak_cluster_rss_mib": round(memory.peak_bytes / 2**20, 1),
         "health_after": health.get("status"),
         "killed": killer.kills,
+        "kill_ticks_skipped_while_recovering": killer.skipped,
         "median_tokens_per_request": args.tokens,
         "latency_mean_s": round(statistics.fmean([o.latency_s for o in outcomes]), 3) if outcomes else None,
     }
