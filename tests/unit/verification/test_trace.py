@@ -2,6 +2,7 @@
 and a perturbed stage is caught at exactly that stage and pinned by the referee."""
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaForCausalLM
@@ -47,7 +48,7 @@ def test_the_trace_is_the_unsharded_models_forward(tiny_dir: Path) -> None:
 def test_the_trace_does_not_depend_on_what_the_stage_is_serving(tiny_dir: Path) -> None:
     pipeline = workers(tiny_dir)
     before, _ = trace(pipeline, "a")
-    hidden = None
+    hidden: Any = None
     batch = StepBatch(0, (SeqChunk("other", 0, 0, (1, 2, 3), SamplingParams(temperature=0.0)),))
     for worker in pipeline:  # fill slot 0's KV cache with another sequence
         hidden = worker.forward(batch, hidden)
