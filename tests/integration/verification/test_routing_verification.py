@@ -28,7 +28,14 @@ import openai
 import pytest
 import ray
 from ray import serve
+from solders.hash import Hash
 from solders.keypair import Keypair
+from solders.message import Message
+from solders.pubkey import Pubkey
+from solders.transaction import Transaction
+from spl.token.constants import TOKEN_PROGRAM_ID
+from spl.token.instructions import get_associated_token_address, transfer_checked
+from spl.token.models import TransferCheckedParams
 
 from cluster.config import Settings
 from cluster.deploy import deploy, read_serve_config, settings_for
@@ -37,7 +44,7 @@ from cluster.network.records import NodeCapabilities, NodeRecord
 from cluster.network.registry import call_registry, get_or_create_registry
 from cluster.network.wallet import write_keypair
 from payments.client import PaymentsClient, start_payments_actor
-from payments.protocol import ReceiptQuery, SettlementRecord, SignIn
+from payments.protocol import DepositRequest, ReceiptQuery, SettlementRecord, SignIn
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "solanalm"  # the settings' ray.namespace: where the gateway and replicas look up named actors
@@ -132,10 +139,25 @@ class Cluster:
 
 
 async def api_key_with_balance(client: PaymentsClient, payer: Keypair, amount: int) -> str:
-    """Fund the payer on LiteSVM, deposit to the treasury, sign in (SIWS): an API key that can pay."""
-    from tests.integration.payments.test_actor import deposit
-
-    await deposit(client, payer, amount)
+    """Fund the payer on LiteSVM, deposit the SPL asset to the treasury, sign in (SIWS): an API key that pays."""
+    info = await client.deposit_info()
+    if info.mint is None:
+        raise ValueError("the test payments settle in an SPL token on LiteSVM")
+    await client.faucet(str(payer.pubkey()), amount)
+    mint, treasury = Pubkey.from_string(info.mint), Pubkey.from_string(info.treasury)
+    params = TransferCheckedParams(
+        program_id=TOKEN_PROGRAM_ID,
+        source=get_associated_token_address(payer.pubkey(), mint),
+        mint=mint,
+        dest=get_associated_token_address(treasury, mint),
+        owner=payer.pubkey(),
+        amount=amount,
+        decimals=info.decimals,
+    )
+    blockhash = Hash.from_string(info.blockhash)
+    message = Message.new_with_blockhash([transfer_checked(params)], payer.pubkey(), blockhash)
+    signature = await client.submit_transaction(bytes(Transaction([payer], message, blockhash)))
+    assert (await client.deposit(DepositRequest(signature))).amount == amount
     challenge = await client.challenge(str(payer.pubkey()))
     key = await client.verify(SignIn(challenge.message, str(payer.sign_message(challenge.message.encode()))))
     return key.secret
