@@ -6,6 +6,7 @@ Deploys configs/serve.yaml's builder (one model, N stages), records each prompt'
 quiet system (the baseline), then for `--duration-s` keeps `--streams` concurrent streaming clients busy
 (each sends a prompt, reads the whole stream, sends the next) while a killer picks a random stage actor
 every `--kill-every-s` seconds and kills it (`ray.kill`, no restart: the replica must recreate it).
+Kills stop when the load phase ends; requests still running then finish undisturbed.
 
 Reported (table + one JSON object, also written to --out): requests ok / failed (with the first errors),
 identical-output rate against the baseline, request latency p50/p99, kills made, stage restarts the
@@ -106,9 +107,10 @@ class Killer(threading.Thread):
     loading): killing replacements faster than a process can start would test nothing but the clock.
     """
 
-    def __init__(self, model: str, every_s: float, seed: int) -> None:
+    def __init__(self, model: str, every_s: float, seed: int, duration_s: float) -> None:
         super().__init__(daemon=True)
         self.model, self.every_s = model, every_s
+        self.deadline = time.monotonic() + duration_s  # kills stop with the load phase; stragglers then finish
         self.random = random.Random(seed)
         self.stop = threading.Event()
         self.kills: list[str] = []
@@ -117,7 +119,7 @@ class Killer(threading.Thread):
     def run(self) -> None:
         import ray
 
-        while not self.stop.wait(self.every_s):
+        while not self.stop.wait(self.every_s) and time.monotonic() < self.deadline:
             actors = self._loaded_stages()
             if not actors:
                 self.skipped += 1
@@ -291,7 +293,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--duration-s", type=float, default=60.0)
-    parser.add_argument("--kill-every-s", type=float, default=5.0)
+    parser.add_argument("--kill-every-s", type=float, default=10.0)
     parser.add_argument("--tokens", type=int, default=16, help="completion tokens per request (ignore_eos)")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--max-seqs", type=int, default=64, help="KV slots (= decode batch) of the replica")
@@ -312,7 +314,8 @@ def main() -> None:
     prompts = build_prompts(args.prompts)
     try:
         baseline = asyncio.run(baseline_answers(base, args.model, prompts, args.tokens))
-        killer, memory = Killer(args.model, args.kill_every_s, args.seed), MemorySampler()
+        killer = Killer(args.model, args.kill_every_s, args.seed, args.duration_s)
+        memory = MemorySampler()
         memory.start()
         killer.start()
         wall = time.perf_counter()
