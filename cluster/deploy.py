@@ -38,6 +38,7 @@ class ServeApp:
     import_path: str
     args: dict[str, Any]
     http_options: dict[str, Any]
+    proxy_location: str = "EveryNode"  # Serve's proxies: EveryNode, HeadOnly or Disabled
 
 
 def read_serve_config(path: Path) -> ServeApp:
@@ -53,6 +54,7 @@ def read_serve_config(path: Path) -> ServeApp:
         import_path=app["import_path"],
         args=dict(app.get("args") or {}),
         http_options=dict(raw.get("http_options") or {}),
+        proxy_location=str(raw.get("proxy_location") or "EveryNode"),
     )
 
 
@@ -67,7 +69,9 @@ def settings_for(app: ServeApp, overrides: dict[str, dict[str, Any]]) -> Setting
 def deploy(app: ServeApp, settings: Settings) -> float:
     """Start Serve's HTTP proxy and run the application; returns the seconds it took to become ready."""
     started = time.perf_counter()
-    serve.start(http_options={"host": settings.http.host, "port": settings.http.port})
+    serve.start(
+        proxy_location=app.proxy_location, http_options={"host": settings.http.host, "port": settings.http.port}
+    )
     builder = _resolve(app.import_path)
     args = settings.model_dump(mode="json", include={"model", "pipeline", "http", "network", "logging"})
     # Secrets are masked in a JSON dump; payments settings travel as values, unmasked.
