@@ -1,9 +1,10 @@
 """Reputation routing and spot-check verification on a real cluster: two provider Ray nodes on this
 machine join with their own wallets (real `join()`: `ray start --address ... --labels ... --block`), each
-hosts one replica (2 stages) of tiny-llama; the replica on the "bad" provider has stage 1's weights
+hosts one replica (one stage, to keep the test short; tests/unit/verification pins a faulty stage among
+three) of tiny-llama; the replica on the "bad" provider has its stage's weights
 perturbed (pipeline.fault_injection, the test/chaos tool). With every request spot-checked:
 
-(a) a request the bad pipeline served is caught and pinned on stage 1 of the bad provider's node,
+(a) a request the bad pipeline served is caught and pinned on the bad provider's node,
 (b) that node's reputation drops and the router sends the following requests to the good replica,
 (c) the bad provider's payout for that request is withheld in the ledger; the good one's is untouched.
 """
@@ -49,6 +50,7 @@ from payments.protocol import DepositRequest, ReceiptQuery, SettlementRecord, Si
 pytestmark = pytest.mark.slow
 NAMESPACE = "solanalm"  # the settings' ray.namespace: where the gateway and replicas look up named actors
 SLOT = "slm_verify_slot"  # custom resource: only the two provider nodes have it, one replica's worth each
+STAGES = 1  # per replica
 TIMEOUT_S = 60
 T = TypeVar("T")
 
@@ -83,7 +85,7 @@ class Providers:
         def start(command: list[str]) -> None:
             temp_dir = tempfile.mkdtemp(prefix="slv-", dir="/tmp")  # short: socket paths
             self.temp_dirs.append(temp_dir)
-            command = [*command, f"--resources={json.dumps({SLOT: 2})}", f"--temp-dir={temp_dir}"]
+            command = [*command, f"--resources={json.dumps({SLOT: STAGES})}", f"--temp-dir={temp_dir}"]
             self.processes[name] = subprocess.Popen(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
             )
@@ -205,14 +207,14 @@ def cluster(
             for future in joined:
                 future.result()
         pipeline = {
-            "num_stages": 2,
+            "num_stages": STAGES,
             "num_replicas": 2,
             "placement_strategy": "STRICT_PACK",
             "max_num_seqs": 4,
             "max_queue": 16,
             "stage_resources": {"CPU": 1, SLOT: 1},
             "fault_injection": {
-                "stage_index": 1,
+                "stage_index": STAGES - 1,
                 "noise_scale": 0.5,
                 "node_label": f"solanalm.io/wallet={providers.records['bad'].wallet}",
             },
@@ -252,7 +254,7 @@ def test_a_faulty_stage_is_caught_routed_away_from_and_not_paid(cluster: Cluster
             break
     assert served_by_bad is not None, "the bad replica never got a request"
 
-    # (a) + (c): the check of that request pins stage 1 of the bad node and withholds its payout.
+    # (a) + (c): the check of that request pins the bad node's stage and withholds its payout.
     def withheld() -> SettlementRecord | None:
         record = cluster.receipt(served_by_bad.settlement_id)
         return record if provider_wallets(record, "withheld") else None
