@@ -562,8 +562,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--transports",
-        default="compiled_graph",
-        help="stage transports to compare (comma list of compiled_graph, actor_calls); the first is solanalm-N",
+        default="auto",
+        help="stage transports to compare (comma list of auto, compiled_graph, actor_calls); the first is solanalm-N",
     )
     args = parser.parse_args()
 

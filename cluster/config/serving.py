@@ -9,7 +9,7 @@ from cluster.config.base import Section
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 DType = Literal["float32", "bfloat16"]
-Transport = Literal["compiled_graph", "actor_calls"]
+Transport = Literal["auto", "compiled_graph", "actor_calls"]
 
 
 class RaySection(Section):
@@ -137,8 +137,12 @@ class PipelineSection(Section):
         description="Steps in flight at once (pipelining: decodes split into this many micro-batches); None: stages.",
     )
     transport: Transport = Field(
-        default="compiled_graph",
-        description="Stage-to-stage transport: a Ray compiled graph (shared-memory channels) or plain actor calls.",
+        default="auto",
+        description=(
+            "Stage-to-stage transport: compiled_graph (Ray compiled graph, shared-memory channels), actor_calls "
+            "(plain actor calls), or auto: a compiled graph while every stage is on one node and nothing failed, "
+            "then actor calls for good."
+        ),
     )
     kv_cache_bytes: int | None = Field(
         default=None,

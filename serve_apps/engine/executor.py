@@ -8,6 +8,7 @@ stage processes, well under 1 ms per hop). Both submit steps in call order, whic
 import asyncio
 import contextlib
 import logging
+import threading
 from typing import Any, Protocol
 
 from serve_apps.engine.messages import StepBatch, StepResult
@@ -133,11 +134,52 @@ class CompiledGraphExecutor:
         return self._dag
 
     def close(self) -> None:
-        """Tear the graph down (idempotent); the next step compiles a new one."""
+        """Tear the graph down (idempotent, in the background); the next step compiles a new one."""
         dag, self._dag = self._dag, None
         if dag is not None:
-            with contextlib.suppress(Exception):  # a graph with a dead stage may fail to tear down cleanly
-                dag.teardown()
+            # Teardown waits on the stages' graph loops; with a dead stage that can take long, so it must
+            # not block the replica's event loop.
+            threading.Thread(target=_teardown, args=(dag,), daemon=True, name="cgraph-teardown").start()
+
+
+class FallbackExecutor:
+    """A compiled graph until its first failure, plain actor calls from then on (`transport: auto`).
+
+    Ray 2.55's compiled graphs do not always survive a stage's death (a recompiled graph can hang
+    when the surviving stages' old graph loops have not exited), so after one failure the replica
+    keeps the slower transport that recovers reliably. The failing step is reported as usual and the
+    engine's recovery replays it.
+    """
+
+    def __init__(self, fast: "CompiledGraphExecutor", robust: RayPipelineExecutor) -> None:
+        self.fast: CompiledGraphExecutor | None = fast
+        self.robust = robust
+
+    @property
+    def transport(self) -> str:
+        return "compiled_graph" if self.fast is not None else "actor_calls"
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        fast = self.fast
+        if fast is None:
+            return await self.robust.execute(batch)
+        try:
+            return await fast.execute(batch)
+        except StageCallError:
+            if self.fast is not None:
+                logger.warning("compiled graph failed; this pipeline uses actor calls from now on")
+                self.fast = None
+                fast.close()
+            raise
+
+    def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
+
+
+def _teardown(dag: Any) -> None:
+    with contextlib.suppress(Exception):  # a graph with a dead stage may fail to tear down cleanly
+        dag.teardown()
 
 
 async def _awaited(future: Any) -> Any:

@@ -17,7 +17,7 @@ from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config.serving import PipelineSection
-from serve_apps.engine.executor import CompiledGraphExecutor, RayPipelineExecutor, StepExecutor
+from serve_apps.engine.executor import CompiledGraphExecutor, FallbackExecutor, RayPipelineExecutor, StepExecutor
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.messages import StageInfo
 from serve_apps.engine.stage_actor import StageActor, stage_actor_options, torch_threads_for
@@ -46,7 +46,7 @@ class StagePool:
     """Creates, describes, health-checks, recreates and tears down the stage actors of one pipeline."""
 
     def __init__(
-        self, recipes: list[StageRecipe], timeout_s: float, transport: str = "actor_calls", max_inflight: int = 1
+        self, recipes: list[StageRecipe], timeout_s: float, transport: str = "auto", max_inflight: int = 1
     ) -> None:
         self.recipes = recipes
         self.timeout_s = timeout_s
@@ -137,10 +137,16 @@ class StagePool:
     def executor(self) -> StepExecutor:
         """The pipeline's step executor; it shares `self.actors`, so a recreated stage is used from the next step."""
         if self._executor is None:
+            compiled = CompiledGraphExecutor(self.actors, self.timeout_s, self.max_inflight)
+            plain = RayPipelineExecutor(self.actors, self.timeout_s)
             if self.transport == "compiled_graph":
-                self._executor = CompiledGraphExecutor(self.actors, self.timeout_s, self.max_inflight)
+                self._executor = compiled
+            elif self.transport == "auto" and len(set(self.node_ids())) == 1:
+                # Across nodes a compiled graph pushes through Ray's mutable objects, and a provider node
+                # leaving has crashed the other nodes' raylets: only single-node pipelines use it.
+                self._executor = FallbackExecutor(compiled, plain)
             else:
-                self._executor = RayPipelineExecutor(self.actors, self.timeout_s)
+                self._executor = plain
         return self._executor
 
     async def recover(self) -> bool:
@@ -184,7 +190,7 @@ class StagePool:
         await asyncio.wait_for(asyncio.gather(*[actor.ping.remote() for actor in self.actors]), self.timeout_s)
 
     def kill(self) -> None:
-        if isinstance(self._executor, CompiledGraphExecutor):
+        if isinstance(self._executor, CompiledGraphExecutor | FallbackExecutor):
             self._executor.close()
         for actor in self.actors:
             with contextlib.suppress(Exception):  # best effort on teardown

