@@ -69,6 +69,9 @@ def start_payments_actor(
         max_restarts=-1,
         max_concurrency=1000,
         num_cpus=0,
+        # The ledger lives on the head's disk (state_dir): a restarted actor must come back on the head,
+        # never on a provider node, where it would open an empty ledger.
+        resources={"node:__internal_head__": 0.001},
     )
     handle: Any = remote_cls.remote(section, settle_loop, crash_hook)
     ray.get(handle.ready.remote(), timeout=max(section.actor_call_timeout_s, 60.0))
