@@ -208,6 +208,9 @@ def cluster(
                 future.result()
         pipeline = {
             "num_stages": STAGES,
+            # As in tests/integration/network: no compiled graph on the extra raylets of this one machine
+            # (the first requests hung there with transport "auto").
+            "transport": "actor_calls",
             "num_replicas": 2,
             "placement_strategy": "STRICT_PACK",
             "max_num_seqs": 4,
