@@ -4,15 +4,17 @@ Named in the deployment's `request_router_config` (see serve_apps.builder). Each
 `record_routing_stats()` reports its pipeline score (serve_apps.routing.stats); Serve's controller polls
 it every `request_routing_stats_period_s` and hands it to every router as `RunningReplica.routing_stats`.
 
-Not FIFOMixin: that mixin hands a chosen replica to the oldest pending request, which would send a
-pinned verification trace (or anything else) to a replica chosen for another request. The base class
-assigns each choice to the request it was made for.
+With FIFOMixin, as Serve's own routers: the base class alone assigns a choice only to the request it
+was made for, and when that request is no longer routable Serve 2.55's routing loop spins without
+awaiting (found under the chaos benchmark: the gateway's router thread held the GIL, its replica
+queue-length probes timed out, every request hung). FIFO assignment may hand a pinned verification
+trace to a replica chosen for another request; that replica refuses it and the verifier retries.
 """
 
 import random
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from serve_apps.routing.ranking import (
     ROUTING_HINT_KWARG,
@@ -26,7 +28,7 @@ from serve_apps.routing.ranking import (
 DEFAULT_SCORE_TOLERANCE = 0.02
 
 
-class ReputationRouter(RequestRouter):
+class ReputationRouter(FIFOMixin, RequestRouter):
     """Ranks replicas by their reported pipeline score; power of two choices where scores are missing."""
 
     _tolerance: float = DEFAULT_SCORE_TOLERANCE

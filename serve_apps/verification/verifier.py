@@ -18,12 +18,13 @@ from typing import Any
 
 from cluster.config.network import NetworkSection
 from serve_apps.protocol import GenerateRequest
-from serve_apps.routing.ranking import ROUTING_HINT_KWARG, RoutingHint
+from serve_apps.routing.ranking import ROUTING_HINT_KWARG, RoutingHint, hint_violation
 from serve_apps.verification.judge import first_mismatch, judge, precheck
 from serve_apps.verification.protocol import TraceRequest, TraceResult, Verdict
 from serve_apps.verification.reporting import VerificationReporter, Withhold
 
 logger = logging.getLogger(__name__)
+TRACE_ATTEMPTS = 4  # a pinned/avoiding trace refused by the replica FIFO routing picked is sent again
 
 # (served trace, disputed stage index, fingerprint dims) -> the stage's reference fingerprint
 Referee = Callable[[TraceResult, int, int], Awaitable[tuple[float, ...]]]
@@ -133,9 +134,16 @@ class Verifier:
         return judge(served, other, stage, reference, self.settings.tolerance), served, other
 
     async def _trace(self, handle: Any, request: TraceRequest, hint: RoutingHint) -> TraceResult:
-        call = handle.trace.remote(request, **{ROUTING_HINT_KWARG: hint})
-        result: TraceResult = await asyncio.wait_for(call, self.settings.timeout_s)
-        return result
+        """The trace on a replica the hint allows; a refusal (FIFO routing handed the call to another
+        replica) is retried a few times before it counts."""
+        attempt = 1
+        while True:
+            call = handle.trace.remote(request, **{ROUTING_HINT_KWARG: hint})
+            result: TraceResult = await asyncio.wait_for(call, self.settings.timeout_s)
+            refused = result.error is not None and hint_violation(hint, result.replica_id) is not None
+            if not refused or attempt >= TRACE_ATTEMPTS:
+                return result
+            attempt += 1
 
     def _count(self, request_id: str, verdict: Verdict) -> None:
         if verdict.outcome == "passed":
