@@ -144,7 +144,7 @@ class Killer(threading.Thread):
 
 
 class MemorySampler(threading.Thread):
-    """Peak summed RSS of Ray's processes (raylet, GCS, workers: the cluster) and of this process."""
+    """Peak summed RSS of this run's Ray cluster (GCS, raylet and every worker under it) and this process."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -157,15 +157,31 @@ class MemorySampler(threading.Thread):
 
 
 def cluster_rss_bytes() -> int:
-    import psutil
+    """RSS of the processes Ray started for this driver (and their children), plus the driver itself.
 
-    total = 0
-    for proc in psutil.process_iter(["cmdline", "memory_info"]):
-        line = " ".join(proc.info.get("cmdline") or [])
-        if "ray::" in line or "raylet" in line or "gcs_server" in line or "chaos_bench" in line:
-            info = proc.info.get("memory_info")
-            total += info.rss if info else 0
-    return total
+    Only this session's processes: other Ray clusters on the machine (other test runs) are not counted.
+    """
+    import os
+
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node  # the local node this driver started
+    roots = [psutil.Process(os.getpid())]
+    for infos in node.all_processes.values() if node is not None else ():
+        for info in infos:
+            try:
+                roots.append(psutil.Process(info.process.pid))
+            except psutil.Error:
+                continue
+    seen: dict[int, int] = {}
+    for root in roots:
+        try:
+            for proc in [root, *root.children(recursive=True)]:
+                seen[proc.pid] = proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return sum(seen.values())
 
 
 # -- the client side ---------------------------------------------------------------------------------
