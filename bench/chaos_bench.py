@@ -168,7 +168,8 @@ def cluster_rss_bytes() -> int:
 
     node = ray._private.worker._global_node  # the local node this driver started
     roots = [psutil.Process(os.getpid())]
-    for infos in node.all_processes.values() if node is not None else ():
+    started: list[Any] = list(node.all_processes.values()) if node is not None else []
+    for infos in started:
         for info in infos:
             try:
                 roots.append(psutil.Process(info.process.pid))
