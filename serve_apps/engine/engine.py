@@ -84,6 +84,11 @@ class Engine:
             if not finished:
                 self.abort(seq.seq_id, "abort")
 
+    def ready(self, seq_id: str) -> int:
+        """Tokens of `seq_id` already sampled and waiting in its stream (the reader is behind)."""
+        queue = self._queues.get(seq_id)
+        return queue.qsize() if queue is not None else 0
+
     def abort(self, seq_id: str, reason: str) -> None:
         """Finish a sequence now; its slot is released with the next step."""
         self.scheduler.finish(seq_id, reason)

@@ -201,21 +201,24 @@ class PipelineServer:
         )
 
     async def _text_events(self, request, seq, first, events, prompt_tokens):  # type: ignore[no-untyped-def]
+        """Detokenized text per token; tokens already waiting (the reader fell behind) go out as one delta,
+        so a loaded gateway gets fewer, larger messages instead of falling further behind."""
         detok = Detokenizer(self.prompts.tokenizer, request.sampling.stop)
-        count, event = 0, first
+        count, event, pending = 0, first, ""
         try:
             while True:
                 count += 1
                 final = event.finish_reason is not None
-                text = detok.add(event.token_id, final=final)
+                pending += detok.add(event.token_id, final=final)
                 if detok.stopped:
                     self.engine.abort(seq.seq_id, "stop")
-                    if text:
-                        yield TextDelta(text, count)
+                    if pending:
+                        yield TextDelta(pending, count)
                     yield Finished("stop", prompt_tokens, count, providers=self.providers)
                     return
-                if text:
-                    yield TextDelta(text, count)
+                if pending and (final or not self.engine.ready(seq.seq_id)):
+                    yield TextDelta(pending, count)
+                    pending = ""
                 if final:
                     yield Finished(event.finish_reason, prompt_tokens, count, providers=self.providers)
                     return
