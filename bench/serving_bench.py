@@ -562,7 +562,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--transports",
-        default="auto",
+        default="actor_calls",
         help="stage transports to compare (comma list of auto, compiled_graph, actor_calls); the first is solanalm-N",
     )
     args = parser.parse_args()

@@ -137,7 +137,7 @@ class PipelineSection(Section):
         description="Steps in flight at once (pipelining: decodes split into this many micro-batches); None: stages.",
     )
     transport: Transport = Field(
-        default="auto",
+        default="actor_calls",
         description=(
             "Stage-to-stage transport: compiled_graph (Ray compiled graph, shared-memory channels), actor_calls "
             "(plain actor calls), or auto: a compiled graph while every stage is on one node and nothing failed, "

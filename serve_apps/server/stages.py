@@ -46,7 +46,7 @@ class StagePool:
     """Creates, describes, health-checks, recreates and tears down the stage actors of one pipeline."""
 
     def __init__(
-        self, recipes: list[StageRecipe], timeout_s: float, transport: str = "auto", max_inflight: int = 1
+        self, recipes: list[StageRecipe], timeout_s: float, transport: str = "actor_calls", max_inflight: int = 1
     ) -> None:
         self.recipes = recipes
         self.timeout_s = timeout_s

@@ -46,7 +46,8 @@ def served(
                 "cache_dir": str(model_cache_dir),
                 "catalogue": str(repo_root / "configs" / "models.yaml"),
             },
-            "pipeline": {"num_stages": STAGES, "max_num_seqs": 16, "max_queue": 64},
+            # transport auto: these tests also cover the compiled graph and its fall-back to actor calls.
+            "pipeline": {"num_stages": STAGES, "max_num_seqs": 16, "max_queue": 64, "transport": "auto"},
             "http": {"port": _free_port()},
             "payments": {"state_dir": str(tmp_path_factory.mktemp("payments")), "actor_name": "solanalm-payments-test"},
         },
