@@ -19,40 +19,27 @@ Commitment = Literal["processed", "confirmed", "finalized"]
 class ModelPrice(Section):
     """Price of one model, in base units per 1,000 tokens."""
 
-    prompt_per_1k: int = Field(
-        default=1_000, ge=0, le=10**15, description="Base units per 1k prompt tokens."
-    )
-    completion_per_1k: int = Field(
-        default=2_000, ge=0, le=10**15, description="Base units per 1k completion tokens."
-    )
+    prompt_per_1k: int = Field(default=1_000, ge=0, le=10**15, description="Base units per 1k prompt tokens.")
+    completion_per_1k: int = Field(default=2_000, ge=0, le=10**15, description="Base units per 1k completion tokens.")
 
 
 class PaymentsSection(Section):
     """Ledger, pricing, wallet sign-in and Solana settlement."""
 
-    enabled: bool = Field(
-        default=False, description="Meter and settle requests through the payments actor."
-    )
-    open_mode: bool = Field(
-        default=False, description="Serve without authentication or charging (embedded demo only)."
-    )
+    enabled: bool = Field(default=False, description="Meter and settle requests through the payments actor.")
+    open_mode: bool = Field(default=False, description="Serve without authentication or charging (embedded demo only).")
     operator_wallet: str | None = Field(
         default=None,
         description="Wallet credited for stages on nodes without a provider wallet label (the operator's own"
         " machines); None: the network treasury.",
     )
-    actor_name: str = Field(
-        default="solanalm-payments", min_length=1, description="Named detached Ray actor."
-    )
-    actor_call_timeout_s: float = Field(
-        default=10.0, gt=0, le=600, description="Timeout of one actor call."
-    )
+    actor_name: str = Field(default="solanalm-payments", min_length=1, description="Named detached Ray actor.")
+    actor_call_timeout_s: float = Field(default=10.0, gt=0, le=600, description="Timeout of one actor call.")
 
     # Ledger
     database_url: SecretStr | None = Field(
         default=None,
-        description="SQLAlchemy URL (postgresql+psycopg://... for several gateways);"
-        " None: SQLite in state_dir.",
+        description="SQLAlchemy URL (postgresql+psycopg://... for several gateways); None: SQLite in state_dir.",
     )
     state_dir: Path = Field(
         default=Path("~/.local/state/solanalm/payments"),
@@ -74,9 +61,7 @@ class PaymentsSection(Section):
     prices: dict[str, ModelPrice] = Field(
         default_factory=dict, description="Per-model prices; models not listed use default_price."
     )
-    default_price: ModelPrice = Field(
-        default_factory=ModelPrice, description="Price of unlisted models."
-    )
+    default_price: ModelPrice = Field(default_factory=ModelPrice, description="Price of unlisted models.")
     network_commission_bps: int = Field(
         default=500,
         ge=0,
@@ -95,15 +80,9 @@ class PaymentsSection(Section):
         default="litesvm",
         description="litesvm: in-process runtime (embedded); rpc: JSON-RPC validator.",
     )
-    rpc_url: str = Field(
-        default="http://127.0.0.1:8899", description="JSON-RPC endpoint (rpc backend)."
-    )
-    commitment: Commitment = Field(
-        default="confirmed", description="Commitment for reads and confirmations."
-    )
-    rpc_timeout_s: float = Field(
-        default=10.0, gt=0, le=300, description="Timeout of one JSON-RPC call."
-    )
+    rpc_url: str = Field(default="http://127.0.0.1:8899", description="JSON-RPC endpoint (rpc backend).")
+    commitment: Commitment = Field(default="confirmed", description="Commitment for reads and confirmations.")
+    rpc_timeout_s: float = Field(default=10.0, gt=0, le=300, description="Timeout of one JSON-RPC call.")
     treasury_keypair_path: Path | None = Field(
         default=None,
         description="Solana CLI JSON keypair of the treasury; None: generated in state_dir.",
@@ -113,9 +92,7 @@ class PaymentsSection(Section):
         default=None,
         description="SPL token mint (base58); None on litesvm: a mint is created at start.",
     )
-    mint_decimals: int = Field(
-        default=6, ge=0, le=18, description="Decimals of the mint created on litesvm."
-    )
+    mint_decimals: int = Field(default=6, ge=0, le=18, description="Decimals of the mint created on litesvm.")
 
     # Settlement
     batch_max_transfers: int = Field(
@@ -128,26 +105,16 @@ class PaymentsSection(Section):
         default=False,
         description="Send v0 payout transactions with treasury-owned address lookup tables.",
     )
-    compute_unit_limit: int = Field(
-        default=200_000, ge=1_000, le=1_400_000, description="CU limit per batch."
-    )
+    compute_unit_limit: int = Field(default=200_000, ge=1_000, le=1_400_000, description="CU limit per batch.")
     compute_unit_price_micro_lamports: int = Field(
         default=1_000, ge=0, le=10**9, description="Priority fee per CU, micro-lamports."
     )
-    min_payout: int = Field(
-        default=1, ge=1, le=10**15, description="Smallest payout sent, base units."
-    )
-    settle_interval_s: float = Field(
-        default=30.0, gt=0, le=86_400, description="Period of the settle loop."
-    )
+    min_payout: int = Field(default=1, ge=1, le=10**15, description="Smallest payout sent, base units.")
+    settle_interval_s: float = Field(default=30.0, gt=0, le=86_400, description="Period of the settle loop.")
 
     # Sign-in
-    siws_domain: str = Field(
-        default="localhost", min_length=1, description="Domain a SIWS message must name."
-    )
-    nonce_ttl_s: int = Field(
-        default=300, ge=10, le=86_400, description="Lifetime of a sign-in nonce."
-    )
+    siws_domain: str = Field(default="localhost", min_length=1, description="Domain a SIWS message must name.")
+    nonce_ttl_s: int = Field(default=300, ge=10, le=86_400, description="Lifetime of a sign-in nonce.")
     message_max_age_s: int = Field(
         default=600,
         ge=10,

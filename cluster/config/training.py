@@ -18,9 +18,7 @@ RewardSinkKind = Literal["auto", "actor", "jsonl"]
 class TrainingSection(Section):
     """Ray Train and Flower defaults shared by the training jobs."""
 
-    jobs_dir: Path = Field(
-        default=Path("configs/train"), description="Directory of training job YAML files."
-    )
+    jobs_dir: Path = Field(default=Path("configs/train"), description="Directory of training job YAML files.")
     output_dir: Path = Field(
         default=Path("~/.cache/solanalm/train"),
         description="Default storage for checkpoints and run summaries when a job sets none.",
