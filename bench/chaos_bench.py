@@ -21,6 +21,7 @@ import json
 import random
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark's helpers
+
+from serving_bench import _wait_healthy as wait_healthy  # noqa: E402 - after the path entry
+from serving_bench import percentile  # noqa: E402
 
 
 @dataclass
@@ -54,17 +59,6 @@ class ChaosReport:
     @property
     def identical_rate(self) -> float:
         return self.identical / self.requests_ok if self.requests_ok else 0.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]) of a non-empty list."""
-    if not values:
-        raise ValueError("percentile of an empty list")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def summarize(outcomes: list[Outcome], baseline: list[str], kills: int) -> ChaosReport:
@@ -285,23 +279,6 @@ def deploy_app(args: argparse.Namespace, port: int) -> tuple[str, dict]:
     deploy(app, settings)
     base = f"http://127.0.0.1:{port}"
     return base, wait_healthy(base, 600)
-
-
-def wait_healthy(base: str, timeout_s: float) -> dict:
-    """/healthz once it reports a pipeline with its stages."""
-    import httpx
-
-    deadline, last = time.monotonic() + timeout_s, ""
-    while time.monotonic() < deadline:
-        try:
-            reply = httpx.get(f"{base}/healthz", timeout=30)
-            if reply.status_code == 200 and reply.json()["pipelines"][0].get("stages"):
-                return dict(reply.json())
-            last = reply.text[:200]
-        except Exception as exc:  # noqa: BLE001 - not up yet
-            last = repr(exc)
-        time.sleep(2)
-    raise TimeoutError(f"{base}/healthz not ready after {timeout_s:.0f} s: {last}")
 
 
 def main() -> None:
