@@ -34,9 +34,6 @@ from solders.keypair import Keypair
 from solders.message import Message
 from solders.pubkey import Pubkey
 from solders.transaction import Transaction
-from spl.token.constants import TOKEN_PROGRAM_ID
-from spl.token.instructions import get_associated_token_address, transfer_checked
-from spl.token.models import TransferCheckedParams
 
 from cluster.config import Settings
 from cluster.deploy import deploy, read_serve_config, settings_for
@@ -44,7 +41,9 @@ from cluster.network import join as joining
 from cluster.network.records import NodeCapabilities, NodeRecord
 from cluster.network.registry import call_registry, get_or_create_registry
 from cluster.network.wallet import write_keypair
+from payments.chain.tx import AssetSpec
 from payments.client import PaymentsClient, start_payments_actor
+from payments.deposits import deposit_instruction
 from payments.protocol import DepositRequest, ReceiptQuery, SettlementRecord, SignIn
 
 pytestmark = pytest.mark.slow
@@ -146,18 +145,10 @@ async def api_key_with_balance(client: PaymentsClient, payer: Keypair, amount: i
     if info.mint is None:
         raise ValueError("the test payments settle in an SPL token on LiteSVM")
     await client.faucet(str(payer.pubkey()), amount)
-    mint, treasury = Pubkey.from_string(info.mint), Pubkey.from_string(info.treasury)
-    params = TransferCheckedParams(
-        program_id=TOKEN_PROGRAM_ID,
-        source=get_associated_token_address(payer.pubkey(), mint),
-        mint=mint,
-        dest=get_associated_token_address(treasury, mint),
-        owner=payer.pubkey(),
-        amount=amount,
-        decimals=info.decimals,
-    )
+    asset = AssetSpec(Pubkey.from_string(info.mint), info.decimals)
+    ix = deposit_instruction(payer.pubkey(), Pubkey.from_string(info.treasury), asset, amount)
     blockhash = Hash.from_string(info.blockhash)
-    message = Message.new_with_blockhash([transfer_checked(params)], payer.pubkey(), blockhash)
+    message = Message.new_with_blockhash([ix], payer.pubkey(), blockhash)
     signature = await client.submit_transaction(bytes(Transaction([payer], message, blockhash)))
     assert (await client.deposit(DepositRequest(signature))).amount == amount
     challenge = await client.challenge(str(payer.pubkey()))
