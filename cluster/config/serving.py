@@ -9,6 +9,7 @@ from cluster.config.base import Section
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 DType = Literal["float32", "bfloat16"]
+WeightQuant = Literal["none", "int8", "int4"]
 Transport = Literal["auto", "compiled_graph", "actor_calls"]
 
 
@@ -64,6 +65,9 @@ class ModelSection(Section):
         description="Converted-weights cache (safetensors per model and dtype) and local state.",
     )
     dtype: DType | None = Field(default=None, description="Override every model's catalogue dtype.")
+    weight_quant: WeightQuant | None = Field(
+        default=None, description="Override every model's catalogue weight_quant (none, int8, int4)."
+    )
 
     @field_validator("cache_dir")
     @classmethod
@@ -151,6 +155,13 @@ class PipelineSection(Section):
     )
     kv_memory_fraction: float = Field(
         default=0.3, gt=0, le=0.95, description="Share of free memory the stages' KV caches may plan to use."
+    )
+    low_bit_max_tokens: int = Field(
+        default=6,
+        ge=0,
+        le=4096,
+        description="Steps of at most this many tokens use a model's int4/int8 weights (weight_quant), larger ones "
+        "the dense weights: low-bit kernels win while reading weights dominates (docs/benchmarks.md).",
     )
     prefill_chunk: int = Field(default=512, ge=16, le=65_536, description="Most prompt tokens of one prefill step.")
     recovery_timeout_s: float = Field(

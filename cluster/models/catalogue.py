@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.config.payments import ModelPrice
+from cluster.config.serving import WeightQuant
 
 DType = Literal["float32", "bfloat16"]
 Backend = Literal["transformers", "llamacpp", "vllm", "proxy"]
@@ -174,6 +175,11 @@ class ModelSpec(BaseModel):
     )
     source: ModelSource = Field(default=_REMOTE, description="Weights; proxy models have none (remote).")
     dtype: DType = Field(default="float32", description="Compute dtype of the served weights.")
+    weight_quant: WeightQuant = Field(
+        default="none",
+        description="Packed low-bit copies of the layer weights for small steps on CPU: int4 (groups of 32, exact "
+        "for a Q4_1 GGUF's layers), int8 (per row), or none.",
+    )
     owned_by: str = Field(default="solanalm", description="Owner shown in /v1/models.")
     max_model_len: int | None = Field(default=None, ge=16, description="Context limit; None: the model config's.")
     tiny_layers: int = Field(default=6, ge=1, le=64, description="Layers of the tiny model (tiny source only).")

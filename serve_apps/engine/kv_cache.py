@@ -1,26 +1,64 @@
 """A per-stage KV cache of fixed slots, planned up front: one slot per resident sequence.
 
-The Hugging Face attention modules call `update(key, value, layer_idx)` and expect the whole key/value
-history back; `SlotKVCache` answers from preallocated tensors indexed by (slot, position), so a
-stage holds the cache only for its own layers and a finished sequence frees its slot without allocation.
+A forward pass carries a flat batch of tokens; `BatchView` lays it out (single-token rows first, sorted
+by slot, then multi-token rows) and `SlotKVCache.attend` stores each layer's new keys/values at
+(slot, position) in preallocated tensors and attends every token to its own sequence's history: all
+single-token rows (decodes) in one attention call, each multi-token row (a prefill chunk) in its own.
+A stage holds the cache only for its own layers; a finished sequence frees its slot without allocation.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
+
+ZERO_AHEAD = 64  # positions cleared at once ahead of a slot's written prefix (see SlotKVCache._clear_ahead)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One sequence's tokens in a forward pass: `length` tokens entering slot `slot` at `start`."""
+
+    slot: int
+    start: int
+    length: int
 
 
 @dataclass(frozen=True, slots=True)
 class BatchView:
-    """Where the tokens of the coming forward pass go: one slot per row, rows start at `start_pos`."""
+    """The layout of one forward pass's flat token batch (the same on every stage of a pipeline).
 
-    slots: torch.Tensor  # [B] long
-    start_pos: tuple[int, ...]
-    q_len: int  # tokens per row (1 for a decode batch; a prefill chunk is a single row)
+    `rows` are in layout order: single-token rows sorted by slot, then multi-token rows in step order;
+    `order[i]` is the index in the step of layout row i.
+    """
+
+    rows: tuple[Row, ...]
+    order: tuple[int, ...]
+    num_single: int
+
+    @staticmethod
+    def of(rows: Sequence[Row]) -> "BatchView":
+        singles = sorted((i for i, r in enumerate(rows) if r.length == 1), key=lambda i: rows[i].slot)
+        multis = [i for i, r in enumerate(rows) if r.length != 1]
+        order = tuple(singles + multis)
+        return BatchView(tuple(rows[i] for i in order), order, len(singles))
 
     @property
-    def kv_len(self) -> int:
-        return max(self.start_pos) + self.q_len
+    def num_tokens(self) -> int:
+        return sum(r.length for r in self.rows)
+
+    def positions(self) -> torch.Tensor:
+        """The position of every token, in layout order: [T] long."""
+        return torch.cat([torch.arange(r.start, r.start + r.length) for r in self.rows])
+
+    def last_tokens(self) -> list[int]:
+        """Index in the flat batch of each layout row's last token."""
+        ends, total = [], 0
+        for r in self.rows:
+            total += r.length
+            ends.append(total - 1)
+        return ends
 
 
 class SlotKVCache:
@@ -34,63 +72,136 @@ class SlotKVCache:
         self._keys = [torch.empty(shape, dtype=dtype) for _ in layer_ids]
         self._values = [torch.empty(shape, dtype=dtype) for _ in layer_ids]
         self._local = {layer: i for i, layer in enumerate(layer_ids)}
+        self._clean = [0] * num_slots  # positions [0, clean) of a slot hold finite values
         self.num_slots = num_slots
         self.max_len = max_len
-        self._view: BatchView | None = None
+        self._plan: _Plan | None = None
 
     def bind(self, view: BatchView) -> "SlotKVCache":
-        """Set the slots and positions the next forward pass writes to."""
-        if max(view.start_pos) + view.q_len > self.max_len:
+        """Prepare the slots and positions the next forward pass reads and writes."""
+        if max(r.start + r.length for r in view.rows) > self.max_len:
             raise ValueError(f"sequence exceeds the KV capacity of {self.max_len} tokens")
-        self._view = view
+        if any(not 0 <= r.slot < self.num_slots for r in view.rows):
+            raise ValueError(f"a row's slot is outside this cache's {self.num_slots} slots")
+        plan = _Plan.of(view)
+        for row in view.rows[: view.num_single]:
+            self._clear_ahead(row.slot, plan.single_len)
+        for row in view.rows[view.num_single :]:
+            self._clean[row.slot] = max(self._clean[row.slot], row.start + row.length)
+        self._plan = plan
         return self
 
-    def update(
-        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this pass's K/V ([B, H, Q, D]) and return each row's history up to the batch's longest."""
-        view = self._view
-        if view is None:
-            raise RuntimeError("SlotKVCache.update called before bind()")
-        keys, values = self._keys[self._local[layer_idx]], self._values[self._local[layer_idx]]
-        if key.shape[0] == 1:
-            slot, start = int(view.slots[0]), view.start_pos[0]
-            keys[slot, :, start : start + view.q_len] = key[0]
-            values[slot, :, start : start + view.q_len] = value[0]
-            end = start + view.q_len
-            return keys[slot : slot + 1, :, :end], values[slot : slot + 1, :, :end]
-        if view.q_len != 1:
-            raise ValueError("batched rows must be single-token decodes")
-        positions = torch.tensor(view.start_pos, dtype=torch.long)
-        keys[view.slots, :, positions] = key[:, :, 0]
-        values[view.slots, :, positions] = value[:, :, 0]
-        gathered_k, gathered_v = keys[view.slots, :, : view.kv_len], values[view.slots, :, : view.kv_len]
-        valid = torch.arange(view.kv_len).view(1, -1) <= positions.view(-1, 1)
-        if not bool(valid.all()):
-            # Past a row's own length lies never-written memory (torch.empty: possibly NaN); masked
-            # attention weights are 0, but 0 * NaN is NaN, so clear it in the gathered copy.
-            invalid = ~valid.view(len(view.start_pos), 1, view.kv_len, 1)
-            gathered_k, gathered_v = gathered_k.masked_fill(invalid, 0), gathered_v.masked_fill(invalid, 0)
-        return gathered_k, gathered_v
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k/v [T, Hkv, D] at each token's (slot, position); return attention output [T, Hq * D]."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("SlotKVCache.attend called before bind()")
+        keys, values = self._keys[self._local[layer]], self._values[self._local[layer]]
+        keys[plan.token_slots, :, plan.token_positions] = k
+        values[plan.token_slots, :, plan.token_positions] = v
+        parts = []
+        if plan.num_single:
+            parts.append(self._attend_singles(plan, q[: plan.num_single], keys, values))
+        for offset, row, mask in plan.multi:
+            parts.append(_attend_row(q[offset : offset + row.length], keys, values, row, mask))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _attend_singles(self, plan: "_Plan", q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        # One query per row: fold the query heads that share a KV head into the query axis (no repeat).
+        rows, heads, dim = q.shape
+        kv_heads = keys.shape[1]
+        if plan.single_range is not None:
+            lo, hi = plan.single_range
+            hist_k, hist_v = keys[lo:hi, :, : plan.single_len], values[lo:hi, :, : plan.single_len]
+        else:
+            hist_k, hist_v = (
+                keys[plan.single_slots, :, : plan.single_len],
+                values[plan.single_slots, :, : plan.single_len],
+            )
+        out = F.scaled_dot_product_attention(
+            q.view(rows, kv_heads, heads // kv_heads, dim), hist_k, hist_v, attn_mask=plan.single_mask
+        )
+        return out.reshape(rows, heads * dim)
+
+    def _clear_ahead(self, slot: int, upto: int) -> None:
+        # Rows of one attention call read up to the longest row's length; past a row's own length lies
+        # never-written memory (torch.empty: possibly NaN, and 0 * NaN is NaN even where masked), so clear
+        # it once, a block ahead at a time, rather than on every step.
+        clean = self._clean[slot]
+        if clean >= upto:
+            return
+        end = min(self.max_len, upto + ZERO_AHEAD)
+        for tensor in (*self._keys, *self._values):
+            tensor[slot, :, clean:end].zero_()
+        self._clean[slot] = end
 
     def capacity_tokens(self) -> int:
         return self.num_slots * self.max_len
 
 
-def attention_mask(view: BatchView) -> torch.Tensor | None:
-    """Boolean mask [B, 1, Q, K] (True = attend), or None where plain causal attention is exact.
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Index tensors and masks of one forward pass, computed once and reused by every layer."""
 
-    None keeps the single-sequence path on the same kernel as an unsharded Hugging Face model.
-    """
-    rows, q_len, kv_len = len(view.start_pos), view.q_len, view.kv_len
-    if rows == 1 and view.start_pos[0] == 0:
-        return None  # fresh prefill: is_causal
-    if q_len == 1 and len(set(view.start_pos)) == 1:
-        return None  # decodes at one common position see the whole history
-    kv_index = torch.arange(kv_len)
-    starts = torch.tensor(view.start_pos).view(rows, 1, 1)
-    query_pos = starts + torch.arange(q_len).view(1, q_len, 1)
-    return (kv_index.view(1, 1, kv_len) <= query_pos).unsqueeze(1)
+    token_slots: torch.Tensor  # [T]
+    token_positions: torch.Tensor  # [T]
+    num_single: int
+    single_len: int  # keys each single-token row attends over (the longest row's length)
+    single_range: tuple[int, int] | None  # the single rows' slots when they are one contiguous run
+    single_slots: torch.Tensor
+    single_mask: torch.Tensor | None  # [B, 1, 1, L] True = attend; None when every row sees all L keys
+    multi: tuple[tuple[int, Row, torch.Tensor | None], ...]  # (token offset, row, causal mask)
+
+    @staticmethod
+    def of(view: BatchView) -> "_Plan":
+        rows = view.rows
+        singles = rows[: view.num_single]
+        slots = [r.slot for r in singles]
+        single_len = max((r.start + 1 for r in singles), default=0)
+        contiguous = bool(slots) and slots == list(range(slots[0], slots[0] + len(slots)))
+        multi, offset = [], view.num_single
+        for row in rows[view.num_single :]:
+            multi.append((offset, row, _causal_mask(row)))
+            offset += row.length
+        return _Plan(
+            token_slots=torch.tensor([r.slot for r in rows for _ in range(r.length)], dtype=torch.long),
+            token_positions=view.positions(),
+            num_single=len(singles),
+            single_len=single_len,
+            single_range=(slots[0], slots[0] + len(slots)) if contiguous else None,
+            single_slots=torch.tensor(slots, dtype=torch.long),
+            single_mask=_decode_mask([r.start for r in singles], single_len),
+            multi=tuple(multi),
+        )
+
+
+def _decode_mask(starts: list[int], kv_len: int) -> torch.Tensor | None:
+    if not starts or all(s == kv_len - 1 for s in starts):
+        return None  # every row is at the same position: it sees the whole history
+    allowed = torch.arange(kv_len).view(1, -1) <= torch.tensor(starts).view(-1, 1)
+    return allowed.view(len(starts), 1, 1, kv_len)
+
+
+def _causal_mask(row: Row) -> torch.Tensor | None:
+    if row.start == 0:
+        return None  # a fresh prefill: SDPA's own causal mask is exact
+    query = torch.arange(row.start, row.start + row.length).view(-1, 1)
+    return (torch.arange(row.start + row.length).view(1, -1) <= query).view(1, 1, row.length, -1)
+
+
+def _attend_row(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: Row, mask: torch.Tensor | None
+) -> torch.Tensor:
+    end = row.start + row.length
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        keys[row.slot : row.slot + 1, :, :end],
+        values[row.slot : row.slot + 1, :, :end],
+        attn_mask=mask,
+        is_causal=mask is None and row.length > 1,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1).reshape(row.length, -1)
 
 
 @dataclass(frozen=True, slots=True)

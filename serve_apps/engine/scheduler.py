@@ -1,9 +1,10 @@
 """Iteration-level scheduler: decides which sequences run in the next step; computes nothing.
 
-Sequences wait in a bounded FIFO queue, get a KV slot when one is free, are prefilled (in chunks of at
-most `prefill_chunk` tokens) and then decode together. A step is either one prefill chunk or a batch of
-single-token decodes; when both kinds are pending they alternate so new requests reach their first token
-quickly while running ones keep streaming. Every sequence keeps its whole token history, so its cache
+Sequences wait in a bounded FIFO queue, get a KV slot when one is free, are prefilled and then decode
+together. A step carries a batch of single-token decodes and, beside them, prompt chunks of the sequences
+waiting for their prefill (several sequences' chunks, at most `prefill_chunk` prompt tokens in all), so
+new requests reach their first token without stalling the running ones, and a burst of prompts (or a
+replay after a stage was lost) shares steps. Every sequence keeps its whole token history, so its cache
 can be rebuilt by replaying it.
 
 Pipelining: with `num_microbatches` = M > 1 the engine keeps up to M steps in flight, one per stage in the
@@ -91,7 +92,6 @@ class Scheduler:
         self._free_slots = list(range(limits.num_slots - 1, -1, -1))
         self._released: list[tuple[str, int]] = []
         self._step_ids = itertools.count()
-        self._last_was_prefill = False
         self._inflight: dict[int, list[Sequence]] = {}
         self._inflight_released: dict[int, tuple[tuple[str, int], ...]] = {}
 
@@ -126,14 +126,17 @@ class Scheduler:
         busy = {s.seq_id for seqs in self._inflight.values() for s in seqs}
         prefill = [s for s in self.running.values() if not s.prefilled and s.seq_id not in busy]
         decoding = [s for s in self.running.values() if s.prefilled]
-        decode = [s for s in decoding if s.seq_id not in busy]
-        if prefill and (not decode or not self._last_was_prefill):
-            return self._prefill_step(prefill[0])
-        if decode:
-            return self._decode_step(decode[: self._microbatch_size(len(decoding))])
-        if self._released:
-            return self._emit(StepBatch(next(self._step_ids), (), self._take_released()), [])
-        return None
+        decode = [s for s in decoding if s.seq_id not in busy][: self._microbatch_size(len(decoding))]
+        if not (decode or prefill or self._released):
+            return None
+        chunks = [self._decode_chunk(seq) for seq in decode]
+        prefilled = self._prefill_chunks(prefill)
+        chunks += [chunk for _, chunk in prefilled]
+        # Rotate so that, past max_batch_size, every decoding sequence gets its turn.
+        for seq in decode:
+            self.running[seq.seq_id] = self.running.pop(seq.seq_id)
+        seqs = decode + [seq for seq, _ in prefilled]
+        return self._emit(StepBatch(next(self._step_ids), tuple(chunks), self._take_released()), seqs)
 
     def update(self, result: StepResult) -> list[TokenUpdate]:
         """Apply a finished step: append sampled tokens, detect EOS and length limits."""
@@ -180,32 +183,24 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running[seq.seq_id] = seq
 
-    def _prefill_step(self, seq: Sequence) -> StepBatch:
-        start, target = seq.num_cached, seq.prefill_target
-        end = min(target, start + self.limits.prefill_chunk)
-        chunk = SeqChunk(
-            seq.seq_id,
-            _slot(seq),
-            start,
-            tuple(seq.token_ids[start:end]),
-            seq.sampling,
-            sample=end == target and not seq.output_ids,
-        )
-        seq.num_cached = end
-        self._last_was_prefill = True
-        return self._emit(StepBatch(next(self._step_ids), (chunk,), self._take_released()), [seq])
+    def _prefill_chunks(self, waiting: list[Sequence]) -> list[tuple[Sequence, SeqChunk]]:
+        """The next prompt chunk of each sequence in `waiting`, first come first, within the token budget."""
+        budget, chunks = self.limits.prefill_chunk, []
+        for seq in waiting:
+            if budget <= 0:
+                break
+            start, target = seq.num_cached, seq.prefill_target
+            end = min(target, start + budget)
+            tokens = tuple(seq.token_ids[start:end])
+            sample = end == target and not seq.output_ids
+            chunks.append((seq, SeqChunk(seq.seq_id, _slot(seq), start, tokens, seq.sampling, sample=sample)))
+            seq.num_cached, budget = end, budget - len(tokens)
+        return chunks
 
-    def _decode_step(self, seqs: list[Sequence]) -> StepBatch:
-        chunks = []
-        for seq in seqs:
-            position = len(seq.token_ids) - 1
-            chunks.append(SeqChunk(seq.seq_id, _slot(seq), position, (seq.token_ids[-1],), seq.sampling))
-            seq.num_cached = position + 1
-        self._last_was_prefill = False
-        # Rotate so that, past max_batch_size, every sequence gets its turn.
-        for seq in seqs:
-            self.running[seq.seq_id] = self.running.pop(seq.seq_id)
-        return self._emit(StepBatch(next(self._step_ids), tuple(chunks), self._take_released()), seqs)
+    def _decode_chunk(self, seq: Sequence) -> SeqChunk:
+        position = len(seq.token_ids) - 1
+        seq.num_cached = position + 1
+        return SeqChunk(seq.seq_id, _slot(seq), position, (seq.token_ids[-1],), seq.sampling)
 
     def _microbatch_size(self, decoding: int) -> int:
         """Rows of one decode step: the decoding sequences split evenly over the micro-batches."""

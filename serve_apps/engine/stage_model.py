@@ -1,7 +1,7 @@
 """One stage of a Llama-family model: only its decoder layers (plus embedding / norm + lm_head at the ends).
 
-The decoder layers, norm and rotary embedding are Hugging Face's own modules, so a stage computes exactly
-what the unsharded model computes; weights are read tensor by tensor from safetensors for this stage only.
+The layers are `serve_apps.engine.decoder.DecoderLayer`s (Llama's math on a flat token batch, fused
+projections); weights are read tensor by tensor from safetensors for this stage only and fused on load.
 """
 
 import json
@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from serve_apps.engine.kv_cache import BatchView, SlotKVCache, attention_mask
+from serve_apps.engine.decoder import Attention, CausalAttention, DecoderLayer, Rotary, fuse_layer_tensors, rms_norm
 from serve_apps.engine.layer_split import StageSpec
+from serve_apps.engine.quant import LowBitWeight, WeightQuant, project, quantize
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -25,34 +25,52 @@ class StageModel(nn.Module):
     def __init__(self, config: LlamaConfig, spec: StageSpec) -> None:
         super().__init__()
         self.spec = spec
+        self.eps = config.rms_norm_eps
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if spec.first else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, layer_idx=i) for i in range(spec.start, spec.end))
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if spec.last else None
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if spec.last else None
+        self.layers = nn.ModuleList(DecoderLayer(config, layer_idx=i) for i in range(spec.start, spec.end))
+        self.norm = nn.Parameter(torch.empty(config.hidden_size)) if spec.last else None
+        self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size)) if spec.last else None
+        self.rotary = Rotary(config)
+        self.lm_head_low_bit: LowBitWeight | None = None
+        self.low_bit_max_rows = 0
 
-    def forward(self, inputs: torch.Tensor, view: BatchView, cache: SlotKVCache, rotary: nn.Module) -> torch.Tensor:
-        """Token ids [B, Q] (first stage) or hidden states [B, Q, H] in; hidden states [B, Q, H] out."""
+    def quantize(self, kind: WeightQuant, max_rows: int) -> None:
+        """Packed low-bit copies of the layers' projections (int4 or int8) and of the lm_head (int8: a
+        GGUF keeps its embedding at 8 bits), used for calls of at most `max_rows` tokens."""
+        if kind == "none":
+            return
+        for layer in self._decoder_layers():
+            layer.quantize(kind, max_rows)
+        if self.lm_head is not None:
+            self.lm_head_low_bit = quantize(self.lm_head, "int8")
+        self.low_bit_max_rows = max_rows
+
+    def _decoder_layers(self) -> list[DecoderLayer]:
+        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+
+    def low_bit_bytes(self) -> int:
+        packed = [low for layer in self._decoder_layers() for low in layer.low_bit.values()]
+        packed += [self.lm_head_low_bit] if self.lm_head_low_bit is not None else []
+        return sum(low.nbytes for low in packed)
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """Token ids [T] (first stage) or hidden states [T, H] in, at `positions` [T]; hidden states [T, H]
+        out (final-normed on the last stage)."""
         hidden = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
-        starts = torch.tensor(view.start_pos, dtype=torch.long).view(-1, 1)
-        position_ids = starts + torch.arange(view.q_len, dtype=torch.long).view(1, -1)
-        position_embeddings = rotary(hidden, position_ids=position_ids)
-        mask = attention_mask(view)
-        cache.bind(view)
+        cos, sin = self.rotary.tables(positions, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                position_embeddings=position_embeddings,
-            )
-        return self.norm(hidden) if self.norm is not None else hidden
+            hidden = layer(hidden, cos, sin, attention)
+        return rms_norm(hidden, self.norm, self.eps) if self.norm is not None else hidden
+
+    def forward_full(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Cache-free causal forward of one whole sequence (token ids [T] or hidden states [T, H])."""
+        return self.forward(inputs, torch.arange(inputs.shape[0]), CausalAttention())
 
     def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """lm_head over the final-normed hidden states of the rows' last positions: [B, H] -> [B, V] float32."""
         if self.lm_head is None:
             raise RuntimeError("only the last stage computes logits")
-        return self.lm_head(hidden_last).float()
+        return project(hidden_last, self.lm_head, self.lm_head_low_bit, self.low_bit_max_rows).float()
 
 
 def load_config(model_dir: Path) -> LlamaConfig:
@@ -64,15 +82,28 @@ def load_config(model_dir: Path) -> LlamaConfig:
     return config
 
 
-def build_stage(model_dir: Path, spec: StageSpec, dtype: torch.dtype) -> tuple[StageModel, LlamaRotaryEmbedding]:
+def build_stage(model_dir: Path, spec: StageSpec, dtype: torch.dtype) -> StageModel:
     """Instantiate the stage on the meta device, then materialise only its own tensors from disk."""
     config = load_config(model_dir)
     with torch.device("meta"):
         model = StageModel(config, spec)
-    state = _read_stage_tensors(model_dir, spec, config, dtype)
+    model.rotary = Rotary(config)  # its inverse frequencies are computed, not loaded: build them for real
+    state = _fuse(_read_stage_tensors(model_dir, spec, config, dtype), spec)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
-    return model, LlamaRotaryEmbedding(config)
+    return model
+
+
+def _fuse(state: dict[str, torch.Tensor], spec: StageSpec) -> dict[str, torch.Tensor]:
+    """Checkpoint-named tensors -> the stage's parameters (fused per layer, plain names at the ends)."""
+    fused: dict[str, torch.Tensor] = {}
+    for local in range(spec.num_layers):
+        prefix = f"layers.{local}."
+        layer = {name[len(prefix) :]: state.pop(name) for name in list(state) if name.startswith(prefix)}
+        fused.update({prefix + name: tensor for name, tensor in fuse_layer_tensors(layer).items()})
+    renamed = {"norm.weight": "norm", "lm_head.weight": "lm_head"}
+    fused.update({renamed.get(name, name): tensor for name, tensor in state.items()})
+    return fused
 
 
 def stage_tensor_names(spec: StageSpec, config: PretrainedConfig) -> dict[str, str]:

@@ -13,9 +13,10 @@ import psutil
 import ray
 import torch
 
-from serve_apps.engine.kv_cache import BatchView, SlotKVCache
+from serve_apps.engine.kv_cache import BatchView, Row, SlotKVCache
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
+from serve_apps.engine.quant import WeightQuant
 from serve_apps.engine.sampling import Sampler
 from serve_apps.engine.stage_model import build_stage, load_config
 
@@ -31,6 +32,8 @@ class StageConfig:
     max_len: int
     torch_threads: int
     actor_name: str = ""
+    weight_quant: WeightQuant = "none"  # packed low-bit copies used for steps of few tokens (quant.py)
+    low_bit_max_tokens: int = 0
 
 
 class StageWorker:
@@ -42,7 +45,8 @@ class StageWorker:
         self.spec = config.spec
         dtype = getattr(torch, config.dtype)
         rss_before = _rss()
-        self.model, self.rotary = build_stage(Path(config.model_dir), config.spec, dtype)
+        self.model = build_stage(Path(config.model_dir), config.spec, dtype)
+        self.model.quantize(config.weight_quant, config.low_bit_max_tokens)
         self.load_rss_bytes = max(0, _rss() - rss_before)
         model_config = load_config(Path(config.model_dir))
         num_kv_heads = int(model_config.num_key_value_heads or model_config.num_attention_heads)
@@ -71,24 +75,34 @@ class StageWorker:
         self._release(batch)
         if not batch.chunks:
             return StepResult(batch.step_id, ()) if self.spec.last else torch.empty(0)
-        view = _view(batch)
-        inputs = self._inputs(batch, hidden)
-        out = self.model(inputs, view, self.cache, self.rotary)
-        if not self.spec.last:
-            return out
-        logits = self.model.logits(out[:, -1, :])
-        chunks = batch.chunks
-        positions = [c.start_pos + len(c.token_ids) for c in chunks]
-        sampled = self.sampler.sample(logits, [c.seq_id for c in chunks], [c.sampling for c in chunks], positions)
-        tokens = tuple(tok if chunk.sample else -1 for tok, chunk in zip(sampled, batch.chunks, strict=True))
-        return StepResult(batch.step_id, tokens)
+        view = BatchView.of([Row(c.slot, c.start_pos, len(c.token_ids)) for c in batch.chunks])
+        inputs = self._inputs(batch, view, hidden)
+        out = self.model(inputs, view.positions(), self.cache.bind(view))
+        return self._sample(batch, view, out) if self.spec.last else out
 
-    def _inputs(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+    def _inputs(self, batch: StepBatch, view: BatchView, hidden: torch.Tensor | None) -> torch.Tensor:
         if self.spec.first:
-            return torch.tensor([chunk.token_ids for chunk in batch.chunks], dtype=torch.long)
+            return torch.tensor([t for i in view.order for t in batch.chunks[i].token_ids], dtype=torch.long)
         if hidden is None:
             raise ValueError(f"stage {self.spec.index} needs the previous stage's hidden states")
+        if hidden.shape[0] != view.num_tokens:
+            raise ValueError(
+                f"stage {self.spec.index} got {hidden.shape[0]} hidden states for {view.num_tokens} tokens"
+            )
         return hidden
+
+    def _sample(self, batch: StepBatch, view: BatchView, out: torch.Tensor) -> StepResult:
+        """Logits and tokens only for the rows that sample (a prefill chunk short of the prompt's end does not)."""
+        tokens = [-1] * len(batch.chunks)
+        rows = [(i, last) for i, last in zip(view.order, view.last_tokens(), strict=True) if batch.chunks[i].sample]
+        if rows:
+            logits = self.model.logits(out[torch.tensor([last for _, last in rows])])
+            chunks = [batch.chunks[i] for i, _ in rows]
+            positions = [c.start_pos + len(c.token_ids) for c in chunks]
+            sampled = self.sampler.sample(logits, [c.seq_id for c in chunks], [c.sampling for c in chunks], positions)
+            for (i, _), token in zip(rows, sampled, strict=True):
+                tokens[i] = token
+        return StepResult(batch.step_id, tuple(tokens))
 
     def _release(self, batch: StepBatch) -> None:
         for seq_id, _slot in batch.released_slots:
@@ -114,6 +128,7 @@ class StageWorker:
             torch_threads=torch.get_num_threads(),
             kv_slots=self.cache.num_slots,
             kv_capacity_tokens=self.cache.capacity_tokens(),
+            extra={"weight_quant": self.config.weight_quant, "low_bit_bytes": str(self.model.low_bit_bytes())},
             busy_s=round(self.busy_s, 4),
             steps=self.steps,
         )
@@ -123,7 +138,7 @@ class StageWorker:
         hidden states [1, T, H] after) and its activation fingerprint; the KV cache is not touched."""
         from serve_apps.verification.trace import stage_trace
 
-        return stage_trace(self.model, self.rotary, inputs, dims)
+        return stage_trace(self.model, inputs, dims)
 
     @torch.inference_mode()
     def inject_fault(self, stage_index: int, noise_scale: float, seed: int, node_label: str | None = None) -> bool:
@@ -148,14 +163,3 @@ def _node_has_label(label: str | None) -> bool:
 
 def _rss() -> int:
     return int(psutil.Process(os.getpid()).memory_info().rss)
-
-
-def _view(batch: StepBatch) -> BatchView:
-    lengths = {len(chunk.token_ids) for chunk in batch.chunks}
-    if len(lengths) != 1:
-        raise ValueError("every row of a step must carry the same number of tokens")
-    return BatchView(
-        slots=torch.tensor([chunk.slot for chunk in batch.chunks], dtype=torch.long),
-        start_pos=tuple(chunk.start_pos for chunk in batch.chunks),
-        q_len=lengths.pop(),
-    )

@@ -18,7 +18,7 @@ import psutil
 import ray
 
 from cluster.config import Settings
-from cluster.config.serving import PipelineSection
+from cluster.config.serving import PipelineSection, WeightQuant
 from cluster.models import load_catalogue, materialize
 from cluster.observability.logs import REQUEST_ID, configure_logging
 from serve_apps import metrics
@@ -58,6 +58,7 @@ class ModelPlan:
     name: str
     model_dir: Path
     dtype: str
+    weight_quant: WeightQuant
     max_model_len: int
     num_layers: int
     stages: tuple[StageSpec, ...]
@@ -77,7 +78,8 @@ def plan_model(model_name: str, settings: Settings) -> ModelPlan:
     logger.info(
         "%s: %d KV slots of %d tokens, %.0f MiB per stage", model_name, kv.slots, max_len, kv.bytes_per_stage / 2**20
     )
-    return ModelPlan(model_name, model_dir, dtype, max_len, config.num_hidden_layers, tuple(stages), kv)
+    quant = settings.model.weight_quant or spec.weight_quant
+    return ModelPlan(model_name, model_dir, dtype, quant, max_len, config.num_hidden_layers, tuple(stages), kv)
 
 
 def _plan_kv(config: Any, stages: list[StageSpec], dtype: str, max_len: int, pipeline: PipelineSection) -> KVPlan:
@@ -280,7 +282,14 @@ def _with_max_tokens(sampling: SamplingParams, max_tokens: int) -> SamplingParam
 
 def _ray_executor(plan: ModelPlan, settings: Settings) -> tuple[StepExecutor, StagePool]:
     pool = StagePool.create(
-        plan.name, plan.model_dir, plan.dtype, plan.stages, plan.max_model_len, settings.pipeline, plan.kv.slots
+        plan.name,
+        plan.model_dir,
+        plan.dtype,
+        plan.stages,
+        plan.max_model_len,
+        settings.pipeline,
+        plan.kv.slots,
+        plan.weight_quant,
     )
     return pool.executor(), pool
 

@@ -16,7 +16,7 @@ import ray
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.config.serving import PipelineSection
+from cluster.config.serving import PipelineSection, WeightQuant
 from serve_apps.engine.executor import CompiledGraphExecutor, FallbackExecutor, RayPipelineExecutor, StepExecutor
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.messages import StageInfo
@@ -71,6 +71,7 @@ class StagePool:
         max_len: int,
         pipeline: PipelineSection,
         kv_slots: int | None = None,
+        weight_quant: WeightQuant = "none",
     ) -> "StagePool":
         """Start one actor per stage in bundle i of the current placement group (if any); wait until loaded."""
         placement_group = get_current_placement_group()
@@ -86,6 +87,8 @@ class StagePool:
                 max_len=max_len,
                 torch_threads=torch_threads_for(pipeline.stage_resources),
                 actor_name=name,
+                weight_quant=weight_quant,
+                low_bit_max_tokens=pipeline.low_bit_max_tokens,
             )
             options = stage_actor_options(pipeline.stage_resources)
             if placement_group is not None:

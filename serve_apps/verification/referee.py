@@ -20,8 +20,8 @@ from serve_apps.verification.trace import fingerprint, trace_forward
 def reference_fingerprint(model_dir: str, spec: StageSpec, dtype: str, inputs: Any, dims: int) -> tuple[float, ...]:
     """Fingerprint of `spec`'s layers, loaded from `model_dir`, applied to `inputs` (cache-free)."""
     torch.set_num_threads(1)
-    model, rotary = build_stage(Path(model_dir), spec, getattr(torch, dtype))
-    return fingerprint(trace_forward(model, rotary, inputs), dims)
+    model = build_stage(Path(model_dir), spec, getattr(torch, dtype))
+    return fingerprint(trace_forward(model, inputs), dims)
 
 
 def stage_spec(index: int, layer_start: int, layer_end: int, num_stages: int) -> StageSpec:

@@ -74,21 +74,31 @@ def test_finished_sequence_releases_its_slot_to_a_waiting_one() -> None:
     assert second.released_slots == (("a", first.chunks[0].slot),)
 
 
-def test_prefill_and_decode_alternate() -> None:
+def test_new_prompts_are_prefilled_beside_the_running_decodes() -> None:
     s = sched(slots=4)
     s.add(seq("a", max_tokens=50))
     answer(s, s.schedule())
     s.add(seq("b", max_tokens=50))
     s.add(seq("c", max_tokens=50))
-    kinds = []
-    for _ in range(4):
-        batch = s.schedule()
-        kinds.append(
-            "decode" if all(len(c.token_ids) == 1 for c in batch.chunks) and batch.chunks[0].start_pos else "prefill"
-        )
-        answer(s, batch)
-    # a's prefill came last, so a decode goes first; then they alternate while both kinds wait.
-    assert kinds == ["decode", "prefill", "decode", "prefill"]
+    batch = s.schedule()
+    # a keeps decoding while both new prompts are prefilled, all in one step.
+    assert [(c.seq_id, c.start_pos, len(c.token_ids)) for c in batch.chunks] == [("a", 3, 1), ("b", 0, 3), ("c", 0, 3)]
+    answer(s, batch)
+    assert sorted(c.seq_id for c in s.schedule().chunks) == ["a", "b", "c"]
+
+
+def test_prefills_share_the_token_budget_first_come_first() -> None:
+    s = sched(slots=4, chunk=8)
+    for name in "abc":
+        s.add(seq(name, prompt=5))
+    first = s.schedule()
+    # 8 prompt tokens per step: a whole (5), then 3 of b's; c waits for the next step.
+    assert [(c.seq_id, c.start_pos, len(c.token_ids), c.sample) for c in first.chunks] == [
+        ("a", 0, 5, True),
+        ("b", 0, 3, False),
+    ]
+    second = s.schedule()
+    assert [(c.seq_id, c.start_pos, len(c.token_ids)) for c in second.chunks] == [("c", 0, 5)]
 
 
 def test_long_prompt_is_prefilled_in_chunks_and_samples_only_at_its_end() -> None:

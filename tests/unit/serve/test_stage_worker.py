@@ -120,3 +120,39 @@ def test_kv_capacity_is_enforced(tiny_dir: Path) -> None:
     batch = StepBatch(0, (SeqChunk("s", 0, 127, (1, 2), SamplingParams()),))
     with pytest.raises(ValueError, match="KV capacity"):
         worker.forward(batch)
+
+
+def test_a_step_may_mix_decodes_on_scattered_slots_with_a_prefill_chunk(tiny_dir: Path) -> None:
+    # Slots 3 and 0 decode (out of slot order, not one contiguous run) while slot 2's prompt is prefilled
+    # in the same step: every sequence still gets exactly the tokens it gets alone.
+    prompts = {3: [5, 17, 99], 0: [7, 7, 7, 7, 7, 300], 2: [1, 2, 3, 4]}
+    alone = {slot: run_pipeline(make_workers(tiny_dir, 2), p, 4) for slot, p in prompts.items()}
+    workers, greedy = make_workers(tiny_dir, 2), SamplingParams(temperature=0.0)
+    outs: dict[int, list[int]] = {}
+    for slot in (3, 0):
+        chunk = SeqChunk(f"s{slot}", slot, 0, tuple(prompts[slot]), greedy)
+        outs[slot] = [forward(workers, StepBatch(slot, (chunk,))).token_ids[0]]
+    mixed = (
+        SeqChunk("s3", 3, len(prompts[3]), (outs[3][-1],), greedy),
+        SeqChunk("s2", 2, 0, tuple(prompts[2]), greedy),
+        SeqChunk("s0", 0, len(prompts[0]), (outs[0][-1],), greedy),
+    )
+    result = forward(workers, StepBatch(10, mixed)).token_ids
+    outs[3].append(result[0])
+    outs[2] = [result[1]]
+    outs[0].append(result[2])
+    for step in range(2):
+        chunks = tuple(
+            SeqChunk(f"s{slot}", slot, len(prompts[slot]) + len(outs[slot]) - 1, (outs[slot][-1],), greedy)
+            for slot in (0, 2, 3)
+        )
+        for slot, token in zip((0, 2, 3), forward(workers, StepBatch(20 + step, chunks)).token_ids, strict=True):
+            outs[slot].append(token)
+    assert {slot: outs[slot][:4] for slot in (3, 0)} == {slot: alone[slot] for slot in (3, 0)}
+    assert outs[2][:3] == alone[2][:3]
+
+
+def test_a_prefill_chunk_that_does_not_sample_returns_no_token(tiny_dir: Path) -> None:
+    workers = make_workers(tiny_dir, 1)
+    chunk = SeqChunk("s", 0, 0, (5, 17, 99), SamplingParams(temperature=0.0), sample=False)
+    assert forward(workers, StepBatch(0, (chunk,))).token_ids == (-1,)

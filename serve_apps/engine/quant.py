@@ -1,0 +1,85 @@
+"""Weight-only low-bit copies of a stage's matrices for small batches on CPU (int4 groups or int8 rows).
+
+A decode step of a few rows is bound by reading the weights from memory: SmolLM2-135M's 30 layers in
+bfloat16 are 200 MB per token. A packed copy read by PyTorch's weight-only kernels
+(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) reads a quarter (int4) or half (int8) of that;
+from about a dozen rows on, the dense bfloat16 GEMM is faster again (docs/benchmarks.md), so the dense
+weights stay and `project` picks per call by the number of rows.
+
+int4 is affine per group of 32 input features (w = (q - 8) * scale + zero), the layout of GGUF's Q4_1
+blocks: a model converted from a Q4_1 GGUF re-quantizes to its very own 4-bit values. int8 is symmetric
+per output row.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+
+from cluster.config.serving import WeightQuant
+
+__all__ = ["LowBitWeight", "WeightQuant", "dequantize", "project", "quantize"]
+INT4_GROUP = 32
+
+
+@dataclass(frozen=True, slots=True)
+class LowBitWeight:
+    """A packed [N, K] weight and its scales; `matmul(x)` is x [T, K] @ W.T -> [T, N] in x's dtype."""
+
+    kind: Literal["int8", "int4"]
+    packed: torch.Tensor
+    scales: torch.Tensor  # int8: [N]; int4: [K / group, N, 2] (scale, zero)
+    out_features: int
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "int8":
+            return torch._weight_int8pack_mm(x, self.packed, self.scales)
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+def quantize(weight: torch.Tensor, kind: Literal["int8", "int4"]) -> LowBitWeight | None:
+    """The packed copy of `weight` [N, K], or None where the kernel cannot take its shape or device."""
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    if kind == "int4":
+        return quantize_int4(weight) if weight.shape[1] % INT4_GROUP == 0 else None
+    return quantize_int8(weight)
+
+
+def quantize_int8(weight: torch.Tensor) -> LowBitWeight:
+    """Symmetric per-row int8: w ~ q * scale, q in [-127, 127]."""
+    full = weight.float()
+    scale = (full.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(full / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return LowBitWeight("int8", q, scale.to(weight.dtype), weight.shape[0])
+
+
+def quantize_int4(weight: torch.Tensor) -> LowBitWeight:
+    """Affine int4 per group of INT4_GROUP inputs: min..max of the group onto q = 0..15."""
+    rows, cols = weight.shape
+    groups = weight.float().view(rows, cols // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(rows, cols)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+    scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
+    return LowBitWeight("int4", packed, scales, rows)
+
+
+def dequantize(low: LowBitWeight, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense [N, K] matrix the packed copy stands for (what its matmul multiplies by)."""
+    eye = torch.eye(in_features, dtype=low.scales.dtype)
+    return low.matmul(eye).t().to(dtype).contiguous()
+
+
+def project(x: torch.Tensor, dense: torch.Tensor, low: LowBitWeight | None, max_rows: int) -> torch.Tensor:
+    """x [T, K] @ dense.T: through the packed copy when there is one and T <= max_rows, else dense."""
+    if low is not None and x.shape[0] <= max_rows:
+        return low.matmul(x)
+    return F.linear(x, dense)
