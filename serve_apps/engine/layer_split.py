@@ -48,3 +48,12 @@ def _bounds(num_layers: int, weights: list[float]) -> list[int]:
         bounds.append(min(max(ideal, low), high))
     bounds.append(num_layers)
     return bounds
+
+
+def head_balanced_weights(num_layers: int, num_stages: int, head_layers: float) -> list[float]:
+    """Weights for `split_layers` that even out the stages' work when the last stage also runs the lm_head,
+    which costs `head_layers` decoder layers (SmolLM2: its 49152 x 576 head is about 8 of its 30 layers)."""
+    if num_stages == 1:
+        return [1.0]
+    share = (num_layers + head_layers) / num_stages
+    return [share] * (num_stages - 1) + [max(share - head_layers, 1.0)]

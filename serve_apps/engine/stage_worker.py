@@ -47,7 +47,7 @@ class StageWorker:
         rss_before = _rss()
         self.model = build_stage(Path(config.model_dir), config.spec, dtype)
         self.model.quantize(config.weight_quant, config.low_bit_max_tokens)
-        self.load_rss_bytes = max(0, _rss() - rss_before)
+        self.load_rss_bytes = max(0, _rss() - rss_before)  # weights and their low-bit copies
         model_config = load_config(Path(config.model_dir))
         num_kv_heads = int(model_config.num_key_value_heads or model_config.num_attention_heads)
         head_dim = int(

@@ -20,13 +20,14 @@ import ray
 from cluster.config import Settings
 from cluster.config.serving import PipelineSection, WeightQuant
 from cluster.models import load_catalogue, materialize
+from cluster.network.model_cost import model_cost_from_config
 from cluster.observability.logs import REQUEST_ID, configure_logging
 from serve_apps import metrics
 from serve_apps.engine.detokenizer import Detokenizer
 from serve_apps.engine.engine import Engine, EngineError
 from serve_apps.engine.executor import StepExecutor
 from serve_apps.engine.kv_cache import KVPlan, kv_bytes_per_token, plan_kv_slots
-from serve_apps.engine.layer_split import StageSpec, split_layers
+from serve_apps.engine.layer_split import StageSpec, head_balanced_weights, split_layers
 from serve_apps.engine.messages import SamplingParams
 from serve_apps.engine.scheduler import QueueFullError, Scheduler, SchedulerLimits, Sequence
 from serve_apps.engine.stage_model import load_config
@@ -49,6 +50,7 @@ from serve_apps.verification.tracing import inject_faults, stage_nodes, trace_re
 
 logger = logging.getLogger(__name__)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEAD_WORK_SHARE = 0.5  # share of a stage's tokens that reach the lm_head (decodes; prompts skip it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,7 @@ def plan_model(model_name: str, settings: Settings) -> ModelPlan:
     config = load_config(model_dir)
     limit = settings.pipeline.max_model_len or spec.max_model_len or config.max_position_embeddings
     max_len = min(limit, config.max_position_embeddings)
-    stages = _stage_specs(model_name, config.num_hidden_layers, settings)
+    stages = _stage_specs(model_name, config, settings)
     kv = _plan_kv(config, stages, dtype, max_len, settings.pipeline)
     logger.info(
         "%s: %d KV slots of %d tokens, %.0f MiB per stage", model_name, kv.slots, max_len, kv.bytes_per_stage / 2**20
@@ -93,11 +95,15 @@ def _plan_kv(config: Any, stages: list[StageSpec], dtype: str, max_len: int, pip
     return plan_kv_slots(pipeline.max_num_seqs, max_len, per_token, budget)
 
 
-def _stage_specs(model_name: str, num_layers: int, settings: Settings) -> list[StageSpec]:
-    """The planned layer ranges (`pipeline.placements[model]`), else `num_stages` equal ones."""
+def _stage_specs(model_name: str, config: Any, settings: Settings) -> list[StageSpec]:
+    """The planned layer ranges (`pipeline.placements[model]`), else `num_stages` ranges of equal work
+    (the last stage, which also runs the lm_head, gets fewer layers)."""
+    num_layers, stages = config.num_hidden_layers, settings.pipeline.num_stages
     placement = settings.pipeline.placements.get(model_name)
     if placement is None:
-        return split_layers(num_layers, settings.pipeline.num_stages)
+        # The lm_head runs only for sampled tokens, the layers for prompt tokens too: count it at half its size.
+        head = model_cost_from_config(config).head_layer_equiv * HEAD_WORK_SHARE
+        return split_layers(num_layers, stages, weights=head_balanced_weights(num_layers, stages, head))
     if sum(placement.stage_layers) != num_layers:
         raise ValueError(
             f"placement of {model_name}: stage_layers {placement.stage_layers} sum to "

@@ -128,10 +128,12 @@ def test_stages_run_in_their_own_processes_and_hold_their_share(served: ServedAp
     pipelines = {p["model"]: p for p in health["pipelines"]}
     assert health["status"] == "ok"
     stages = pipelines[SMOL]["stages"]
-    assert [tuple(s["layers"]) for s in stages] == [(0, 10), (10, 20), (20, 30)]
+    # Equal work: the last stage also runs the lm_head (8 of SmolLM2's layers, for half the tokens: 4), so it
+    # gets fewer layers.
+    assert [tuple(s["layers"]) for s in stages] == [(0, 11), (11, 23), (23, 30)]
     assert len({s["pid"] for s in stages}) == STAGES
     # SmolLM2: 162.8M parameters, plus a tied lm_head copy on the last stage.
-    assert [round(s["param_count"] / 1e6, 1) for s in stages] == [63.7, 35.4, 63.7]
+    assert [round(s["param_count"] / 1e6, 1) for s in stages] == [67.3, 42.5, 53.1]
 
 
 def test_stage_memory_matches_its_weights(served: ServedApp) -> None:
@@ -141,7 +143,9 @@ def test_stage_memory_matches_its_weights(served: ServedApp) -> None:
     ]
     assert len(infos) == STAGES
     for info in infos:
-        assert 0.6 < info.load_rss_bytes / info.param_bytes < 1.6, info
+        held = info.param_bytes + int(info.extra["low_bit_bytes"])  # the catalogue serves int4 copies too
+        assert int(info.extra["low_bit_bytes"]) > 0
+        assert 0.6 < info.load_rss_bytes / held < 1.6, info
 
 
 def test_each_replica_reserves_one_bundle_per_stage(served: ServedApp) -> None:

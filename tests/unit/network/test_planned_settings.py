@@ -5,6 +5,7 @@ from pydantic import ValidationError
 
 from cluster.config import load_settings
 from cluster.config.serving import PipelineSection, StagePlacement
+from cluster.models.tiny import tiny_llama_config
 from serve_apps.builder import pipeline_deployment, stage_bundles, stage_label_selectors
 from serve_apps.server.pipeline_server import _stage_specs
 
@@ -44,13 +45,15 @@ def test_a_pinned_deployment_carries_label_selectors_and_spread() -> None:
 
 def test_planned_layer_counts_become_exact_ranges() -> None:
     settings = load_settings(pipeline={"num_stages": 2, "placements": {"m": {"stage_layers": [5, 1]}}})
-    assert [(s.start, s.end, s.first, s.last) for s in _stage_specs("m", 6, settings)] == [
+    config = tiny_llama_config(num_layers=6)
+    assert [(s.start, s.end, s.first, s.last) for s in _stage_specs("m", config, settings)] == [
         (0, 5, True, False),
         (5, 6, False, True),
     ]
-    assert [(s.start, s.end) for s in _stage_specs("other", 6, settings)] == [(0, 3), (3, 6)]
+    # Unplanned: equal work, the tiny model's large head leaves the last stage a single layer.
+    assert [(s.start, s.end) for s in _stage_specs("other", config, settings)] == [(0, 5), (5, 6)]
     with pytest.raises(ValueError, match="sum to 7, the model has 6"):
-        _stage_specs("m", 6, load_settings(pipeline={"placements": {"m": {"stage_layers": [5, 2]}}}))
+        _stage_specs("m", config, load_settings(pipeline={"placements": {"m": {"stage_layers": [5, 2]}}}))
 
 
 def test_each_pipeline_is_built_with_only_its_own_placement() -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from serve_apps.engine.layer_split import split_layers
+from serve_apps.engine.layer_split import head_balanced_weights, split_layers
 from serve_apps.engine.stage_model import StageModel
 
 SMOLLM2 = LlamaConfig(
@@ -50,3 +50,12 @@ def test_stage_parameters_on_meta_add_up_to_the_model(stages: int) -> None:
     for part, spec in zip(parts, split_layers(30, stages), strict=True):
         ends = embedding * (spec.first + spec.last) + SMOLLM2.hidden_size * spec.last
         assert part == pytest.approx(ends + layer * spec.num_layers)
+
+
+def test_the_last_stage_gets_fewer_layers_for_its_lm_head() -> None:
+    # SmolLM2's head is about 8 layers of work: three stages of 13, 12 and 5 + 8 layers.
+    counts = [s.num_layers for s in split_layers(30, 3, head_balanced_weights(30, 3, 8.0))]
+    assert counts == [13, 12, 5]
+    assert [s.num_layers for s in split_layers(30, 1, head_balanced_weights(30, 1, 8.0))] == [30]
+    # A head heavier than a stage's share still leaves the last stage one layer.
+    assert [s.num_layers for s in split_layers(6, 3, head_balanced_weights(6, 3, 85.0))][-1] == 1
