@@ -157,7 +157,7 @@ class PipelineSection(Section):
         default=0.3, gt=0, le=0.95, description="Share of free memory the stages' KV caches may plan to use."
     )
     low_bit_max_tokens: int = Field(
-        default=6,
+        default=12,
         ge=0,
         le=4096,
         description="Steps of at most this many tokens use a model's int4/int8 weights (weight_quant), larger ones "

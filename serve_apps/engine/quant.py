@@ -3,8 +3,8 @@
 A decode step of a few rows is bound by reading the weights from memory: SmolLM2-135M's 30 layers in
 bfloat16 are 200 MB per token. A packed copy read by PyTorch's weight-only kernels
 (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) reads a quarter (int4) or half (int8) of that;
-from about a dozen rows on, the dense bfloat16 GEMM is faster again (docs/benchmarks.md), so the dense
-weights stay and `project` picks per call by the number of rows.
+from 10-20 rows on (more with more threads), the dense bfloat16 GEMM is faster again (bench/stage_bench.py,
+docs/benchmarks.md), so the dense weights stay and `project` picks per call by the number of rows.
 
 int4 is affine per group of 32 input features (w = (q - 8) * scale + zero), the layout of GGUF's Q4_1
 blocks: a model converted from a Q4_1 GGUF re-quantizes to its very own 4-bit values. int8 is symmetric
