@@ -143,9 +143,8 @@ def test_stage_memory_matches_its_weights(served: ServedApp) -> None:
     ]
     assert len(infos) == STAGES
     for info in infos:
-        held = info.param_bytes + int(info.extra["low_bit_bytes"])  # the catalogue serves int4 copies too
-        assert int(info.extra["low_bit_bytes"]) > 0
-        assert 0.6 < info.load_rss_bytes / held < 1.6, info
+        assert info.extra["weight_quant"] == "none" and info.extra["low_bit_bytes"] == "0"  # the fp32 entry
+        assert 0.6 < info.load_rss_bytes / info.param_bytes < 1.6, info
 
 
 def test_each_replica_reserves_one_bundle_per_stage(served: ServedApp) -> None:
@@ -209,7 +208,8 @@ def test_status_command_shows_every_stage(served: ServedApp) -> None:
 
     result = CliRunner().invoke(app, ["status", "--address", "auto"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for layers in ("0-10", "10-20", "20-30", "0-2", "2-4", "4-6"):
+    # Split by work: the lm_head weighs on the last stage (the tiny model's head outweighs all its layers).
+    for layers in ("0-11", "11-23", "23-30", "0-3", "3-5", "5-6"):
         assert layers in result.output
 
 
