@@ -1,21 +1,15 @@
 """Pure helpers of bench/chaos_bench.py: outcome accounting against the baseline, percentiles."""
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[3] / "bench" / "chaos_bench.py"
+from tests.unit.bench.bench_loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def cb() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("chaos_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("chaos_bench")
 
 
 def test_summary_counts_failures_and_differences(cb: ModuleType) -> None:

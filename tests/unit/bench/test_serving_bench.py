@@ -1,21 +1,15 @@
 """Pure helpers of bench/serving_bench.py: percentiles, rates, phase summaries, prompts, target ratios."""
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[3] / "bench" / "serving_bench.py"
+from tests.unit.bench.bench_loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def sb() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("serving_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("serving_bench")
 
 
 class WordTokenizer:

@@ -1,26 +1,15 @@
 """Pure helpers of bench/stage_bench.py: the median timer and the figures it reports."""
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[3] / "bench" / "stage_bench.py"
+from tests.unit.bench.bench_loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def stage_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("stage_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    return module
+    return load_bench("stage_bench")
 
 
 def test_timed_skips_warm_up_calls_and_takes_the_median(stage_bench: ModuleType) -> None:
