@@ -128,7 +128,12 @@ class PipelineSection(Section):
     placement_strategy: PlacementStrategy = Field(
         default="PACK", description="PACK on one machine; SPREAD or STRICT_SPREAD across provider nodes."
     )
-    max_batch_size: int = Field(default=16, ge=1, le=1024, description="Sequences decoded together in one step.")
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Sequences decoded together in one step (on CPU a 32-row step costs far less than two of 16).",
+    )
     max_num_seqs: int = Field(default=32, ge=1, le=4096, description="KV-cache slots: sequences resident at once.")
     max_queue: int = Field(default=256, ge=0, le=100_000, description="Requests waiting for a slot before 503.")
     max_model_len: int | None = Field(
