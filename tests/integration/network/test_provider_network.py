@@ -41,7 +41,7 @@ from cluster.deploy import (
 )
 from cluster.network import join as joining
 from cluster.network.records import NodeCapabilities, NodeRecord
-from cluster.network.registry import HEAD_NODE_RESOURCE, call_registry, get_or_create_registry
+from cluster.network.registry import call_registry, get_or_create_registry
 from cluster.network.wallet import ProofError, sign_challenge, write_keypair
 from cluster.tui.source import ClusterSource
 
@@ -254,23 +254,11 @@ def serve_settings(repo_root: Path, cache: Path, tmp: Path, registry_name: str) 
 
 
 def start_payments_on_head(settings: Settings) -> None:
-    """The payments actor the gateway would start itself (same name, get_if_exists), but pinned to the head:
-    start_payments_actor does not pin it, and Ray may put a 0-CPU actor on a provider node that then leaves
-    (reported to the payments owner)."""
-    from payments.actor import PaymentsActor
+    """The payments actor the gateway would start itself (same name, get_if_exists), started first so it
+    is up before the providers' stages load; start_payments_actor pins it to the head (its ledger's disk)."""
+    from payments.client import start_payments_actor
 
-    actor_cls: Any = ray.remote(PaymentsActor)
-    handle = actor_cls.options(
-        name=settings.payments.actor_name,
-        namespace=GATEWAY_NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_concurrency=1000,
-        num_cpus=0,
-        resources={HEAD_NODE_RESOURCE: 0.001},
-    ).remote(settings.payments, True, None)
-    ray.get(handle.ready.remote(), timeout=TIMEOUT_S)
+    start_payments_actor(settings.payments, namespace=GATEWAY_NAMESPACE)
 
 
 def test_stages_are_planned_onto_providers_and_move_when_one_leaves(
