@@ -16,12 +16,11 @@ from solders.keypair import Keypair
 from solders.message import Message
 from solders.pubkey import Pubkey
 from solders.transaction import Transaction
-from spl.token.constants import TOKEN_PROGRAM_ID
-from spl.token.instructions import get_associated_token_address, transfer_checked
-from spl.token.models import TransferCheckedParams
 
 from cluster.config.payments import PaymentsSection
+from payments.chain.tx import AssetSpec
 from payments.client import PaymentsClient, PaymentsUnavailable, start_payments_actor
+from payments.deposits import deposit_instruction
 from payments.errors import Forbidden, InsufficientBalance
 from payments.protocol import DepositRequest, HoldRequest, ProviderShare, ReceiptQuery, UsageReport
 from payments.settlement import CRASH_POINTS, KillProcessAt
@@ -32,19 +31,8 @@ T = TypeVar("T")
 async def deposit(client: PaymentsClient, payer: Keypair, amount: int) -> None:
     info = await client.deposit_info()
     await client.faucet(str(payer.pubkey()), amount)
-    mint = Pubkey.from_string(info.mint)
-    treasury = Pubkey.from_string(info.treasury)
-    ix = transfer_checked(
-        TransferCheckedParams(
-            program_id=TOKEN_PROGRAM_ID,
-            source=get_associated_token_address(payer.pubkey(), mint),
-            mint=mint,
-            dest=get_associated_token_address(treasury, mint),
-            owner=payer.pubkey(),
-            amount=amount,
-            decimals=info.decimals,
-        )
-    )
+    asset = AssetSpec(Pubkey.from_string(info.mint), info.decimals)
+    ix = deposit_instruction(payer.pubkey(), Pubkey.from_string(info.treasury), asset, amount)
     blockhash = Hash.from_string(info.blockhash)
     tx = Transaction([payer], Message.new_with_blockhash([ix], payer.pubkey(), blockhash), blockhash)
     signature = await client.submit_transaction(bytes(tx))
