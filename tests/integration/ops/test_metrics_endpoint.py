@@ -55,6 +55,9 @@ def _served(scrape: Scrape) -> bool:
         and scrape.total("ray_solanalm_time_per_output_token_seconds_count", model=MODEL) >= 1
         and scrape.total("ray_solanalm_stage_forward_seconds_count", model=MODEL, stage="0") >= 10
         and scrape.total("ray_solanalm_engine_steps_total", model=MODEL) >= 10
+        # The step counter is sampled by a periodic task: wait for this replica's own (deployment-tagged)
+        # series, not only for series an earlier module's replicas left in the metrics agent.
+        and scrape.total("ray_solanalm_engine_steps_total", model=MODEL, deployment=f"pipeline-{MODEL}") >= 2
         and bool(scrape.values("ray_solanalm_kv_slots_total", model=MODEL))
     )
 
