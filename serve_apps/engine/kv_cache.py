@@ -91,6 +91,13 @@ class SlotKVCache:
         self._plan = plan
         return self
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """The bound pass's token positions, in layout order: [T] long."""
+        if self._plan is None:
+            raise RuntimeError("SlotKVCache.positions read before bind()")
+        return self._plan.token_positions
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k/v [T, Hkv, D] at each token's (slot, position); return attention output [T, Hq * D]."""
         plan = self._plan

@@ -30,7 +30,8 @@ class StageModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, layer_idx=i) for i in range(spec.start, spec.end))
         self.norm = nn.Parameter(torch.empty(config.hidden_size)) if spec.last else None
         self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size)) if spec.last else None
-        self.rotary = Rotary(config)
+        with torch.device("cpu"):  # computed, not loaded: real tensors even when the stage is built on meta
+            self.rotary = Rotary(config)
         self.lm_head_low_bit: LowBitWeight | None = None
         self.low_bit_max_rows = 0
 
@@ -87,7 +88,6 @@ def build_stage(model_dir: Path, spec: StageSpec, dtype: torch.dtype) -> StageMo
     config = load_config(model_dir)
     with torch.device("meta"):
         model = StageModel(config, spec)
-    model.rotary = Rotary(config)  # its inverse frequencies are computed, not loaded: build them for real
     state = _fuse(_read_stage_tensors(model_dir, spec, config, dtype), spec)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)

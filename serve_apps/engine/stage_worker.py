@@ -77,7 +77,8 @@ class StageWorker:
             return StepResult(batch.step_id, ()) if self.spec.last else torch.empty(0)
         view = BatchView.of([Row(c.slot, c.start_pos, len(c.token_ids)) for c in batch.chunks])
         inputs = self._inputs(batch, view, hidden)
-        out = self.model(inputs, view.positions(), self.cache.bind(view))
+        cache = self.cache.bind(view)
+        out = self.model(inputs, cache.positions, cache)
         return self._sample(batch, view, out) if self.spec.last else out
 
     def _inputs(self, batch: StepBatch, view: BatchView, hidden: torch.Tensor | None) -> torch.Tensor:
