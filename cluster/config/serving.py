@@ -10,7 +10,7 @@ from cluster.config.base import Section
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 DType = Literal["float32", "bfloat16"]
 WeightQuant = Literal["none", "int8", "int4"]
-Transport = Literal["auto", "compiled_graph", "actor_calls"]
+Transport = Literal["direct", "auto", "compiled_graph", "actor_calls"]
 
 
 class RaySection(Section):
@@ -146,11 +146,12 @@ class PipelineSection(Section):
         description="Steps in flight at once (pipelining: decodes split into this many micro-batches); None: stages.",
     )
     transport: Transport = Field(
-        default="actor_calls",
+        default="direct",
         description=(
-            "Stage-to-stage transport: compiled_graph (Ray compiled graph, shared-memory channels), actor_calls "
-            "(plain actor calls), or auto: a compiled graph while every stage is on one node and nothing failed, "
-            "then actor calls for good."
+            "Stage-to-stage transport: direct (each stage streams its output to the next over its own TCP "
+            "connection, the last one back to the replica), actor_calls (plain actor calls, each hop through the "
+            "replica), compiled_graph (Ray compiled graph, shared-memory channels that poll), or auto: a compiled "
+            "graph while every stage is on one node and nothing failed, then actor calls for good."
         ),
     )
     kv_cache_bytes: int | None = Field(

@@ -1,14 +1,17 @@
-"""Fans a step out to the stage actors: hidden states go stage to stage, never back through the replica.
+"""Fans a step out to the stage actors through Ray: chained actor calls or a compiled graph.
 
-Two transports: `RayPipelineExecutor` chains plain actor calls (ObjectRefs, ~2 ms per hop here);
-`CompiledGraphExecutor` runs the same chain as a Ray compiled graph (shared-memory channels between
-stage processes, well under 1 ms per hop). Both submit steps in call order, which is what pipelining needs.
+`RayPipelineExecutor` chains plain actor calls (ObjectRefs: each hop returns to the replica, which owns
+the intermediate result, before the next stage gets it; ~2 ms per hop here); `CompiledGraphExecutor` runs
+the same chain as a Ray compiled graph (shared-memory channels between stage processes, under 1 ms per
+hop, but its readers poll). The default transport, direct TCP links from stage to stage, is
+`serve_apps.engine.links.DirectExecutor`. All submit steps in call order, which is what pipelining needs.
 """
 
 import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from serve_apps.engine.messages import StepBatch, StepResult
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 class RayPipelineExecutor:
     """Chains `forward.remote` through the stage actors; only the last stage's small result comes back."""
+
+    transport = "actor_calls"
 
     def __init__(self, stages: list, timeout_s: float) -> None:  # list[ray.actor.ActorHandle]
         if not stages:
@@ -64,6 +69,8 @@ class CompiledGraphExecutor:
     answer. Up to `max_inflight` steps may be in flight (the engine's pipelining depth).
     """
 
+    transport = "compiled_graph"
+
     def __init__(  # stages: list[ActorHandle]
         self, stages: list, timeout_s: float, max_inflight: int, probe_s: float = 1.0
     ) -> None:
@@ -81,47 +88,13 @@ class CompiledGraphExecutor:
         try:
             dag = self._graph()
             future = await dag.execute_async(batch)
-            result = await self._await_result(future, batch.step_id)
+            result = await await_or_probe(_awaited(future), self.stages, self.timeout_s, self.probe_s, batch.step_id)
         except Exception as exc:  # noqa: BLE001 - Ray raises channel, actor and (on teardown) even TypeErrors
             self.close()
             raise StageCallError(f"step {batch.step_id} failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(result, StepResult):
             raise StageCallError(f"last stage returned {type(result).__name__}, expected StepResult")
         return result
-
-    async def _await_result(self, future: Any, step_id: int) -> Any:
-        """The step's result; a stage found dead while waiting fails the step now, not at the timeout.
-
-        A compiled graph does not always notice that a stage's process died (the reader just waits), so
-        a step that takes longer than `probe_s` pings the stages (answered on their main thread).
-        """
-        waiting = asyncio.ensure_future(_awaited(future))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=min(self.probe_s, max(0.0, deadline - loop.time())))
-            if done:
-                return waiting.result()
-            dead = await self._dead_stages()
-            if dead or loop.time() >= deadline:
-                waiting.cancel()
-                reason = f"stages {dead} died" if dead else f"no result after {self.timeout_s:.0f} s"
-                raise StageCallError(f"step {step_id}: {reason}")
-
-    async def _dead_stages(self) -> list[int]:
-        import ray
-
-        async def dead(stage: Any) -> bool:
-            try:
-                await asyncio.wait_for(stage.ping.remote(), timeout=self.probe_s * 5)
-            except ray.exceptions.RayActorError:
-                return True
-            except (TimeoutError, ray.exceptions.RayError):
-                return False  # slow to answer is not dead
-            return False
-
-        flags = await asyncio.gather(*(dead(stage) for stage in self.stages))
-        return [index for index, flag in enumerate(flags) if flag]
 
     def _graph(self) -> Any:
         actor_ids = [stage._actor_id for stage in self.stages]
@@ -175,6 +148,42 @@ class FallbackExecutor:
     def close(self) -> None:
         if self.fast is not None:
             self.fast.close()
+
+
+async def await_or_probe(step: Awaitable[Any], stages: list, timeout_s: float, probe_s: float, step_id: int) -> Any:
+    """The step's result; a stage found dead while waiting fails the step now, not at the timeout.
+
+    A transport does not always notice that a stage's process died (a reader may just wait), so a step
+    that takes longer than `probe_s` pings the stages (answered on their main thread).
+    """
+    waiting = asyncio.ensure_future(step)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=min(probe_s, max(0.0, deadline - loop.time())))
+        if done:
+            return waiting.result()
+        dead = await _dead_stages(stages, probe_s)
+        if dead or loop.time() >= deadline:
+            waiting.cancel()
+            reason = f"stages {dead} died" if dead else f"no result after {timeout_s:.0f} s"
+            raise StageCallError(f"step {step_id}: {reason}")
+
+
+async def _dead_stages(stages: list, probe_s: float) -> list[int]:
+    import ray
+
+    async def dead(stage: Any) -> bool:
+        try:
+            await asyncio.wait_for(stage.ping.remote(), timeout=probe_s * 5)
+        except ray.exceptions.RayActorError:
+            return True
+        except (TimeoutError, ray.exceptions.RayError):
+            return False  # slow to answer is not dead
+        return False
+
+    flags = await asyncio.gather(*(dead(stage) for stage in stages))
+    return [index for index, flag in enumerate(flags) if flag]
 
 
 def _teardown(dag: Any) -> None:

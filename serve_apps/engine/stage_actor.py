@@ -1,10 +1,12 @@
 """The Ray actor of one stage, created by the replica inside its placement-group bundle."""
 
+import threading
 import time
 
 import ray
 
 from serve_apps import metrics
+from serve_apps.engine.links import Address, StageLink
 from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 
@@ -16,13 +18,29 @@ class StageActor:
     def __init__(self, config: StageConfig) -> None:
         self.worker = StageWorker(config)
         self._metric_model = metrics.stage_model_label(config.actor_name, config.model_dir)
+        self._compute_lock = threading.Lock()  # steps from actor calls, a compiled graph or a direct link
+        self._link: StageLink | None = None
 
     def forward(self, batch: StepBatch, hidden=None):  # type: ignore[no-untyped-def]
         """Hidden states in (an ObjectRef resolved by Ray from the previous stage), hidden or tokens out."""
+        with self._compute_lock:
+            return self._compute(batch, hidden)
+
+    def _compute(self, batch: StepBatch, hidden):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
         out = self.worker.forward(batch, hidden)
         metrics.record_stage_forward(self._metric_model, self.worker.spec.index, time.perf_counter() - started)
         return out
+
+    def link(self, downstream: Address) -> Address:
+        """Direct transport: drop the previous link, connect to `downstream` and return where the upstream
+        stage (or the replica) connects; steps then run on the link's thread (see serve_apps.engine.links)."""
+        if self._link is not None:
+            self._link.close()
+        self._link = StageLink(
+            self._compute, self._compute_lock, ray.util.get_node_ip_address(), (str(downstream[0]), int(downstream[1]))
+        )
+        return self._link.address
 
     def describe(self) -> StageInfo:
         return self.worker.describe()

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config.serving import PipelineSection, WeightQuant
 from serve_apps.engine.executor import CompiledGraphExecutor, FallbackExecutor, RayPipelineExecutor, StepExecutor
 from serve_apps.engine.layer_split import StageSpec
+from serve_apps.engine.links import DirectExecutor
 from serve_apps.engine.messages import StageInfo
 from serve_apps.engine.stage_actor import StageActor, stage_actor_options, torch_threads_for
 from serve_apps.engine.stage_worker import StageConfig
@@ -142,7 +143,9 @@ class StagePool:
         if self._executor is None:
             compiled = CompiledGraphExecutor(self.actors, self.timeout_s, self.max_inflight)
             plain = RayPipelineExecutor(self.actors, self.timeout_s)
-            if self.transport == "compiled_graph":
+            if self.transport == "direct":
+                self._executor = DirectExecutor(self.actors, self.timeout_s)
+            elif self.transport == "compiled_graph":
                 self._executor = compiled
             elif self.transport == "auto" and len(set(self.node_ids())) == 1:
                 # Across nodes a compiled graph pushes through Ray's mutable objects, and a provider node
@@ -193,7 +196,7 @@ class StagePool:
         await asyncio.wait_for(asyncio.gather(*[actor.ping.remote() for actor in self.actors]), self.timeout_s)
 
     def kill(self) -> None:
-        if isinstance(self._executor, CompiledGraphExecutor | FallbackExecutor):
+        if isinstance(self._executor, CompiledGraphExecutor | FallbackExecutor | DirectExecutor):
             self._executor.close()
         for actor in self.actors:
             with contextlib.suppress(Exception):  # best effort on teardown

@@ -46,8 +46,8 @@ def served(
                 "cache_dir": str(model_cache_dir),
                 "catalogue": str(repo_root / "configs" / "models.yaml"),
             },
-            # transport auto: these tests also cover the compiled graph and its fall-back to actor calls.
-            "pipeline": {"num_stages": STAGES, "max_num_seqs": 16, "max_queue": 64, "transport": "auto"},
+            # The default transport (direct links); test_transports.py runs the others.
+            "pipeline": {"num_stages": STAGES, "max_num_seqs": 16, "max_queue": 64},
             "http": {"port": _free_port()},
             "payments": {"state_dir": str(tmp_path_factory.mktemp("payments")), "actor_name": "solanalm-payments-test"},
         },

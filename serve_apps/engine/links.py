@@ -1,0 +1,305 @@
+"""The direct transport: each stage streams its output to the next stage over its own TCP connection.
+
+A step travels replica -> stage 0 -> stage 1 -> ... -> last stage -> replica, one length-prefixed frame
+per hop: the `StepBatch` (pickled) and, between stages, the hidden states as raw bytes. No actor call,
+no object store and no owner in between, so a hop costs a socket write and a blocking read (no polling:
+an idle stage uses no CPU). Each hop is one ordered stream, so every stage sees the steps in submission
+order and several steps can be in flight (pipelining).
+
+`StageLink` is the stage's end (a thread inside the stage actor); `DirectExecutor` is the replica's.
+A broken link (a stage died, a connection reset) fails every step in flight with `StageCallError`; the
+engine's recovery recreates dead stages and the executor links the whole chain again, in a new generation.
+"""
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from serve_apps.engine.executor import StageCallError, await_or_probe
+from serve_apps.engine.messages import StepBatch, StepResult
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+HEADER = struct.Struct("!IQ")  # pickled message bytes, raw tensor bytes
+CONNECT_TIMEOUT_S = 30.0
+SMALL_FRAME = 1 << 16  # bytes of hidden states sent in the same write as the header
+
+
+@dataclass(frozen=True, slots=True)
+class LinkError:
+    """A stage could not compute a step; passed down the chain to the replica instead of a result."""
+
+    step_id: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """What one hop carries: the step (or its result / error) and the hidden states between stages."""
+
+    message: StepBatch | StepResult | LinkError
+    tensor: torch.Tensor | None = None
+
+
+def encode(frame: Frame) -> list[bytes | memoryview]:
+    """Frame -> buffers for one write: header, pickled (message, dtype, shape), raw tensor bytes."""
+    tensor = frame.tensor
+    meta = (frame.message, None, None) if tensor is None else (frame.message, str(tensor.dtype), tuple(tensor.shape))
+    head = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+    raw = b"" if tensor is None or tensor.numel() == 0 else _raw_bytes(tensor)
+    return [HEADER.pack(len(head), len(raw)), head, raw]
+
+
+def decode(head: bytes, raw: bytearray) -> Frame:
+    message, dtype_name, shape = pickle.loads(head)
+    if dtype_name is None:
+        return Frame(message)
+    dtype = getattr(torch, dtype_name.removeprefix("torch."))
+    if not raw:
+        return Frame(message, torch.empty(shape, dtype=dtype))
+    return Frame(message, torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape))
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+    return flat.numpy().data
+
+
+def send_frame(sock: socket.socket, frame: Frame) -> None:
+    header, head, raw = encode(frame)
+    if len(raw) <= SMALL_FRAME:
+        sock.sendall(b"".join((header, head, raw)))  # one segment for a decode step's few KB
+    else:
+        sock.sendall(b"".join((header, head)))
+        sock.sendall(raw)
+
+
+def recv_frame(sock: socket.socket) -> Frame:
+    """The next frame; ConnectionError when the peer closed the connection."""
+    head_len, raw_len = HEADER.unpack(_recv_exact(sock, HEADER.size))
+    head = bytes(_recv_exact(sock, head_len))
+    return decode(head, _recv_exact(sock, raw_len))
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("link closed by its peer")
+        got += n
+    return buf
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame:
+    """Async `recv_frame` for the replica's end (asyncio.IncompleteReadError at end of stream)."""
+    head_len, raw_len = HEADER.unpack(await reader.readexactly(HEADER.size))
+    head = await reader.readexactly(head_len)
+    raw = bytearray(await reader.readexactly(raw_len)) if raw_len else bytearray()
+    return decode(head, raw)
+
+
+def _connect(address: Address) -> socket.socket:
+    sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+Compute = Callable[[StepBatch, torch.Tensor | None], torch.Tensor | StepResult]
+
+
+class StageLink:
+    """A stage's place in one generation of the chain: accepts its upstream, streams to its downstream.
+
+    `compute` runs under `lock` (shared with the stage's other entry points, so two generations or two
+    transports never touch the KV cache at once). Runs until either side closes or `close()` is called.
+    """
+
+    def __init__(self, compute: Compute, lock: threading.Lock, host: str, downstream: Address) -> None:
+        self._compute = compute
+        self._lock = lock
+        self._closed = threading.Event()
+        self._listener = socket.create_server((host, 0))
+        self.address: Address = (host, self._listener.getsockname()[1])
+        self._downstream = _connect(downstream)
+        self._upstream: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"stage-link-{self.address[1]}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._listener.settimeout(CONNECT_TIMEOUT_S)
+            upstream, _ = self._listener.accept()
+            upstream.settimeout(None)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._upstream = upstream
+            self._listener.close()
+            while not self._closed.is_set():
+                send_frame(self._downstream, self._step(recv_frame(upstream)))
+        except (OSError, ConnectionError, EOFError) as exc:
+            if not self._closed.is_set():
+                logger.info("stage link %s ended: %s", self.address, exc)
+        finally:
+            self.close()
+
+    def _step(self, frame: Frame) -> Frame:
+        message = frame.message
+        if not isinstance(message, StepBatch):
+            return frame  # an upstream stage's error: pass it on to the replica
+        with self._lock:
+            if self._closed.is_set():
+                raise ConnectionError("link closed")
+            try:
+                out = self._compute(message, frame.tensor)
+            except Exception as exc:  # noqa: BLE001 - the replica decides; the link stays up
+                logger.exception("step %d failed on this stage", message.step_id)
+                return Frame(LinkError(message.step_id, f"{type(exc).__name__}: {exc}"))
+        return Frame(out) if isinstance(out, StepResult) else Frame(message, out)
+
+    def close(self) -> None:
+        """Close both connections (idempotent); a thread blocked on them wakes up and exits."""
+        self._closed.set()
+        for sock in (self._listener, self._upstream, self._downstream):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+class DirectExecutor:
+    """The replica's end of the direct transport: steps go to stage 0, results come from the last stage.
+
+    The chain is linked on the first step and again whenever a stage was recreated (`stages` is shared
+    with the stage pool) or a link broke. Up to any number of steps may be in flight; each waits for its
+    own result (by step id), and a stage found dead while waiting fails it at once (`await_or_probe`).
+    """
+
+    transport = "direct"
+
+    def __init__(self, stages: list, timeout_s: float, host: str | None = None, probe_s: float = 1.0) -> None:
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        self.stages = stages  # list[ActorHandle], shared with the stage pool
+        self.timeout_s = timeout_s
+        self.probe_s = probe_s
+        self.host = host
+        self.generation = 0  # chains linked so far
+        self._linked_for: list[Any] = []
+        self._writer: asyncio.StreamWriter | None = None
+        self._results: asyncio.StreamWriter | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[StepResult | LinkError]] = {}
+        self._linking = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the links' streams belong to one event loop
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        future: asyncio.Future[StepResult | LinkError] = asyncio.get_running_loop().create_future()
+        self._pending[batch.step_id] = future
+        try:
+            writer = await self._linked()
+            writer.writelines(encode(Frame(batch)))
+            await writer.drain()
+            result = await await_or_probe(future, self.stages, self.timeout_s, self.probe_s, batch.step_id)
+        except StageCallError as exc:
+            self._unlink(str(exc))
+            raise
+        except (OSError, ConnectionError, TimeoutError, ray.exceptions.RayError) as exc:
+            self._unlink(f"{type(exc).__name__}: {exc}")
+            raise StageCallError(f"step {batch.step_id} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._pending.pop(batch.step_id, None)
+        if isinstance(result, LinkError):
+            raise StageCallError(f"step {batch.step_id} failed on a stage: {result.message}")
+        return result
+
+    async def _linked(self) -> asyncio.StreamWriter:
+        async with self._linking:
+            actor_ids = [stage._actor_id for stage in self.stages]
+            loop = asyncio.get_running_loop()
+            if self._writer is None or actor_ids != self._linked_for or loop is not self._loop:
+                self._unlink("linking the chain again")
+                await self._link()
+                self._linked_for, self._loop = actor_ids, loop
+            assert self._writer is not None
+            return self._writer
+
+    async def _link(self) -> None:
+        """Listen for the last stage, link the stages back to front, then connect to stage 0."""
+        self.generation += 1
+        host = self.host or ray.util.get_node_ip_address()
+        arrived: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if arrived.done():
+                writer.close()
+            else:
+                arrived.set_result((reader, writer))
+
+        server = await asyncio.start_server(on_connect, host, 0)
+        try:
+            address: Address = (host, server.sockets[0].getsockname()[1])
+            for stage in reversed(self.stages):
+                address = tuple(await asyncio.wait_for(stage.link.remote(address), self.timeout_s))  # type: ignore[assignment]
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*address), CONNECT_TIMEOUT_S)
+            reader, self._results = await asyncio.wait_for(arrived, CONNECT_TIMEOUT_S)
+        finally:
+            server.close()
+        _no_delay(writer)
+        self._writer = writer
+        self._reader = asyncio.get_running_loop().create_task(self._read_results(reader), name="direct-results")
+        logger.info("linked the stage chain directly (%d stages, generation %d)", len(self.stages), self.generation)
+
+    async def _read_results(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                message = (await read_frame(reader)).message
+                future = self._pending.get(getattr(message, "step_id", -1))
+                if future is not None and not future.done() and isinstance(message, StepResult | LinkError):
+                    future.set_result(message)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            self._unlink(f"the last stage's link closed: {type(exc).__name__}")
+
+    def _unlink(self, reason: str) -> None:
+        """Drop the chain (the next step links a new one) and fail every step still waiting on it."""
+        if self._writer is None and self._reader is None:
+            return
+        with contextlib.suppress(RuntimeError):  # streams of an event loop that has since closed
+            for writer in (self._writer, self._results):
+                if writer is not None:
+                    writer.close()
+            if self._reader is not None and self._reader is not asyncio.current_task():
+                self._reader.cancel()
+        self._writer = self._results = self._reader = None
+        self._linked_for = []
+        for step_id, future in list(self._pending.items()):
+            if not future.done():
+                future.set_exception(StageCallError(f"step {step_id}: {reason}"))
+
+    def close(self) -> None:
+        self._unlink("the pipeline is shutting down")
+
+
+def _no_delay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

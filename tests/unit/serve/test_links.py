@@ -1,0 +1,210 @@
+"""The direct transport over real local sockets: framing, a chain of stage links, the replica's executor.
+
+Stages here are in-process `StageLink`s behind a fake actor handle (`link.remote`, `ping.remote`), so
+the replica's `DirectExecutor` runs exactly as in a replica, without Ray.
+"""
+
+import asyncio
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from serve_apps.engine.executor import StageCallError
+from serve_apps.engine.layer_split import split_layers
+from serve_apps.engine.links import Address, DirectExecutor, Frame, LinkError, StageLink, recv_frame, send_frame
+from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
+from serve_apps.engine.stage_worker import StageConfig, StageWorker
+
+HOST = "127.0.0.1"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
+
+
+def batch(step_id: int, *tokens: int) -> StepBatch:
+    return StepBatch(step_id, tuple(SeqChunk(f"s{i}", i, 0, (t,), GREEDY) for i, t in enumerate(tokens)))
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [torch.randn(3, 8).to(torch.bfloat16), torch.randn(2, 5), torch.empty(0, 4), None],
+    ids=["bfloat16", "float32", "empty", "none"],
+)
+def test_a_frame_arrives_bit_for_bit(tensor: torch.Tensor | None) -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        send_frame(left, Frame(batch(7, 1, 2), tensor))
+        frame = recv_frame(right)
+    assert frame.message == batch(7, 1, 2)
+    if tensor is None:
+        assert frame.tensor is None
+    else:
+        assert frame.tensor is not None and frame.tensor.dtype == tensor.dtype and torch.equal(frame.tensor, tensor)
+
+
+class FakeStage:
+    """What DirectExecutor uses of a stage actor handle, with the stage's link in this process."""
+
+    def __init__(self, compute, name: str) -> None:  # type: ignore[no-untyped-def]
+        self._actor_id = name
+        self.compute, self.lock = compute, threading.Lock()
+        self.current: StageLink | None = None
+        self.dead = False
+        self.link = _Remote(self._link)
+        self.ping = _Remote(self._ping)
+
+    def _link(self, downstream: Address) -> Address:
+        if self.current is not None:
+            self.current.close()
+        self.current = StageLink(self.compute, self.lock, HOST, downstream)
+        return self.current.address
+
+    def _ping(self) -> bool:
+        if self.dead:
+            import ray
+
+            raise ray.exceptions.RayActorError()
+        return True
+
+    def die(self) -> None:
+        self.dead = True
+        assert self.current is not None
+        self.current.close()
+
+
+class _Remote:
+    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
+        self.fn = fn
+
+    def remote(self, *args):  # type: ignore[no-untyped-def]
+        async def call():  # type: ignore[no-untyped-def]
+            return await asyncio.to_thread(self.fn, *args)
+
+        return call()
+
+
+def add_one(step: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+    base = torch.tensor([float(c.token_ids[0]) for c in step.chunks]) if hidden is None else hidden
+    return base + 1
+
+
+def sample(step: StepBatch, hidden: torch.Tensor | None) -> StepResult:
+    assert hidden is not None
+    if any(c.token_ids[0] < 0 for c in step.chunks):
+        raise ValueError("negative token")
+    return StepResult(step.step_id, tuple(int(v) for v in hidden))
+
+
+def chain() -> tuple[DirectExecutor, list[FakeStage]]:
+    stages = [FakeStage(add_one, "a"), FakeStage(add_one, "b"), FakeStage(sample, "c")]
+    return DirectExecutor(stages, timeout_s=10, host=HOST, probe_s=0.2), stages
+
+
+def test_steps_travel_the_chain_in_order_with_several_in_flight() -> None:
+    executor, _ = chain()
+
+    async def main() -> list[StepResult]:
+        try:
+            return list(await asyncio.gather(*(executor.execute(batch(i, i, 100 + i)) for i in range(20))))
+        finally:
+            executor.close()
+
+    results = asyncio.run(main())
+    assert [r.step_id for r in results] == list(range(20))
+    assert [r.token_ids for r in results] == [(i + 2, 102 + i) for i in range(20)]
+    assert executor.generation == 1
+
+
+def test_a_stage_error_fails_only_its_step() -> None:
+    executor, _ = chain()
+
+    async def main() -> StepResult:
+        try:
+            with pytest.raises(StageCallError, match="negative token"):
+                await executor.execute(batch(1, -5))
+            return await executor.execute(batch(2, 3))
+        finally:
+            executor.close()
+
+    assert asyncio.run(main()).token_ids == (5,)
+
+
+def test_a_dead_stage_fails_the_step_and_a_recreated_one_is_linked_again() -> None:
+    executor, stages = chain()
+
+    async def main() -> StepResult:
+        try:
+            await executor.execute(batch(1, 1))
+            stages[1].die()  # its connections close, like a killed process's
+            with pytest.raises(StageCallError):
+                await executor.execute(batch(2, 1))
+            stages[1] = FakeStage(add_one, "b2")  # what the stage pool's recovery does
+            return await executor.execute(batch(3, 7))
+        finally:
+            executor.close()
+
+    assert asyncio.run(main()).token_ids == (9,)
+    assert executor.generation == 2
+
+
+def test_a_silent_dead_stage_is_found_by_the_probe() -> None:
+    """A stage that holds its connection open but is dead (its ping fails) fails the step within the probe."""
+    hang = threading.Event()
+
+    def stuck(step: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        hang.wait(5)
+        return add_one(step, hidden)
+
+    stages = [FakeStage(add_one, "a"), FakeStage(stuck, "b"), FakeStage(sample, "c")]
+    executor = DirectExecutor(stages, timeout_s=10, host=HOST, probe_s=0.2)
+
+    async def main() -> None:
+        try:
+            task = asyncio.ensure_future(executor.execute(batch(1, 1)))
+            await asyncio.sleep(0.1)
+            stages[1].dead = True
+            with pytest.raises(StageCallError, match=r"stages \[1\] died"):
+                await asyncio.wait_for(task, 3)
+        finally:
+            hang.set()
+            executor.close()
+
+    asyncio.run(main())
+
+
+def test_real_stages_linked_directly_decode_what_one_stage_decodes(tiny_dir: Path) -> None:
+    def workers(count: int) -> list[StageWorker]:
+        specs = split_layers(6, count)
+        return [StageWorker(StageConfig(str(tiny_dir), spec, "bfloat16", 2, 64, 1)) for spec in specs]
+
+    def decode(stage_list: list[FakeStage]) -> list[int]:
+        executor = DirectExecutor(stage_list, timeout_s=30, host=HOST)
+
+        async def main() -> list[int]:
+            tokens, prompt = [], (5, 9, 12, 40)
+            step = StepBatch(0, (SeqChunk("x", 0, 0, prompt, GREEDY),))
+            for i in range(8):
+                result = await executor.execute(step)
+                tokens.append(result.token_ids[0])
+                step = StepBatch(i + 1, (SeqChunk("x", 0, len(prompt) + i, (tokens[-1],), GREEDY),))
+            executor.close()
+            return tokens
+
+        return asyncio.run(main())
+
+    single = decode([FakeStage(w.forward, f"one{i}") for i, w in enumerate(workers(1))])
+    three = decode([FakeStage(w.forward, f"three{i}") for i, w in enumerate(workers(3))])
+    assert three == single and len(single) == 8
+
+
+def test_link_error_frames_pass_through_middle_stages() -> None:
+    link_frame = Frame(LinkError(4, "boom"))
+    upstream_server = socket.create_server((HOST, 0))
+    link = StageLink(add_one, threading.Lock(), HOST, upstream_server.getsockname()[:2])
+    downstream, _ = upstream_server.accept()
+    with socket.create_connection(link.address) as feeder, downstream:
+        send_frame(feeder, link_frame)
+        assert recv_frame(downstream).message == LinkError(4, "boom")
+    link.close()
+    upstream_server.close()
