@@ -13,8 +13,10 @@ engine's recovery recreates dead stages and the executor links the whole chain a
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import pickle
+import secrets
 import socket
 import struct
 import threading
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 Address = tuple[str, int]
 HEADER = struct.Struct("!IQ")  # pickled message bytes, raw tensor bytes
 CONNECT_TIMEOUT_S = 30.0
+TOKEN_BYTES = 32
 SMALL_FRAME = 1 << 16  # bytes of hidden states sent in the same write as the header
 
 
@@ -111,11 +114,29 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame:
     return decode(head, raw)
 
 
-def _connect(address: Address) -> socket.socket:
+def _connect(address: Address, token: bytes) -> socket.socket:
     sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(token)
     return sock
+
+
+def _accept(listener: socket.socket, token: bytes) -> socket.socket:
+    """The first connection that opens with `token`; others are closed before anything is unpickled."""
+    listener.settimeout(CONNECT_TIMEOUT_S)
+    while True:
+        sock, peer = listener.accept()
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            if hmac.compare_digest(bytes(_recv_exact(sock, len(token))), token):
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+        except (OSError, ConnectionError):
+            pass
+        logger.warning("stage link: refused a connection from %s without this chain's token", peer)
+        sock.close()
 
 
 Compute = Callable[[StepBatch, torch.Tensor | None], torch.Tensor | StepResult]
@@ -126,26 +147,25 @@ class StageLink:
 
     `compute` runs under `lock` (shared with the stage's other entry points, so two generations or two
     transports never touch the KV cache at once). Runs until either side closes or `close()` is called.
+    Every connection of a chain opens with the chain's random `token` (handed out through Ray): a peer
+    without it is refused before any of its bytes are unpickled.
     """
 
-    def __init__(self, compute: Compute, lock: threading.Lock, host: str, downstream: Address) -> None:
+    def __init__(self, compute: Compute, lock: threading.Lock, host: str, downstream: Address, token: bytes) -> None:
+        self._token = token
         self._compute = compute
         self._lock = lock
         self._closed = threading.Event()
         self._listener = socket.create_server((host, 0))
         self.address: Address = (host, self._listener.getsockname()[1])
-        self._downstream = _connect(downstream)
+        self._downstream = _connect(downstream, token)
         self._upstream: socket.socket | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"stage-link-{self.address[1]}")
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._listener.settimeout(CONNECT_TIMEOUT_S)
-            upstream, _ = self._listener.accept()
-            upstream.settimeout(None)
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._upstream = upstream
+            self._upstream = upstream = _accept(self._listener, self._token)
             self._listener.close()
             while not self._closed.is_set():
                 send_frame(self._downstream, self._step(recv_frame(upstream)))
@@ -245,12 +265,17 @@ class DirectExecutor:
         """Listen for the last stage, link the stages back to front, then connect to stage 0."""
         self.generation += 1
         host = self.host or ray.util.get_node_ip_address()
+        token = secrets.token_bytes(TOKEN_BYTES)
         arrived: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
             asyncio.get_running_loop().create_future()
         )
 
-        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if arrived.done():
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                opened = await asyncio.wait_for(reader.readexactly(len(token)), CONNECT_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                opened = b""
+            if arrived.done() or not hmac.compare_digest(opened, token):
                 writer.close()
             else:
                 arrived.set_result((reader, writer))
@@ -259,12 +284,13 @@ class DirectExecutor:
         try:
             address: Address = (host, server.sockets[0].getsockname()[1])
             for stage in reversed(self.stages):
-                address = tuple(await asyncio.wait_for(stage.link.remote(address), self.timeout_s))  # type: ignore[assignment]
+                address = tuple(await asyncio.wait_for(stage.link.remote(address, token), self.timeout_s))  # type: ignore[assignment]
             _, writer = await asyncio.wait_for(asyncio.open_connection(*address), CONNECT_TIMEOUT_S)
             reader, self._results = await asyncio.wait_for(arrived, CONNECT_TIMEOUT_S)
         finally:
             server.close()
         _no_delay(writer)
+        writer.write(token)
         self._writer = writer
         self._reader = asyncio.get_running_loop().create_task(self._read_results(reader), name="direct-results")
         logger.info("linked the stage chain directly (%d stages, generation %d)", len(self.stages), self.generation)

@@ -32,14 +32,13 @@ class StageActor:
         metrics.record_stage_forward(self._metric_model, self.worker.spec.index, time.perf_counter() - started)
         return out
 
-    def link(self, downstream: Address) -> Address:
+    def link(self, downstream: Address, token: bytes) -> Address:
         """Direct transport: drop the previous link, connect to `downstream` and return where the upstream
         stage (or the replica) connects; steps then run on the link's thread (see serve_apps.engine.links)."""
         if self._link is not None:
             self._link.close()
-        self._link = StageLink(
-            self._compute, self._compute_lock, ray.util.get_node_ip_address(), (str(downstream[0]), int(downstream[1]))
-        )
+        host, to = ray.util.get_node_ip_address(), (str(downstream[0]), int(downstream[1]))
+        self._link = StageLink(self._compute, self._compute_lock, host, to, token)
         return self._link.address
 
     def describe(self) -> StageInfo:

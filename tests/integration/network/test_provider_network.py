@@ -236,9 +236,8 @@ def serve_settings(repo_root: Path, cache: Path, tmp: Path, registry_name: str) 
                 "max_num_seqs": 4,
                 "max_queue": 16,
                 "graceful_shutdown_timeout_s": 5,
-                # A compiled graph across nodes crashes the surviving node's raylet when the other node dies
-                # (Ray 2.55 MutableObjectProvider::HandlePushMutableObject check failure): plain actor calls.
-                "transport": "actor_calls",
+                # The default transport (direct links between the nodes' stages). Not a compiled graph: across
+                # nodes it crashed the surviving node's raylet when the other node died (Ray 2.55).
                 "request_timeout_s": REPLACE_TIMEOUT_S,
             },
             "http": {"port": port},

@@ -199,9 +199,8 @@ def cluster(
                 future.result()
         pipeline = {
             "num_stages": STAGES,
-            # As in tests/integration/network: no compiled graph on the extra raylets of this one machine
-            # (the first requests hung there with transport "auto").
-            "transport": "actor_calls",
+            # The default transport (direct links). Not a compiled graph: on the extra raylets of this one
+            # machine its first requests hung (transport "auto").
             "num_replicas": 2,
             "placement_strategy": "STRICT_PACK",
             "max_num_seqs": 4,

@@ -54,10 +54,10 @@ class FakeStage:
         self.link = _Remote(self._link)
         self.ping = _Remote(self._ping)
 
-    def _link(self, downstream: Address) -> Address:
+    def _link(self, downstream: Address, token: bytes) -> Address:
         if self.current is not None:
             self.current.close()
-        self.current = StageLink(self.compute, self.lock, HOST, downstream)
+        self.current = StageLink(self.compute, self.lock, HOST, downstream, token)
         return self.current.address
 
     def _ping(self) -> bool:
@@ -198,13 +198,40 @@ def test_real_stages_linked_directly_decode_what_one_stage_decodes(tiny_dir: Pat
     assert three == single and len(single) == 8
 
 
+def stage_between(token: bytes) -> tuple[StageLink, socket.socket, socket.socket]:
+    """One add_one stage linked to a downstream socket here; returns (link, downstream end, listener)."""
+    listener = socket.create_server((HOST, 0))
+    link = StageLink(add_one, threading.Lock(), HOST, listener.getsockname()[:2], token)
+    downstream, _ = listener.accept()
+    assert downstream.recv(len(token), socket.MSG_WAITALL) == token
+    return link, downstream, listener
+
+
 def test_link_error_frames_pass_through_middle_stages() -> None:
-    link_frame = Frame(LinkError(4, "boom"))
-    upstream_server = socket.create_server((HOST, 0))
-    link = StageLink(add_one, threading.Lock(), HOST, upstream_server.getsockname()[:2])
-    downstream, _ = upstream_server.accept()
-    with socket.create_connection(link.address) as feeder, downstream:
-        send_frame(feeder, link_frame)
+    link, downstream, listener = stage_between(b"t" * 32)
+    with socket.create_connection(link.address) as feeder, downstream, listener:
+        feeder.sendall(b"t" * 32)
+        send_frame(feeder, Frame(LinkError(4, "boom")))
         assert recv_frame(downstream).message == LinkError(4, "boom")
     link.close()
-    upstream_server.close()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:  # closed with our unread frame in its buffer
+        return True
+
+
+def test_a_connection_without_the_token_is_refused_before_unpickling() -> None:
+    link, downstream, listener = stage_between(b"k" * 32)
+    with downstream, listener:
+        with socket.create_connection(link.address) as intruder:
+            send_frame(intruder, Frame(batch(1, 5)))  # no token: its frame must never reach compute
+            assert closed_by_peer(intruder)
+        with socket.create_connection(link.address) as upstream:
+            upstream.sendall(b"k" * 32)
+            send_frame(upstream, Frame(batch(2, 5)))
+            frame = recv_frame(downstream)
+    assert frame.message == batch(2, 5) and frame.tensor is not None and frame.tensor.tolist() == [6.0]
+    link.close()
