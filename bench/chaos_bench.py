@@ -291,7 +291,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="completion tokens per request (ignore_eos)")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--max-seqs", type=int, default=64, help="KV slots (= decode batch) of the replica")
-    parser.add_argument("--transport", choices=["auto", "compiled_graph", "actor_calls"], default="actor_calls")
+    parser.add_argument("--transport", choices=["direct", "actor_calls", "auto", "compiled_graph"], default="direct")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -562,8 +562,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--transports",
-        default="actor_calls",
-        help="stage transports to compare (comma list of auto, compiled_graph, actor_calls); the first is solanalm-N",
+        default="direct",
+        help="stage transports to compare (comma list of direct, actor_calls, auto, compiled_graph); the first is "
+        "solanalm-N",
     )
     args = parser.parse_args()
 

@@ -153,6 +153,7 @@ class StageLink:
 
     def __init__(self, compute: Compute, lock: threading.Lock, host: str, downstream: Address, token: bytes) -> None:
         self._token = token
+        self._threads = torch.get_num_threads()  # OpenMP's thread count is per thread: the link's must match
         self._compute = compute
         self._lock = lock
         self._closed = threading.Event()
@@ -164,6 +165,7 @@ class StageLink:
         self._thread.start()
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         try:
             self._upstream = upstream = _accept(self._listener, self._token)
             self._listener.close()
