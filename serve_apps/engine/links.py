@@ -145,17 +145,16 @@ Compute = Callable[[StepBatch, torch.Tensor | None], torch.Tensor | StepResult]
 class StageLink:
     """A stage's place in one generation of the chain: accepts its upstream, streams to its downstream.
 
-    `compute` runs under `lock` (shared with the stage's other entry points, so two generations or two
-    transports never touch the KV cache at once). Runs until either side closes or `close()` is called.
+    `compute` must serialise steps with the stage's other entry points (the stage actor runs them all on
+    one compute thread), so two generations or two transports never touch the KV cache at once. Runs
+    until either side closes or `close()` is called.
     Every connection of a chain opens with the chain's random `token` (handed out through Ray): a peer
     without it is refused before any of its bytes are unpickled.
     """
 
-    def __init__(self, compute: Compute, lock: threading.Lock, host: str, downstream: Address, token: bytes) -> None:
+    def __init__(self, compute: Compute, host: str, downstream: Address, token: bytes) -> None:
         self._token = token
-        self._threads = torch.get_num_threads()  # OpenMP's thread count is per thread: the link's must match
         self._compute = compute
-        self._lock = lock
         self._closed = threading.Event()
         self._listener = socket.create_server((host, 0))
         self.address: Address = (host, self._listener.getsockname()[1])
@@ -165,7 +164,6 @@ class StageLink:
         self._thread.start()
 
     def _run(self) -> None:
-        torch.set_num_threads(self._threads)
         try:
             self._upstream = upstream = _accept(self._listener, self._token)
             self._listener.close()
@@ -181,14 +179,13 @@ class StageLink:
         message = frame.message
         if not isinstance(message, StepBatch):
             return frame  # an upstream stage's error: pass it on to the replica
-        with self._lock:
-            if self._closed.is_set():
-                raise ConnectionError("link closed")
-            try:
-                out = self._compute(message, frame.tensor)
-            except Exception as exc:  # noqa: BLE001 - the replica decides; the link stays up
-                logger.exception("step %d failed on this stage", message.step_id)
-                return Frame(LinkError(message.step_id, f"{type(exc).__name__}: {exc}"))
+        if self._closed.is_set():
+            raise ConnectionError("link closed")  # a newer generation owns the stage now
+        try:
+            out = self._compute(message, frame.tensor)
+        except Exception as exc:  # noqa: BLE001 - the replica decides; the link stays up
+            logger.exception("step %d failed on this stage", message.step_id)
+            return Frame(LinkError(message.step_id, f"{type(exc).__name__}: {exc}"))
         return Frame(out) if isinstance(out, StepResult) else Frame(message, out)
 
     def close(self) -> None:

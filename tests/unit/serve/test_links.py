@@ -48,7 +48,7 @@ class FakeStage:
 
     def __init__(self, compute, name: str) -> None:  # type: ignore[no-untyped-def]
         self._actor_id = name
-        self.compute, self.lock = compute, threading.Lock()
+        self.compute = compute
         self.current: StageLink | None = None
         self.dead = False
         self.link = _Remote(self._link)
@@ -57,7 +57,7 @@ class FakeStage:
     def _link(self, downstream: Address, token: bytes) -> Address:
         if self.current is not None:
             self.current.close()
-        self.current = StageLink(self.compute, self.lock, HOST, downstream, token)
+        self.current = StageLink(self.compute, HOST, downstream, token)
         return self.current.address
 
     def _ping(self) -> bool:
@@ -201,7 +201,7 @@ def test_real_stages_linked_directly_decode_what_one_stage_decodes(tiny_dir: Pat
 def stage_between(token: bytes) -> tuple[StageLink, socket.socket, socket.socket]:
     """One add_one stage linked to a downstream socket here; returns (link, downstream end, listener)."""
     listener = socket.create_server((HOST, 0))
-    link = StageLink(add_one, threading.Lock(), HOST, listener.getsockname()[:2], token)
+    link = StageLink(add_one, HOST, listener.getsockname()[:2], token)
     downstream, _ = listener.accept()
     assert downstream.recv(len(token), socket.MSG_WAITALL) == token
     return link, downstream, listener
