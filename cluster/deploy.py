@@ -98,7 +98,8 @@ def drain_and_shutdown(app_name: str) -> None:
 
 
 def model_costs(settings: Settings) -> dict[str, ModelCost]:
-    """Per served model: layer, embedding, head and KV bytes (KV for `max_num_seqs` full contexts)."""
+    """Per served model: layer, embedding, head and KV bytes (KV for `max_num_seqs` full contexts), the
+    packed low-bit copies of `weight_quant` included."""
     catalogue = load_catalogue(settings.model.catalogue)
     costs = {}
     for name in settings.model.served:
@@ -106,7 +107,9 @@ def model_costs(settings: Settings) -> dict[str, ModelCost]:
         dtype = settings.model.dtype or spec.dtype
         model_dir = materialize(spec, settings.model.cache_dir, dtype)
         max_len = settings.pipeline.max_model_len or spec.max_model_len or 0
-        costs[name] = model_cost_for(model_dir, dtype, kv_tokens=settings.pipeline.max_num_seqs * max_len)
+        quant = settings.model.weight_quant or spec.weight_quant
+        kv_tokens = settings.pipeline.max_num_seqs * max_len
+        costs[name] = model_cost_for(model_dir, dtype, kv_tokens=kv_tokens, weight_quant=quant)
     return costs
 
 

@@ -6,33 +6,53 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from cluster.config.serving import WeightQuant
 from cluster.network.placement import ModelCost
+
+INT4_GROUP = 32  # serve_apps.engine.quant's group size (GGUF Q4_1 blocks)
+
+
+def packed_bytes(rows: int, cols: int, kind: WeightQuant, itemsize: int) -> int:
+    """Bytes of the low-bit copy a stage keeps of a [rows, cols] weight beside the dense one (0: none).
+
+    int4: two values a byte plus a (scale, zero) pair per group of 32 inputs; int8: a byte a value plus a
+    scale per row; scales in the model's dtype. A matrix whose inputs are not whole groups gets no int4 copy.
+    """
+    if kind == "int4":
+        return rows * cols // 2 + (cols // INT4_GROUP) * rows * 2 * itemsize if cols % INT4_GROUP == 0 else 0
+    if kind == "int8":
+        return rows * cols + rows * itemsize
+    return 0
 
 
 def model_cost_from_config(
-    config: PretrainedConfig, dtype: torch.dtype = torch.float32, kv_tokens: int = 0
+    config: PretrainedConfig, dtype: torch.dtype = torch.float32, kv_tokens: int = 0, weight_quant: WeightQuant = "none"
 ) -> ModelCost:
     """Bytes of one decoder layer (built on meta), the embedding, norm + lm_head, and `kv_tokens` of KV
-    cache per layer. The lm_head is counted even when tied: each stage owns its own tensors."""
+    cache per layer. The lm_head is counted even when tied: each stage owns its own tensors. With
+    `weight_quant`, the packed copies of the layers' projections and the int8 lm_head are added."""
     with torch.device("meta"):
         layer = LlamaDecoderLayer(config, layer_idx=0)  # type: ignore[arg-type]  # any Llama-shaped config
     layer_params = sum(p.numel() for p in layer.parameters())
     itemsize = torch.empty((), dtype=dtype).element_size()
     hidden, vocab = config.hidden_size, config.vocab_size
+    matrices = [tuple(p.shape) for p in layer.parameters() if p.dim() == 2]
+    layer_packed = sum(packed_bytes(rows, cols, weight_quant, itemsize) for rows, cols in matrices)
+    head_packed = packed_bytes(vocab, hidden, "int8", itemsize) if weight_quant != "none" else 0
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return ModelCost(
         num_layers=config.num_hidden_layers,
-        layer_bytes=layer_params * itemsize,
+        layer_bytes=layer_params * itemsize + layer_packed,
         embed_bytes=vocab * hidden * itemsize,
-        head_bytes=(vocab * hidden + hidden) * itemsize,
+        head_bytes=(vocab * hidden + hidden) * itemsize + head_packed,
         kv_bytes_per_layer=2 * kv_heads * head_dim * kv_tokens * itemsize,
         layer_flops_per_token=2.0 * layer_params,
         head_layer_equiv=vocab * hidden / layer_params,
     )
 
 
-def model_cost_for(model_dir: Path, dtype: str, kv_tokens: int = 0) -> ModelCost:
+def model_cost_for(model_dir: Path, dtype: str, kv_tokens: int = 0, weight_quant: WeightQuant = "none") -> ModelCost:
     """The cost of a materialised Hugging Face directory (its config.json only) in `dtype` ('float32'...)."""
     config = AutoConfig.from_pretrained(model_dir)
-    return model_cost_from_config(config, getattr(torch, dtype), kv_tokens)
+    return model_cost_from_config(config, getattr(torch, dtype), kv_tokens, weight_quant)

@@ -1,5 +1,6 @@
 """Layer costs measured on the meta device agree with the whole model and with a built stage."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,3 +41,18 @@ def test_planned_stage_memory_matches_stage_models_on_meta() -> None:
     with torch.device("meta"):
         built = [param_bytes(StageModel(CONFIG, spec)) for spec in specs]
     assert built == stage_memory_bytes(plan, cost)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_planned_memory_counts_the_packed_low_bit_copies_a_stage_really_holds(quant: str) -> None:
+    """Per layer and for the lm_head, the planner's packed bytes equal what quantizing a real stage allocates."""
+    config = LlamaConfig(**{**CONFIG.to_dict(), "hidden_size": 64, "intermediate_size": 96})
+    dense = model_cost_from_config(config, torch.bfloat16)
+    cost = model_cost_from_config(config, torch.bfloat16, weight_quant=quant)  # type: ignore[arg-type]
+    spec = split_layers(config.num_hidden_layers, 1)[0]
+    stage = StageModel(config, spec).to(torch.bfloat16)
+    for param in stage.parameters():
+        torch.nn.init.normal_(param)
+    stage.quantize(quant, 8)  # type: ignore[arg-type]
+    packed_layers = (cost.layer_bytes - dense.layer_bytes) * config.num_hidden_layers
+    assert packed_layers + cost.head_bytes - dense.head_bytes == stage.low_bit_bytes() > 0
