@@ -198,10 +198,6 @@ class StageLink:
                 with contextlib.suppress(OSError):
                     sock.close()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
 
 class DirectExecutor:
     """The replica's end of the direct transport: steps go to stage 0, results come from the last stage.
