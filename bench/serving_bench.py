@@ -319,7 +319,8 @@ class ServeProbe:
         self.base = base
         self.processes = {f"stage{i}": psutil.Process(pid) for i, pid in enumerate(stage_pids)}
         markers = {"replica": f"pipeline-{MODEL}", "gateway": ":gateway", "proxy": "ProxyActor"}
-        for proc in psutil.process_iter(["cmdline"]):
+        # The newest match: a previous system's replica or gateway may still be exiting.
+        for proc in sorted(psutil.process_iter(["cmdline", "create_time"]), key=lambda p: -p.info["create_time"]):
             line = " ".join(proc.info.get("cmdline") or [])
             for key, marker in markers.items():
                 if marker in line:
