@@ -129,8 +129,10 @@ class Cluster:
 
     def complete(self, prompt: str) -> SettlementRecord:
         """One real request; its settlement record says which provider wallets served it."""
+        # Long enough that two requests sent at once are both in flight when the second is routed (with 4
+        # tokens the first could finish first on the direct links, and both went to the same replica).
         response = self.client.completions.with_raw_response.create(
-            model="tiny-llama", prompt=prompt, max_tokens=4, temperature=0.0
+            model="tiny-llama", prompt=prompt, max_tokens=32, temperature=0.0, extra_body={"ignore_eos": True}
         )
         settlement_id = response.headers["x-solanalm-settlement-id"]
         return asyncio.run(self.payments.get_receipt(ReceiptQuery(settlement_id, self.payer))).record
