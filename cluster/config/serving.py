@@ -10,6 +10,7 @@ from cluster.config.base import Section
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 DType = Literal["float32", "bfloat16"]
 WeightQuant = Literal["none", "int8", "int4"]
+INT4_GROUP = 32  # inputs per int4 scale/zero pair: the block of GGUF Q4_1 (serve_apps.engine.quant)
 Transport = Literal["direct", "auto", "compiled_graph", "actor_calls"]
 
 

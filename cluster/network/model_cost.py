@@ -6,10 +6,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from cluster.config.serving import WeightQuant
+from cluster.config.serving import INT4_GROUP, WeightQuant
 from cluster.network.placement import ModelCost
-
-INT4_GROUP = 32  # serve_apps.engine.quant's group size (GGUF Q4_1 blocks)
 
 
 def packed_bytes(rows: int, cols: int, kind: WeightQuant, itemsize: int) -> int:

@@ -61,6 +61,9 @@ class RayPipelineExecutor:
             raise StageCallError(f"last stage returned {type(result).__name__}, expected StepResult")
         return result
 
+    def close(self) -> None:
+        """Nothing to tear down: each step's calls are independent."""
+
 
 class CompiledGraphExecutor:
     """The stage chain compiled once into a Ray compiled graph; recompiled when a stage was recreated.

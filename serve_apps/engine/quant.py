@@ -17,10 +17,9 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from cluster.config.serving import WeightQuant
+from cluster.config.serving import INT4_GROUP, WeightQuant
 
-__all__ = ["LowBitWeight", "WeightQuant", "dequantize", "project", "quantize"]
-INT4_GROUP = 32
+__all__ = ["INT4_GROUP", "LowBitWeight", "WeightQuant", "dequantize", "project", "quantize"]
 
 
 @dataclass(frozen=True, slots=True)

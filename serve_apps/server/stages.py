@@ -17,7 +17,7 @@ from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config.serving import PipelineSection, WeightQuant
-from serve_apps.engine.executor import CompiledGraphExecutor, FallbackExecutor, RayPipelineExecutor, StepExecutor
+from serve_apps.engine.executor import CompiledGraphExecutor, FallbackExecutor, RayPipelineExecutor
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.links import DirectExecutor
 from serve_apps.engine.messages import StageInfo
@@ -25,6 +25,7 @@ from serve_apps.engine.stage_actor import StageActor, stage_actor_options, torch
 from serve_apps.engine.stage_worker import StageConfig
 
 logger = logging.getLogger(__name__)
+PoolExecutor = RayPipelineExecutor | CompiledGraphExecutor | FallbackExecutor | DirectExecutor
 
 NAME_RETRIES = 20
 LOAD_ATTEMPTS = 5  # a dead actor's name is released shortly after its death is known
@@ -53,7 +54,7 @@ class StagePool:
         self.timeout_s = timeout_s
         self.transport = transport
         self.max_inflight = max_inflight
-        self._executor: StepExecutor | None = None
+        self._executor: PoolExecutor | None = None
         self.actors: list[Any] = [recipe.start() for recipe in recipes]
         self.restarts = 0
         self._recovering = asyncio.Lock()
@@ -138,7 +139,7 @@ class StagePool:
         infos = ray.get([actor.describe.remote() for actor in self.actors], timeout=self.timeout_s)
         return [info.node_id for info in infos]
 
-    def executor(self) -> StepExecutor:
+    def executor(self) -> PoolExecutor:
         """The pipeline's step executor; it shares `self.actors`, so a recreated stage is used from the next step."""
         if self._executor is None:
             compiled = CompiledGraphExecutor(self.actors, self.timeout_s, self.max_inflight)
@@ -196,7 +197,7 @@ class StagePool:
         await asyncio.wait_for(asyncio.gather(*[actor.ping.remote() for actor in self.actors]), self.timeout_s)
 
     def kill(self) -> None:
-        if isinstance(self._executor, CompiledGraphExecutor | FallbackExecutor | DirectExecutor):
+        if self._executor is not None:
             self._executor.close()
         for actor in self.actors:
             with contextlib.suppress(Exception):  # best effort on teardown
