@@ -357,13 +357,7 @@ def stage_cpus_for(stages: int, requested: str, cores: int) -> int:
 
 
 def bench_solanalm(
-    plan: Plan,
-    prompts: list[str],
-    stages: list[int],
-    stage_cpus: str,
-    max_seqs: int,
-    transports: list[str],
-    solo: tuple[bool, ...] = (True,),
+    plan: Plan, prompts: list[str], stages: list[int], stage_cpus: str, max_seqs: int, transports: list[str]
 ) -> dict:
     import ray
     from ray import serve
@@ -381,10 +375,9 @@ def bench_solanalm(
     app = read_serve_config(REPO_ROOT / "configs" / "serve.yaml")
     results: dict[str, dict] = {}
     app_name, port = "solanalm", _free_port()  # Serve keeps its first proxy port for the whole run
-    runs = [(count, transport, alone) for count in stages for transport in transports for alone in solo]
-    for count, transport, alone in runs:
+    runs = [(count, transport) for count in stages for transport in transports]
+    for count, transport in runs:
         name = f"solanalm-{count}" if transport == transports[0] else f"solanalm-{count}-{transport}"
-        name += "" if alone == solo[0] else ("-solo" if alone else "-nosolo")
         cpus = stage_cpus_for(count, stage_cpus, os.cpu_count() or 2)
         print(f"  {name}: deploying ({cpus} CPU per stage, {transport})", flush=True)
         try:
@@ -398,7 +391,6 @@ def bench_solanalm(
                         "max_num_seqs": max_seqs,
                         "stage_resources": {"CPU": cpus},
                         "transport": transport,
-                        "solo_threads": alone,
                     },
                     "http": {"port": port},
                 },
@@ -416,7 +408,6 @@ def bench_solanalm(
                 stage_layers=[s["layers"] for s in health["pipelines"][0]["stages"]],
                 stage_cpus=cpus,
                 transport=transport,
-                solo_threads=alone,
             )
             results[name] = result
         except Exception as exc:  # noqa: BLE001 - one stage count failing must not lose the others
@@ -576,11 +567,6 @@ def main() -> None:
         help="stage transports to compare (comma list of direct, actor_calls, auto, compiled_graph); the first is "
         "solanalm-N",
     )
-    parser.add_argument(
-        "--solo-threads",
-        default="on",
-        help="pipeline.solo_threads to compare (comma list of on, off); the first is solanalm-N",
-    )
     args = parser.parse_args()
 
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
@@ -629,9 +615,8 @@ def main() -> None:
         print(f"== solanalm (load {os.getloadavg()[0]:.1f})", flush=True)
         stages = [int(s) for s in args.stages.split(",")]
         transports = args.transports.split(",")
-        solo = tuple(value.strip() == "on" for value in args.solo_threads.split(","))
         served = _guarded(
-            lambda: bench_solanalm(plan, prompts, stages, args.stage_cpus, max(64, max(concurrency)), transports, solo)
+            lambda: bench_solanalm(plan, prompts, stages, args.stage_cpus, max(64, max(concurrency)), transports)
         )
         result["systems"].update(served if "reason" not in served else {"solanalm": served})
         result["load_avg_1m_before_solanalm"] = round(os.getloadavg()[0], 2)

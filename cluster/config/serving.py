@@ -11,7 +11,6 @@ PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 DType = Literal["float32", "bfloat16"]
 WeightQuant = Literal["none", "int8", "int4"]
 INT4_GROUP = 32  # inputs per int4 scale/zero pair: the block of GGUF Q4_1 (serve_apps.engine.quant)
-SHARED_NODE_SPIN_COUNT = 20_000  # GOMP_SPINCOUNT of stages that share a node (docs/benchmarks.md, run 8)
 Transport = Literal["direct", "auto", "compiled_graph", "actor_calls"]
 
 
@@ -154,23 +153,6 @@ class PipelineSection(Section):
             "connection, the last one back to the replica), actor_calls (plain actor calls, each hop through the "
             "replica), compiled_graph (Ray compiled graph, shared-memory channels that poll), or auto: a compiled "
             "graph while every stage is on one node and nothing failed, then actor calls for good."
-        ),
-    )
-    solo_threads: bool = Field(
-        default=True,
-        description=(
-            "A step alone in the pipeline (one stream: the stages take turns) runs on every CPU the pipeline's "
-            "bundles hold on its stage's node, not only its own bundle's; steps that overlap keep to their bundle."
-        ),
-    )
-    omp_spin_count: int | None = Field(
-        default=None,
-        ge=0,
-        le=100_000_000,
-        description=(
-            "GOMP_SPINCOUNT of the stage processes: how long an idle OpenMP thread spins before it sleeps. None: "
-            f"libgomp's default (300,000) for a stage alone on its node, {SHARED_NODE_SPIN_COUNT:,} where stages "
-            "share a node (a finished stage's spinning threads would hold the CPUs the next stage needs)."
         ),
     )
     kv_cache_bytes: int | None = Field(

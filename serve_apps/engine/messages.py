@@ -44,7 +44,6 @@ class StepBatch:
     step_id: int
     chunks: tuple[SeqChunk, ...]
     released_slots: tuple[tuple[str, int], ...] = ()  # (seq_id, slot) pairs finished since the last step
-    solo: bool = False  # no other step in flight: the stages take turns and may use the pipeline's CPUs
 
     @property
     def num_tokens(self) -> int:

@@ -136,8 +136,7 @@ class Scheduler:
         for seq in decode:
             self.running[seq.seq_id] = self.running.pop(seq.seq_id)
         seqs = decode + [seq for seq, _ in prefilled]
-        solo = not self._inflight  # nothing else in flight: the stages will take turns on this step
-        return self._emit(StepBatch(next(self._step_ids), tuple(chunks), self._take_released(), solo), seqs)
+        return self._emit(StepBatch(next(self._step_ids), tuple(chunks), self._take_released()), seqs)
 
     def update(self, result: StepResult) -> list[TokenUpdate]:
         """Apply a finished step: append sampled tokens, detect EOS and length limits."""

@@ -7,7 +7,6 @@ from typing import TypeVar
 
 import ray
 
-from cluster.config.serving import SHARED_NODE_SPIN_COUNT
 from serve_apps import metrics
 from serve_apps.engine.links import Address, StageLink
 from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
@@ -70,13 +69,10 @@ class StageActor:
         return self._on_compute_thread(self.worker.inject_fault, stage_index, noise_scale, seed, node_label)
 
 
-def stage_actor_options(resources: dict[str, float], omp_spin_count: int | None = None) -> dict[str, object]:
-    """Ray actor options that request exactly one stage bundle's resources (and set the process's OpenMP
-    spin count: Ray merges these env_vars into the job's runtime environment)."""
+def stage_actor_options(resources: dict[str, float]) -> dict[str, object]:
+    """Ray actor options that request exactly one stage bundle's resources."""
     custom = {key: value for key, value in resources.items() if key not in ("CPU", "GPU", "memory")}
     options: dict[str, object] = {"num_cpus": resources.get("CPU", 0.0), "num_gpus": resources.get("GPU", 0.0)}
-    if omp_spin_count is not None:
-        options["runtime_env"] = {"env_vars": {"GOMP_SPINCOUNT": str(omp_spin_count)}}
     if custom:
         options["resources"] = custom
     if resources.get("memory"):
@@ -89,29 +85,4 @@ def torch_threads_for(resources: dict[str, float]) -> int:
     return max(1, int(resources.get("CPU", 1.0)))
 
 
-def solo_threads_for(resources: dict[str, float], bundle_nodes: list[str | None], index: int) -> int:
-    """Threads of stage `index` for a step alone in the pipeline: the CPUs of every bundle of the pipeline on
-    its node (its neighbours wait for that step, so their CPUs are idle); its own bundle's if the node is unknown."""
-    node = bundle_nodes[index] if index < len(bundle_nodes) else None
-    if node is None:
-        return torch_threads_for(resources)
-    return max(1, int(resources.get("CPU", 1.0) * bundle_nodes.count(node)))
-
-
-def omp_spin_count_for(configured: int | None, bundle_nodes: list[str | None], index: int) -> int | None:
-    """GOMP_SPINCOUNT of stage `index`: the configured one, else a short one where stages of the pipeline share
-    its node (a finished stage's spinning threads would hold the CPUs of the next), else libgomp's own (None)."""
-    if configured is not None:
-        return configured
-    node = bundle_nodes[index] if index < len(bundle_nodes) else None
-    return SHARED_NODE_SPIN_COUNT if node is not None and bundle_nodes.count(node) > 1 else None
-
-
-__all__ = [
-    "StageActor",
-    "StepResult",
-    "omp_spin_count_for",
-    "solo_threads_for",
-    "stage_actor_options",
-    "torch_threads_for",
-]
+__all__ = ["StageActor", "StepResult", "stage_actor_options", "torch_threads_for"]

@@ -34,16 +34,13 @@ class StageConfig:
     actor_name: str = ""
     weight_quant: WeightQuant = "none"  # packed low-bit copies used for steps of few tokens (quant.py)
     low_bit_max_tokens: int = 0
-    solo_threads: int = 0  # threads of a step alone in the pipeline (0: torch_threads; capped by the CPUs we may use)
 
 
 class StageWorker:
     """Holds decoder layers [spec.start, spec.end) and their KV cache; runs one step at a time."""
 
     def __init__(self, config: StageConfig) -> None:
-        self.threads = max(1, config.torch_threads)
-        self.solo_threads = max(self.threads, min(config.solo_threads, _usable_cpus()))
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(max(1, config.torch_threads))
         self.config = config
         self.spec = config.spec
         dtype = getattr(torch, config.dtype)
@@ -67,18 +64,11 @@ class StageWorker:
     def forward(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | StepResult:
         """Run this stage's layers for `batch`; the last stage returns sampled tokens, others hidden states."""
         started = time.perf_counter()
-        self._set_threads(self.solo_threads if batch.solo else self.threads)
         try:
             return self._forward(batch, hidden)
         finally:
             self.busy_s += time.perf_counter() - started
             self.steps += 1
-
-    @staticmethod
-    def _set_threads(threads: int) -> None:
-        """A step alone in the pipeline may use the CPUs of the stages that wait for it (solo_threads)."""
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
 
     @torch.inference_mode()
     def _forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor | StepResult:
@@ -139,11 +129,7 @@ class StageWorker:
             torch_threads=torch.get_num_threads(),
             kv_slots=self.cache.num_slots,
             kv_capacity_tokens=self.cache.capacity_tokens(),
-            extra={
-                "weight_quant": self.config.weight_quant,
-                "low_bit_bytes": str(self.model.low_bit_bytes()),
-                "solo_threads": str(self.solo_threads),
-            },
+            extra={"weight_quant": self.config.weight_quant, "low_bit_bytes": str(self.model.low_bit_bytes())},
             busy_s=round(self.busy_s, 4),
             steps=self.steps,
         )
@@ -174,12 +160,6 @@ def _node_has_label(label: str | None) -> bool:
     key, _, value = label.partition("=")
     labels = ray.get_runtime_context().get_node_labels() if ray.is_initialized() else {}
     return labels.get(key) == value
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _rss() -> int:

@@ -21,13 +21,7 @@ from serve_apps.engine.executor import CompiledGraphExecutor, FallbackExecutor, 
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.links import DirectExecutor
 from serve_apps.engine.messages import StageInfo
-from serve_apps.engine.stage_actor import (
-    StageActor,
-    omp_spin_count_for,
-    solo_threads_for,
-    stage_actor_options,
-    torch_threads_for,
-)
+from serve_apps.engine.stage_actor import StageActor, stage_actor_options, torch_threads_for
 from serve_apps.engine.stage_worker import StageConfig
 
 logger = logging.getLogger(__name__)
@@ -84,7 +78,6 @@ class StagePool:
         """Start one actor per stage in bundle i of the current placement group (if any); wait until loaded."""
         placement_group = get_current_placement_group()
         prefix = f"stage:{model}:{ray.get_runtime_context().get_actor_id() or 'driver'}"
-        bundle_nodes = _bundle_nodes(placement_group, len(specs))
         recipes = []
         for spec in specs:
             name = f"{prefix}:{spec.index}:{spec.start}-{spec.end}"
@@ -98,13 +91,8 @@ class StagePool:
                 actor_name=name,
                 weight_quant=weight_quant,
                 low_bit_max_tokens=pipeline.low_bit_max_tokens,
-                solo_threads=solo_threads_for(pipeline.stage_resources, bundle_nodes, spec.index)
-                if pipeline.solo_threads
-                else 0,
             )
-            options = stage_actor_options(
-                pipeline.stage_resources, omp_spin_count_for(pipeline.omp_spin_count, bundle_nodes, spec.index)
-            )
+            options = stage_actor_options(pipeline.stage_resources)
             if placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group,
@@ -225,13 +213,3 @@ def _answered(ref: Any) -> bool:
             raise  # the stage's constructor failed: loading again would fail the same way
         return False
     return True
-
-
-def _bundle_nodes(placement_group: Any, count: int) -> list[str | None]:
-    """The node of each of the first `count` bundles of the replica's placement group ([] without one)."""
-    if placement_group is None:
-        return []
-    from ray.util.placement_group import placement_group_table
-
-    nodes = placement_group_table(placement_group).get("bundles_to_node_id", {})
-    return [nodes.get(index) for index in range(count)]

@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -12,7 +11,6 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cluster.config.serving import SHARED_NODE_SPIN_COUNT
 from cluster.models import load_catalogue, materialize
 from tests.integration.serve.conftest import STAGES, ServedApp
 
@@ -147,19 +145,6 @@ def test_stage_memory_matches_its_weights(served: ServedApp) -> None:
     for info in infos:
         assert info.extra["weight_quant"] == "none" and info.extra["low_bit_bytes"] == "0"  # the fp32 entry
         assert 0.6 < info.load_rss_bytes / info.param_bytes < 1.6, info
-
-
-def test_a_solo_step_may_use_the_pipelines_cpus_and_idle_openmp_threads_sleep_soon(served: ServedApp) -> None:
-    infos = [
-        ray.get(ray.get_actor(name, namespace=namespace).describe.remote(), timeout=60)
-        for name, namespace in _stage_actors(SMOL)
-    ]
-    usable = len(os.sched_getaffinity(0))
-    for info in infos:  # three 1-CPU bundles on this one node
-        assert info.extra["solo_threads"] == str(min(STAGES, usable)), info
-        environ = Path(f"/proc/{info.pid}/environ").read_bytes().split(b"\0")
-        spin = f"GOMP_SPINCOUNT={SHARED_NODE_SPIN_COUNT}".encode()
-        assert spin in environ  # stages share the node; merged into the job's runtime environment by Ray
 
 
 def test_each_replica_reserves_one_bundle_per_stage(served: ServedApp) -> None:

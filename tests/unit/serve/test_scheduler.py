@@ -182,18 +182,3 @@ def test_scheduler_splits_decodes_into_microbatches() -> None:
     while (batch := s.schedule()) is not None:
         sizes.append(len(batch.chunks))
     assert sizes == [3, 3, 1]
-
-
-def test_a_step_is_solo_only_while_no_other_step_is_in_flight() -> None:
-    s = Scheduler(SchedulerLimits(8, 8, 8, num_microbatches=2), (EOS,))
-    for i in range(4):
-        s.add(seq(f"s{i}", prompt=1, max_tokens=50))
-    first = s.schedule()
-    assert first is not None and first.solo  # the stages take turns on it: it may use their CPUs
-    answer(s, first)
-    a, b = s.schedule(), s.schedule()
-    assert a is not None and b is not None
-    assert a.solo and not b.solo  # b overlaps a in the pipeline: each stage keeps to its own bundle
-    answer(s, a)
-    c = s.schedule()
-    assert c is not None and not c.solo  # b is still in flight

@@ -1,6 +1,5 @@
 """Greedy decoding through N in-process stages equals Hugging Face generate, token for token."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -157,20 +156,3 @@ def test_a_prefill_chunk_that_does_not_sample_returns_no_token(tiny_dir: Path) -
     workers = make_workers(tiny_dir, 1)
     chunk = SeqChunk("s", 0, 0, (5, 17, 99), SamplingParams(temperature=0.0), sample=False)
     assert forward(workers, StepBatch(0, (chunk,))).token_ids == (-1,)
-
-
-def test_a_solo_step_runs_on_the_solo_threads_and_an_overlapping_one_on_the_bundles(tiny_dir: Path) -> None:
-    spec = split_layers(6, 1)[0]
-    before = torch.get_num_threads()
-    try:
-        worker = StageWorker(StageConfig(str(tiny_dir), spec, "float32", 2, 64, 1, solo_threads=2))
-        greedy = SamplingParams(temperature=0.0)
-        threads = []
-        for step, solo in enumerate((True, False, True)):
-            worker.forward(StepBatch(step, (SeqChunk("a", 0, step, (5,), greedy),), solo=solo))
-            threads.append(torch.get_num_threads())
-        assert threads == [min(2, os.cpu_count() or 1), 1, min(2, os.cpu_count() or 1)]
-        capped = StageWorker(StageConfig(str(tiny_dir), spec, "float32", 2, 64, 1, solo_threads=10_000))
-        assert capped.solo_threads <= (os.cpu_count() or 1)  # never more threads than CPUs it may run on
-    finally:
-        torch.set_num_threads(before)
