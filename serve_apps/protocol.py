@@ -99,4 +99,5 @@ class PipelineInfo:
     queue_depth: int = 0
     running: int = 0
     steps: int = 0
+    max_inflight_steps: int = 0  # steps the engine keeps in flight at most (its micro-batches)
     extra: dict[str, str] = field(default_factory=dict)

@@ -144,7 +144,10 @@ class PipelineSection(Section):
         default=None,
         ge=1,
         le=64,
-        description="Steps in flight at once (pipelining: decodes split into this many micro-batches); None: stages.",
+        description=(
+            "Steps in flight at once (pipelining: decodes split into this many micro-batches); None: as many as "
+            "stages can compute at once (the stage count, fewer where a node's cores cannot run all its stages)."
+        ),
     )
     transport: Transport = Field(
         default="direct",

@@ -80,3 +80,4 @@ class StageInfo:
     extra: dict[str, str] = field(default_factory=dict)
     busy_s: float = 0.0  # seconds this stage spent computing steps since it started
     steps: int = 0  # steps it computed
+    cpus: int = 0  # CPUs its process may run on (its node's, unless pinned); 0: unknown

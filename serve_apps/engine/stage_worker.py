@@ -132,6 +132,7 @@ class StageWorker:
             extra={"weight_quant": self.config.weight_quant, "low_bit_bytes": str(self.model.low_bit_bytes())},
             busy_s=round(self.busy_s, 4),
             steps=self.steps,
+            cpus=_usable_cpus(),
         )
 
     def trace(self, inputs: torch.Tensor, dims: int) -> tuple[torch.Tensor, tuple[float, ...]]:
@@ -160,6 +161,12 @@ def _node_has_label(label: str | None) -> bool:
     key, _, value = label.partition("=")
     labels = ray.get_runtime_context().get_node_labels() if ray.is_initialized() else {}
     return labels.get(key) == value
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _rss() -> int:

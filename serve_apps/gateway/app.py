@@ -374,6 +374,7 @@ async def _health(gateway: Gateway) -> JSONResponse:
                     "stages": stages,
                     "queue_depth": info.queue_depth,
                     "running": info.running,
+                    "max_inflight_steps": info.max_inflight_steps,
                 }
             )
         except Exception as exc:  # noqa: BLE001 - reported, not raised: health must answer

@@ -130,7 +130,9 @@ class PipelineServer:
         factory = executor_factory or _ray_executor
         executor, self.pool = factory(self.plan, self.settings)
         pipeline = self.settings.pipeline
-        inflight = pipeline.max_inflight_steps or len(self.plan.stages)
+        inflight = pipeline.max_inflight_steps or (
+            self.pool.concurrent_stages() if self.pool else len(self.plan.stages)
+        )
         limits = SchedulerLimits(
             self.plan.kv.slots, pipeline.max_batch_size, pipeline.max_queue, pipeline.prefill_chunk, inflight
         )
@@ -262,6 +264,7 @@ class PipelineServer:
             queue_depth=self.engine.scheduler.num_waiting,
             running=len(self.engine.scheduler.running),
             steps=self.engine.steps,
+            max_inflight_steps=self.engine.max_inflight_steps,
         )
 
     async def check_health(self) -> None:

@@ -136,8 +136,14 @@ class StagePool:
 
     def node_ids(self) -> list[str]:
         """The Ray node each stage runs on (blocking; used once at start-up)."""
-        infos = ray.get([actor.describe.remote() for actor in self.actors], timeout=self.timeout_s)
-        return [info.node_id for info in infos]
+        return [info.node_id for info in self._describe_blocking()]
+
+    def concurrent_stages(self) -> int:
+        """How many stages can compute at once (blocking; used once at start-up): see `concurrent_stages`."""
+        return concurrent_stages(self._describe_blocking())
+
+    def _describe_blocking(self) -> list[StageInfo]:
+        return list(ray.get([actor.describe.remote() for actor in self.actors], timeout=self.timeout_s))
 
     def executor(self) -> PoolExecutor:
         """The pipeline's step executor; it shares `self.actors`, so a recreated stage is used from the next step."""
@@ -213,3 +219,18 @@ def _answered(ref: Any) -> bool:
             raise  # the stage's constructor failed: loading again would fail the same way
         return False
     return True
+
+
+def concurrent_stages(infos: list[StageInfo]) -> int:
+    """Stages that can compute at the same time: on each node, as many as its CPUs hold teams of their
+    threads (3 one-thread stages on 2 cores: 2), summed over the nodes. More steps in flight than this only
+    makes the micro-batches smaller (less work per weight read) without adding parallel compute."""
+    by_node: dict[str, list[StageInfo]] = {}
+    for info in infos:
+        by_node.setdefault(info.node_id, []).append(info)
+    total = 0
+    for stages in by_node.values():
+        cpus = max(info.cpus for info in stages)
+        threads = max(max(1, info.torch_threads) for info in stages)
+        total += len(stages) if cpus <= 0 else min(len(stages), max(1, cpus // threads))
+    return max(1, total)

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -145,6 +146,13 @@ def test_stage_memory_matches_its_weights(served: ServedApp) -> None:
     for info in infos:
         assert info.extra["weight_quant"] == "none" and info.extra["low_bit_bytes"] == "0"  # the fp32 entry
         assert 0.6 < info.load_rss_bytes / info.param_bytes < 1.6, info
+
+
+def test_the_pipeline_keeps_in_flight_as_many_steps_as_its_stages_can_compute_at_once(served: ServedApp) -> None:
+    health = httpx.get(served.base_url.removesuffix("/v1") + "/healthz", timeout=60).json()
+    pipelines = {p["model"]: p for p in health["pipelines"]}
+    # Three 1-CPU stages on this one node: as many steps in flight as its cores run stages at once.
+    assert pipelines[SMOL]["max_inflight_steps"] == min(STAGES, len(os.sched_getaffinity(0)))
 
 
 def test_each_replica_reserves_one_bundle_per_stage(served: ServedApp) -> None:
