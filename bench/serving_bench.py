@@ -408,6 +408,7 @@ def bench_solanalm(
                 stage_layers=[s["layers"] for s in health["pipelines"][0]["stages"]],
                 stage_cpus=cpus,
                 transport=transport,
+                max_inflight_steps=health["pipelines"][0].get("max_inflight_steps"),
             )
             results[name] = result
         except Exception as exc:  # noqa: BLE001 - one stage count failing must not lose the others
