@@ -130,9 +130,7 @@ class PipelineServer:
         factory = executor_factory or _ray_executor
         executor, self.pool = factory(self.plan, self.settings)
         pipeline = self.settings.pipeline
-        inflight = pipeline.max_inflight_steps or (
-            self.pool.concurrent_stages() if self.pool else len(self.plan.stages)
-        )
+        inflight = self.pool.max_inflight if self.pool else (pipeline.max_inflight_steps or len(self.plan.stages))
         limits = SchedulerLimits(
             self.plan.kv.slots, pipeline.max_batch_size, pipeline.max_queue, pipeline.prefill_chunk, inflight
         )

@@ -100,9 +100,10 @@ class StagePool:
                     placement_group_capture_child_tasks=False,
                 )
             recipes.append(StageRecipe(name, config, options))
-        inflight = pipeline.max_inflight_steps or len(specs)
-        pool = cls(recipes, pipeline.stage_call_timeout_s, pipeline.transport, inflight)
+        pool = cls(recipes, pipeline.stage_call_timeout_s, pipeline.transport)
         pool.wait_ready(max(pipeline.stage_call_timeout_s, LOAD_TIMEOUT_S))
+        # The pipelining depth, for the engine and a compiled graph's buffers alike.
+        pool.max_inflight = pipeline.max_inflight_steps or pool.concurrent_stages()
         logger.info("stages ready: %s", ", ".join(pool.names))
         return pool
 
