@@ -1,6 +1,7 @@
 """A Llama-family model's per-layer memory and compute, measured on the meta device (no weights)."""
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -9,17 +10,35 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from cluster.config.serving import INT4_GROUP, WeightQuant
 from cluster.network.placement import ModelCost
 
+LowBitKind = Literal["int8", "int4", "fp16"]  # packed copies a stage keeps (serve_apps.engine.quant)
 
-def packed_bytes(rows: int, cols: int, kind: WeightQuant, itemsize: int) -> int:
+
+def fp16_gemm_available() -> bool:
+    """Whether this torch build has FBGEMM (x86) and its packed fp16 GEMM."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_prepack_fp16"
+    )
+
+
+def head_copy_kind() -> LowBitKind:
+    """The lm_head's packed copy for steps of few rows: fp16 where FBGEMM has its GEMM (bfloat16 values,
+    exactly), else int8 rows (a GGUF keeps its embedding at 8 bits)."""
+    return "fp16" if fp16_gemm_available() else "int8"
+
+
+def packed_bytes(rows: int, cols: int, kind: WeightQuant | LowBitKind, itemsize: int) -> int:
     """Bytes of the low-bit copy a stage keeps of a [rows, cols] weight beside the dense one (0: none).
 
     int4: two values a byte plus a (scale, zero) pair per group of 32 inputs; int8: a byte a value plus a
-    scale per row; scales in the model's dtype. A matrix whose inputs are not whole groups gets no int4 copy.
+    scale per row; scales in the model's dtype; fp16: two bytes a value. A matrix whose inputs are not whole
+    groups gets no int4 copy.
     """
     if kind == "int4":
         return rows * cols // 2 + (cols // INT4_GROUP) * rows * 2 * itemsize if cols % INT4_GROUP == 0 else 0
     if kind == "int8":
         return rows * cols + rows * itemsize
+    if kind == "fp16":
+        return rows * cols * 2
     return 0
 
 
@@ -28,7 +47,7 @@ def model_cost_from_config(
 ) -> ModelCost:
     """Bytes of one decoder layer (built on meta), the embedding, norm + lm_head, and `kv_tokens` of KV
     cache per layer. The lm_head is counted even when tied: each stage owns its own tensors. With
-    `weight_quant`, the packed copies of the layers' projections and the int8 lm_head are added."""
+    `weight_quant`, the packed copies of the layers' projections and of the lm_head are added."""
     with torch.device("meta"):
         layer = LlamaDecoderLayer(config, layer_idx=0)  # type: ignore[arg-type]  # any Llama-shaped config
     layer_params = sum(p.numel() for p in layer.parameters())
@@ -36,7 +55,7 @@ def model_cost_from_config(
     hidden, vocab = config.hidden_size, config.vocab_size
     matrices = [tuple(p.shape) for p in layer.parameters() if p.dim() == 2]
     layer_packed = sum(packed_bytes(rows, cols, weight_quant, itemsize) for rows, cols in matrices)
-    head_packed = packed_bytes(vocab, hidden, "int8", itemsize) if weight_quant != "none" else 0
+    head_packed = packed_bytes(vocab, hidden, head_copy_kind(), itemsize) if weight_quant != "none" else 0
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return ModelCost(

@@ -1,4 +1,4 @@
-"""Weight-only low-bit copies of a stage's matrices for small batches on CPU (int4 groups or int8 rows).
+"""Weight-only low-bit copies of a stage's matrices for small batches on CPU (int4 groups, int8 rows, fp16).
 
 A decode step of a few rows is bound by reading the weights from memory: SmolLM2-135M's 30 layers in
 bfloat16 are 200 MB per token. A packed copy read by PyTorch's weight-only kernels
@@ -8,46 +8,65 @@ docs/benchmarks.md), so the dense weights stay and `project` picks per call by t
 
 int4 is affine per group of 32 input features (w = (q - 8) * scale + zero), the layout of GGUF's Q4_1
 blocks: a model converted from a Q4_1 GGUF re-quantizes to its very own 4-bit values. int8 is symmetric
-per output row.
+per output row. fp16 is FBGEMM's packed half-precision GEMM (`linear_dynamic_fp16`, float32 accumulation):
+not smaller than bfloat16, but for the lm_head of a few rows it runs at memory speed where the int8
+kernel does not (SmolLM2's 49152 x 576 head, 8 rows, 1 thread: 5.5 ms against 12.8 int8 and 8.8 bfloat16;
+docs/benchmarks.md), and bfloat16 weights convert to it exactly.
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import cast
 
 import torch
 from torch.nn import functional as F
 
 from cluster.config.serving import INT4_GROUP, WeightQuant
+from cluster.network.model_cost import LowBitKind, fp16_gemm_available
 
 __all__ = ["INT4_GROUP", "LowBitWeight", "WeightQuant", "dequantize", "project", "quantize"]
+
+FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True, slots=True)
 class LowBitWeight:
     """A packed [N, K] weight and its scales; `matmul(x)` is x [T, K] @ W.T -> [T, N] in x's dtype."""
 
-    kind: Literal["int8", "int4"]
-    packed: torch.Tensor
-    scales: torch.Tensor  # int8: [N]; int4: [K / group, N, 2] (scale, zero)
+    kind: LowBitKind
+    packed: torch.Tensor | torch.ScriptObject  # fp16: FBGEMM's packed matrix (an opaque object)
+    scales: torch.Tensor  # int8: [N]; int4: [K / group, N, 2] (scale, zero); fp16: none (empty)
     out_features: int
+    nbytes: int  # of the packed copy and its scales
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "fp16":
+            return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+        packed = cast(torch.Tensor, self.packed)
         if self.kind == "int8":
-            return torch._weight_int8pack_mm(x, self.packed, self.scales)
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales)
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scales.numel() * self.scales.element_size()
+            return torch._weight_int8pack_mm(x, packed, self.scales)
+        return torch._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, self.scales)
 
 
-def quantize(weight: torch.Tensor, kind: Literal["int8", "int4"]) -> LowBitWeight | None:
-    """The packed copy of `weight` [N, K], or None where the kernel cannot take its shape or device."""
+def quantize(weight: torch.Tensor, kind: LowBitKind) -> LowBitWeight | None:
+    """The packed copy of `weight` [N, K], or None where the kernel cannot take its shape, values or device."""
     if weight.device.type != "cpu" or weight.dim() != 2:
         return None
     if kind == "int4":
         return quantize_int4(weight) if weight.shape[1] % INT4_GROUP == 0 else None
+    if kind == "fp16":
+        return quantize_fp16(weight) if fp16_gemm_available() and _fits_fp16(weight) else None
     return quantize_int8(weight)
+
+
+def _fits_fp16(weight: torch.Tensor) -> bool:
+    return bool(weight.abs().max() <= FP16_MAX) if weight.numel() else False
+
+
+def quantize_fp16(weight: torch.Tensor) -> LowBitWeight:
+    """FBGEMM's packed fp16 copy, 2 bytes a value (bfloat16 values within fp16's range convert exactly, bar
+    subnormals)."""
+    packed = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None)
+    return LowBitWeight("fp16", packed, torch.empty(0), weight.shape[0], weight.numel() * 2)
 
 
 def quantize_int8(weight: torch.Tensor) -> LowBitWeight:
@@ -55,7 +74,8 @@ def quantize_int8(weight: torch.Tensor) -> LowBitWeight:
     full = weight.float()
     scale = (full.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(full / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-    return LowBitWeight("int8", q, scale.to(weight.dtype), weight.shape[0])
+    scales = scale.to(weight.dtype)
+    return LowBitWeight("int8", q, scales, weight.shape[0], q.numel() + scales.numel() * scales.element_size())
 
 
 def quantize_int4(weight: torch.Tensor) -> LowBitWeight:
@@ -68,7 +88,8 @@ def quantize_int4(weight: torch.Tensor) -> LowBitWeight:
     packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
     zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
     scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
-    return LowBitWeight("int4", packed, scales, rows)
+    nbytes = packed.numel() * packed.element_size() + scales.numel() * scales.element_size()
+    return LowBitWeight("int4", packed, scales, rows, nbytes)
 
 
 def dequantize(low: LowBitWeight, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

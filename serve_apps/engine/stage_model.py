@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
+from cluster.network.model_cost import head_copy_kind
 from serve_apps.engine.decoder import Attention, CausalAttention, DecoderLayer, Rotary, fuse_layer_tensors, rms_norm
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.quant import LowBitWeight, WeightQuant, project, quantize
@@ -36,14 +37,14 @@ class StageModel(nn.Module):
         self.low_bit_max_rows = 0
 
     def quantize(self, kind: WeightQuant, max_rows: int) -> None:
-        """Packed low-bit copies of the layers' projections (int4 or int8) and of the lm_head (int8: a
-        GGUF keeps its embedding at 8 bits), used for calls of at most `max_rows` tokens."""
+        """Packed low-bit copies of the layers' projections (int4 or int8) and of the lm_head (fp16 where
+        FBGEMM runs it, else int8: see head_copy_kind), used for calls of at most `max_rows` tokens."""
         if kind == "none":
             return
         for layer in self._decoder_layers():
             layer.quantize(kind, max_rows)
         if self.lm_head is not None:
-            self.lm_head_low_bit = quantize(self.lm_head, "int8")
+            self.lm_head_low_bit = quantize(self.lm_head, head_copy_kind()) or quantize(self.lm_head, "int8")
         self.low_bit_max_rows = max_rows
 
     def _decoder_layers(self) -> list[DecoderLayer]:

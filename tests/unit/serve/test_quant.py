@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from cluster.network.model_cost import fp16_gemm_available, head_copy_kind
 from serve_apps.engine.layer_split import split_layers
 from serve_apps.engine.quant import INT4_GROUP, dequantize, project, quantize
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
@@ -38,6 +39,30 @@ def test_int8_error_is_within_half_a_step() -> None:
     assert low is not None
     step = weight.abs().amax(dim=1, keepdim=True) / 127
     assert bool(((dequantize(low, 48) - weight).abs() <= step / 2 + 1e-7).all())
+
+
+needs_fbgemm = pytest.mark.skipif(not fp16_gemm_available(), reason="FBGEMM (x86 torch builds) only")
+
+
+@needs_fbgemm
+def test_fp16_copy_holds_bfloat16_weights_exactly() -> None:
+    weight = (torch.randn(96, 64) * 0.05).to(torch.bfloat16)
+    low = quantize(weight, "fp16")
+    assert low is not None and low.kind == "fp16" and low.nbytes == weight.numel() * 2
+    # Exact but for values below fp16's normal range (2**-14), held to its subnormal step (2**-24).
+    torch.testing.assert_close(dequantize(low, 64), weight.float(), atol=2**-24, rtol=0)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    out = low.matmul(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), x.float() @ weight.float().t(), atol=2e-2, rtol=1e-2)
+
+
+@needs_fbgemm
+def test_fp16_refuses_weights_out_of_its_range_and_the_head_falls_back_to_int8() -> None:
+    weight = torch.randn(8, 64)
+    weight[3, 5] = 1e5
+    assert quantize(weight, "fp16") is None
+    assert head_copy_kind() == "fp16"
 
 
 def test_int4_refuses_inputs_that_are_not_whole_groups() -> None:
