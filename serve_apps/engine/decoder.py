@@ -93,10 +93,10 @@ class DecoderLayer(nn.Module):
         """x [T, H] -> [T, H]."""
         tokens = x.shape[0]
         qkv = self._project(rms_norm(x, self.input_layernorm, self.eps), "qkv_proj")
-        q, k, v = qkv.split(self.split, dim=-1)
-        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        rotated = self.split[0] + self.split[1]  # q and k sit side by side: one rotary call for both
+        qk = apply_rotary(qkv[:, :rotated].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, rotated:].view(tokens, self.num_kv_heads, self.head_dim)
         x = x + self._project(attention.attend(self.layer_idx, q, k, v), "o_proj")
         gate, up = self._project(rms_norm(x, self.post_attention_layernorm, self.eps), "gate_up_proj").chunk(2, dim=-1)
         return x + self._project(F.silu(gate) * up, "down_proj")
