@@ -171,6 +171,8 @@ async def run_phases(plan: Plan, prompts: list[str], single: SingleFn, many: Man
         "decode_tok_s": round(statistics.median(decode_rate(t) for t in runs), 2),
         "runs": [round(decode_rate(t), 2) for t in runs],
         "tokens": [t.tokens for t in runs],
+        # A stall before the first token shortens the measured span: a run whose TTFT stands out is suspect.
+        "ttft_ms": [round(1000 * (t.first - t.submitted), 1) for t in runs],
         **phase.busy(),
     }
     with _Phase(probe) as phase:
@@ -552,7 +554,7 @@ def main() -> None:
     parser.add_argument("--hf-dtypes", default="bfloat16,float32", help="transformers dtypes")
     parser.add_argument("--prompt-tokens", type=int, default=100, help="about this many tokens per prompt")
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens of each single-stream decode run")
-    parser.add_argument("--decode-runs", type=int, default=2, help="single-stream decode runs (median)")
+    parser.add_argument("--decode-runs", type=int, default=3, help="single-stream decode runs (median)")
     parser.add_argument("--ttft-requests", type=int, default=20, help="sequential requests for idle TTFT")
     parser.add_argument("--ttft-tokens", type=int, default=2, help="tokens per TTFT request")
     parser.add_argument("--stream-tokens", type=int, default=64, help="tokens per stream in concurrency phases")
