@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from cluster.network.model_cost import fp16_gemm_available, head_copy_kind
 from serve_apps.engine.layer_split import split_layers
 from serve_apps.engine.quant import INT4_GROUP, dequantize, project, quantize
+from serve_apps.engine.stage_model import StageModel
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 from tests.unit.serve.test_stage_worker import PROMPT, run_pipeline
 
@@ -63,6 +64,18 @@ def test_fp16_refuses_weights_out_of_its_range_and_the_head_falls_back_to_int8()
     weight[3, 5] = 1e5
     assert quantize(weight, "fp16") is None
     assert head_copy_kind() == "fp16"
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    stage = StageModel(config, split_layers(1, 1)[0])
+    for param in stage.parameters():
+        torch.nn.init.normal_(param)
+    stage.quantize("int4", 8)
+    assert stage.lm_head_low_bit is not None and stage.lm_head_low_bit.kind == "fp16"
+    with torch.no_grad():
+        stage.lm_head[0, 0] = 1e5  # type: ignore[index]
+    stage.quantize("int4", 8)
+    assert stage.lm_head_low_bit is not None and stage.lm_head_low_bit.kind == "int8"
 
 
 def test_int4_refuses_inputs_that_are_not_whole_groups() -> None:
