@@ -11,14 +11,17 @@ from tests.integration.serve.conftest import ServedApp
 
 TINY = "tiny-llama"
 PROMPTS = [f"Request number {i} says" for i in range(8)]
+# Long enough that the 8 generations outlast the kills (~1 s into them): a stage killed after the last step
+# is only recreated by the next request, and a faster engine once finished 48 tokens in about that second.
+TOKENS = 128
 
 
 def _complete(served: ServedApp, prompt: str, seed: int | None = None) -> str:
     sampling = {"temperature": 0.0} if seed is None else {"temperature": 0.8, "seed": seed}
     reply = served.client().completions.create(
-        model=TINY, prompt=prompt, max_tokens=48, extra_body={"ignore_eos": True}, **sampling
+        model=TINY, prompt=prompt, max_tokens=TOKENS, extra_body={"ignore_eos": True}, **sampling
     )
-    assert reply.usage is not None and reply.usage.completion_tokens == 48
+    assert reply.usage is not None and reply.usage.completion_tokens == TOKENS
     return reply.choices[0].text
 
 
