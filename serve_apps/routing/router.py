@@ -7,13 +7,18 @@ it every `request_routing_stats_period_s` and hands it to every router as `Runni
 With FIFOMixin, as Serve's own routers: the base class alone assigns a choice only to the request it
 was made for, and when that request is no longer routable Serve 2.55's routing loop spins without
 awaiting (found under the chaos benchmark: the gateway's router thread held the GIL, its replica
-queue-length probes timed out, every request hung). FIFO assignment may hand a pinned verification
-trace to a replica chosen for another request; that replica refuses it and the verifier retries.
+queue-length probes timed out, every request hung). A choice still goes first to the request it was made
+for while that one waits (`_get_pending_request_matching_metadata`), and only otherwise to the oldest
+waiting request: plain FIFO handed a client request the replica chosen for a verification trace pinned
+away from the other one, i.e. a replica the ranking had put last (found as a flaky routing test).
+A trace may still get a replica chosen for another request; that replica refuses it and the verifier
+retries.
 """
 
 import random
 from typing import Any
 
+from ray.serve._private.common import RequestMetadata
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from serve_apps.routing.ranking import (
@@ -40,6 +45,12 @@ class ReputationRouter(FIFOMixin, RequestRouter):
         """Called by Serve with `request_router_kwargs`."""
         self._tolerance = float(score_tolerance)
         self._rng = random.Random(seed)
+
+    def _get_pending_request_matching_metadata(
+        self, request_metadata: RequestMetadata | None = None
+    ) -> PendingRequest | None:
+        """The request this choice was made for, while it still waits; else none (FIFOMixin: the oldest)."""
+        return self._get_pending_request_matching_internal_request_id(request_metadata)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

@@ -169,3 +169,29 @@ def test_the_router_ranks_serve_replicas_by_their_reported_stats() -> None:
     assert asyncio.run(router.choose_replicas([bad, good], avoid)) == [[bad]]  # type: ignore[list-item,arg-type]
     # Nothing satisfies the hint: routed anyway (never left waiting in Serve's routing loop).
     assert asyncio.run(router.choose_replicas([good], avoid)) == [[good]]  # type: ignore[list-item,arg-type]
+
+
+def test_a_choice_goes_to_the_request_it_was_made_for_and_else_to_the_oldest_waiting() -> None:
+    """A replica chosen for a trace pinned away from the other replica must not serve an older client
+    request (plain FIFO did); a choice whose request is gone still serves the oldest (no routing spin)."""
+    import asyncio
+    from collections import deque
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from serve_apps.routing.router import ReputationRouter
+
+    async def scenario() -> tuple[object, object, object]:
+        router = object.__new__(ReputationRouter)
+        router.queue_wait_time_ms_histogram = SimpleNamespace(observe=lambda _ms: None)  # type: ignore[attr-defined]
+        client, trace, later = (PendingRequest([], {}, RequestMetadata(f"r{i}", f"i{i}")) for i in range(3))
+        router._pending_requests_to_fulfill = deque([client, trace, later])
+        router._pending_requests_by_id = {p.metadata.internal_request_id: p for p in (client, trace, later)}
+        router._fulfill_next_pending_request("bad", trace.metadata)  # type: ignore[arg-type]
+        assert not client.future.done() and trace.future.result() == "bad"
+        router._fulfill_next_pending_request("good", trace.metadata)  # type: ignore[arg-type]  # trace served
+        return client.future.result(), trace.future.result(), later.future.done()
+
+    assert asyncio.run(scenario()) == ("good", "bad", False)
