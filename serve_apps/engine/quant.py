@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from cluster.config.serving import INT4_GROUP, WeightQuant
-from cluster.network.model_cost import LowBitKind, fp16_gemm_available
+from cluster.network.model_cost import LowBitKind, fp16_gemm_available, packed_bytes
 
 __all__ = ["INT4_GROUP", "LowBitWeight", "WeightQuant", "dequantize", "project", "quantize"]
 
@@ -63,10 +63,10 @@ def _fits_fp16(weight: torch.Tensor) -> bool:
 
 
 def quantize_fp16(weight: torch.Tensor) -> LowBitWeight:
-    """FBGEMM's packed fp16 copy, 2 bytes a value (bfloat16 values within fp16's range convert exactly, bar
-    subnormals)."""
+    """FBGEMM's packed fp16 copy (bfloat16 values within fp16's range convert exactly, bar subnormals)."""
+    rows, cols = weight.shape
     packed = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None)
-    return LowBitWeight("fp16", packed, torch.empty(0), weight.shape[0], weight.numel() * 2)
+    return LowBitWeight("fp16", packed, torch.empty(0), rows, packed_bytes(rows, cols, "fp16", 2))
 
 
 def quantize_int8(weight: torch.Tensor) -> LowBitWeight:

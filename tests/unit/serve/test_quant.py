@@ -49,13 +49,30 @@ needs_fbgemm = pytest.mark.skipif(not fp16_gemm_available(), reason="FBGEMM (x86
 def test_fp16_copy_holds_bfloat16_weights_exactly() -> None:
     weight = (torch.randn(96, 64) * 0.05).to(torch.bfloat16)
     low = quantize(weight, "fp16")
-    assert low is not None and low.kind == "fp16" and low.nbytes == weight.numel() * 2
+    assert low is not None and low.kind == "fp16" and low.nbytes == 96 * 512 * 2  # 64 inputs padded to 512
     # Exact but for values below fp16's normal range (2**-14), held to its subnormal step (2**-24).
     torch.testing.assert_close(dequantize(low, 64), weight.float(), atol=2**-24, rtol=0)
     x = torch.randn(5, 64, dtype=torch.bfloat16)
     out = low.matmul(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), x.float() @ weight.float().t(), atol=2e-2, rtol=1e-2)
+
+
+@needs_fbgemm
+def test_fp16_copy_bytes_are_what_the_process_really_holds() -> None:
+    """FBGEMM pads the inputs to blocks of 512: 576 inputs hold 1024 (SmolLM2's head: 96 MiB, not 54)."""
+    import gc
+
+    import psutil
+
+    weight = torch.randn(8192, 576)  # float32 already: packing makes no temporary copy to count
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    low = quantize(weight, "fp16")
+    gc.collect()
+    held = psutil.Process().memory_info().rss - before
+    assert low is not None and low.nbytes == 8192 * 1024 * 2
+    assert abs(held - low.nbytes) < 0.15 * low.nbytes, (held, low.nbytes)
 
 
 @needs_fbgemm
