@@ -358,22 +358,56 @@ def stage_cpus_for(stages: int, requested: str, cores: int) -> int:
     return max(1, int(requested))
 
 
+def init_ray(max_stages: int) -> None:
+    """A local Ray cluster with logical CPUs for `max_stages` bundles of up to all cores (not yet started)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=max(8, (os.cpu_count() or 2) * max_stages + 2),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+
+
+def deploy_pipeline(
+    app: Any, stages: int, cpus: int, transport: str, port: int, max_seqs: int
+) -> tuple[str, str, dict]:
+    """Deploy `configs/serve.yaml`'s application with `stages` stages of `cpus` CPUs each.
+
+    Returns (Serve application name, base URL, /healthz once the pipeline is up)."""
+    from cluster.deploy import deploy, settings_for
+
+    settings = settings_for(
+        app,
+        {
+            "model": {"served": [MODEL], "catalogue": str(REPO_ROOT / "configs" / "models.yaml")},
+            "pipeline": {
+                "num_stages": stages,
+                "max_batch_size": max_seqs,
+                "max_num_seqs": max_seqs,
+                "stage_resources": {"CPU": cpus},
+                "transport": transport,
+            },
+            "http": {"port": port},
+        },
+    )
+    deploy(app, settings)
+    base = f"http://127.0.0.1:{settings.http.port}"
+    return settings.http.app_name, base, _wait_healthy(base, 600)
+
+
 def bench_solanalm(
     plan: Plan, prompts: list[str], stages: list[int], stage_cpus: str, max_seqs: int, transports: list[str]
 ) -> dict:
     import ray
     from ray import serve
 
-    from cluster.deploy import deploy, read_serve_config, settings_for
+    from cluster.deploy import read_serve_config
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=max(8, (os.cpu_count() or 2) * max(stages) + 2),
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    init_ray(max(stages))
     app = read_serve_config(REPO_ROOT / "configs" / "serve.yaml")
     results: dict[str, dict] = {}
     app_name, port = "solanalm", _free_port()  # Serve keeps its first proxy port for the whole run
@@ -383,24 +417,8 @@ def bench_solanalm(
         cpus = stage_cpus_for(count, stage_cpus, os.cpu_count() or 2)
         print(f"  {name}: deploying ({cpus} CPU per stage, {transport})", flush=True)
         try:
-            settings = settings_for(
-                app,
-                {
-                    "model": {"served": [MODEL], "catalogue": str(REPO_ROOT / "configs" / "models.yaml")},
-                    "pipeline": {
-                        "num_stages": count,
-                        "max_batch_size": max_seqs,
-                        "max_num_seqs": max_seqs,
-                        "stage_resources": {"CPU": cpus},
-                        "transport": transport,
-                    },
-                    "http": {"port": port},
-                },
-            )
-            app_name, started = settings.http.app_name, time.perf_counter()
-            deploy(app, settings)
-            base = f"http://127.0.0.1:{settings.http.port}"
-            health = _wait_healthy(base, 600)
+            started = time.perf_counter()
+            app_name, base, health = deploy_pipeline(app, count, cpus, transport, port, max_seqs)
             ready_s = time.perf_counter() - started
             pids = [stage["pid"] for stage in health["pipelines"][0]["stages"]]
             result = asyncio.run(_http_phases(plan, prompts, base, ServeProbe(pids, base)))
