@@ -373,11 +373,12 @@ def init_ray(max_stages: int) -> None:
 
 
 def deploy_pipeline(
-    app: Any, stages: int, cpus: int, transport: str, port: int, max_seqs: int
+    app: Any, stages: int, cpus: int, transport: str, port: int, max_seqs: int, base: str | None = None
 ) -> tuple[str, str, dict]:
     """Deploy `configs/serve.yaml`'s application with `stages` stages of `cpus` CPUs each.
 
-    Returns (Serve application name, base URL, /healthz once the pipeline is up)."""
+    Returns (Serve application name, base URL, /healthz once the pipeline is up); `base` overrides the
+    proxy's URL (http://127.0.0.1:`port`) where the application answers elsewhere."""
     from cluster.deploy import deploy, settings_for
 
     settings = settings_for(
@@ -395,7 +396,7 @@ def deploy_pipeline(
         },
     )
     deploy(app, settings)
-    base = f"http://127.0.0.1:{settings.http.port}"
+    base = base or f"http://127.0.0.1:{settings.http.port}"
     return settings.http.app_name, base, _wait_healthy(base, 600)
 
 

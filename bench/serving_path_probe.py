@@ -15,6 +15,9 @@ Each phase repeats rounds of C requests submitted at once (C * tokens / wall tim
 records the CPU seconds per wall second of each stage, the replica, the gateway, Serve's proxy and this
 client, plus each stage's engine busy fraction and mean step time (Δbusy_s / Δsteps from /healthz, a
 step's wall time inside the stage; compare with bench/stage_bench.py's engine-alone figures).
+`--ingress direct` runs the whole probe with Ray Serve's experimental direct ingress
+(`RAY_SERVE_ENABLE_DIRECT_INGRESS=1`: no proxy, the gateway replica listens itself, on port 30000 here)
+to measure the proxy's share; it needs a Ray cluster of its own, so it cannot alternate with the proxy.
 Prints a table and writes JSON with --out.
 """
 
@@ -44,6 +47,7 @@ from serving_bench import (  # noqa: E402 - after the path entry
 )
 
 MODES = ("stream", "plain")
+DIRECT_INGRESS_PORT = 30000  # Serve's first direct-ingress HTTP port (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
 
 
 class PhaseMeter:
@@ -126,13 +130,16 @@ def probe_stage_counts(prompts: list[str], args: argparse.Namespace) -> dict[str
     from cluster.deploy import read_serve_config
 
     stage_counts = [int(s) for s in args.stages.split(",")]
+    if args.ingress == "direct":  # read by Serve's controller and replicas, so set before Ray starts them
+        os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
     init_ray(max(stage_counts))
     app, port, results = read_serve_config(REPO_ROOT / "configs" / "serve.yaml"), _free_port(), {}
     try:
         for count in stage_counts:
             cpus = stage_cpus_for(count, "auto", os.cpu_count() or 2)
             print(f"  solanalm-{count}: deploying ({cpus} CPU per stage)", flush=True)
-            app_name, base, health = deploy_pipeline(app, count, cpus, "direct", port, max(64, args.streams))
+            entry = f"http://127.0.0.1:{DIRECT_INGRESS_PORT}" if args.ingress == "direct" else None
+            app_name, base, health = deploy_pipeline(app, count, cpus, "direct", port, max(64, args.streams), entry)
             try:
                 pids = [stage["pid"] for stage in health["pipelines"][0]["stages"]]
                 meter = PhaseMeter(ServeProbe(pids, base), base)
@@ -167,6 +174,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=25.0, help="length of each phase")
     parser.add_argument("--warmup-seconds", type=float, default=8.0, help="streamed load before the first phase")
     parser.add_argument("--pairs", type=int, default=2, help="stream/plain pairs per pipeline")
+    parser.add_argument("--ingress", choices=("proxy", "direct"), default="proxy", help="Serve's HTTP entry")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     args = parser.parse_args()
 
