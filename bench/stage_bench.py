@@ -11,14 +11,20 @@ Compares, on the same converted weights and the same inputs, in one run:
 Figures per torch thread count: decode ms per step and tokens/s at each batch size (rows at positions
 100..102, mixed, like a running batch), and prefill ms per prompt token (one 100-token prompt).
 Prints a table and writes JSON with --out. No Ray, no HTTP: the engine's compute alone.
+
+`--background-load BUSY:SLEEP[,...]` runs that many other processes during the measurement, each
+spinning BUSY ms then sleeping SLEEP ms (e.g. `1:2` takes a third of a core in 1 ms bursts): what a
+served stage shares its cores with (proxy, gateway and replica wake up for every token).
 """
 
 import argparse
+import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +65,8 @@ def bench_stage(model_dir: Path, quant: str, batches: list[int], repeats: int) -
         slots,
         PROMPT + 64,
         torch.get_num_threads(),
-        weight_quant=quant,
-        low_bit_max_tokens=10_000 if quant != "none" else 0,  # type: ignore[arg-type]
+        weight_quant=quant,  # type: ignore[arg-type]
+        low_bit_max_tokens=10_000 if quant != "none" else 0,
     )
     worker = StageWorker(config)
     greedy = SamplingParams(temperature=0.0)
@@ -116,6 +122,41 @@ def _figures(prefill_s: float, decode: dict[int, float]) -> dict[str, Any]:
     }
 
 
+_SPINNER = """
+import sys, time
+busy, pause = float(sys.argv[1]) / 1000, float(sys.argv[2]) / 1000
+while True:
+    started = time.perf_counter()
+    while time.perf_counter() - started < busy:
+        pass
+    time.sleep(pause)
+"""
+
+
+def parse_load(spec: str) -> list[tuple[float, float]]:
+    """`BUSY:SLEEP[,...]` in ms -> [(busy_ms, sleep_ms)]; empty -> no load. ValueError on a bad entry."""
+    loads = []
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        busy, _, pause = entry.partition(":")
+        load = (float(busy), float(pause))
+        if load[0] <= 0 or load[1] < 0:
+            raise ValueError(f"background load {entry!r}: need BUSY > 0 and SLEEP >= 0 (ms)")
+        loads.append(load)
+    return loads
+
+
+@contextlib.contextmanager
+def background_load(loads: list[tuple[float, float]]) -> Iterator[None]:
+    """One spinning process per (busy_ms, sleep_ms) while the block runs; all stopped after it."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SPINNER, str(busy), str(pause)]) for busy, pause in loads]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def print_table(result: dict[str, Any]) -> None:
     for threads, systems in result["threads"].items():
         batches = list(next(iter(systems.values()))["decode"])
@@ -132,7 +173,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,16,64", help="decode rows per step")
     parser.add_argument("--threads", default="1,2", help="torch thread counts")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per figure (median)")
+    parser.add_argument(
+        "--background-load", default="", help="BUSY:SLEEP ms of each spinning process run meanwhile, e.g. 1:2,0.3:2"
+    )
     args = parser.parse_args()
+    loads = parse_load(args.background_load)
 
     import torch
 
@@ -145,17 +190,18 @@ def main() -> None:
     )
     batches = [int(b) for b in args.batches.split(",")]
     result: dict[str, Any] = {"machine": machine_info(), "model": MODEL, "prompt_tokens": PROMPT, "threads": {}}
+    result["background_load_ms"] = [list(load) for load in loads]
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         systems: dict[str, Any] = {}
         for name in args.systems.split(","):
             print(f"{threads} thread(s): {name}", flush=True)
-            if name == "transformers":
-                systems[name] = bench_transformers(model_dir, batches, args.repeats)
-            else:
-                systems[name] = bench_stage(
-                    model_dir, name.removeprefix("stage-").replace("dense", "none"), batches, args.repeats
-                )
+            with background_load(loads):
+                if name == "transformers":
+                    systems[name] = bench_transformers(model_dir, batches, args.repeats)
+                else:
+                    quant = name.removeprefix("stage-").replace("dense", "none")
+                    systems[name] = bench_stage(model_dir, quant, batches, args.repeats)
         result["threads"][str(threads)] = systems
     print_table(result)
     print(json.dumps(result, indent=2))
