@@ -40,9 +40,7 @@ def test_two_workers_loss_goes_down(tmp_path: Path, model_cache_dir: Path, repo_
     assert result.checkpoint_path is not None and (result.checkpoint_path / "config.json").exists()
 
 
-def test_killed_worker_resumes_from_checkpoint(
-    tmp_path: Path, model_cache_dir: Path, repo_root: Path
-) -> None:
+def test_killed_worker_resumes_from_checkpoint(tmp_path: Path, model_cache_dir: Path, repo_root: Path) -> None:
     job = _job(
         tmp_path,
         model_cache_dir,

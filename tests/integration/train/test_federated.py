@@ -12,9 +12,7 @@ import yaml
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def test_federated_dp_rounds_with_rewards(
-    tmp_path: Path, model_cache_dir: Path, repo_root: Path
-) -> None:
+def test_federated_dp_rounds_with_rewards(tmp_path: Path, model_cache_dir: Path, repo_root: Path) -> None:
     job = {
         "name": "fl-test",
         "model": {

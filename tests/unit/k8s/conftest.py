@@ -58,8 +58,6 @@ def manifest(name: str) -> dict[str, Any]:
 def kuberay_reference() -> None:
     """Skip (visibly, under -ra) without ../shared/kuberay; else parse the CRDs once (~0.8 s)."""
     if not (CRD_DIR.is_dir() and CHART_VALUES_DIR.is_dir()):
-        pytest.skip(
-            f"KubeRay CRDs/chart values not found at {SHARED_DIR} (set SOLANALM_SHARED_DIR)"
-        )
+        pytest.skip(f"KubeRay CRDs/chart values not found at {SHARED_DIR} (set SOLANALM_SHARED_DIR)")
     for kind in CRD_FILES:
         load_crd(kind)

@@ -144,9 +144,7 @@ def _strict_openapi(kind: str, version: str) -> dict[str, Any]:
 def _validator(kind: str, version: str) -> jsonschema.protocols.Validator:
     schema = dict(_strict_openapi(kind, version))
     schema["properties"] = {**schema["properties"], "metadata": OBJECT_META_SCHEMA}
-    schema["required"] = sorted(
-        {*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"}
-    )
+    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"})
     return StrictValidator(schema)
 
 
@@ -223,9 +221,7 @@ def cluster_spec_problems(spec: dict[str, Any]) -> list[str]:
     groups = [spec.get("headGroupSpec", {}), *spec.get("workerGroupSpecs", [])]
     for group in groups if v2 else []:
         if group.get("template", {}).get("spec", {}).get("restartPolicy", "Never") != "Never":
-            problems.append(
-                f"{group.get('groupName', 'head')}: autoscaler v2 needs restartPolicy Never"
-            )
+            problems.append(f"{group.get('groupName', 'head')}: autoscaler v2 needs restartPolicy Never")
     for group in spec.get("workerGroupSpecs", []):
         name = f"workerGroup {group.get('groupName')}"
         problems += _group_problems(name, group)

@@ -30,9 +30,7 @@ def test_base_image_matches_the_pinned_ray_and_python() -> None:
 
 def test_every_package_and_file_the_install_needs_is_copied() -> None:
     copied = set(_copied())
-    packages = {
-        p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    }
+    packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert packages | {"pyproject.toml", "configs"} <= copied
     assert PYPROJECT["project"]["readme"] in copied  # setuptools reads it while installing
     missing = [s for s in copied if not (REPO_ROOT / s).exists()]

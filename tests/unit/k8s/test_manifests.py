@@ -112,9 +112,7 @@ def _ray_container(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def _monitoring_docs() -> list[dict[str, Any]]:
-    return [
-        doc for path in sorted(MONITORING_DIR.glob("*.yaml")) for doc in load_yaml_documents(path)
-    ]
+    return [doc for path in sorted(MONITORING_DIR.glob("*.yaml")) for doc in load_yaml_documents(path)]
 
 
 # ---- every file is covered --------------------------------------------------------------------
@@ -173,15 +171,11 @@ def test_every_group_carries_provider_labels_and_exports_metrics_on_8080() -> No
         assert group["rayStartParams"]["metrics-export-port"] == "8080"
         ports = {p["name"]: p["containerPort"] for p in _ray_container(group)["ports"]}
         assert ports["metrics"] == 8080
-    head_ports = {
-        p["name"]: p["containerPort"] for p in _ray_container(spec["headGroupSpec"])["ports"]
-    }
+    head_ports = {p["name"]: p["containerPort"] for p in _ray_container(spec["headGroupSpec"])["ports"]}
     assert head_ports | {"gcs": 6379, "dashboard": 8265, "serve": 8000} == head_ports
 
 
-def test_every_resource_shares_one_cluster_spec(
-    cluster_spec: dict[str, Any], render: ModuleType
-) -> None:
+def test_every_resource_shares_one_cluster_spec(cluster_spec: dict[str, Any], render: ModuleType) -> None:
     assert _cluster("rayservice.yaml") == cluster_spec
     for name in ("rayjob-data-parallel.yaml", "rayjob-federated.yaml"):
         assert _cluster(name) == render.with_train_storage(cluster_spec)
@@ -202,11 +196,7 @@ def test_training_clusters_share_checkpoint_storage(render: ModuleType) -> None:
         container = _ray_container(group)
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         env = {e["name"]: e["value"] for e in container["env"]}
-        assert (
-            mounts["train-storage"]
-            == env["SOLANALM_TRAINING__OUTPUT_DIR"]
-            == render.TRAIN_MOUNT_PATH
-        )
+        assert mounts["train-storage"] == env["SOLANALM_TRAINING__OUTPUT_DIR"] == render.TRAIN_MOUNT_PATH
     assert "train-storage" not in str(_cluster("rayservice.yaml"))
 
 
@@ -304,11 +294,7 @@ def test_bad_metadata_and_api_version_are_rejected() -> None:
 
 def test_int_or_string_quantities() -> None:
     for cpu, ok in (("2", True), (2, True), ([2], False), (2.5, False)):
-        doc = _broken(
-            lambda s, c, v=cpu: _ray_container(c["headGroupSpec"])["resources"]["limits"].update(
-                cpu=v
-            )
-        )
+        doc = _broken(lambda s, c, v=cpu: _ray_container(c["headGroupSpec"])["resources"]["limits"].update(cpu=v))
         assert (list(iter_errors(doc)) == []) is ok, cpu
 
 
@@ -357,9 +343,7 @@ def test_strict_schema_does_not_mistake_field_names_for_keywords() -> None:
             "minReplicas (9) <= maxReplicas (8)",
         ),
         (
-            lambda c: c["workerGroupSpecs"][1]["labels"].update(
-                {"solanalm.io/wallet": "not valid!"}
-            ),
+            lambda c: c["workerGroupSpecs"][1]["labels"].update({"solanalm.io/wallet": "not valid!"}),
             "invalid value",
         ),
         (
@@ -403,10 +387,7 @@ def test_monitors_scrape_named_ports_of_the_ray_pods(cluster_spec: dict[str, Any
     ports = {
         "head": {p["name"] for p in _ray_container(cluster_spec["headGroupSpec"])["ports"]},
         "worker": set.intersection(
-            *(
-                {p["name"] for p in _ray_container(g)["ports"]}
-                for g in cluster_spec["workerGroupSpecs"]
-            )
+            *({p["name"] for p in _ray_container(g)["ports"]} for g in cluster_spec["workerGroupSpecs"])
         ),
     }
     scraped: dict[str, set[str]] = {"head": set(), "worker": set()}
