@@ -372,21 +372,13 @@ def init_ray(max_stages: int) -> None:
         )
 
 
-def deploy_pipeline(  # noqa: PLR0913 - one deployment's knobs, all named at the call sites
-    app: Any,
-    stages: int,
-    cpus: int,
-    transport: str,
-    port: int,
-    max_seqs: int,
-    base: str | None = None,
-    http: dict[str, Any] | None = None,
+def deploy_pipeline(
+    app: Any, stages: int, cpus: int, transport: str, port: int, max_seqs: int, base: str | None = None
 ) -> tuple[str, str, dict]:
     """Deploy `configs/serve.yaml`'s application with `stages` stages of `cpus` CPUs each.
 
     Returns (Serve application name, base URL, /healthz once the pipeline is up); `base` overrides the
-    proxy's URL (http://127.0.0.1:`port`) where the application answers elsewhere, `http` adds settings
-    of the `http` section."""
+    proxy's URL (http://127.0.0.1:`port`) where the application answers elsewhere."""
     from cluster.deploy import deploy, settings_for
 
     settings = settings_for(
@@ -400,7 +392,7 @@ def deploy_pipeline(  # noqa: PLR0913 - one deployment's knobs, all named at the
                 "stage_resources": {"CPU": cpus},
                 "transport": transport,
             },
-            "http": {"port": port, **(http or {})},
+            "http": {"port": port},
         },
     )
     deploy(app, settings)

@@ -15,12 +15,9 @@ Each phase repeats rounds of C requests submitted at once (C * tokens / wall tim
 records the CPU seconds per wall second of each stage, the replica, the gateway, Serve's proxy and this
 client, plus each stage's engine busy fraction and mean step time (Δbusy_s / Δsteps from /healthz, a
 step's wall time inside the stage; compare with bench/stage_bench.py's engine-alone figures).
-`--profiles throughput,default` deploys each stage count once per entry, with Serve's throughput-optimized
-request path on the gateway and pipeline replicas (`http.throughput_optimized`, the default) or without
-it; repeat entries (`throughput,default,throughput,default`) to alternate them. `--ingress direct` runs the
-whole probe with Ray Serve's experimental direct ingress (`RAY_SERVE_ENABLE_DIRECT_INGRESS=1`: no proxy,
-the gateway replica listens itself, on port 30000 here; the profile is off, as it would turn that back
-off) to measure the proxy's share; it needs a Ray cluster of its own, so it cannot alternate with the proxy.
+`--ingress direct` runs the whole probe with Ray Serve's experimental direct ingress
+(`RAY_SERVE_ENABLE_DIRECT_INGRESS=1`: no proxy, the gateway replica listens itself, on port 30000 here)
+to measure the proxy's share; it needs a Ray cluster of its own, so it cannot alternate with the proxy.
 Prints a table and writes JSON with --out.
 """
 
@@ -137,26 +134,19 @@ def probe_stage_counts(prompts: list[str], args: argparse.Namespace) -> dict[str
         os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
     init_ray(max(stage_counts))
     app, port, results = read_serve_config(REPO_ROOT / "configs" / "serve.yaml"), _free_port(), {}
-    profiles = args.profiles.split(",")
-    entry = f"http://127.0.0.1:{DIRECT_INGRESS_PORT}" if args.ingress == "direct" else None
     try:
         for count in stage_counts:
             cpus = stage_cpus_for(count, "auto", os.cpu_count() or 2)
-            for i, profile in enumerate(profiles):
-                name = f"solanalm-{count}" if len(profiles) == 1 else f"solanalm-{count}-{profile}-{i + 1}"
-                print(f"  {name}: deploying ({cpus} CPU per stage)", flush=True)
-                http = {"throughput_optimized": profile == "throughput" and args.ingress == "proxy"}
-                app_name, base, health = deploy_pipeline(
-                    app, count, cpus, "direct", port, max(64, args.streams), entry, http
-                )
-                try:
-                    pids = [stage["pid"] for stage in health["pipelines"][0]["stages"]]
-                    meter = PhaseMeter(ServeProbe(pids, base), base)
-                    results[name] = asyncio.run(probe_pipeline(base, meter, prompts, args))
-                    results[name]["throughput_optimized"] = http["throughput_optimized"]
-                finally:
-                    serve.delete(app_name)
-                    time.sleep(3)  # let the replica and its stage actors exit before the next deployment
+            print(f"  solanalm-{count}: deploying ({cpus} CPU per stage)", flush=True)
+            entry = f"http://127.0.0.1:{DIRECT_INGRESS_PORT}" if args.ingress == "direct" else None
+            app_name, base, health = deploy_pipeline(app, count, cpus, "direct", port, max(64, args.streams), entry)
+            try:
+                pids = [stage["pid"] for stage in health["pipelines"][0]["stages"]]
+                meter = PhaseMeter(ServeProbe(pids, base), base)
+                results[f"solanalm-{count}"] = asyncio.run(probe_pipeline(base, meter, prompts, args))
+            finally:
+                serve.delete(app_name)
+                time.sleep(3)  # let the replica and its stage actors exit before the next deployment
     finally:
         serve.shutdown()
     return results
@@ -165,7 +155,7 @@ def probe_stage_counts(prompts: list[str], args: argparse.Namespace) -> dict[str
 def print_table(results: dict[str, Any]) -> None:
     print("\npipeline | mode | tok/s (median; runs) | stage busy/step ms | CPU/s: stages; replica gateway proxy client")
     for name, modes in results.items():
-        for mode, figures in ((m, f) for m, f in modes.items() if m in MODES):
+        for mode, figures in modes.items():
             last = figures["runs"][-1]
             runs = ", ".join(str(r["aggregate_tok_s"]) for r in figures["runs"])
             stages = " · ".join(f"{s['busy']}/{s['step_ms']}" for s in last["stages"].values())
@@ -185,9 +175,6 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=8.0, help="streamed load before the first phase")
     parser.add_argument("--pairs", type=int, default=2, help="stream/plain pairs per pipeline")
     parser.add_argument("--ingress", choices=("proxy", "direct"), default="proxy", help="Serve's HTTP entry")
-    parser.add_argument(
-        "--profiles", default="throughput", help="comma list of throughput / default: one deployment per entry"
-    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     args = parser.parse_args()
 

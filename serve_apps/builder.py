@@ -14,7 +14,7 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.config import Settings, load_settings
 from cluster.config.network import RoutingWeights
-from cluster.config.serving import HttpSection, PipelineSection
+from cluster.config.serving import PipelineSection
 from cluster.models import load_catalogue
 from serve_apps.backends.deployments import backend_deployment
 from serve_apps.gateway.app import ModelCard
@@ -23,28 +23,6 @@ from serve_apps.routing.router import ReputationRouter
 from serve_apps.server.pipeline_server import PipelineServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-# Ray Serve reads these where a replica's process starts (ray.serve._private.constants), so they travel in
-# the replica's runtime_env. Of the throughput profile, user code on the replica's event loop and gRPC
-# between deployments are kept; three of its defaults are turned back: direct ingress (no proxy, a port per
-# ingress replica: Serve's proxy remains the one HTTP entry, `http.port`), logs kept off stderr (where Ray
-# collects the JSON logs) and access logs buffered 1,000 lines deep (logs stay immediate).
-THROUGHPUT_ENV = {
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-    "RAY_SERVE_LOG_TO_STDERR": "1",
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
-}
-
-
-def replica_actor_options(http: HttpSection, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`options` plus the throughput profile's environment when `http.throughput_optimized`."""
-    options = dict(options or {})
-    if http.throughput_optimized:
-        env = {**options.get("runtime_env", {}).get("env_vars", {}), **THROUGHPUT_ENV}
-        options["runtime_env"] = {**options.get("runtime_env", {}), "env_vars": env}
-    return options
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -56,11 +34,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         spec = catalogue.get(name)
         if spec.backend == "transformers":
             deployment = pipeline_deployment(
-                name,
-                settings.pipeline,
-                settings.network.placement.node_label_key,
-                settings.network.routing,
-                settings.http,
+                name, settings.pipeline, settings.network.placement.node_label_key, settings.network.routing
             )
             pipelines[name] = deployment.bind(name, _own_placement(settings, name))
         else:  # llamacpp, vllm, proxy: same replica contract, their own deployment (docs/backends.md)
@@ -76,8 +50,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         # Stages run on provider nodes that may leave; the gateway (and the payments actor it starts
         # next to itself) stays on the operator's head, which Ray marks with this resource.
         options["ray_actor_options"] = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
-    if actor_options := replica_actor_options(settings.http, options.get("ray_actor_options")):
-        options["ray_actor_options"] = actor_options
     ingress = OpenAIIngress.options(**options).bind  # type: ignore[attr-defined]
     return ingress(
         pipelines,
@@ -93,11 +65,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 
 def pipeline_deployment(  # type: ignore[no-untyped-def]
-    model: str,
-    pipeline: PipelineSection,
-    node_label_key: str = "ray.io/node-id",
-    routing: RoutingWeights | None = None,
-    http: HttpSection | None = None,
+    model: str, pipeline: PipelineSection, node_label_key: str = "ray.io/node-id", routing: RoutingWeights | None = None
 ):
     """The PipelineServer deployment of one model: one placement group of one bundle per stage per replica;
     a planned placement (`pipeline.placements[model]`) pins each bundle to its node by label. Requests are
@@ -114,7 +82,7 @@ def pipeline_deployment(  # type: ignore[no-untyped-def]
         # Serve schedules the replica into *any* bundle of its placement group (bundle index -1), so a
         # replica that reserved CPU could take a stage's share; the replica only coordinates, so it
         # reserves none and every bundle stays exactly one stage's.
-        ray_actor_options=replica_actor_options(http or HttpSection(), {"num_cpus": 0}),
+        ray_actor_options={"num_cpus": 0},
         placement_group_bundles=stage_bundles(pipeline, model),
         placement_group_strategy="SPREAD" if pinned else pipeline.placement_strategy,
         max_ongoing_requests=pipeline.max_num_seqs + pipeline.max_queue + 8,

@@ -49,15 +49,6 @@ class HttpSection(Section):
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, le=100_000_000, description="Largest request body accepted."
     )
-    throughput_optimized: bool = Field(
-        default=True,
-        description=(
-            "Run the gateway and pipeline replicas with Ray Serve's throughput-optimized request path "
-            "(RAY_SERVE_THROUGHPUT_OPTIMIZED: user code on the replica's own event loop, gRPC between the "
-            "gateway and the pipelines, buffered access logs), keeping Serve's proxy as the HTTP entry; "
-            "about half the serving path's CPU per token (docs/benchmarks.md)."
-        ),
-    )
 
 
 class ModelSection(Section):
