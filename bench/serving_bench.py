@@ -359,7 +359,7 @@ def stage_cpus_for(stages: int, requested: str, cores: int) -> int:
 
 
 def init_ray(max_stages: int) -> None:
-    """A local Ray cluster with logical CPUs for `max_stages` bundles of up to all cores (not yet started)."""
+    """Start a local Ray cluster (unless one is connected) with logical CPUs for `max_stages` bundles of all cores."""
     import ray
 
     if not ray.is_initialized():
