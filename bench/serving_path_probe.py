@@ -51,7 +51,10 @@ DIRECT_INGRESS_PORT = 30000  # Serve's first direct-ingress HTTP port (RAY_SERVE
 
 
 class PhaseMeter:
-    """CPU seconds per wall second of the probed processes (and this one), stage busy and step time."""
+    """CPU seconds per wall second of the probed processes (and this one), stage busy and step time.
+
+    `probe` measures process CPU only (made without a base URL); busy seconds and steps come from one
+    /healthz reply per sample, so both are from the same moment."""
 
     def __init__(self, probe: ServeProbe, base: str) -> None:
         import psutil
@@ -64,7 +67,9 @@ class PhaseMeter:
 
         values = self.probe.cpu_seconds()
         stages = httpx.get(f"{self.base}/healthz", timeout=30).json()["pipelines"][0]["stages"]
-        values.update({f"stage{s['index']}.steps": float(s.get("steps", 0)) for s in stages})
+        for stage in stages:
+            values[f"stage{stage['index']}.busy"] = float(stage.get("busy_s", 0.0))
+            values[f"stage{stage['index']}.steps"] = float(stage.get("steps", 0))
         return values
 
     @staticmethod
@@ -85,12 +90,16 @@ async def run_mode(client: Any, prompts: list[str], streams: int, tokens: int, s
 
     async def one(prompt: str) -> int:
         kwargs = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0.0}
-        reply = await client.completions.create(**kwargs, stream=stream, extra_body={"ignore_eos": True})
         if not stream:
+            reply = await client.completions.create(**kwargs, extra_body={"ignore_eos": True})
             return int(reply.usage.completion_tokens)
-        count = 0
-        async for chunk in reply:
-            count += sum(1 for choice in chunk.choices if choice.text)
+        events = await client.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
+        )
+        count = 0  # tokens, not text events: a token whose text is held back (a split character) has none
+        async for chunk in events:
+            if chunk.usage is not None:
+                count = int(chunk.usage.completion_tokens)
         return count
 
     generated, deadline, rounds = 0, time.perf_counter() + seconds, 0
@@ -142,7 +151,7 @@ def probe_stage_counts(prompts: list[str], args: argparse.Namespace) -> dict[str
             app_name, base, health = deploy_pipeline(app, count, cpus, "direct", port, max(64, args.streams), entry)
             try:
                 pids = [stage["pid"] for stage in health["pipelines"][0]["stages"]]
-                meter = PhaseMeter(ServeProbe(pids, base), base)
+                meter = PhaseMeter(ServeProbe(pids), base)
                 results[f"solanalm-{count}"] = asyncio.run(probe_pipeline(base, meter, prompts, args))
             finally:
                 serve.delete(app_name)
