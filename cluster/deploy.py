@@ -8,6 +8,7 @@ provider nodes and `with_plans` writes the plans into `pipeline.placements` (lay
 `start_controller` then keeps them on live nodes (re-plan and redeploy when a planned node leaves).
 """
 
+import functools
 import importlib
 import logging
 import time
@@ -22,9 +23,9 @@ from cluster.config import Settings, load_settings
 from cluster.models import load_catalogue, materialize
 from cluster.network.model_cost import model_cost_for
 from cluster.network.placement import ModelCost, StagePlan
-from cluster.network.records import NodeRecord
+from cluster.network.records import NodeCapabilities, NodeRecord
 from cluster.network.replacement import PlacementController
-from cluster.network.serving_plan import placements_args, plan_models
+from cluster.network.serving_plan import is_provider_host, placements_args, plan_models
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def settings_for(app: ServeApp, overrides: dict[str, dict[str, Any]]) -> Setting
 def deploy(app: ServeApp, settings: Settings) -> float:
     """Start Serve's HTTP proxy and run the application; returns the seconds it took to become ready."""
     started = time.perf_counter()
+    start_registry(settings)
     serve.start(
         proxy_location=app.proxy_location, http_options={"host": settings.http.host, "port": settings.http.port}
     )
@@ -81,6 +83,13 @@ def deploy(app: ServeApp, settings: Settings) -> float:
     }
     serve.run(builder(args), name=settings.http.app_name or app.name, route_prefix=app.route_prefix, blocking=False)
     return time.perf_counter() - started
+
+
+def start_registry(settings: Settings) -> None:
+    """The network registry (named, detached, on the head): providers register through the gateway into it."""
+    from cluster.network.registry import get_or_create_registry
+
+    get_or_create_registry(settings.network, settings.ray.namespace)
 
 
 def drain_and_shutdown(app_name: str) -> None:
@@ -126,12 +135,50 @@ def registry_records(settings: Settings, eligible: bool = True) -> list[NodeReco
     return records
 
 
+def planning_records(settings: Settings, eligible: bool = True) -> list[NodeRecord]:
+    """What placement plans over: the registry's records, and, once a provider's stage host (outside the
+    cluster) is among them, the operator's own Ray nodes that are not registered (the head, its workers),
+    so a pipeline keeps operator stages beside the providers' ([] without a registry)."""
+    records = registry_records(settings, eligible=eligible) or []
+    if not any(is_provider_host(r.node_id) for r in records):
+        return records
+    return records + operator_records({r.node_id for r in records})
+
+
+def operator_records(registered: set[str]) -> list[NodeRecord]:
+    """The live Ray nodes not in the registry, as records of the operator's own (wallet '': the operator's)."""
+    import ray
+
+    gflops = _local_gflops()  # this driver's machine: the head's speed on one machine
+    records = []
+    for node in ray.nodes():
+        if not node.get("Alive") or node["NodeID"] in registered:
+            continue
+        resources = node.get("Resources") or {}
+        capabilities = NodeCapabilities(
+            num_cpus=float(resources.get("CPU", 0.0)),
+            num_gpus=float(resources.get("GPU", 0.0)),
+            memory_bytes=int(resources.get("memory", 0)),
+            throughput_gflops=gflops,
+        )
+        records.append(NodeRecord(node_id=node["NodeID"], wallet="", capabilities=capabilities, reputation=1.0))
+    return records
+
+
+@functools.cache
+def _local_gflops() -> float:
+    """Measured once per process: re-measuring would make equal plans differ by noise."""
+    from cluster.network.join import measure_throughput_gflops
+
+    return measure_throughput_gflops()
+
+
 def plan_deployment(settings: Settings, costs: dict[str, ModelCost] | None = None) -> dict[str, StagePlan]:
-    """Stage plans over the registry's eligible providers; {} (today's equal split) without registry or
-    providers, or when `network.placement.use_registry` is off."""
+    """Stage plans over the registry's eligible providers (and the operator's nodes beside providers' stage
+    hosts); {} (today's equal split) without registry or providers, or when `use_registry` is off."""
     if not settings.network.placement.use_registry:
         return {}
-    records = registry_records(settings)
+    records = planning_records(settings)
     if not records:
         return {}
     return plan_models(costs if costs is not None else model_costs(settings), records, settings.network.placement)
@@ -148,13 +195,14 @@ def with_plans(settings: Settings, plans: dict[str, StagePlan]) -> Settings:
 def start_controller(
     app: ServeApp, settings: Settings, plans: dict[str, StagePlan], costs: dict[str, ModelCost] | None = None
 ) -> PlacementController:
-    """Watch the registry in a daemon thread; when a planned node leaves, re-plan and redeploy `app`."""
+    """Watch the registry in a daemon thread; when a planned node leaves, or the eligible nodes change (a
+    provider's stage host registered), re-plan and redeploy `app`."""
 
     def redeploy(new_plans: dict[str, StagePlan]) -> None:
         deploy(app, with_plans(settings, new_plans))
 
     def records() -> list[NodeRecord]:
-        return registry_records(settings, eligible=False) or []
+        return planning_records(settings, eligible=False)
 
     controller = PlacementController(
         costs if costs is not None else model_costs(settings),

@@ -16,6 +16,7 @@ from cluster.config import Settings, load_settings
 from cluster.config.network import RoutingWeights
 from cluster.config.serving import PipelineSection
 from cluster.models import load_catalogue
+from cluster.network.serving_plan import operator_stage_indices
 from serve_apps.backends.deployments import backend_deployment
 from serve_apps.gateway.app import ModelCard
 from serve_apps.gateway.ingress import OpenAIIngress
@@ -72,19 +73,24 @@ def pipeline_deployment(  # type: ignore[no-untyped-def]
     routed by the ReputationRouter (serve_apps/routing)."""
     placement = pipeline.placements.get(model)
     pinned = placement is not None and placement.node_ids is not None
+    bundles = stage_bundles(pipeline, model)
     options: dict[str, Any] = {}
-    if pinned:
+    if bundles:
+        options["placement_group_bundles"] = bundles
+        options["placement_group_strategy"] = "SPREAD" if pinned else pipeline.placement_strategy
+        # Serve schedules the replica into *any* bundle of its placement group (bundle index -1), so a
+        # replica that reserved CPU could take a stage's share; the replica only coordinates, so it
+        # reserves none and every bundle stays exactly one stage's.
+        options["ray_actor_options"] = {"num_cpus": 0}
+    else:
+        # Every stage is a provider's stage host: no bundle to hold; the coordinator stays on the head.
+        options["ray_actor_options"] = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+    if pinned and bundles:
         # Each bundle's node is fixed by its selector; SPREAD is Serve's scheduling path for such groups.
         options["placement_group_bundle_label_selector"] = stage_label_selectors(model, pipeline, node_label_key)
     return serve.deployment(PipelineServer).options(  # type: ignore[attr-defined]
         name=f"pipeline-{model}",
         num_replicas=pipeline.num_replicas,
-        # Serve schedules the replica into *any* bundle of its placement group (bundle index -1), so a
-        # replica that reserved CPU could take a stage's share; the replica only coordinates, so it
-        # reserves none and every bundle stays exactly one stage's.
-        ray_actor_options={"num_cpus": 0},
-        placement_group_bundles=stage_bundles(pipeline, model),
-        placement_group_strategy="SPREAD" if pinned else pipeline.placement_strategy,
         max_ongoing_requests=pipeline.max_num_seqs + pipeline.max_queue + 8,
         health_check_period_s=10,
         health_check_timeout_s=60,
@@ -105,16 +111,20 @@ def request_router_config(routing: RoutingWeights) -> RequestRouterConfig:
 
 
 def stage_bundles(pipeline: PipelineSection, model: str | None = None) -> list[dict[str, float]]:
-    """One bundle per stage (stage i is created in bundle i); a planned model has its plan's stage count."""
+    """One bundle per operator stage, in stage order (a planned model has its plan's stage count; stages on
+    providers' stage hosts run outside the operator's cluster and hold no bundle)."""
     placement = pipeline.placements.get(model) if model is not None else None
-    count = len(placement.stage_layers) if placement is not None else pipeline.num_stages
-    return [dict(pipeline.stage_resources) for _ in range(count)]
+    if placement is None:
+        return [dict(pipeline.stage_resources) for _ in range(pipeline.num_stages)]
+    local = operator_stage_indices(placement.node_ids, len(placement.stage_layers))
+    return [dict(pipeline.stage_resources) for _ in local]
 
 
 def stage_label_selectors(model: str, pipeline: PipelineSection, node_label_key: str) -> list[dict[str, str]]:
-    """Bundle i's label selector pins it to stage i's planned node."""
-    node_ids = pipeline.placements[model].node_ids or []
-    return [{node_label_key: node_id} for node_id in node_ids]
+    """Bundle j's label selector pins it to the planned node of the j-th operator stage."""
+    placement = pipeline.placements[model]
+    node_ids = placement.node_ids or []
+    return [{node_label_key: node_ids[i]} for i in operator_stage_indices(placement.node_ids, len(node_ids))]
 
 
 def _own_placement(settings: Settings, model: str) -> Settings:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cluster.config.network import PlacementSection
 from cluster.network.placement import ModelCost, PlacementError, StagePlan
 from cluster.network.records import NodeRecord
-from cluster.network.serving_plan import affected_models, departed_nodes, plan_models
+from cluster.network.serving_plan import affected_models, departed_nodes, placements_args, plan_models
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +54,28 @@ class PlacementController:
         self._records = records
         self._redeploy = redeploy
         self.history: list[Replacement] = []
+        self._planned_over: frozenset[str] | None = None  # the eligible nodes the current plans were made over
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def check(self) -> Replacement | None:
-        """Re-plan and redeploy when a planned node has departed; None when every planned node serves."""
+        """Re-plan and redeploy when a planned node has departed (dead, draining, or fallen under the
+        reputation floor: an evicted provider), or when the eligible nodes changed since the last plan (a
+        provider's stage host registered) and the new plan differs; None when nothing changes."""
         records = self._records()
-        departed = departed_nodes(self.plans, records)
-        if not departed:
-            return None
-        models = affected_models(self.plans, departed)
+        departed = departed_nodes(self.plans, records, self.min_reputation)
         eligible = [r for r in records if r.node_id not in departed and self._eligible(r)]
+        candidates = frozenset(r.node_id for r in eligible)
+        if not departed and candidates == self._planned_over:
+            return None
         plans = self._replan(eligible)
-        logger.warning("nodes %s left; re-placing %s: %s", sorted(departed), models, plans)
+        self._planned_over = candidates
+        if not departed and placements_args(plans) == placements_args(self.plans):
+            return None
+        models = affected_models(self.plans, departed) if departed else sorted(plans)
+        logger.warning(
+            "nodes %s left, eligible %s; re-placing %s: %s", sorted(departed), sorted(candidates), models, plans
+        )
         started = time.perf_counter()
         self._redeploy(plans)
         self.plans = plans
@@ -99,8 +108,6 @@ class PlacementController:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.section.watch_interval_s):
-            if not self.plans:
-                continue  # nothing pinned: Serve places the unpinned pipelines itself
             try:
                 self.check()
             except Exception:  # noqa: BLE001 - a failed round (registry restarting, redeploy error) is retried

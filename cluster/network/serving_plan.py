@@ -20,6 +20,20 @@ from cluster.network.placement import (
 )
 from cluster.network.records import NodeRecord
 
+PROVIDER_ID_PREFIX = "provider-"  # registry ids of providers' stage hosts (outside the Ray cluster)
+
+
+def is_provider_host(node_id: str | None) -> bool:
+    """True for a provider's stage host (reached over the stage protocol), False for a Ray node of the operator."""
+    return bool(node_id) and str(node_id).startswith(PROVIDER_ID_PREFIX)
+
+
+def operator_stage_indices(node_ids: list[str] | None, num_stages: int) -> list[int]:
+    """The stages that run as actors in the replica's placement group (every stage without a plan)."""
+    if node_ids is None:
+        return list(range(num_stages))
+    return [index for index, node_id in enumerate(node_ids) if not is_provider_host(node_id)]
+
 
 def plan_models(
     costs: Mapping[str, ModelCost], records: Iterable[NodeRecord], section: PlacementSection
@@ -49,9 +63,11 @@ def placements_args(plans: Mapping[str, StagePlan]) -> dict[str, dict[str, Any]]
     }
 
 
-def departed_nodes(plans: Mapping[str, StagePlan], records: Iterable[NodeRecord]) -> set[str]:
-    """Planned nodes that no longer serve: dead, draining, or unknown to the registry."""
-    serving = {r.node_id for r in records if r.health == "alive" and not r.draining}
+def departed_nodes(
+    plans: Mapping[str, StagePlan], records: Iterable[NodeRecord], min_reputation: float = 0.0
+) -> set[str]:
+    """Planned nodes that no longer serve: dead, draining, under the reputation floor, or unknown."""
+    serving = {r.node_id for r in records if r.health == "alive" and not r.draining and r.reputation >= min_reputation}
     return {node for plan in plans.values() for node in plan.node_ids if node not in serving}
 
 

@@ -77,29 +77,12 @@ class StagePool:
     ) -> "StagePool":
         """Start one actor per stage in bundle i of the current placement group (if any); wait until loaded."""
         placement_group = get_current_placement_group()
-        prefix = f"stage:{model}:{ray.get_runtime_context().get_actor_id() or 'driver'}"
-        recipes = []
-        for spec in specs:
-            name = f"{prefix}:{spec.index}:{spec.start}-{spec.end}"
-            config = StageConfig(
-                model_dir=str(model_dir),
-                spec=spec,
-                dtype=dtype,
-                kv_slots=kv_slots or pipeline.max_num_seqs,
-                max_len=max_len,
-                torch_threads=torch_threads_for(pipeline.stage_resources),
-                actor_name=name,
-                weight_quant=weight_quant,
-                low_bit_max_tokens=pipeline.low_bit_max_tokens,
-            )
-            options = stage_actor_options(pipeline.stage_resources)
-            if placement_group is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group,
-                    placement_group_bundle_index=spec.index,
-                    placement_group_capture_child_tasks=False,
-                )
-            recipes.append(StageRecipe(name, config, options))
+        prefix = stage_name_prefix(model)
+        recipes = [
+            stage_recipe(prefix, spec, model_dir, dtype, max_len, pipeline, kv_slots, weight_quant) for spec in specs
+        ]
+        for spec, recipe in zip(specs, recipes, strict=True):
+            in_bundle(recipe, placement_group, spec.index)
         pool = cls(recipes, pipeline.stage_call_timeout_s, pipeline.transport)
         pool.wait_ready(max(pipeline.stage_call_timeout_s, LOAD_TIMEOUT_S))
         # The pipelining depth, for the engine and a compiled graph's buffers alike.
@@ -209,6 +192,47 @@ class StagePool:
         for actor in self.actors:
             with contextlib.suppress(Exception):  # best effort on teardown
                 ray.kill(actor, no_restart=True)
+
+
+def stage_name_prefix(model: str) -> str:
+    """Stage actor names of this replica: `stage:<model>:<replica actor id>`."""
+    return f"stage:{model}:{ray.get_runtime_context().get_actor_id() or 'driver'}"
+
+
+def stage_recipe(
+    prefix: str,
+    spec: StageSpec,
+    model_dir: Path,
+    dtype: str,
+    max_len: int,
+    pipeline: PipelineSection,
+    kv_slots: int | None,
+    weight_quant: WeightQuant,
+) -> StageRecipe:
+    """The config and Ray options of stage `spec` (no placement yet: see `in_bundle`)."""
+    name = f"{prefix}:{spec.index}:{spec.start}-{spec.end}"
+    config = StageConfig(
+        model_dir=str(model_dir),
+        spec=spec,
+        dtype=dtype,
+        kv_slots=kv_slots or pipeline.max_num_seqs,
+        max_len=max_len,
+        torch_threads=torch_threads_for(pipeline.stage_resources),
+        actor_name=name,
+        weight_quant=weight_quant,
+        low_bit_max_tokens=pipeline.low_bit_max_tokens,
+    )
+    return StageRecipe(name, config, stage_actor_options(pipeline.stage_resources))
+
+
+def in_bundle(recipe: StageRecipe, placement_group: Any, bundle_index: int) -> None:
+    """Schedule the recipe's actor into bundle `bundle_index` of `placement_group` (None: anywhere)."""
+    if placement_group is not None:
+        recipe.options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group,
+            placement_group_bundle_index=bundle_index,
+            placement_group_capture_child_tasks=False,
+        )
 
 
 def _answered(ref: Any) -> bool:
