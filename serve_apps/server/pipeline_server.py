@@ -21,6 +21,7 @@ from cluster.config import Settings
 from cluster.config.serving import PipelineSection, WeightQuant
 from cluster.models import load_catalogue, materialize
 from cluster.network.model_cost import model_cost_from_config
+from cluster.network.serving_plan import is_provider_host
 from cluster.observability.logs import REQUEST_ID, configure_logging
 from serve_apps import metrics
 from serve_apps.engine.detokenizer import Detokenizer
@@ -43,10 +44,12 @@ from serve_apps.protocol import (
 )
 from serve_apps.routing.ranking import RoutingHint, hint_violation
 from serve_apps.routing.stats import RegistryLink
+from serve_apps.server.hybrid import HybridPool
+from serve_apps.server.providers import build_hybrid_pool
 from serve_apps.server.stages import StagePool
 from serve_apps.server.tokenization import PromptProcessor
 from serve_apps.verification.protocol import TraceRequest, TraceResult
-from serve_apps.verification.tracing import inject_faults, stage_nodes, trace_replica
+from serve_apps.verification.tracing import inject_faults, trace_replica
 
 logger = logging.getLogger(__name__)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -144,7 +147,8 @@ class PipelineServer:
         )
         self.providers = self._provider_work()
         # Routing and verification: this pipeline's nodes and wallets, the registry, optional fault injection.
-        self.node_ids, self.wallets = stage_nodes(self.pool, self.settings.network.label_prefix)
+        self.node_ids = self.pool.node_ids() if self.pool is not None else []
+        self.wallets = self._stage_wallets()
         self.registry = RegistryLink(self.settings.network, self.settings.ray.namespace)
         inject_faults(self.pool, pipeline.fault_injection, pipeline.stage_call_timeout_s)
         self.gauges = metrics.EngineGauges(model_name, self.engine)  # queue, running, KV slots, steps
@@ -237,17 +241,21 @@ class PipelineServer:
             await events.aclose()
 
     def _provider_work(self) -> tuple[ProviderWork, ...]:
-        """Which wallet serves which layers: each stage's node carries its provider's wallet label."""
+        """Which wallet serves which layers: a provider's stage host is paid to the wallet it proved at
+        registration (from the registry, never from the provider); an operator node's stage to its wallet
+        label (None: the operator's own)."""
         if self.pool is None:
             return (ProviderWork(None, self.plan.num_layers),)
+        return provider_work(self.plan.stages, self._stage_wallets())
+
+    def _stage_wallets(self) -> list[str | None]:
+        if self.pool is None:
+            return []
+        if isinstance(self.pool, HybridPool):
+            return self.pool.stage_wallets()
         wallet_key = f"{self.settings.network.label_prefix}/wallet"
         labels = {node["NodeID"]: node.get("Labels") or {} for node in ray.nodes()}
-        nodes = self.pool.node_ids()
-        work: dict[str | None, int] = {}
-        for spec, node_id in zip(self.plan.stages, nodes, strict=True):
-            wallet = labels.get(node_id, {}).get(wallet_key)
-            work[wallet] = work.get(wallet, 0) + spec.num_layers
-        return tuple(ProviderWork(wallet, layers) for wallet, layers in work.items())
+        return [labels.get(node_id, {}).get(wallet_key) for node_id in self.pool.node_ids()]
 
     async def describe(self) -> PipelineInfo:
         stages = await self.pool.describe() if self.pool is not None else ()
@@ -281,13 +289,25 @@ class PipelineServer:
             pool.kill()
 
 
+def provider_work(stages: tuple[StageSpec, ...], wallets: list[str | None]) -> tuple[ProviderWork, ...]:
+    """Layers per payee wallet, from the plan's layer ranges (the coordinator's, not anything reported)."""
+    work: dict[str | None, int] = {}
+    for spec, wallet in zip(stages, wallets, strict=True):
+        work[wallet] = work.get(wallet, 0) + spec.num_layers
+    return tuple(ProviderWork(wallet, layers) for wallet, layers in work.items())
+
+
 def _with_max_tokens(sampling: SamplingParams, max_tokens: int) -> SamplingParams:
     from dataclasses import replace
 
     return replace(sampling, max_tokens=max_tokens)
 
 
-def _ray_executor(plan: ModelPlan, settings: Settings) -> tuple[StepExecutor, StagePool]:
+def _ray_executor(plan: ModelPlan, settings: Settings) -> tuple[StepExecutor, StagePool | HybridPool]:
+    placement = settings.pipeline.placements.get(plan.name)
+    if placement is not None and any(is_provider_host(n) for n in placement.node_ids or ()):
+        hybrid = build_hybrid_pool(plan, settings, list(placement.node_ids or ()))
+        return hybrid.executor(), hybrid
     pool = StagePool.create(
         plan.name,
         plan.model_dir,

@@ -1,0 +1,80 @@
+"""Assembling a pipeline whose planned stages include providers' stage hosts (see `hybrid.py`).
+
+The coordinator reads how to reach each planned provider from the registry (operator domain: endpoint,
+pinned certificate, link token, proven wallet), asks each provider's stage host to load its layer range
+with the digest of the operator's own copy of those tensors (a provider with other weights refuses), and
+starts the operator's stages in the replica's placement-group bundles as usual.
+"""
+
+import logging
+from typing import Any
+
+from cluster.config import Settings
+from cluster.network.registry import call_registry, get_registry
+from cluster.network.serving_plan import is_provider_host
+from serve_apps.engine.messages import StageInfo
+from serve_apps.server.hybrid import HybridPool, HybridStage, ProviderLink, ProviderStage
+from serve_apps.server.stages import in_bundle, stage_name_prefix, stage_recipe
+
+logger = logging.getLogger(__name__)
+
+
+def provider_links(settings: Settings, provider_ids: list[str]) -> dict[str, ProviderLink]:
+    """The registry's links to `provider_ids`; KeyError naming the ones it does not know."""
+    registry = get_registry(settings.network, settings.ray.namespace)
+    raw: dict[str, dict[str, Any]] = call_registry(
+        registry, "provider_links", provider_ids, timeout_s=settings.network.registry_call_timeout_s
+    )
+    missing = [pid for pid in provider_ids if pid not in raw]
+    if missing:
+        raise KeyError(f"the registry knows no provider {missing}")
+    return {
+        pid: ProviderLink(
+            provider_id=pid,
+            endpoint=str(link["endpoint"]),
+            cert_pem=link["cert_pem"].encode() if isinstance(link["cert_pem"], str) else bytes(link["cert_pem"]),
+            link_token=str(link["link_token"]),
+            wallet=str(link["wallet"]),
+        )
+        for pid, link in raw.items()
+        if pid in provider_ids
+    }
+
+
+def build_hybrid_pool(plan: Any, settings: Settings, node_ids: list[str]) -> HybridPool:
+    """The stages of `plan` (a ModelPlan) over operator bundles and the planned providers; loaded and ready."""
+    from ray.util import get_current_placement_group
+
+    from serve_apps.stagehost.client import RemoteStage
+    from serve_apps.stagehost.wire import FrameLimits, weights_digest
+
+    pipeline = settings.pipeline
+    links = provider_links(settings, sorted({n for n in node_ids if is_provider_host(n)}))
+    placement_group = get_current_placement_group()
+    prefix = stage_name_prefix(plan.name)
+    stages, bundle = [], 0
+    for spec, node_id in zip(plan.stages, node_ids, strict=True):
+        recipe = stage_recipe(
+            prefix, spec, plan.model_dir, plan.dtype, plan.max_model_len, pipeline, plan.kv.slots, plan.weight_quant
+        )
+        if is_provider_host(node_id):
+            stages.append(HybridStage(spec, recipe, links[node_id]))
+        else:
+            in_bundle(recipe, placement_group, bundle)
+            bundle += 1
+            stages.append(HybridStage(spec, recipe, None))
+    limits = FrameLimits.for_model(plan.model_dir, plan.kv.slots, plan.max_model_len, pipeline.max_batch_size)
+
+    def client(link: ProviderLink) -> RemoteStage:
+        return RemoteStage(link.endpoint, link.cert_pem, link.link_token, limits, pipeline.stage_call_timeout_s)
+
+    async def load(endpoint: ProviderStage, stage: HybridStage) -> StageInfo:
+        digest = weights_digest(plan.model_dir, stage.spec)
+        info: StageInfo = await endpoint.client().load(plan.name, stage.recipe.config, digest)
+        logger.info("provider %s loaded layers %d-%d", endpoint.name, info.layer_start, info.layer_end)
+        return info
+
+    max_inflight = pipeline.max_inflight_steps or len(stages)
+    pool = HybridPool(stages, pipeline.stage_call_timeout_s, max_inflight, client, load)
+    pool.wait_ready()
+    return pool
