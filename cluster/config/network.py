@@ -4,7 +4,7 @@ Reputation is a number in [0, 1]; every step below is a fraction of the distance
 towards (see docs/network.md for the rule). Times are in seconds.
 """
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster.config.base import Section
 
@@ -105,6 +105,45 @@ class PlacementSection(Section):
     )
 
 
+class ProvidersSection(Section):
+    """Providers outside the Ray cluster: wallet-proved registration over the gateway's HTTP API, heartbeats."""
+
+    challenge_ttl_s: float = Field(default=120.0, ge=5, le=3600, description="Lifetime of a registration challenge.")
+    max_pending_challenges: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="Unanswered challenges kept at once (the challenge route is unauthenticated; beyond this: 429).",
+    )
+    heartbeat_interval_s: float = Field(
+        default=10.0, gt=0, le=600, description="How often a registered provider heartbeats (told at registration)."
+    )
+    heartbeat_ttl_s: float = Field(
+        default=35.0,
+        gt=0,
+        le=3600,
+        description="A provider whose last heartbeat is older than this is dead (must exceed the interval).",
+    )
+    max_per_wallet: int = Field(
+        default=8, ge=1, le=1024, description="Live (not dead) provider registrations one wallet may hold."
+    )
+    max_models: int = Field(default=16, ge=1, le=256, description="Models one provider may advertise.")
+    allow_private_endpoints: bool = Field(
+        default=True,
+        description="Accept loopback and private-network endpoints (single-machine and LAN networks); set false"
+        " where every provider must be reachable on a public address.",
+    )
+
+    @model_validator(mode="after")
+    def _ttl_exceeds_interval(self) -> "ProvidersSection":
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"providers.heartbeat_ttl_s ({self.heartbeat_ttl_s}) must exceed heartbeat_interval_s"
+                f" ({self.heartbeat_interval_s}): one late heartbeat must not kill a provider"
+            )
+        return self
+
+
 class NetworkSection(Section):
     """The provider network: wallet-proved joining, the node registry, reputation, routing, spot-checks."""
 
@@ -140,3 +179,11 @@ class NetworkSection(Section):
     reputation: ReputationSection = Field(default_factory=ReputationSection, description="Reputation rule.")
     routing: RoutingWeights = Field(default_factory=RoutingWeights, description="Request-router weights.")
     placement: PlacementSection = Field(default_factory=PlacementSection, description="Stage placement.")
+    providers: ProvidersSection = Field(
+        default_factory=ProvidersSection, description="Providers registered over HTTP (outside the Ray cluster)."
+    )
+
+    @property
+    def provider_ttl_s(self) -> float:
+        """Seconds without a heartbeat after which a provider is dead (`providers.heartbeat_ttl_s`)."""
+        return self.providers.heartbeat_ttl_s

@@ -1,9 +1,17 @@
-"""The registry's typed records: what a provider node offers and what the network knows about it."""
+"""The registry's typed records: what a provider node offers and what the network knows about it.
+
+Two kinds of record share one table: `ray` nodes joined the operator's Ray cluster (`solanalm node join`,
+keyed by Ray node id, health from Ray's node table); `provider` records are stage hosts outside the cluster
+that registered over the gateway's HTTP API (`solanalm provider serve`, keyed `provider-<id>`, health from
+their heartbeats). Secrets (session token hash, link token) are never part of a record: the registry keeps
+them apart, so nothing that lists records can leak them.
+"""
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Health = Literal["alive", "draining", "dead"]
+RecordKind = Literal["ray", "provider"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +33,9 @@ class NodeCapabilities:
 
 @dataclass(frozen=True, slots=True)
 class NodeRecord:
-    """One provider node, keyed by Ray node id. Counters only grow; reputation is in [0, 1]."""
+    """One provider node, keyed by Ray node id (kind "ray") or `provider-<id>` (kind "provider": `endpoint`
+    host:port of its stage host, `cert_pem` the TLS certificate it proved, `models` it serves, `last_seen`
+    its last heartbeat in unix seconds). Counters only grow; reputation is in [0, 1]."""
 
     node_id: str
     wallet: str
@@ -42,6 +52,11 @@ class NodeRecord:
     verifications_failed: int = 0
     latency_ewma_s: float | None = None
     reputation: float = 0.5
+    kind: RecordKind = "ray"
+    endpoint: str = ""
+    cert_pem: str = ""
+    models: tuple[str, ...] = ()
+    last_seen: float = 0.0
 
     @property
     def success_rate(self) -> float:
@@ -56,4 +71,5 @@ class NodeRecord:
         values = dict(data)
         values["capabilities"] = NodeCapabilities(**values.get("capabilities", {}))
         values["labels"] = dict(values.get("labels") or {})
+        values["models"] = tuple(values.get("models") or ())
         return cls(**values)

@@ -1,15 +1,19 @@
-"""The node registry: who joined with which wallet, their health from Ray, counters and reputation.
+"""The node registry: who joined with which wallet, their health, counters and reputation.
+
+Two kinds of member: Ray nodes (`solanalm node join`; health from Ray's node table) and providers outside
+the Ray cluster that registered over the gateway's HTTP API (`solanalm provider serve`; health from their
+heartbeats; see providers.py for what their registration proves).
 
 `NetworkRegistry` is pure state and logic (unit-tested without Ray; callers pass the clock and Ray's
 node table). `RegistryActor` wraps it as the named, detached Ray actor "solanalm-registry" and
-persists every record in Ray's GCS internal KV, so a restarted actor (or a restarted head with GCS
-fault tolerance) reloads the network's memory.
+persists every record (and, apart from them, the providers' token secrets) in Ray's GCS internal KV, so
+a restarted actor (or a restarted head with GCS fault tolerance) reloads the network's memory.
 """
 
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,9 +21,10 @@ import ray
 from ray.exceptions import ActorUnavailableError
 
 from cluster.config.network import NetworkSection
+from cluster.network import providers as P
 from cluster.network import reputation
 from cluster.network.records import Health, NodeCapabilities, NodeRecord
-from cluster.network.wallet import Challenge, ChallengeBook, JoinProof, ProofError
+from cluster.network.wallet import Challenge, ChallengeBook, JoinProof, ProofError, ProviderChallenge
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +34,23 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource that only the he
 
 @dataclass(slots=True)
 class NetworkRegistry:
-    """Records keyed by Ray node id, the pending join challenges, and which records changed."""
+    """Records keyed by Ray node id or provider id, the pending challenges, the providers' secrets (apart
+    from the records) and which records and secrets changed."""
 
     settings: NetworkSection
     records: dict[str, NodeRecord] = field(default_factory=dict)
+    provider_secrets: dict[str, P.ProviderSecrets] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
+    dirty_secrets: set[str] = field(default_factory=set)
     challenges: ChallengeBook = field(init=False)
+    provider_challenges: ChallengeBook = field(init=False)
+    sessions: dict[str, str] = field(init=False)  # session token SHA-256 -> provider id
 
     def __post_init__(self) -> None:
         self.challenges = ChallengeBook(ttl_s=self.settings.challenge_ttl_s)
+        rule = self.settings.providers
+        self.provider_challenges = ChallengeBook(ttl_s=rule.challenge_ttl_s, max_pending=rule.max_pending_challenges)
+        self.sessions = {s.session_sha256: s.provider_id for s in self.provider_secrets.values()}
 
     def label(self, name: str) -> str:
         """The full label key of one of SolanaLM's node labels: label('wallet') -> 'solanalm.io/wallet'."""
@@ -85,6 +98,87 @@ class NetworkRegistry:
         logger.info("node %s joined for wallet %s (reputation %.2f)", node_id[:12], wallet, record.reputation)
         return record
 
+    def issue_provider_challenge(
+        self, wallet: str, endpoint: str, cert_fingerprint: str, now: float
+    ) -> ProviderChallenge:
+        """A registration challenge for `wallet`'s stage host at `endpoint` with that certificate."""
+        P.validate_endpoint(endpoint, self.settings.providers.allow_private_endpoints)
+        P.validate_fingerprint(cert_fingerprint)
+        return self.provider_challenges.issue_provider(wallet, endpoint, cert_fingerprint, now)
+
+    def register_provider(
+        self,
+        proof_json: Mapping[str, Any],
+        cert_pem: str,
+        capabilities_json: Mapping[str, Any] | None,
+        models: Sequence[str],
+        now: float,
+        region: str = "",
+        allowed_models: Collection[str] | None = None,
+    ) -> P.ProviderRegistration:
+        """Verify a provider's proof and certificate, then add (or replace) its record with fresh tokens.
+
+        The request's shape is checked before the proof, so a malformed request leaves its nonce pending;
+        every request that reaches the proof consumes the nonce. Re-registering the same wallet and endpoint
+        replaces the record's certificate, capabilities, models and both tokens (the old ones stop working).
+        """
+        rule = self.settings.providers
+        proof = P.proof_from_json(proof_json)
+        capabilities = P.parse_capabilities(capabilities_json)
+        names = P.validate_models(models, rule.max_models, allowed_models)
+        P.validate_region(region)
+        wallet = str(self.provider_challenges.verify(proof, now))
+        P.check_proved_certificate(proof, cert_pem, now)
+        pid = P.provider_id(wallet, proof.challenge.endpoint)
+        P.check_limits(pid, wallet, proof.challenge.endpoint, self.records.values(), rule)
+        previous = self.records.get(pid)
+        others = [r for r in self.records.values() if r.node_id != pid]
+        record = P.provider_record(
+            pid, proof, cert_pem, capabilities, names, region, now, previous, others, self.settings.reputation
+        )
+        session_token, secret = P.new_secrets(pid)
+        self._put(record)
+        self._put_secrets(secret)
+        logger.info("provider %s registered at %s for wallet %s", pid, record.endpoint, wallet)
+        return P.ProviderRegistration(record, session_token, secret.link_token, rule.heartbeat_interval_s)
+
+    def provider_heartbeat(self, session_token: str, now: float) -> NodeRecord:
+        """The provider of this session is alive (or still draining) as of `now`; UnknownSession otherwise."""
+        record = self._session_record(session_token)
+        health: Health = "draining" if record.draining else "alive"
+        updated = replace(record, last_seen=now, health=health)
+        self._put(updated)
+        return updated
+
+    def provider_leave(self, session_token: str) -> NodeRecord:
+        """The provider of this session leaves: draining (no new stages), then dead once heartbeats stop."""
+        return self.set_draining(self._session_record(session_token).node_id, True)
+
+    def provider_links(self, provider_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """How the operator's coordinator reaches each known provider's stage host (operator-only: carries
+        the link token). Unknown ids and Ray nodes are left out."""
+        links = {}
+        for pid in provider_ids:
+            record, secret = self.records.get(pid), self.provider_secrets.get(pid)
+            if record is None or secret is None or record.kind != "provider":
+                continue
+            links[pid] = {
+                "endpoint": record.endpoint,
+                "cert_pem": record.cert_pem,
+                "link_token": secret.link_token,
+                "wallet": record.wallet,
+            }
+        return links
+
+    def _session_record(self, session_token: str) -> NodeRecord:
+        if not isinstance(session_token, str) or not session_token:
+            raise P.UnknownSession("no session token")
+        pid = self.sessions.get(P.token_sha256(session_token))
+        record = self.records.get(pid) if pid is not None else None
+        if record is None:
+            raise P.UnknownSession("unknown or replaced session token (register again)")
+        return record
+
     def set_draining(self, node_id: str, draining: bool = True) -> NodeRecord:
         record = self._get(node_id)
         health: Health = record.health if record.health == "dead" else ("draining" if draining else "alive")
@@ -92,13 +186,20 @@ class NetworkRegistry:
         self._put(updated)
         return updated
 
-    def sync_health(self, ray_nodes: Sequence[dict[str, Any]]) -> list[str]:
-        """Health from Ray's node table (ray.nodes()): dead when Ray says so or forgot the node.
-        Returns the ids whose health changed."""
+    def sync_health(self, ray_nodes: Sequence[dict[str, Any]], now: float | None = None) -> list[str]:
+        """Ray nodes' health from Ray's node table (ray.nodes()): dead when Ray says so or forgot the node.
+        Providers' health from their heartbeats, when `now` is given: dead once the last is older than
+        `providers.heartbeat_ttl_s` (Ray knows nothing of them). Returns the ids whose health changed."""
         alive = {n["NodeID"] for n in ray_nodes if n.get("Alive", False)}
         changed = []
         for record in list(self.records.values()):
-            health: Health = "dead" if record.node_id not in alive else ("draining" if record.draining else "alive")
+            health: Health
+            if record.kind == "provider":
+                if now is None:
+                    continue
+                health = P.heartbeat_health(record, now, self.settings.providers.heartbeat_ttl_s)
+            else:
+                health = "dead" if record.node_id not in alive else ("draining" if record.draining else "alive")
             if health != record.health:
                 self._put(replace(record, health=health))
                 changed.append(record.node_id)
@@ -148,6 +249,11 @@ class NetworkRegistry:
         self.dirty.clear()
         return changed
 
+    def take_dirty_secrets(self) -> list[P.ProviderSecrets]:
+        changed = [self.provider_secrets[i] for i in sorted(self.dirty_secrets) if i in self.provider_secrets]
+        self.dirty_secrets.clear()
+        return changed
+
     def _get(self, node_id: str) -> NodeRecord:
         try:
             return self.records[node_id]
@@ -157,6 +263,14 @@ class NetworkRegistry:
     def _put(self, record: NodeRecord) -> None:
         self.records[record.node_id] = record
         self.dirty.add(record.node_id)
+
+    def _put_secrets(self, secret: P.ProviderSecrets) -> None:
+        old = self.provider_secrets.get(secret.provider_id)
+        if old is not None:  # the old session token stops working
+            self.sessions.pop(old.session_sha256, None)
+        self.provider_secrets[secret.provider_id] = secret
+        self.sessions[secret.session_sha256] = secret.provider_id
+        self.dirty_secrets.add(secret.provider_id)
 
 
 def _per_node(node_ids: Sequence[str], latency_s: float | Sequence[float]) -> list[float]:
@@ -185,11 +299,34 @@ def _with_ray_resources(claimed: NodeCapabilities, ray_node: dict[str, Any]) -> 
 
 
 class KvStore:
-    """NodeRecords as JSON under `<prefix>/node/<node id>` in Ray's GCS internal KV."""
+    """NodeRecords as JSON under `<prefix>/node/<node id>` in Ray's GCS internal KV; providers' secrets
+    apart, under `<prefix>/provider-secret/<provider id>` (the KV is inside the operator's trust domain)."""
 
     def __init__(self, namespace: str, prefix: str) -> None:
         self.namespace = namespace
         self.prefix = f"{prefix}/node/"
+        self.secrets_prefix = f"{prefix}/provider-secret/"
+
+    def load_secrets(self) -> dict[str, P.ProviderSecrets]:
+        from ray.experimental import internal_kv as kv
+
+        loaded = {}
+        for key in kv._internal_kv_list(self.secrets_prefix, namespace=self.namespace):
+            try:
+                secret = P.ProviderSecrets.from_json(json.loads(kv._internal_kv_get(key, namespace=self.namespace)))
+            except (TypeError, ValueError, KeyError) as exc:
+                logger.error("skipping unreadable provider secret entry %r: %s", key, type(exc).__name__)
+                continue
+            loaded[secret.provider_id] = secret
+        return loaded
+
+    def save_secrets(self, secrets: Sequence[P.ProviderSecrets]) -> None:
+        from ray.experimental import internal_kv as kv
+
+        for secret in secrets:
+            kv._internal_kv_put(
+                self.secrets_prefix + secret.provider_id, json.dumps(secret.to_json()), True, namespace=self.namespace
+            )
 
     def load(self) -> dict[str, NodeRecord]:
         from ray.experimental import internal_kv as kv
@@ -221,7 +358,9 @@ class RegistryActor:
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = NetworkSection.model_validate(settings)
         self._store = KvStore(self._settings.kv_namespace, self._settings.registry_name)
-        self._registry = NetworkRegistry(self._settings, records=self._store.load())
+        self._registry = NetworkRegistry(
+            self._settings, records=self._store.load(), provider_secrets=self._store.load_secrets()
+        )
         self._last_persist = time.monotonic()
         logger.info("registry loaded %d node records", len(self._registry.records))
 
@@ -243,13 +382,48 @@ class RegistryActor:
         self._persist(force=True)
         return record
 
+    def issue_provider_challenge(self, wallet: str, endpoint: str, cert_fingerprint: str) -> ProviderChallenge:
+        return self._registry.issue_provider_challenge(wallet, endpoint, cert_fingerprint, time.time())
+
+    def register_provider(
+        self,
+        proof_json: dict[str, Any],
+        cert_pem: str,
+        capabilities_json: dict[str, Any] | None,
+        models: list[str],
+        region: str = "",
+        allowed_models: list[str] | None = None,
+    ) -> P.ProviderRegistration:
+        """Register a provider from its JSON proof (see NetworkRegistry.register_provider); the caller must not
+        retry it (the nonce is spent by the first attempt)."""
+        registration = self._registry.register_provider(
+            proof_json, cert_pem, capabilities_json, models, time.time(), region, allowed_models
+        )
+        self._persist(force=True)
+        return registration
+
+    def provider_heartbeat(self, session_token: str) -> NodeRecord:
+        before = self._registry._session_record(session_token).health
+        record = self._registry.provider_heartbeat(session_token, time.time())
+        self._persist(force=record.health != before)
+        return record
+
+    def provider_leave(self, session_token: str) -> NodeRecord:
+        record = self._registry.provider_leave(session_token)
+        self._persist(force=True)
+        return record
+
+    def provider_links(self, provider_ids: list[str]) -> dict[str, dict[str, str]]:
+        """Operator-only (carries link tokens): never expose over HTTP."""
+        return self._registry.provider_links(provider_ids)
+
     def set_draining(self, node_id: str, draining: bool = True) -> NodeRecord:
         record = self._registry.set_draining(node_id, draining)
         self._persist(force=True)
         return record
 
     def sync_health(self) -> list[str]:
-        changed = self._registry.sync_health(ray.nodes())
+        changed = self._registry.sync_health(ray.nodes(), time.time())
         self._persist(force=bool(changed))
         return changed
 
@@ -283,6 +457,7 @@ class RegistryActor:
         now = time.monotonic()
         if not force and now - self._last_persist < self._settings.persist_interval_s:
             return
+        self._store.save_secrets(self._registry.take_dirty_secrets())  # before the records that use them
         self._store.save(self._registry.take_dirty())
         self._last_persist = now
 

@@ -1,9 +1,13 @@
-"""Wallet proofs for joining: the registry issues a challenge, the provider signs it with its Solana key.
+"""Wallet proofs: the registry issues a challenge, the provider signs it with its Solana key.
 
-A challenge binds a one-time nonce to one Ray node id and one wallet, and expires. The signed message is
-a fixed, human-readable text (what a hardware wallet would show), so nothing else can be replayed as a
-join proof. Replay protection needs no persisted "used" set: a nonce is valid only while it is pending
-in the `ChallengeBook` that issued it, and it is consumed by its first verification attempt.
+Two challenges, each with its own signing domain (the first line of the signed text), so a proof of one
+kind can never be replayed as the other:
+- `Challenge` (`solanalm-node-join-v1`) binds a one-time nonce to one Ray node id and one wallet;
+- `ProviderChallenge` (`solanalm-provider-register-v1`) binds it to one wallet, the stage host's endpoint
+  (host:port) and the SHA-256 fingerprint of its TLS certificate, for providers outside the Ray cluster.
+Both expire. The signed message is a fixed, human-readable text (what a hardware wallet would show).
+Replay protection needs no persisted "used" set: a nonce is valid only while it is pending in the
+`ChallengeBook` that issued it, and it is consumed by its first verification attempt.
 """
 
 import json
@@ -11,16 +15,40 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 
 PROOF_DOMAIN = "solanalm-node-join-v1"
+PROVIDER_PROOF_DOMAIN = "solanalm-provider-register-v1"
 
 
 class ProofError(ValueError):
     """A join proof was rejected; the message says why (unknown/replayed, expired, forged, mismatched)."""
+
+
+class TooManyChallenges(ProofError):
+    """The book holds its maximum of pending challenges (retry once some expire)."""
+
+
+class Signable(Protocol):
+    """What a ChallengeBook keeps: a one-time nonce for a wallet, an expiry, and the text to sign."""
+
+    @property
+    def nonce(self) -> str: ...
+
+    @property
+    def wallet(self) -> str: ...
+
+    @property
+    def expires_at(self) -> float: ...
+
+    def message(self) -> bytes: ...
+
+
+_C = TypeVar("_C", bound=Signable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +70,27 @@ class Challenge:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderChallenge:
+    """What the registry asks an out-of-cluster provider to sign: `nonce` for `wallet`, whose stage host
+    listens at `endpoint` (host:port) with the TLS certificate of SHA-256 `cert_fingerprint` (hex)."""
+
+    nonce: str
+    wallet: str
+    endpoint: str
+    cert_fingerprint: str
+    issued_at: float
+    expires_at: float
+
+    def message(self) -> bytes:
+        """The exact bytes the wallet signs."""
+        return (
+            f"{PROVIDER_PROOF_DOMAIN}\nwallet: {self.wallet}\nendpoint: {self.endpoint}\n"
+            f"cert-sha256: {self.cert_fingerprint}\nnonce: {self.nonce}\n"
+            f"issued: {self.issued_at:.3f}\nexpires: {self.expires_at:.3f}"
+        ).encode()
+
+
+@dataclass(frozen=True, slots=True)
 class JoinProof:
     """A challenge and the wallet's ed25519 signature over `challenge.message()` (base58)."""
 
@@ -49,11 +98,28 @@ class JoinProof:
     signature: str
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderProof:
+    """A provider challenge and the wallet's ed25519 signature over `challenge.message()` (base58)."""
+
+    challenge: ProviderChallenge
+    signature: str
+
+
 def sign_challenge(keypair: Keypair, challenge: Challenge) -> JoinProof:
     """The provider side: sign the challenge with the wallet's keypair."""
+    return JoinProof(challenge=challenge, signature=_sign(keypair, challenge))
+
+
+def sign_provider_challenge(keypair: Keypair, challenge: ProviderChallenge) -> ProviderProof:
+    """The provider side of registration: sign the (locally rebuilt) challenge with the wallet's keypair."""
+    return ProviderProof(challenge=challenge, signature=_sign(keypair, challenge))
+
+
+def _sign(keypair: Keypair, challenge: Signable) -> str:
     if str(keypair.pubkey()) != challenge.wallet:
         raise ProofError(f"challenge is for wallet {challenge.wallet}, keypair is {keypair.pubkey()}")
-    return JoinProof(challenge=challenge, signature=str(keypair.sign_message(challenge.message())))
+    return str(keypair.sign_message(challenge.message()))
 
 
 def parse_wallet(wallet: str) -> Pubkey:
@@ -66,30 +132,44 @@ def parse_wallet(wallet: str) -> Pubkey:
 
 @dataclass(slots=True)
 class ChallengeBook:
-    """The registry side: pending challenges, issued and verified (pure: the caller passes the clock)."""
+    """The registry side: pending challenges, issued and verified (pure: the caller passes the clock).
+    `max_pending` bounds the memory an unauthenticated caller can make it hold (None: unbounded)."""
 
     ttl_s: float
-    pending: dict[str, Challenge] = field(default_factory=dict)
+    max_pending: int | None = None
+    pending: dict[str, Signable] = field(default_factory=dict)
 
     def issue(self, node_id: str, wallet: str, now: float) -> Challenge:
         """A fresh challenge for `node_id` owned by `wallet`."""
         parse_wallet(wallet)
         if not node_id:
             raise ProofError("node_id is empty")
-        self._forget_expired(now)
         challenge = Challenge(
             nonce=secrets.token_hex(16), node_id=node_id, wallet=wallet, issued_at=now, expires_at=now + self.ttl_s
         )
-        self.pending[challenge.nonce] = challenge
-        return challenge
+        return self._add(challenge, now)
 
-    def verify(self, proof: JoinProof, now: float) -> Pubkey:
+    def issue_provider(self, wallet: str, endpoint: str, cert_fingerprint: str, now: float) -> ProviderChallenge:
+        """A fresh registration challenge for `wallet`'s stage host at `endpoint` with that certificate
+        (the caller validates endpoint and fingerprint syntax)."""
+        parse_wallet(wallet)
+        challenge = ProviderChallenge(
+            nonce=secrets.token_hex(16),
+            wallet=wallet,
+            endpoint=endpoint,
+            cert_fingerprint=cert_fingerprint,
+            issued_at=now,
+            expires_at=now + self.ttl_s,
+        )
+        return self._add(challenge, now)
+
+    def verify(self, proof: JoinProof | ProviderProof, now: float) -> Pubkey:
         """The proving wallet; consumes the nonce (a second use is a replay). ProofError when rejected."""
         issued = self.pending.pop(proof.challenge.nonce, None)
         if issued is None:
             raise ProofError("unknown or already used challenge (replay?)")
         if issued != proof.challenge:
-            raise ProofError("challenge was altered (node, wallet or expiry differ from the issued one)")
+            raise ProofError("challenge was altered (its fields differ from the issued one)")
         if now > issued.expires_at:
             raise ProofError("challenge expired")
         pubkey = parse_wallet(issued.wallet)
@@ -100,6 +180,13 @@ class ChallengeBook:
         if not signature.verify(pubkey, issued.message()):
             raise ProofError("signature does not verify for the wallet (forged?)")
         return pubkey
+
+    def _add(self, challenge: _C, now: float) -> _C:
+        self._forget_expired(now)
+        if self.max_pending is not None and len(self.pending) >= self.max_pending:
+            raise TooManyChallenges(f"{len(self.pending)} challenges are pending; retry in a while")
+        self.pending[challenge.nonce] = challenge
+        return challenge
 
     def _forget_expired(self, now: float) -> None:
         for nonce in [n for n, c in self.pending.items() if now > c.expires_at]:
