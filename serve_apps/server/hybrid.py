@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import ray
@@ -125,8 +125,10 @@ class ProviderStage:
         return bool(await self.client().ping())
 
     async def describe(self) -> StageInfo:
+        """The stage host's own description, but placed by the registry's id (it is no Ray node). What a
+        provider says of its work here (steps, busy time) is shown to operators, never used for pay."""
         info: StageInfo = await self.client().describe()
-        return info
+        return replace(info, node_id=self.link.provider_id)
 
     def close(self) -> None:
         client, self._client = self._client, None
