@@ -28,6 +28,7 @@ from serve_apps.gateway.errors import OpenAIError, error_body, install_error_han
 from serve_apps.gateway.limits import BodySizeLimit, ClientRateLimiter, retry_after_header
 from serve_apps.gateway.metering import Metering
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serve_apps.gateway.providers import ProviderRegistryAPI, build_provider_router, public_nodes
 from serve_apps.protocol import (
     Accepted,
     ChatTurn,
@@ -64,8 +65,10 @@ class Gateway:
         limiter: ClientRateLimiter | None = None,
         network_nodes: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
         verifier: Verifier | None = None,
+        providers: ProviderRegistryAPI | None = None,
     ) -> None:
         self.network_nodes = network_nodes
+        self.providers = providers  # out-of-cluster providers register through it (routes in providers.py)
         self.verifier = verifier  # spot-checks a sample of settled requests in the background
         self.backend = backend
         self.limiter = limiter or ClientRateLimiter(0.0, 1)
@@ -277,11 +280,12 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
             nodes = await source()
         except LookupError as exc:
             raise OpenAIError(503, str(exc), code="registry_unavailable") from None
-        return {"object": "list", "data": nodes}
+        return {"object": "list", "data": public_nodes(nodes)}
 
     # Wallet sign-in, balance, deposits and receipts: the payments package's routes, over the same
     # payments client the gateway meters with (503 while payments are disabled).
     app.include_router(build_router(lambda: _payments_of(app)))
+    app.include_router(build_provider_router(core))  # provider registration: challenge, register, heartbeat, leave
     return app
 
 

@@ -1,0 +1,346 @@
+"""The provider routes over a registry faked behind Gateway.providers: each attack is a 4xx OpenAI error."""
+
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from solders.keypair import Keypair
+
+from cluster.config.network import NetworkSection, ProvidersSection
+from cluster.network.providers import ProviderRegistration
+from cluster.network.records import NodeRecord
+from cluster.network.registry import NetworkRegistry
+from cluster.network.wallet import ProviderChallenge
+from cluster.security.certs import CertKey, self_signed
+from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
+from serve_apps.gateway.providers import RegistryUnavailable
+
+ENDPOINT = "127.0.0.1:7443"
+
+
+class NoBackend:
+    def models(self) -> list[str]:
+        return []
+
+
+class InProcessProviders:
+    """The ProviderRegistryAPI over a pure NetworkRegistry (what the actor runs), with a settable clock."""
+
+    def __init__(self, registry: NetworkRegistry) -> None:
+        self.registry, self.offset_s = registry, 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset_s
+
+    async def challenge(self, wallet: str, endpoint: str, cert_fingerprint: str) -> ProviderChallenge:
+        return self.registry.issue_provider_challenge(wallet, endpoint, cert_fingerprint, self.now())
+
+    async def register(
+        self,
+        proof_json: dict[str, Any],
+        cert_pem: str,
+        capabilities: dict[str, Any],
+        models: list[str],
+        region: str,
+        allowed_models: list[str] | None,
+    ) -> ProviderRegistration:
+        return self.registry.register_provider(
+            proof_json, cert_pem, capabilities, models, self.now(), region, allowed_models
+        )
+
+    async def heartbeat(self, session_token: str) -> NodeRecord:
+        return self.registry.provider_heartbeat(session_token, self.now())
+
+    async def leave(self, session_token: str) -> NodeRecord:
+        return self.registry.provider_leave(session_token)
+
+
+class DownProviders(InProcessProviders):
+    async def challenge(self, wallet: str, endpoint: str, cert_fingerprint: str) -> ProviderChallenge:
+        raise RegistryUnavailable("GetTimeoutError")
+
+    async def heartbeat(self, session_token: str) -> NodeRecord:
+        raise RegistryUnavailable("GetTimeoutError")
+
+
+@pytest.fixture(scope="module")
+def cert() -> CertKey:
+    return self_signed(["127.0.0.1"])
+
+
+@pytest.fixture()
+def registry() -> NetworkRegistry:
+    return NetworkRegistry(NetworkSection(providers=ProvidersSection(max_per_wallet=2, max_pending_challenges=50)))
+
+
+@pytest.fixture()
+def fake(registry: NetworkRegistry) -> InProcessProviders:
+    return InProcessProviders(registry)
+
+
+def app_with(providers: Any, registry: NetworkRegistry | None = None) -> TestClient:
+    async def nodes() -> list[dict[str, Any]]:
+        return [r.to_json() for r in registry.list_nodes()] if registry else []
+
+    gateway = Gateway(NoBackend(), [ModelCard("tiny-llama", "tests")], network_nodes=nodes, providers=providers)  # type: ignore[arg-type]
+    return TestClient(create_gateway_app(gateway, max_body_bytes=64_000))
+
+
+@pytest.fixture()
+def http(fake: InProcessProviders, registry: NetworkRegistry) -> TestClient:
+    return app_with(fake, registry)
+
+
+def assert_error(response: Any, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def get_challenge(http: TestClient, keypair: Keypair, cert: CertKey, endpoint: str = ENDPOINT) -> dict:
+    body = {"wallet": str(keypair.pubkey()), "endpoint": endpoint, "cert_pem": cert.cert_pem.decode()}
+    response = http.post("/v1/providers/challenge", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def fields_of(challenge: dict) -> ProviderChallenge:
+    names = ("nonce", "wallet", "endpoint", "cert_fingerprint", "issued_at", "expires_at")
+    return ProviderChallenge(**{name: challenge[name] for name in names})
+
+
+def register_body(challenge: dict, keypair: Keypair, cert: CertKey, **extra: Any) -> dict:
+    signature = str(keypair.sign_message(fields_of(challenge).message()))
+    fields = {k: v for k, v in challenge.items() if k != "object"}
+    body = {"challenge": fields, "signature": signature, "cert_pem": cert.cert_pem.decode(), "models": ["tiny-llama"]}
+    body["capabilities"] = {"num_cpus": 2, "memory_bytes": 2**32, "throughput_gflops": 5.0}
+    return {**body, **extra}
+
+
+def registered(http: TestClient, keypair: Keypair, cert: CertKey, endpoint: str = ENDPOINT) -> dict:
+    response = http.post(
+        "/v1/providers/register", json=register_body(get_challenge(http, keypair, cert, endpoint), keypair, cert)
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_register_heartbeat_leave(http: TestClient, cert: CertKey) -> None:
+    keypair = Keypair()
+    challenge = get_challenge(http, keypair, cert)
+    assert challenge["message"] == fields_of(challenge).message().decode()
+    assert challenge["message"].startswith("solanalm-provider-register-v1\n")
+    assert challenge["cert_fingerprint"] == cert.fingerprint
+    body = http.post("/v1/providers/register", json=register_body(challenge, keypair, cert, region="eu")).json()
+    assert body["provider_id"].startswith("provider-") and body["wallet"] == str(keypair.pubkey())
+    assert body["endpoint"] == ENDPOINT and body["models"] == ["tiny-llama"]
+    assert body["session_token"] and body["link_token"] and body["heartbeat_interval_s"] > 0
+    beat = http.post("/v1/providers/heartbeat", headers=bearer(body["session_token"]))
+    assert beat.status_code == 200 and beat.json()["health"] == "alive"
+    left = http.post("/v1/providers/leave", headers=bearer(body["session_token"]))
+    assert left.status_code == 200 and left.json()["health"] == "draining"
+
+
+def test_network_nodes_never_show_tokens(http: TestClient, cert: CertKey) -> None:
+    body = registered(http, Keypair(), cert)
+    text = http.get("/v1/network/nodes").text
+    nodes = http.get("/v1/network/nodes").json()["data"]
+    assert [n["kind"] for n in nodes] == ["provider"] and nodes[0]["node_id"] == body["provider_id"]
+    assert body["link_token"] not in text and body["session_token"] not in text
+    assert "link_token" not in text and "session" not in text
+
+
+def test_a_leaky_nodes_source_is_still_filtered() -> None:
+    async def nodes() -> list[dict[str, Any]]:
+        return [{"node_id": "provider-x", "link_token": "secret", "session_sha256": "h", "session_token": "t"}]
+
+    gateway = Gateway(NoBackend(), [], network_nodes=nodes)  # type: ignore[arg-type]
+    data = TestClient(create_gateway_app(gateway)).get("/v1/network/nodes").json()["data"]
+    assert data == [{"node_id": "provider-x"}]
+
+
+def test_forged_signature_is_401(http: TestClient, cert: CertKey) -> None:
+    keypair = Keypair()
+    body = register_body(get_challenge(http, keypair, cert), Keypair(), cert)  # signed by another key
+    assert_error(http.post("/v1/providers/register", json=body), 401, "invalid_proof")
+
+
+def test_replayed_registration_is_401(http: TestClient, cert: CertKey) -> None:
+    keypair = Keypair()
+    body = register_body(get_challenge(http, keypair, cert), keypair, cert)
+    assert http.post("/v1/providers/register", json=body).status_code == 200
+    error = assert_error(http.post("/v1/providers/register", json=body), 401, "invalid_proof")
+    assert "already used" in error["message"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("endpoint", "127.0.0.1:9999"), ("cert_fingerprint", "ab" * 32)])
+def test_altered_challenge_is_401(http: TestClient, cert: CertKey, field: str, value: str) -> None:
+    keypair = Keypair()
+    challenge = get_challenge(http, keypair, cert)
+    altered = {**challenge, field: value}
+    signature = str(keypair.sign_message(replace(fields_of(challenge), **{field: value}).message()))
+    body = {**register_body(altered, keypair, cert), "signature": signature}
+    assert_error(http.post("/v1/providers/register", json=body), 401, "invalid_proof")
+
+
+def test_wrong_certificate_is_401(http: TestClient, cert: CertKey) -> None:
+    keypair = Keypair()
+    body = register_body(get_challenge(http, keypair, cert), keypair, cert)
+    body["cert_pem"] = self_signed(["127.0.0.1"]).cert_pem.decode()
+    assert_error(http.post("/v1/providers/register", json=body), 401, "invalid_proof")
+
+
+def test_expired_challenge_is_401(http: TestClient, fake: InProcessProviders, cert: CertKey) -> None:
+    keypair = Keypair()
+    body = register_body(get_challenge(http, keypair, cert), keypair, cert)
+    fake.offset_s = ProvidersSection().challenge_ttl_s + 5
+    assert "expired" in assert_error(http.post("/v1/providers/register", json=body), 401)["message"]
+
+
+def test_wallet_b_signing_wallet_a_challenge_is_401(http: TestClient, cert: CertKey) -> None:
+    a, b = Keypair(), Keypair()
+    challenge = get_challenge(http, a, cert)
+    as_b = {**challenge, "wallet": str(b.pubkey())}
+    body = register_body(as_b, b, cert)
+    assert "altered" in assert_error(http.post("/v1/providers/register", json=body), 401)["message"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"models": ["not-served"]},
+        {"capabilities": {"num_cpus": -1}},
+        {"capabilities": {"memory_bytes": 2**60}},
+        {"capabilities": {"cores": 2}},
+        {"region": "x" * 64},
+        {"surprise": 1},
+        {"signature": "x" * 101},
+        {"cert_pem": "x" * 9000},
+    ],
+)
+def test_malformed_registration_is_400(http: TestClient, cert: CertKey, change: dict) -> None:
+    keypair = Keypair()
+    body = {**register_body(get_challenge(http, keypair, cert), keypair, cert), **change}
+    assert_error(http.post("/v1/providers/register", json=body), 400)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"cert_pem": "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"},
+        {"cert_pem": "x" * 8193},
+        {"endpoint": "127.0.0.1"},
+        {"endpoint": "0.0.0.0:443"},
+        {"wallet": "short"},
+        {"wallet": "1" * 44},
+        {"extra": True},
+    ],
+)
+def test_malformed_challenge_request_is_400(http: TestClient, cert: CertKey, change: dict) -> None:
+    body = {"wallet": str(Keypair().pubkey()), "endpoint": ENDPOINT, "cert_pem": cert.cert_pem.decode(), **change}
+    assert_error(http.post("/v1/providers/challenge", json=body), 400)
+
+
+def test_certificate_for_another_host_gets_no_challenge(http: TestClient) -> None:
+    other = self_signed(["10.9.9.9"])
+    body = {"wallet": str(Keypair().pubkey()), "endpoint": ENDPOINT, "cert_pem": other.cert_pem.decode()}
+    assert "does not name" in assert_error(http.post("/v1/providers/challenge", json=body), 400)["message"]
+
+
+def test_malformed_json_is_400(http: TestClient) -> None:
+    response = http.post("/v1/providers/register", content=b"{nope", headers={"content-type": "application/json"})
+    assert_error(response, 400, "invalid_json")
+
+
+def test_wallet_limit_is_409(http: TestClient, cert: CertKey) -> None:
+    keypair = Keypair()
+    registered(http, keypair, cert, "127.0.0.1:1001")
+    registered(http, keypair, cert, "127.0.0.1:1002")
+    body = register_body(get_challenge(http, keypair, cert, "127.0.0.1:1003"), keypair, cert)
+    assert_error(http.post("/v1/providers/register", json=body), 409, "conflict")
+
+
+def test_endpoint_of_another_live_provider_is_409(http: TestClient, cert: CertKey) -> None:
+    registered(http, Keypair(), cert)
+    intruder = Keypair()
+    body = register_body(get_challenge(http, intruder, cert), intruder, cert)
+    assert_error(http.post("/v1/providers/register", json=body), 409, "conflict")
+
+
+def test_too_many_pending_challenges_is_429(http: TestClient, cert: CertKey) -> None:
+    body = {"wallet": str(Keypair().pubkey()), "endpoint": ENDPOINT, "cert_pem": cert.cert_pem.decode()}
+    for _ in range(50):
+        assert http.post("/v1/providers/challenge", json=body).status_code == 200
+    response = http.post("/v1/providers/challenge", json=body)
+    assert_error(response, 429, "too_many_challenges")
+    assert response.headers["Retry-After"]
+
+
+def test_rate_limited_client_is_429(fake: InProcessProviders, cert: CertKey) -> None:
+    gateway = Gateway(NoBackend(), [], providers=fake)  # type: ignore[arg-type]
+    gateway.limiter.rate_per_s, gateway.limiter.burst = 0.001, 1
+    http = TestClient(create_gateway_app(gateway))
+    body = {"wallet": str(Keypair().pubkey()), "endpoint": ENDPOINT, "cert_pem": cert.cert_pem.decode()}
+    assert http.post("/v1/providers/challenge", json=body).status_code == 200
+    assert_error(http.post("/v1/providers/challenge", json=body), 429, "rate_limit_exceeded")
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "}, bearer("nope")])
+def test_heartbeat_and_leave_without_a_valid_session_are_401(http: TestClient, headers: dict) -> None:
+    assert_error(http.post("/v1/providers/heartbeat", headers=headers), 401)
+    assert_error(http.post("/v1/providers/leave", headers=headers), 401)
+
+
+def test_old_session_after_reregistering_is_401(http: TestClient, cert: CertKey) -> None:
+    keypair = Keypair()
+    first = registered(http, keypair, cert)
+    second = registered(http, keypair, cert)
+    assert second["provider_id"] == first["provider_id"] and second["link_token"] != first["link_token"]
+    assert_error(http.post("/v1/providers/heartbeat", headers=bearer(first["session_token"])), 401, "invalid_session")
+    assert http.post("/v1/providers/heartbeat", headers=bearer(second["session_token"])).status_code == 200
+
+
+def test_no_registry_is_503(cert: CertKey) -> None:
+    http = app_with(None)
+    body = {"wallet": str(Keypair().pubkey()), "endpoint": ENDPOINT, "cert_pem": cert.cert_pem.decode()}
+    assert_error(http.post("/v1/providers/challenge", json=body), 503, "registry_unavailable")
+    assert_error(http.post("/v1/providers/heartbeat", headers=bearer("x")), 503, "registry_unavailable")
+
+
+def test_unreachable_registry_is_503(registry: NetworkRegistry, cert: CertKey) -> None:
+    http = app_with(DownProviders(registry))
+    body = {"wallet": str(Keypair().pubkey()), "endpoint": ENDPOINT, "cert_pem": cert.cert_pem.decode()}
+    assert_error(http.post("/v1/providers/challenge", json=body), 503, "registry_unavailable")
+    assert_error(http.post("/v1/providers/heartbeat", headers=bearer("x")), 503, "registry_unavailable")
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+REGISTER_FIELDS = ["challenge", "signature", "cert_pem", "capabilities", "models", "region"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.dictionaries(st.sampled_from(REGISTER_FIELDS), JSON, max_size=6),
+    route=st.sampled_from(["challenge", "register"]),
+)
+def test_fuzzed_bodies_are_never_5xx(http: TestClient, body: dict, route: str) -> None:
+    response = http.post(
+        f"/v1/providers/{route}", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500, response.text
