@@ -1,24 +1,26 @@
 """The direct transport: each stage streams its output to the next stage over its own TCP connection.
 
 A step travels replica -> stage 0 -> stage 1 -> ... -> last stage -> replica, one length-prefixed frame
-per hop: the `StepBatch` (pickled) and, between stages, the hidden states as raw bytes. No actor call,
-no object store and no owner in between, so a hop costs a socket write and a blocking read (no polling:
-an idle stage uses no CPU). Each hop is one ordered stream, so every stage sees the steps in submission
-order and several steps can be in flight (pipelining).
+per hop: a protobuf `LinkFrame` of the stage protocol (serve_apps/stagehost/stage.proto): the step with,
+between stages, the hidden states as raw bytes, or the last stage's reply. Never a pickle: every frame is
+parsed and checked against the receiving end's `FrameLimits` (from the stage's own config), and its length
+before anything is allocated; a frame that breaks them closes that link. No actor call, no object store
+and no owner in between, so a hop costs a socket write and a blocking read (no polling: an idle stage uses
+no CPU). Each hop is one ordered stream, so every stage sees the steps in submission order and several
+steps can be in flight (pipelining).
 
 `StageLink` is the stage's end (a thread inside the stage actor); `DirectExecutor` is the replica's.
-A broken link (a stage died, a connection reset) fails every step in flight with `StageCallError`; the
-engine's recovery recreates dead stages and the executor links the whole chain again, in a new generation.
+A broken link (a stage died, a connection reset, a malformed frame) fails every step in flight with
+`StageCallError`; the engine's recovery recreates dead stages and the executor links the whole chain
+again, in a new generation.
 """
 
 import asyncio
 import contextlib
 import hmac
 import logging
-import pickle
 import secrets
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,22 +31,40 @@ import torch
 
 from serve_apps.engine.executor import StageCallError, await_or_probe
 from serve_apps.engine.messages import StepBatch, StepResult
+from serve_apps.engine.stage_worker import StageConfig
+from serve_apps.stagehost.wire import (
+    UNKNOWN,
+    Expect,
+    FrameLimits,
+    LinkError,
+    WireError,
+    check_result,
+    decode_link_frame,
+    encode_link_frame,
+    frame_buffers,
+    read_message,
+    read_message_async,
+    write_message,
+)
 
 logger = logging.getLogger(__name__)
 
 Address = tuple[str, int]
-HEADER = struct.Struct("!IQ")  # pickled message bytes, raw tensor bytes
 CONNECT_TIMEOUT_S = 30.0
 TOKEN_BYTES = 32
-SMALL_FRAME = 1 << 16  # bytes of hidden states sent in the same write as the header
+SMALL_FRAME = 1 << 16  # frames up to this size go out in one write (a decode step's few KB)
+# The bounds of a link whose owner passed no limits: any model, any step whose frame fits 256 MiB.
+GENERIC_LIMITS = FrameLimits(
+    hidden_size=None,
+    vocab_size=None,
+    kv_slots=1 << 16,
+    max_len=1 << 24,
+    max_step_tokens=1 << 16,
+    max_chunks=1 << 12,
+    frame_cap_bytes=1 << 28,
+)
 
-
-@dataclass(frozen=True, slots=True)
-class LinkError:
-    """A stage could not compute a step; passed down the chain to the replica instead of a result."""
-
-    step_id: int
-    message: str
+__all__ = ["Address", "DirectExecutor", "Frame", "LinkError", "StageLink", "recv_frame", "send_frame"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,63 +75,39 @@ class Frame:
     tensor: torch.Tensor | None = None
 
 
-def encode(frame: Frame) -> list[bytes | memoryview]:
-    """Frame -> buffers for one write: header, pickled (message, dtype, shape), raw tensor bytes."""
-    tensor = frame.tensor
-    meta = (frame.message, None, None) if tensor is None else (frame.message, str(tensor.dtype), tuple(tensor.shape))
-    head = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
-    raw = b"" if tensor is None or tensor.numel() == 0 else _raw_bytes(tensor)
-    return [HEADER.pack(len(head), len(raw)), head, raw]
+def encode(frame: Frame) -> list[bytes]:
+    """Frame -> buffers for one write: the length prefix and the serialized LinkFrame."""
+    return frame_buffers(encode_link_frame(frame.message, frame.tensor))
 
 
-def decode(head: bytes, raw: bytearray) -> Frame:
-    message, dtype_name, shape = pickle.loads(head)
-    if dtype_name is None:
-        return Frame(message)
-    dtype = getattr(torch, dtype_name.removeprefix("torch."))
-    if not raw:
-        return Frame(message, torch.empty(shape, dtype=dtype))
-    return Frame(message, torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape))
-
-
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
-    return flat.numpy().data
+def decode(payload: bytes, limits: FrameLimits = GENERIC_LIMITS, expect: Expect = UNKNOWN) -> Frame:
+    """A frame's payload -> Frame; WireError when it does not parse or breaks `limits`."""
+    message, tensor = decode_link_frame(payload, limits, expect)
+    return Frame(message, tensor)
 
 
 def send_frame(sock: socket.socket, frame: Frame) -> None:
-    header, head, raw = encode(frame)
-    if len(raw) <= SMALL_FRAME:
-        sock.sendall(b"".join((header, head, raw)))  # one segment for a decode step's few KB
-    else:
-        sock.sendall(b"".join((header, head)))
-        sock.sendall(raw)
+    write_message(sock, encode_link_frame(frame.message, frame.tensor), SMALL_FRAME)
 
 
-def recv_frame(sock: socket.socket) -> Frame:
-    """The next frame; ConnectionError when the peer closed the connection."""
-    head_len, raw_len = HEADER.unpack(_recv_exact(sock, HEADER.size))
-    head = bytes(_recv_exact(sock, head_len))
-    return decode(head, _recv_exact(sock, raw_len))
+def recv_frame(sock: socket.socket, limits: FrameLimits = GENERIC_LIMITS, expect: Expect = UNKNOWN) -> Frame:
+    """The next frame; ConnectionError when the peer closed the connection, WireError for a bad frame."""
+    return decode(read_message(sock, limits.max_frame_bytes), limits, expect)
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytearray:
-    buf = bytearray(size)
-    view, got = memoryview(buf), 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("link closed by its peer")
-        got += n
-    return buf
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Frame:
+async def read_frame(reader: asyncio.StreamReader, limits: FrameLimits = GENERIC_LIMITS) -> Frame:
     """Async `recv_frame` for the replica's end (asyncio.IncompleteReadError at end of stream)."""
-    head_len, raw_len = HEADER.unpack(await reader.readexactly(HEADER.size))
-    head = await reader.readexactly(head_len)
-    raw = bytearray(await reader.readexactly(raw_len)) if raw_len else bytearray()
-    return decode(head, raw)
+    return decode(await read_message_async(reader, limits.max_frame_bytes), limits)
+
+
+def _recv_token(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        part = sock.recv(size - len(buf))
+        if not part:
+            raise ConnectionError("link closed by its peer")
+        buf += part
+    return bytes(buf)
 
 
 def _connect(address: Address, token: bytes) -> socket.socket:
@@ -123,13 +119,13 @@ def _connect(address: Address, token: bytes) -> socket.socket:
 
 
 def _accept(listener: socket.socket, token: bytes) -> socket.socket:
-    """The first connection that opens with `token`; others are closed before anything is unpickled."""
+    """The first connection that opens with `token`; others are closed before any frame of theirs is read."""
     listener.settimeout(CONNECT_TIMEOUT_S)
     while True:
         sock, peer = listener.accept()
         sock.settimeout(CONNECT_TIMEOUT_S)
         try:
-            if hmac.compare_digest(bytes(_recv_exact(sock, len(token))), token):
+            if hmac.compare_digest(_recv_token(sock, len(token)), token):
                 sock.settimeout(None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return sock
@@ -149,12 +145,18 @@ class StageLink:
     one compute thread), so two generations or two transports never touch the KV cache at once. Runs
     until either side closes or `close()` is called.
     Every connection of a chain opens with the chain's random `token` (handed out through Ray): a peer
-    without it is refused before any of its bytes are unpickled.
+    without it is refused before any frame of its is read. Frames are checked against the stage's own
+    `config` (its model, KV slots, context, dtype); without one, only against generic bounds. A frame that
+    breaks them closes this link (the replica links the chain again); the stage itself is untouched.
     """
 
-    def __init__(self, compute: Compute, host: str, downstream: Address, token: bytes) -> None:
+    def __init__(
+        self, compute: Compute, host: str, downstream: Address, token: bytes, config: StageConfig | None = None
+    ) -> None:
         self._token = token
         self._compute = compute
+        self._limits = GENERIC_LIMITS if config is None else FrameLimits.for_stage(config)
+        self._expect = UNKNOWN if config is None else Expect(first=config.spec.first, dtype=config.dtype)
         self._closed = threading.Event()
         self._listener = socket.create_server((host, 0))
         self.address: Address = (host, self._listener.getsockname()[1])
@@ -168,7 +170,9 @@ class StageLink:
             self._upstream = upstream = _accept(self._listener, self._token)
             self._listener.close()
             while not self._closed.is_set():
-                send_frame(self._downstream, self._step(recv_frame(upstream)))
+                send_frame(self._downstream, self._step(recv_frame(upstream, self._limits, self._expect)))
+        except WireError as exc:
+            logger.warning("stage link %s closed: its upstream sent a bad frame: %s", self.address, exc)
         except (OSError, ConnectionError, EOFError) as exc:
             if not self._closed.is_set():
                 logger.info("stage link %s ended: %s", self.address, exc)
@@ -177,8 +181,10 @@ class StageLink:
 
     def _step(self, frame: Frame) -> Frame:
         message = frame.message
-        if not isinstance(message, StepBatch):
+        if isinstance(message, LinkError):
             return frame  # an upstream stage's error: pass it on to the replica
+        if not isinstance(message, StepBatch):
+            raise WireError("a result frame sent to a stage (only the replica receives results)")
         if self._closed.is_set():
             raise ConnectionError("link closed")  # a newer generation owns the stage now
         try:
@@ -205,14 +211,24 @@ class DirectExecutor:
     The chain is linked on the first step and again whenever a stage was recreated (`stages` is shared
     with the stage pool) or a link broke. Up to any number of steps may be in flight; each waits for its
     own result (by step id), and a stage found dead while waiting fails it at once (`await_or_probe`).
+    Results are checked against their step and `limits` (the pipeline's model: a token per chunk, in its
+    vocabulary); a bad frame drops the chain like a broken link.
     """
 
     transport = "direct"
 
-    def __init__(self, stages: list, timeout_s: float, host: str | None = None, probe_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        stages: list,
+        timeout_s: float,
+        host: str | None = None,
+        probe_s: float = 1.0,
+        limits: FrameLimits | None = None,
+    ) -> None:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
         self.stages = stages  # list[ActorHandle], shared with the stage pool
+        self.limits = limits or GENERIC_LIMITS
         self.timeout_s = timeout_s
         self.probe_s = probe_s
         self.host = host
@@ -221,13 +237,13 @@ class DirectExecutor:
         self._writer: asyncio.StreamWriter | None = None
         self._results: asyncio.StreamWriter | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[StepResult | LinkError]] = {}
+        self._pending: dict[int, tuple[StepBatch, asyncio.Future[StepResult | LinkError]]] = {}
         self._linking = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None  # the links' streams belong to one event loop
 
     async def execute(self, batch: StepBatch) -> StepResult:
         future: asyncio.Future[StepResult | LinkError] = asyncio.get_running_loop().create_future()
-        self._pending[batch.step_id] = future
+        self._pending[batch.step_id] = (batch, future)
         try:
             writer = await self._linked()
             writer.writelines(encode(Frame(batch)))
@@ -293,10 +309,18 @@ class DirectExecutor:
     async def _read_results(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                message = (await read_frame(reader)).message
-                future = self._pending.get(getattr(message, "step_id", -1))
-                if future is not None and not future.done() and isinstance(message, StepResult | LinkError):
-                    future.set_result(message)
+                message = (await read_frame(reader, self.limits)).message
+                if isinstance(message, StepBatch):
+                    raise WireError("the last stage sent a step, not a result")
+                batch, future = self._pending.get(message.step_id, (None, None))
+                if batch is None or future is None or future.done():
+                    continue  # a step that already failed (timed out, its chain dropped)
+                if isinstance(message, StepResult):
+                    check_result(message, batch, self.limits)
+                future.set_result(message)
+        except WireError as exc:
+            logger.warning("the last stage's link sent a bad frame: %s", exc)
+            self._unlink(f"the last stage sent a bad frame: {exc}")
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             self._unlink(f"the last stage's link closed: {type(exc).__name__}")
 
@@ -312,7 +336,7 @@ class DirectExecutor:
                 self._reader.cancel()
         self._writer = self._results = self._reader = None
         self._linked_for = []
-        for step_id, future in list(self._pending.items()):
+        for step_id, (_, future) in list(self._pending.items()):
             if not future.done():
                 future.set_exception(StageCallError(f"step {step_id}: {reason}"))
 

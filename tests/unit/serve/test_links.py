@@ -1,4 +1,4 @@
-"""The direct transport over real local sockets: framing, a chain of stage links, the replica's executor.
+"""The direct transport over real local sockets: protobuf framing, a chain of stage links, the replica's executor.
 
 Stages here are in-process `StageLink`s behind a fake actor handle (`link.remote`, `ping.remote`), so
 the replica's `DirectExecutor` runs exactly as in a replica, without Ray.
@@ -6,6 +6,7 @@ the replica's `DirectExecutor` runs exactly as in a replica, without Ray.
 
 import asyncio
 import socket
+import struct
 import threading
 from pathlib import Path
 
@@ -17,9 +18,15 @@ from serve_apps.engine.layer_split import split_layers
 from serve_apps.engine.links import Address, DirectExecutor, Frame, LinkError, StageLink, recv_frame, send_frame
 from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
+from serve_apps.stagehost.wire import FrameLimits
 
 HOST = "127.0.0.1"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
+NEGATIVE_SLOT = 99  # the fake last stage fails a step that uses this slot
+
+
+def failing(step_id: int) -> StepBatch:
+    return StepBatch(step_id, (SeqChunk("bad", NEGATIVE_SLOT, 0, (1,), GREEDY),))
 
 
 def batch(step_id: int, *tokens: int) -> StepBatch:
@@ -27,16 +34,22 @@ def batch(step_id: int, *tokens: int) -> StepBatch:
 
 
 @pytest.mark.parametrize(
-    "tensor",
-    [torch.randn(3, 8).to(torch.bfloat16), torch.randn(2, 5), torch.empty(0, 4), None],
-    ids=["bfloat16", "float32", "empty", "none"],
+    ("step", "tensor"),
+    [
+        (batch(7, 1, 2), torch.randn(2, 8).to(torch.bfloat16)),
+        (batch(7, 1, 2), torch.randn(2, 5)),
+        (StepBatch(7, (), (("gone", 3),)), torch.empty(0, 4)),
+        (StepBatch(7, (), (("gone", 3),)), torch.empty(0)),
+        (batch(7, 1, 2), None),
+    ],
+    ids=["bfloat16", "float32", "empty", "empty-1d", "none"],
 )
-def test_a_frame_arrives_bit_for_bit(tensor: torch.Tensor | None) -> None:
+def test_a_frame_arrives_bit_for_bit(step: StepBatch, tensor: torch.Tensor | None) -> None:
     left, right = socket.socketpair()
     with left, right:
-        send_frame(left, Frame(batch(7, 1, 2), tensor))
+        send_frame(left, Frame(step, tensor))
         frame = recv_frame(right)
-    assert frame.message == batch(7, 1, 2)
+    assert frame.message == step
     if tensor is None:
         assert frame.tensor is None
     else:
@@ -85,15 +98,16 @@ class _Remote:
 
 
 def add_one(step: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
-    base = torch.tensor([float(c.token_ids[0]) for c in step.chunks]) if hidden is None else hidden
+    """A fake stage of hidden width 1: [tokens, 1] out, each row its token id plus the stages so far."""
+    base = torch.tensor([[float(c.token_ids[0])] for c in step.chunks]) if hidden is None else hidden
     return base + 1
 
 
 def sample(step: StepBatch, hidden: torch.Tensor | None) -> StepResult:
     assert hidden is not None
-    if any(c.token_ids[0] < 0 for c in step.chunks):
+    if any(c.slot == NEGATIVE_SLOT for c in step.chunks):
         raise ValueError("negative token")
-    return StepResult(step.step_id, tuple(int(v) for v in hidden))
+    return StepResult(step.step_id, tuple(int(v) for v in hidden[:, 0]))
 
 
 def chain() -> tuple[DirectExecutor, list[FakeStage]]:
@@ -122,7 +136,7 @@ def test_a_stage_error_fails_only_its_step() -> None:
     async def main() -> StepResult:
         try:
             with pytest.raises(StageCallError, match="negative token"):
-                await executor.execute(batch(1, -5))
+                await executor.execute(failing(1))
             return await executor.execute(batch(2, 3))
         finally:
             executor.close()
@@ -223,7 +237,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-def test_a_connection_without_the_token_is_refused_before_unpickling() -> None:
+def test_a_connection_without_the_token_is_refused_before_any_frame_is_read() -> None:
     link, downstream, listener = stage_between(b"k" * 32)
     with downstream, listener:
         with socket.create_connection(link.address) as intruder:
@@ -233,5 +247,88 @@ def test_a_connection_without_the_token_is_refused_before_unpickling() -> None:
             upstream.sendall(b"k" * 32)
             send_frame(upstream, Frame(batch(2, 5)))
             frame = recv_frame(downstream)
-    assert frame.message == batch(2, 5) and frame.tensor is not None and frame.tensor.tolist() == [6.0]
+    assert frame.message == batch(2, 5) and frame.tensor is not None and frame.tensor.tolist() == [[6.0]]
     link.close()
+
+
+def test_a_garbage_frame_closes_only_that_link_and_the_stage_links_again() -> None:
+    """Bytes that are not a LinkFrame never reach compute: the link closes, the stage serves a new one."""
+    computed: list[int] = []
+
+    def counting(step: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        computed.append(step.step_id)
+        return add_one(step, hidden)
+
+    for garbage in (struct.pack("!I", 6) + b"\xff\x00garb", struct.pack("!I", 2**31)):  # bad bytes, huge length
+        listener = socket.create_server((HOST, 0))
+        link = StageLink(counting, HOST, listener.getsockname()[:2], b"g" * 32)
+        downstream, _ = listener.accept()
+        with socket.create_connection(link.address) as feeder, downstream, listener:
+            feeder.sendall(b"g" * 32 + garbage)
+            assert downstream.recv(32, socket.MSG_WAITALL) == b"g" * 32
+            assert closed_by_peer(downstream)
+    assert computed == []
+    link, downstream, listener = stage_between(b"h" * 32)  # the same stage, linked again
+    with socket.create_connection(link.address) as upstream, downstream, listener:
+        upstream.sendall(b"h" * 32)
+        send_frame(upstream, Frame(batch(3, 4)))
+        assert recv_frame(downstream).tensor.tolist() == [[5.0]]  # type: ignore[union-attr]
+    link.close()
+
+
+def test_a_stage_link_checks_frames_against_its_own_config(tiny_dir: Path) -> None:
+    """A middle stage of the tiny model (hidden 64, vocab 512, 2 slots, 64 positions) refuses frames outside it."""
+    config = StageConfig(str(tiny_dir), split_layers(6, 3)[1], "float32", 2, 64, 1)
+    worker = StageWorker(config)
+    good = StepBatch(1, (SeqChunk("a", 0, 0, (5, 6), GREEDY),))
+    bad = [
+        (good, torch.randn(2, 8)),  # wrong width
+        (good, torch.randn(2, 64).to(torch.bfloat16)),  # wrong dtype
+        (good, torch.randn(3, 64)),  # rows != tokens
+        (good, None),  # no hidden states for a middle stage
+        (StepBatch(1, (SeqChunk("a", 0, 0, (512,), GREEDY),)), torch.randn(1, 64)),  # token outside the vocabulary
+        (StepBatch(1, (SeqChunk("a", 2, 0, (5,), GREEDY),)), torch.randn(1, 64)),  # slot outside the cache
+        (StepBatch(1, (SeqChunk("a", 0, 63, (5, 6), GREEDY),)), torch.randn(2, 64)),  # past max_len
+    ]
+    for step, hidden in bad:
+        listener = socket.create_server((HOST, 0))
+        link = StageLink(worker.forward, HOST, listener.getsockname()[:2], b"c" * 32, config=config)
+        downstream, _ = listener.accept()
+        with socket.create_connection(link.address) as feeder, downstream, listener:
+            feeder.sendall(b"c" * 32)
+            send_frame(feeder, Frame(step, hidden))
+            assert downstream.recv(32, socket.MSG_WAITALL) == b"c" * 32
+            assert closed_by_peer(downstream), step
+    assert worker.steps == 0
+    listener = socket.create_server((HOST, 0))
+    link = StageLink(worker.forward, HOST, listener.getsockname()[:2], b"c" * 32, config=config)
+    downstream, _ = listener.accept()
+    with socket.create_connection(link.address) as feeder, downstream, listener:
+        feeder.sendall(b"c" * 32)
+        send_frame(feeder, Frame(good, torch.randn(2, 64)))
+        assert downstream.recv(32, socket.MSG_WAITALL) == b"c" * 32
+        frame = recv_frame(downstream)
+    assert frame.message == good and frame.tensor is not None and frame.tensor.shape == (2, 64)
+    link.close()
+
+
+def test_a_result_outside_the_vocabulary_fails_the_step_and_the_chain_is_linked_again() -> None:
+    def lying(step: StepBatch, hidden: torch.Tensor | None) -> StepResult:
+        if step.step_id == 1:
+            return StepResult(step.step_id, (10_000,))  # not a token of a 512-token vocabulary
+        return sample(step, hidden)
+
+    stages = [FakeStage(add_one, "a"), FakeStage(lying, "b")]
+    limits = FrameLimits(hidden_size=1, vocab_size=512, kv_slots=128, max_len=64, max_step_tokens=64, max_chunks=16)
+    executor = DirectExecutor(stages, timeout_s=10, host=HOST, probe_s=0.2, limits=limits)
+
+    async def main() -> StepResult:
+        try:
+            with pytest.raises(StageCallError, match="bad frame"):
+                await executor.execute(batch(1, 3))
+            return await executor.execute(batch(2, 3))
+        finally:
+            executor.close()
+
+    assert asyncio.run(main()).token_ids == (4,)
+    assert executor.generation == 2
