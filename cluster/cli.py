@@ -28,9 +28,13 @@ from cluster.models import load_catalogue, materialize
 from cluster.models.local import catalogue_with_checkpoint
 from cluster.observability.logs import configure_logging
 from cluster.ray_cluster import ClusterError, connect_existing, ensure_cluster, port_in_use, stop_local_head
+from cluster.security.ray_auth import AUTH_MODE_ENV, TOKEN_PATH_ENV, driver_env, shell_exports
+from cluster.security.ray_tls import certificate_hosts, default_hosts, init_tls, tls_dir, tls_env
 from cluster.status import render_status
 
 app = typer.Typer(help="SolanaLM: a decentralized LLM compute network on Ray.", no_args_is_help=True)
+tls_app = typer.Typer(help="Certificates for Ray's mutual TLS between the operator's nodes.", no_args_is_help=True)
+app.add_typer(tls_app, name="tls")
 console = Console()
 DEFAULT_SERVE_CONFIG = Path("configs/serve.yaml")
 DEMO_QUESTION = "What is the capital of France?"
@@ -73,13 +77,14 @@ def up(
     _materialize_models(settings)
     handle = _start_cluster(settings)
     console.print(f"[bold]Ray cluster[/] {handle.address}  dashboard: {handle.dashboard_url or 'n/a'}")
+    _print_ray_security(settings.ray, handle.ray_env)
     settings, plans = _plan_placements(settings)
     with console.status(
         f"deploying {', '.join(settings.model.served)} "
         f"({settings.pipeline.num_stages} stages x {settings.pipeline.num_replicas} replicas)..."
     ):
         took = deploy(serve_app, settings)
-    base_url = f"http://{settings.http.host}:{settings.http.port}/v1"
+    base_url = f"{settings.http.scheme}://{settings.http.host}:{settings.http.port}/v1"
     console.print(f"[green]ready[/] in {took:.1f} s")
     console.print(f"[bold]OpenAI base URL[/] {base_url}")
     console.print(f"[bold]Ray dashboard[/]   {handle.dashboard_url or 'n/a'}")
@@ -137,11 +142,56 @@ def down(
     _shutdown(settings, stop_head=True)
 
 
+@app.command("ray-env")
+def ray_env(
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (only its token is looked up).")] = None,
+) -> None:
+    """Print the RAY_AUTH_*/RAY_TLS_* exports that let `ray job submit`, `ray status` and scripts reach the cluster.
+
+    Use it as `eval "$(solanalm ray-env)"`; it prints nothing when no token is found and TLS is off."""
+    settings = Settings(ray=RaySection(address=address))
+    state_dir = _state_dir(settings)
+    try:
+        env = {**driver_env(settings.ray, state_dir), **tls_env(settings.ray, state_dir)}
+    except RuntimeError as exc:
+        _fail(str(exc))
+    typer.echo(shell_exports(env))
+
+
+@tls_app.command("init")
+def tls_init(
+    directory: Annotated[Path | None, typer.Option("--dir", help="Where to write (default: ray.tls_dir).")] = None,
+    host: Annotated[list[str] | None, typer.Option(help="DNS name or IP the node is reached at (repeatable).")] = None,
+    name: Annotated[str, typer.Option(help="File stem of the node's certificate and key.")] = "node",
+    new_ca: Annotated[bool, typer.Option(help="Replace an existing CA (every node then needs a new cert).")] = False,
+) -> None:
+    """Create the cluster CA (once) and a node certificate signed by it; turn TLS on with SOLANALM_RAY__TLS=true."""
+    settings = Settings()
+    target = (directory or tls_dir(settings.ray, _state_dir(settings))).expanduser()
+    hosts = list(dict.fromkeys([*default_hosts(), *(host or [])]))
+    files = init_tls(target, hosts, name=name, new_ca=new_ca)
+    console.print(f"[bold]CA[/]        {files.ca_cert} (key {files.ca_key}, 0600: keep it off the worker nodes)")
+    console.print(f"[bold]{name}[/] {files.cert} (key {files.key}) for {', '.join(certificate_hosts(files.cert))}")
+    console.print("copy ca.crt and a node's own cert/key to each node; set SOLANALM_RAY__TLS=true (ray.tls)")
+
+
+def _print_ray_security(section: RaySection, env: dict[str, str]) -> None:
+    if env.get(AUTH_MODE_ENV) == "token":
+        where = env.get(TOKEN_PATH_ENV, "$RAY_AUTH_TOKEN")
+        console.print(f'[bold]Ray auth[/]      token in {where}; Ray CLI/jobs: eval "$(solanalm ray-env)"')
+    elif section.auth == "disabled":
+        console.print("[yellow]Ray auth[/]      off (ray.auth: disabled): anyone reaching Ray's ports controls it")
+    else:
+        console.print("[yellow]Ray auth[/]      no token found: this cluster accepted a driver without one")
+    if env.get("RAY_USE_TLS") == "1":
+        console.print(f"[bold]Ray TLS[/]       on (CA {env.get('RAY_TLS_CA_CERT')})")
+
+
 def _join_existing(address: str | None) -> Settings:
     """Settings for a command on a running cluster; a clear error (exit 1) when none runs."""
     settings = Settings(ray=RaySection(address=address))
     try:
-        connect_existing(settings.ray)
+        connect_existing(settings.ray, _state_dir(settings))
     except ClusterError as exc:
         _fail(str(exc))
     return settings

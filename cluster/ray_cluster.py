@@ -1,17 +1,25 @@
-"""Finding, starting and stopping the Ray cluster that SolanaLM runs on."""
+"""Finding, starting and stopping the Ray cluster that SolanaLM runs on.
+
+A head started here runs with Ray's token auth (and TLS when `ray.tls`); every driver this module
+connects gets the same RAY_AUTH_*/RAY_TLS_* variables first (cluster/security/ray_auth.py, ray_tls.py).
+"""
 
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from ray.exceptions import AuthenticationError
 
 from cluster.config.serving import RaySection
+from cluster.security.ray_auth import RayAuthError, apply_to_process, driver_env, head_env
+from cluster.security.ray_tls import RayTlsError, tls_env
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +33,7 @@ class ClusterHandle:
     address: str
     dashboard_url: str | None
     started_here: bool
+    ray_env: dict[str, str] = field(default_factory=dict)  # RAY_AUTH_*/RAY_TLS_* this driver connected with
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -35,24 +44,59 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def ensure_cluster(section: RaySection, num_cpus: int, state_dir: Path) -> ClusterHandle:
-    """Join `section.address`, or the local head on head_port if one runs, or start one."""
+    """Join `section.address`, or the local head on head_port if one runs, or start one (token auth on)."""
     if section.address:
-        return _connect(section.address, section.namespace, started_here=False)
+        return _connect(section.address, section.namespace, False, _driver_env(section, state_dir))
     local = f"127.0.0.1:{section.head_port}"
     if port_in_use("127.0.0.1", section.head_port):
-        return _connect(local, section.namespace, started_here=_head_marker(state_dir).exists())
-    _start_head(section, num_cpus)
+        started_here = _head_marker(state_dir).exists()
+        return _connect(local, section.namespace, started_here, _driver_env(section, state_dir))
+    command, env = head_launch(section, num_cpus, state_dir)
+    _start_head(section, command, env)
     _head_marker(state_dir).parent.mkdir(parents=True, exist_ok=True)
     _head_marker(state_dir).write_text(json.dumps({"address": local}))
-    return _connect(local, section.namespace, started_here=True)
+    return _connect(local, section.namespace, True, env)
 
 
-def connect_existing(section: RaySection) -> ClusterHandle:
+def connect_existing(section: RaySection, state_dir: Path) -> ClusterHandle:
     """Join a running cluster (for status/down); ClusterError with advice when none runs."""
     address = section.address or f"127.0.0.1:{section.head_port}"
     if not section.address and not port_in_use("127.0.0.1", section.head_port):
         raise ClusterError(f"no Ray cluster is running at {address}; start one with `solanalm up`")
-    return _connect(address, section.namespace, started_here=False)
+    return _connect(address, section.namespace, False, _driver_env(section, state_dir))
+
+
+def head_command(section: RaySection, num_cpus: int) -> list[str]:
+    """The `ray start --head` command line of a local head."""
+    return [
+        _ray_cli(),
+        "start",
+        "--head",
+        f"--port={section.head_port}",
+        f"--num-cpus={num_cpus}",
+        f"--dashboard-host={section.dashboard_host}",
+        f"--dashboard-port={section.dashboard_port}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+    ]
+
+
+def head_launch(section: RaySection, num_cpus: int, state_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and the extra environment (token auth, TLS) of a local head `solanalm up` starts."""
+    return head_command(section, num_cpus), _security_env(section, state_dir, head=True)
+
+
+def _security_env(section: RaySection, state_dir: Path, head: bool) -> dict[str, str]:
+    """RAY_AUTH_* (head: the token created if missing) and RAY_TLS_* variables; ClusterError with advice."""
+    try:
+        auth = head_env(section, state_dir) if head else driver_env(section, state_dir)
+        return {**auth, **tls_env(section, state_dir)}
+    except (RayAuthError, RayTlsError) as exc:
+        raise ClusterError(str(exc)) from exc
+
+
+def _driver_env(section: RaySection, state_dir: Path) -> dict[str, str]:
+    return _security_env(section, state_dir, head=False)
 
 
 def stop_local_head(state_dir: Path) -> bool:
@@ -67,37 +111,33 @@ def stop_local_head(state_dir: Path) -> bool:
     return True
 
 
-def _start_head(section: RaySection, num_cpus: int) -> None:
-    command = [
-        _ray_cli(),
-        "start",
-        "--head",
-        f"--port={section.head_port}",
-        f"--num-cpus={num_cpus}",
-        f"--dashboard-host={section.dashboard_host}",
-        f"--dashboard-port={section.dashboard_port}",
-        "--include-dashboard=true",
-        "--disable-usage-stats",
-    ]
+def _start_head(section: RaySection, command: list[str], env: dict[str, str]) -> None:
     if port_in_use("127.0.0.1", section.dashboard_port):
         raise ClusterError(f"port {section.dashboard_port} (Ray dashboard) is taken; set SOLANALM_RAY__DASHBOARD_PORT")
     logger.info("starting a local Ray head: %s", " ".join(command))
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, **env})
     if result.returncode != 0:
         raise ClusterError(f"`ray start --head` failed:\n{result.stderr.strip() or result.stdout.strip()}")
 
 
-def _connect(address: str, namespace: str, started_here: bool) -> ClusterHandle:
+def _connect(address: str, namespace: str, started_here: bool, env: dict[str, str]) -> ClusterHandle:
     if not ray.is_initialized():
+        applied = apply_to_process(env)  # before ray.init: Ray reads these when it connects
         try:
             context = ray.init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False)
+        except AuthenticationError as exc:
+            raise ClusterError(
+                f"the Ray cluster at {address} refused this driver's token ({exc.message}); "
+                "export RAY_AUTH_TOKEN_PATH=<the cluster's token file> (or RAY_AUTH_TOKEN) and retry"
+            ) from exc
         except (ConnectionError, RuntimeError) as exc:
             raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
         dashboard = context.dashboard_url
     else:
+        applied = False
         dashboard = getattr(ray.get_runtime_context(), "dashboard_url", None)
     url = f"http://{dashboard}" if dashboard and not str(dashboard).startswith("http") else dashboard
-    return ClusterHandle(address, url or None, started_here)
+    return ClusterHandle(address, url or None, started_here, dict(env) if applied else {})
 
 
 def _head_marker(state_dir: Path) -> Path:

@@ -12,6 +12,7 @@ DType = Literal["float32", "bfloat16"]
 WeightQuant = Literal["none", "int8", "int4"]
 INT4_GROUP = 32  # inputs per int4 scale/zero pair: the block of GGUF Q4_1 (serve_apps.engine.quant)
 Transport = Literal["direct", "auto", "compiled_graph", "actor_calls"]
+RayAuthMode = Literal["token", "disabled"]
 
 
 class RaySection(Section):
@@ -30,6 +31,24 @@ class RaySection(Section):
     dashboard_host: str = Field(default="127.0.0.1", description="Ray dashboard bind host (local head).")
     dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Ray dashboard port (local head).")
     head_port: int = Field(default=6379, ge=1, le=65535, description="GCS port of a local head.")
+    auth: RayAuthMode = Field(
+        default="token",
+        description=(
+            "token: a local head starts with Ray's token auth (RAY_AUTH_MODE=token) and drivers present the "
+            "token; disabled: SolanaLM sets no RAY_AUTH_* variable (only where something else guards Ray's ports)."
+        ),
+    )
+    auth_token_path: Path | None = Field(
+        default=None,
+        description="Ray auth token file (created 0600 if missing); None: <state dir>/ray-auth-token.",
+    )
+    tls: bool = Field(
+        default=False,
+        description="Mutual TLS between Ray processes (RAY_USE_TLS) with the certificates of `solanalm tls init`.",
+    )
+    tls_dir: Path | None = Field(
+        default=None, description="Directory of ca.crt, node.crt and node.key; None: <state dir>/tls."
+    )
 
 
 class HttpSection(Section):
@@ -49,6 +68,21 @@ class HttpSection(Section):
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, le=100_000_000, description="Largest request body accepted."
     )
+    ssl_certfile: Path | None = Field(
+        default=None, description="PEM certificate (chain) of the Serve proxy: HTTPS when set with ssl_keyfile."
+    )
+    ssl_keyfile: Path | None = Field(default=None, description="PEM private key of the Serve proxy's certificate.")
+
+    @model_validator(mode="after")
+    def _both_tls_files(self) -> "HttpSection":
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("set http.ssl_certfile and http.ssl_keyfile together (HTTPS needs both)")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """https when the proxy has a certificate, else http."""
+        return "https" if self.ssl_certfile is not None else "http"
 
 
 class ModelSection(Section):
