@@ -1,0 +1,244 @@
+"""`solanalm provider ...`: run a stage host for a network from outside its Ray cluster.
+
+    solanalm provider keygen ~/.config/solana/provider.json
+    solanalm provider serve --gateway https://gw.example.org --wallet ~/.config/solana/provider.json \\
+        --model smollm2-135m-instruct --advertise stage.example.org --port 7443 [--ca-cert gw-ca.pem]
+
+`serve` materializes the models' weights here, makes a self-signed TLS certificate for the advertised host,
+starts the stage host (gRPC over TLS) refusing every call until it has a link token, registers over the gateway's
+HTTP API (the wallet signs locally; only its public key and signature travel), hands the registry's link
+token to the stage host, prints one JSON line (provider_id, wallet, endpoint, ...) on stdout when ready,
+heartbeats until SIGTERM/SIGINT, then leaves and stops. Logs go to stderr.
+"""
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from solders.keypair import Keypair
+
+from cluster.network.wallet import ProofError, load_keypair, write_keypair
+from cluster.security.certs import CertKey, self_signed
+from serve_apps.stagehost.registration import GatewayClient, ProviderAgent, Registration, RegistrationError
+
+app = typer.Typer(help="Providers outside the cluster: serve stages, register with a wallet.", no_args_is_help=True)
+console = Console(stderr=True)
+logger = logging.getLogger(__name__)
+DEFAULT_STATE_DIR = Path("~/.local/state/solanalm/provider")
+ANY_ADDRESS = {"0.0.0.0", "::", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """What `provider serve` was asked to do."""
+
+    gateway: str
+    wallet: Path
+    models: tuple[str, ...] = ()
+    catalogue: Path = Path("configs/models.yaml")
+    cache_dir: Path = Path("~/.cache/solanalm")
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise: str | None = None
+    region: str = ""
+    num_cpus: int | None = None
+    state_dir: Path = DEFAULT_STATE_DIR
+    ca_cert: Path | None = None
+    server_options: dict[str, Any] = field(default_factory=dict)  # extra StageHostServer keywords
+
+    @property
+    def advertised_host(self) -> str:
+        if self.advertise:
+            return self.advertise
+        if self.host in ANY_ADDRESS:
+            raise typer.BadParameter("--host binds every address: say which one the operator dials (--advertise)")
+        return self.host
+
+
+def endpoint_of(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def materialize_models(names: tuple[str, ...], catalogue_path: Path, cache_dir: Path) -> dict[str, Path]:
+    """Each model's local weights directory (as pipeline_server.plan_model does), default: the catalogue's."""
+    from cluster.models.catalogue import load_catalogue
+    from cluster.models.materialize import materialize
+
+    catalogue = load_catalogue(catalogue_path)
+    dirs = {}
+    for name in names or (catalogue.default,):
+        spec = catalogue.get(name)
+        if spec.backend != "transformers":
+            raise typer.BadParameter(f"model {name!r} has backend {spec.backend!r}; a stage host serves transformers")
+        dirs[name] = materialize(spec, cache_dir.expanduser())
+    return dirs
+
+
+def claimed_capabilities(num_cpus: int | None) -> dict[str, Any]:
+    """This machine's capabilities (dense-matmul GFLOP/s measured now); `num_cpus` caps the CPUs offered."""
+    from cluster.network.join import local_capabilities
+
+    capabilities = asdict(local_capabilities())
+    if num_cpus is not None:
+        capabilities["num_cpus"] = float(min(num_cpus, capabilities["num_cpus"]))
+    return capabilities
+
+
+def certificate_for(options: ServeOptions) -> CertKey:
+    """A fresh self-signed certificate naming the advertised host (and the bound one, when it differs);
+    written to the state directory, the key readable by its owner only."""
+    hosts = [options.advertised_host]
+    if options.host not in ANY_ADDRESS and options.host not in hosts:
+        hosts.append(options.host)
+    cert = self_signed(hosts)
+    state = options.state_dir.expanduser()
+    state.mkdir(parents=True, exist_ok=True)
+    cert.write(state / "stage-host.crt", state / "stage-host.key")
+    return cert
+
+
+def serve(
+    options: ServeOptions,
+    server_factory: Callable[..., Any] | None = None,
+    stop: threading.Event | None = None,
+    ready: Callable[[dict[str, Any]], None] | None = None,
+) -> Registration:
+    """Run a provider until `stop` is set (SIGTERM/SIGINT in the CLI); returns the last registration.
+    `server_factory` builds the stage host (default: serve_apps.stagehost.server.StageHostServer)."""
+    keypair = load_keypair(options.wallet)
+    model_dirs = materialize_models(options.models, options.catalogue, options.cache_dir)
+    cert = certificate_for(options)
+    if server_factory is None:
+        from serve_apps.stagehost.server import StageHostServer
+
+        server_factory = StageHostServer
+    extra = dict(options.server_options)
+    if options.num_cpus is not None and "limits" not in extra:
+        from serve_apps.stagehost.server import HostLimits
+
+        extra["limits"] = HostLimits(max_torch_threads=options.num_cpus)
+    # No link token until the registry issues one: until then the stage host refuses every call.
+    server = server_factory(
+        model_dirs=model_dirs, link_token=None, cert=cert, host=options.host, port=options.port, **extra
+    )
+    port = server.start()
+    stop = stop or threading.Event()
+    client = GatewayClient(options.gateway, options.ca_cert)
+    endpoint = endpoint_of(options.advertised_host, port)
+    agent = ProviderAgent(
+        client,
+        keypair,
+        endpoint,
+        cert.cert_pem.decode(),
+        claimed_capabilities(options.num_cpus),
+        list(model_dirs),
+        options.region,
+        on_registered=lambda registration: server.set_link_token(registration.link_token),
+    )
+    try:
+        registration = agent.register()
+        agent.start_heartbeats()
+        line = {
+            "provider_id": registration.provider_id,
+            "wallet": registration.wallet,
+            "endpoint": endpoint,
+            "models": list(model_dirs),
+            "cert_fingerprint": cert.fingerprint,
+        }
+        _write_state(options.state_dir, line)
+        (ready or _print_ready)(line)
+        stop.wait()
+        return agent.registration or registration
+    finally:
+        agent.leave()
+        client.close()
+        server.stop()
+
+
+def _print_ready(line: dict[str, Any]) -> None:
+    # The one line on stdout: machine-readable, parsed by scripts and tests (rich would wrap it).
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
+def _write_state(state_dir: Path, line: dict[str, Any]) -> None:
+    path = state_dir.expanduser() / "provider.json"
+    path.write_text(json.dumps(line, indent=2))
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        logger.info("signal %d: leaving the network", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@app.command("serve")
+def serve_command(
+    gateway: Annotated[str, typer.Option(help="The network gateway's base URL (https://...).")],
+    wallet: Annotated[Path, typer.Option(help="Solana CLI keypair file; it never leaves this machine.")],
+    model: Annotated[
+        list[str] | None, typer.Option(help="Catalogue model to serve (repeatable; default: the catalogue's).")
+    ] = None,
+    catalogue: Annotated[Path, typer.Option(help="Model catalogue YAML.")] = Path("configs/models.yaml"),
+    cache_dir: Annotated[Path, typer.Option(help="Converted-weights cache.")] = Path("~/.cache/solanalm"),
+    host: Annotated[str, typer.Option(help="Address the stage host binds.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port the stage host binds (0: any free one).")] = 0,
+    advertise: Annotated[
+        str | None, typer.Option(help="Host name or address the operator dials (default: --host).")
+    ] = None,
+    region: Annotated[str, typer.Option(help="Region, e.g. eu-west.")] = "",
+    num_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs offered (default: all).")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Certificate and registration state.")] = DEFAULT_STATE_DIR,
+    ca_cert: Annotated[Path | None, typer.Option(help="CA bundle that signs the gateway's HTTPS certificate.")] = None,
+) -> None:
+    """Serve stages for the network at GATEWAY, registered with the wallet, until SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = ServeOptions(
+        gateway=gateway,
+        wallet=wallet,
+        models=tuple(model or ()),
+        catalogue=catalogue,
+        cache_dir=cache_dir,
+        host=host,
+        port=port,
+        advertise=advertise,
+        region=region,
+        num_cpus=num_cpus,
+        state_dir=state_dir,
+        ca_cert=ca_cert,
+    )
+    try:
+        serve(options, stop=_stop_on_signals())
+    except (RegistrationError, ProofError, KeyError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]provider failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    console.print("[green]left the network[/]")
+
+
+@app.command("keygen")
+def keygen_command(
+    path: Annotated[Path, typer.Argument(help="Where to write the keypair (Solana CLI JSON format, mode 0600).")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a new Solana keypair file (a provider's wallet)."""
+    target = path.expanduser()
+    if target.exists() and not force:
+        console.print(f"[red]{target} exists[/] (use --force to overwrite)")
+        raise typer.Exit(1)
+    keypair = Keypair()
+    write_keypair(keypair, target)
+    console.print(f"wrote {target} for wallet {keypair.pubkey()}")
