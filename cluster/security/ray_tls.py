@@ -50,9 +50,21 @@ def tls_dir(section: RaySection, state_dir: Path) -> Path:
 
 
 def default_hosts() -> list[str]:
-    """Names a node certificate covers without --host: loopback and this machine's host name."""
+    """Names a node certificate covers without --host: loopback, this machine's host name and the address
+    Ray advertises for it (the one its outbound route uses)."""
     hosts = ["localhost", "127.0.0.1", socket.gethostname()]
-    return list(dict.fromkeys(hosts))
+    ip = _outbound_ip()
+    return list(dict.fromkeys([*hosts, ip] if ip else hosts))
+
+
+def _outbound_ip() -> str | None:
+    # Ray picks a node's IP the same way: the local end of a UDP "connection" (no packet is sent).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("8.8.8.8", 80))
+            return str(sock.getsockname()[0])
+        except OSError:
+            return None
 
 
 def init_tls(directory: Path, hosts: list[str], name: str = "node", new_ca: bool = False) -> TlsFiles:
