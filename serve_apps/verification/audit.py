@@ -1,0 +1,372 @@
+"""Verification of served traffic (pure: no Ray): what the coordinator keeps of a secretly sampled
+fraction of sequences, and how an auditor re-executes and judges one provider stage's share of them.
+
+The coordinator of a hub chain sees every remote stage's exact input and output rows (see
+`serve_apps.server.hybrid`): `ServedAudit.observe` is its step observer. For an audited sequence it keeps,
+per stage and position, the input row (token id on the first stage, hidden state after) and the stage's
+top-k output activations (`commitments.token_topk`, 16 bytes per token until a job is built, then 8 as a
+`Commitment`); for any other sequence it keeps nothing. Which sequences are audited is drawn with
+`secrets` when a sequence is admitted and never leaves this object, so a provider cannot tell audited
+traffic from the rest: every step it serves may be the one it is judged on.
+
+When the sequence ends (`finish`), each remote stage's record becomes an `AuditJob`: that stage's inputs
+in position order, its commitment, and which positions the stage computed with its low-bit weights
+(steps of at most `low_bit_max_tokens` tokens use them, `serve_apps.engine.quant`). The auditor
+(`serve_apps.verification.auditor`) rebuilds the stage from the operator's reference weights,
+`reexecute`s it cache-free over the whole history (`serve_apps.verification.trace.trace_forward`, with
+each projection's low-bit or dense weights per row as the stage used them) and `judge`s the commitment.
+
+What is committed is the stage's own contribution, output minus input (the residual stream it was sent
+carries on unchanged otherwise); the first stage commits its output. Calibration: see
+tests/unit/verification/test_audit.py and the commitments module.
+"""
+
+import contextlib
+import functools
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from serve_apps.engine.decoder import DecoderLayer
+from serve_apps.engine.kv_cache import BatchView, Row
+from serve_apps.engine.messages import StepBatch, StepResult
+from serve_apps.engine.stage_model import StageModel
+from serve_apps.engine.stage_worker import StageConfig
+from serve_apps.verification.commitments import (
+    CheckResult,
+    Commitment,
+    CommitmentError,
+    Tolerance,
+    check,
+    commit_topk,
+    token_topk,
+)
+from serve_apps.verification.trace import projection, trace_forward
+
+
+@dataclass(frozen=True, slots=True)
+class AuditedStage:
+    """Who serves one stage of the chain and what it was asked to run (the operator's StageConfig)."""
+
+    provider_id: str
+    wallet: str | None
+    config: StageConfig
+
+    @property
+    def key(self) -> tuple[str, str, int, int, bool, bool, str]:
+        """What a reference copy of this stage is built from (the auditor caches models by it)."""
+        c, s = self.config, self.config.spec
+        return (c.model_dir, c.dtype, s.start, s.end, s.first, s.last, c.weight_quant)
+
+    def uses_low_bit(self, step_tokens: int) -> bool:
+        return self.config.weight_quant != "none" and step_tokens <= self.config.low_bit_max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class AuditLimits:
+    """How much is audited and kept (settings: NetworkSection.verification_fraction and
+    VerificationSection, see `from_network`)."""
+
+    fraction: float = 0.02  # of sequences
+    max_tokens: int = 512  # positions kept per sequence and stage; later ones are not audited
+    max_sequences: int = 64  # audited sequences in flight; beyond, a sequence is not audited (counted)
+    topk: int = 4
+    chunk_tokens: int = 32
+    tolerance: Tolerance = field(default_factory=Tolerance)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction <= 1 or self.max_tokens < 1 or self.max_sequences < 0:
+            raise ValueError("fraction must be in [0, 1], max_tokens >= 1 and max_sequences >= 0")
+
+    @staticmethod
+    def from_network(network: Any) -> "AuditLimits":
+        """From a cluster.config.network.NetworkSection (its existing verification fields)."""
+        section = network.verification
+        return AuditLimits(
+            fraction=network.verification_fraction,
+            max_tokens=section.max_tokens,
+            max_sequences=section.max_concurrent + section.max_queued,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditJob:
+    """One provider stage's share of one audited sequence: what the auditor re-executes and judges."""
+
+    request_id: str
+    seq_id: str
+    stage: AuditedStage
+    inputs: torch.Tensor  # token ids [T] long (first stage) or hidden states [T, H], position order
+    low_bit: torch.Tensor  # [T] bool: the stage computed that position with its low-bit weights
+    commitment: bytes  # Commitment.to_bytes() of the committed signal (see `committed_signal`)
+    tolerance: Tolerance = field(default_factory=Tolerance)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class AuditVerdict:
+    """The outcome of one job; `worst_position` is where the stage disagrees most with the reference."""
+
+    passed: bool
+    request_id: str
+    provider_id: str
+    stage_index: int
+    layer_start: int
+    layer_end: int
+    num_tokens: int
+    reason: str
+    worst_position: int | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AuditStats:
+    admitted: int = 0
+    audited: int = 0
+    skipped_full: int = 0  # would have been audited, but max_sequences were in flight
+    positions_kept: int = 0
+    positions_over_cap: int = 0
+    jobs: int = 0
+    incomplete: int = 0  # records with a gap from position 0 (nothing to re-execute from)
+
+
+@dataclass
+class _StageRecord:
+    """One stage's observations of one audited sequence, by position."""
+
+    stage: AuditedStage
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> input row (or token id)
+    topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # -> (indices, bits)
+    low_bit: dict[int, bool] = field(default_factory=dict)
+    width: int = 0  # of the committed rows (the hidden size)
+
+
+@dataclass
+class _Audited:
+    request_id: str
+    open: dict[int, _StageRecord] = field(default_factory=dict)  # stage index -> current record
+    closed: list[_StageRecord] = field(default_factory=list)  # before a replay or a stage replacement
+
+
+class ServedAudit:
+    """The coordinator's side of served-traffic verification (one per chain; not thread-safe: call it
+    from the engine's event loop)."""
+
+    def __init__(self, limits: AuditLimits | None = None, draw: Any = None) -> None:
+        self.limits = limits or AuditLimits()
+        self._draw = draw or secrets.SystemRandom()  # unpredictable to anyone outside this process
+        self._stages: dict[int, AuditedStage] = {}
+        self._audited: dict[str, _Audited] = {}
+        self.stats = AuditStats()
+
+    # -- chain and sequence lifecycle ---------------------------------------------------------------
+    def set_stage(self, index: int, stage: AuditedStage | None) -> None:
+        """Stage `index` is now served by `stage` (None: by the operator, not audited). Records of the
+        previous server are closed: its work is still audited when the sequences finish."""
+        if self._stages.get(index) == stage:
+            return
+        if stage is None:
+            self._stages.pop(index, None)
+        else:
+            self._stages[index] = stage
+        for entry in self._audited.values():
+            record = entry.open.pop(index, None)
+            if record is not None:
+                entry.closed.append(record)
+
+    def admit(self, seq_id: str, request_id: str) -> bool:
+        """Decide (secretly, once) whether the new sequence is audited."""
+        self.stats.admitted += 1
+        if seq_id in self._audited:
+            return True
+        if self._draw.random() >= self.limits.fraction:
+            return False
+        if len(self._audited) >= self.limits.max_sequences:
+            self.stats.skipped_full += 1
+            return False
+        self._audited[seq_id] = _Audited(request_id)
+        self.stats.audited += 1
+        return True
+
+    def is_audited(self, seq_id: str) -> bool:
+        return seq_id in self._audited
+
+    def drop(self, seq_id: str) -> None:
+        """The sequence is being replayed (its stages lost their caches): what each stage computed so far
+        is closed (still audited at `finish`); the replay, from position 0, is recorded afresh."""
+        entry = self._audited.get(seq_id)
+        if entry is not None:
+            entry.closed.extend(entry.open.values())
+            entry.open.clear()
+
+    def finish(self, seq_id: str) -> list["AuditJob"]:
+        """The sequence ended: one job per remote stage record (nothing when it was not audited)."""
+        entry = self._audited.pop(seq_id, None)
+        if entry is None:
+            return []
+        jobs = [self._job(seq_id, entry.request_id, r) for r in (*entry.closed, *entry.open.values())]
+        done = [job for job in jobs if job is not None]
+        self.stats.jobs += len(done)
+        return done
+
+    def discard(self, seq_id: str) -> None:
+        """Forget a sequence without auditing it (aborted before anything was served)."""
+        self._audited.pop(seq_id, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._audited)
+
+    # -- the step observer ----------------------------------------------------------------------------
+    def observe(self, stage_index: int, batch: StepBatch, inputs: torch.Tensor | None, outputs: Any) -> None:
+        """A remote stage answered `batch`: keep what audited sequences need. `inputs`/`outputs` are the
+        rows sent and received, in the stage's layout order (`BatchView.of(batch).order`, as StageWorker
+        consumes and produces them); `inputs` is None on the first stage (its input is the batch's ids)."""
+        stage = self._stages.get(stage_index)
+        if stage is None or isinstance(outputs, StepResult) or not self._audited:
+            return
+        if not any(c.seq_id in self._audited for c in batch.chunks):
+            return
+        view = BatchView.of([Row(c.slot, c.start_pos, len(c.token_ids)) for c in batch.chunks])
+        low_bit = stage.uses_low_bit(batch.num_tokens)
+        offset = 0
+        for index in view.order:
+            chunk = batch.chunks[index]
+            rows = slice(offset, offset + len(chunk.token_ids))
+            offset += len(chunk.token_ids)
+            entry = self._audited.get(chunk.seq_id)
+            if entry is None:
+                continue
+            record = entry.open.get(stage_index)
+            if record is None:
+                record = entry.open[stage_index] = _StageRecord(stage)
+            chunk_inputs = torch.tensor(chunk.token_ids) if inputs is None else inputs[rows]
+            self._keep(record, chunk.start_pos, chunk_inputs, outputs[rows], low_bit)
+
+    def _keep(self, record: _StageRecord, start: int, inputs: torch.Tensor, outputs: torch.Tensor, low: bool) -> None:
+        keep = max(0, min(outputs.shape[0], self.limits.max_tokens - start))
+        self.stats.positions_over_cap += outputs.shape[0] - keep
+        if keep == 0:
+            return
+        signal = committed_signal(inputs[:keep], outputs[:keep], record.stage.config.spec.first)
+        indices, bits = token_topk(signal, self.limits.topk)
+        record.width = int(signal.shape[1])
+        for j in range(keep):
+            position = start + j
+            if position not in record.inputs:
+                self.stats.positions_kept += 1
+            record.inputs[position] = inputs[j].detach().clone()
+            record.topk[position] = (indices[j], bits[j])
+            record.low_bit[position] = low
+
+    def _job(self, seq_id: str, request_id: str, record: _StageRecord) -> "AuditJob | None":
+        length = 0
+        while length in record.inputs:
+            length += 1
+        if length == 0:
+            self.stats.incomplete += bool(record.inputs)
+            return None
+        if length < len(record.inputs):
+            self.stats.incomplete += 1  # positions after a gap cannot be re-executed: audit the prefix
+        positions = range(length)
+        indices = torch.stack([record.topk[p][0] for p in positions])
+        bits = torch.stack([record.topk[p][1] for p in positions])
+        commitment = commit_topk(indices, bits, record.width, self.limits.chunk_tokens)
+        return AuditJob(
+            request_id,
+            seq_id,
+            record.stage,
+            torch.stack([record.inputs[p] for p in positions]),
+            torch.tensor([record.low_bit[p] for p in positions], dtype=torch.bool),
+            commitment.to_bytes(),
+            self.limits.tolerance,
+        )
+
+
+ROTATE = True
+
+
+def committed_signal(inputs: torch.Tensor, outputs: torch.Tensor, first: bool) -> torch.Tensor:
+    """What a stage's commitment covers: its own contribution `outputs - inputs` on hidden-state stages
+    (the residual it was sent passes through unchanged otherwise), the outputs on the first stage;
+    rotated by a fixed random matrix (`trace.projection`, seeded) so that every committed coordinate
+    mixes all channels: unrotated, the top-k of a Llama's residual stream are its few outlier channels,
+    blind to an error everywhere else."""
+    signal = outputs.float() if first else outputs.float() - inputs.float()
+    if not ROTATE:
+        return signal
+    return signal @ _rotation(signal.shape[-1])
+
+
+@functools.lru_cache(maxsize=4)
+def _rotation(hidden: int) -> torch.Tensor:
+    return projection(hidden, hidden)
+
+
+# -- the auditor's side -----------------------------------------------------------------------------------
+def reexecute(model: StageModel, job: AuditJob) -> torch.Tensor:
+    """The reference stage's cache-free forward over the job's whole history: [T, H] output rows. Each
+    position uses the low-bit or the dense weights as the served stage did (`job.low_bit`), when the
+    model holds low-bit copies (`StageModel.quantize` with the stage's weight_quant)."""
+    batch = job.inputs.unsqueeze(0)
+    with _row_selected_low_bit(model, job.low_bit):
+        return trace_forward(model, batch)[0]
+
+
+def judge(job: AuditJob, reference_outputs: torch.Tensor) -> AuditVerdict:
+    """Compare the reference re-execution with the job's commitment."""
+    spec = job.stage.config.spec
+    try:
+        commitment = Commitment.from_bytes(job.commitment)
+    except CommitmentError as exc:
+        result = CheckResult(False, f"malformed commitment: {exc}", None)
+    else:
+        signal = committed_signal(job.inputs, reference_outputs, spec.first)
+        result = check(commitment, signal, job.tolerance)
+    return AuditVerdict(
+        result.passed,
+        job.request_id,
+        job.stage.provider_id,
+        spec.index,
+        spec.start,
+        spec.end,
+        job.num_tokens,
+        result.reason,
+        result.worst_position,
+        result.stats,
+    )
+
+
+class _RowSelect:
+    """Stands in for a layer's LowBitWeight: rows flagged in `mask` through the packed copy, the others
+    through the dense matrix (what each served step chose by its size)."""
+
+    def __init__(self, dense: torch.Tensor, low: Any, mask: torch.Tensor) -> None:
+        self.dense, self.low, self.mask = dense, low, mask
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.dense)
+        if bool(self.mask.any()):
+            out[self.mask] = self.low.matmul(x[self.mask])
+        return out
+
+
+@contextlib.contextmanager
+def _row_selected_low_bit(model: StageModel, mask: torch.Tensor) -> Iterator[None]:
+    layers = [layer for layer in model.layers if isinstance(layer, DecoderLayer) and layer.low_bit]
+    saved = [(layer.low_bit, layer.low_bit_max_rows) for layer in layers]
+    try:
+        for layer in layers:
+            layer.low_bit = {n: _RowSelect(getattr(layer, n), low, mask) for n, low in layer.low_bit.items()}  # type: ignore[misc]
+            layer.low_bit_max_rows = mask.numel()
+        yield
+    finally:
+        for layer, (low_bit, max_rows) in zip(layers, saved, strict=True):
+            layer.low_bit, layer.low_bit_max_rows = low_bit, max_rows
