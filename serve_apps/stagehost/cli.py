@@ -207,6 +207,7 @@ def serve_command(
 ) -> None:
     """Serve stages for the network at GATEWAY, registered with the wallet, until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
     options = ServeOptions(
         gateway=gateway,
         wallet=wallet,
