@@ -101,7 +101,7 @@ class LinkFrame(_message.Message):
     def __init__(self, request: _Optional[_Union[StepRequest, _Mapping]] = ..., reply: _Optional[_Union[StepReply, _Mapping]] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("schema_version", "model", "layer_start", "layer_end", "num_layers", "dtype", "kv_slots", "max_len", "weight_quant", "low_bit_max_tokens", "torch_threads", "expected_digest", "max_step_tokens", "max_chunks")
+    __slots__ = ("schema_version", "model", "layer_start", "layer_end", "num_layers", "dtype", "kv_slots", "max_len", "weight_quant", "low_bit_max_tokens", "torch_threads", "expected_digest", "max_step_tokens", "max_chunks", "stage_index")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class LoadRequest(_message.Message):
     EXPECTED_DIGEST_FIELD_NUMBER: _ClassVar[int]
     MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     model: str
     layer_start: int
@@ -130,7 +131,8 @@ class LoadRequest(_message.Message):
     expected_digest: str
     max_step_tokens: int
     max_chunks: int
-    def __init__(self, schema_version: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., kv_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., weight_quant: _Optional[str] = ..., low_bit_max_tokens: _Optional[int] = ..., torch_threads: _Optional[int] = ..., expected_digest: _Optional[str] = ..., max_step_tokens: _Optional[int] = ..., max_chunks: _Optional[int] = ...) -> None: ...
+    stage_index: int
+    def __init__(self, schema_version: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., kv_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., weight_quant: _Optional[str] = ..., low_bit_max_tokens: _Optional[int] = ..., torch_threads: _Optional[int] = ..., expected_digest: _Optional[str] = ..., max_step_tokens: _Optional[int] = ..., max_chunks: _Optional[int] = ..., stage_index: _Optional[int] = ...) -> None: ...
 
 class StageDescription(_message.Message):
     __slots__ = ("schema_version", "stage_index", "layer_start", "layer_end", "has_embedding", "has_lm_head", "param_count", "param_bytes", "rss_bytes", "load_rss_bytes", "pid", "node_id", "actor_name", "torch_threads", "kv_slots", "kv_capacity_tokens", "extra", "busy_s", "steps", "cpus", "weights_digest")
