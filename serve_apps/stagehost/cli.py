@@ -110,9 +110,11 @@ def serve(
     server_factory: Callable[..., Any] | None = None,
     stop: threading.Event | None = None,
     ready: Callable[[dict[str, Any]], None] | None = None,
+    client: GatewayClient | None = None,
 ) -> Registration:
     """Run a provider until `stop` is set (SIGTERM/SIGINT in the CLI); returns the last registration.
-    `server_factory` builds the stage host (default: serve_apps.stagehost.server.StageHostServer)."""
+    `server_factory` builds the stage host (default: serve_apps.stagehost.server.StageHostServer); `client`
+    reaches the gateway (default: a GatewayClient for `options.gateway`)."""
     keypair = load_keypair(options.wallet)
     model_dirs = materialize_models(options.models, options.catalogue, options.cache_dir)
     cert = certificate_for(options)
@@ -131,7 +133,7 @@ def serve(
     )
     port = server.start()
     stop = stop or threading.Event()
-    client = GatewayClient(options.gateway, options.ca_cert)
+    client = client or GatewayClient(options.gateway, options.ca_cert)
     endpoint = endpoint_of(options.advertised_host, port)
     agent = ProviderAgent(
         client,

@@ -50,11 +50,15 @@ class Registration:
 class GatewayClient:
     """The gateway's provider routes over httpx; `ca_cert` pins the CA of an HTTPS gateway's certificate."""
 
-    def __init__(self, base_url: str, ca_cert: Path | None = None, timeout_s: float = 10.0) -> None:
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
+    def __init__(
+        self, base_url: str, ca_cert: Path | None = None, timeout_s: float = 10.0, http: httpx.Client | None = None
+    ) -> None:
         if base_url.startswith("http://") and not _is_local(base_url):
             logger.warning("gateway %s is plain HTTP: the session token travels unencrypted", base_url)
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), verify=verify, timeout=timeout_s)
+        if http is None:
+            verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
+            http = httpx.Client(base_url=base_url.rstrip("/"), verify=verify, timeout=timeout_s)
+        self.http = http  # `http`: an httpx.Client of the caller's (a test's in-process app)
 
     def challenge(self, wallet: str, endpoint: str, cert_pem: str) -> dict[str, Any]:
         return self._post("/v1/providers/challenge", {"wallet": wallet, "endpoint": endpoint, "cert_pem": cert_pem})

@@ -2,7 +2,7 @@
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import pytest
@@ -15,10 +15,17 @@ from cluster.config.network import NetworkSection, ProvidersSection
 from cluster.network.providers import ProviderRegistration
 from cluster.network.records import NodeRecord
 from cluster.network.registry import NetworkRegistry
-from cluster.network.wallet import ProviderChallenge
+from cluster.network.wallet import ProofError, ProviderChallenge
 from cluster.security.certs import CertKey, self_signed
 from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
 from serve_apps.gateway.providers import RegistryUnavailable
+from serve_apps.stagehost.registration import (
+    GatewayClient,
+    ProviderAgent,
+    Registration,
+    RegistrationError,
+    checked_challenge,
+)
 
 ENDPOINT = "127.0.0.1:7443"
 
@@ -344,3 +351,78 @@ def test_fuzzed_bodies_are_never_5xx(http: TestClient, body: dict, route: str) -
         f"/v1/providers/{route}", content=json.dumps(body), headers={"content-type": "application/json"}
     )
     assert 400 <= response.status_code < 500, response.text
+
+
+# -- the provider's client (serve_apps/stagehost/registration.py) against the in-process gateway -------------
+
+
+def agent_for(http: TestClient, keypair: Keypair, cert: CertKey, seen: list[Registration]) -> ProviderAgent:
+    client = GatewayClient("http://testserver", http=http)
+    return ProviderAgent(
+        client, keypair, ENDPOINT, cert.cert_pem.decode(), {"num_cpus": 2}, ["tiny-llama"], "", seen.append
+    )
+
+
+def test_agent_registers_heartbeats_and_leaves(http: TestClient, registry: NetworkRegistry, cert: CertKey) -> None:
+    seen: list[Registration] = []
+    agent = agent_for(http, Keypair(), cert, seen)
+    registration = agent.register()
+    assert seen == [registration] and registration.endpoint == ENDPOINT
+    links = registry.provider_links([registration.provider_id])
+    assert links[registration.provider_id]["link_token"] == registration.link_token
+    agent.heartbeat_once()
+    assert agent.heartbeats_ok == 1
+    agent.leave()
+    assert registry.records[registration.provider_id].health == "draining"
+
+
+def test_agent_registers_again_when_its_session_is_gone(http: TestClient, cert: CertKey) -> None:
+    keypair, seen = Keypair(), []  # type: ignore[var-annotated]
+    agent = agent_for(http, keypair, cert, seen)
+    first = agent.register()
+    agent_for(http, keypair, cert, []).register()  # the same wallet and endpoint again: first's tokens are replaced
+    agent.heartbeat_once()
+    assert len(seen) == 2 and seen[1].link_token != first.link_token and agent.registration == seen[1]
+
+
+def test_agent_reports_refusals_with_their_status(http: TestClient, cert: CertKey) -> None:
+    agent = agent_for(http, Keypair(), cert, [])
+    agent.models = ["not-served"]
+    with pytest.raises(RegistrationError) as caught:
+        agent.register()
+    assert caught.value.status == 400 and "not served" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"endpoint": "10.0.0.1:1"},
+        {"wallet": str(Keypair().pubkey())},
+        {"cert_fingerprint": "0" * 64},
+        {"message": "solanalm-provider-register-v1\nsomething else"},
+        {"issued_at": 0.0},
+        {"expires_at": 0.0},
+        {"nonce": None, "issued_at": "soon"},
+    ],
+)
+def test_a_gateway_cannot_get_other_text_signed(cert: CertKey, change: dict) -> None:
+    keypair = Keypair()
+    now = time.time()
+    fields = ProviderChallenge("ab" * 16, str(keypair.pubkey()), ENDPOINT, cert.fingerprint, now, now + 60)
+    answer = {**asdict(fields), "message": fields.message().decode()}
+    assert checked_challenge(answer, str(keypair.pubkey()), ENDPOINT, cert.fingerprint) == fields
+    with pytest.raises(ProofError):
+        checked_challenge({**answer, **change}, str(keypair.pubkey()), ENDPOINT, cert.fingerprint)
+
+
+def test_keygen_writes_a_private_keypair(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from cluster.network.wallet import load_keypair
+    from serve_apps.stagehost.cli import app
+
+    path = tmp_path / "id.json"
+    result = CliRunner().invoke(app, ["keygen", str(path)])
+    assert result.exit_code == 0, result.output
+    assert path.stat().st_mode & 0o777 == 0o600 and str(load_keypair(path).pubkey()) in result.output.replace("\n", "")
+    assert CliRunner().invoke(app, ["keygen", str(path)]).exit_code == 1  # never overwrites silently
