@@ -1,7 +1,9 @@
 """Served-traffic audits on the tiny model: real KV-cached StageWorker steps (mixed decode + prefill
 batches) observed as a hub coordinator sees them, re-executed cache-free on reference weights."""
 
+import asyncio
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from serve_apps.engine.messages import SeqChunk, StepBatch
 from serve_apps.engine.stage_model import StageModel, build_stage
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 from serve_apps.verification.audit import AuditedStage, AuditJob, AuditLimits, ServedAudit, judge, reexecute
+from serve_apps.verification.auditor import Auditor, AuditorSettings
 from tests.unit.verification.served_chain import GREEDY, serve, step
 
 PROMPTS = {
@@ -244,3 +247,49 @@ def test_a_malformed_commitment_fails_the_job(tiny_dir: Path) -> None:
     forged = AuditJob(job.request_id, job.seq_id, job.stage, job.inputs, job.low_bit, job.commitment[:-3])
     verdict = judge(forged, reexecute(reference(forged), forged))
     assert not verdict.passed and "malformed" in verdict.reason
+
+
+class _Sanctions:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    async def record(self, provider_id: str, passed: bool) -> None:
+        self.calls.append(("record", provider_id, str(passed)))
+
+    async def withhold(self, request_id: str, wallet: str, reason: str) -> None:
+        self.calls.append(("withhold", request_id, wallet))
+
+    async def evict(self, provider_id: str, reason: str) -> None:
+        self.calls.append(("evict", provider_id))
+
+
+def test_the_auditor_queue_is_bounded_and_a_broken_job_is_counted(tiny_dir: Path) -> None:
+    audit = all_audited()
+    jobs = serve(chain(configs(tiny_dir), audit), {"b": PROMPTS["b"]}, 2, audit).jobs
+    sanctions = _Sanctions()
+    auditor = Auditor(sanctions, AuditorSettings(max_queued=2, failures_to_evict=1))
+    broken = replace(jobs[0], stage=replace(jobs[0].stage, config=replace(jobs[0].stage.config, model_dir="/nowhere")))
+    assert auditor.submit([broken, *jobs, jobs[0]]) == 2  # the third and fourth are dropped
+    assert auditor.stats.dropped_full == 2
+    assert asyncio.run(auditor.run_one()) is None and auditor.stats.errors == 1
+    verdict = asyncio.run(auditor.run_one())
+    assert verdict is not None and verdict.passed and sanctions.calls == [("record", "p0", "True")]
+
+
+def test_a_failed_audit_is_recorded_withheld_and_evicts_after_the_set_failures(tiny_dir: Path) -> None:
+    audit = all_audited()
+    pipeline = chain(configs(tiny_dir), audit)
+    assert pipeline[1].inject_fault(1, noise_scale=0.1, seed=3)
+    jobs = [j for j in serve(pipeline, PROMPTS, 3, audit).jobs if j.stage.provider_id == "p1"]
+    sanctions = _Sanctions()
+    auditor = Auditor(sanctions, AuditorSettings(failures_to_evict=2))
+    auditor.submit(jobs)
+
+    async def run_all() -> None:
+        while auditor.queue:
+            await auditor.run_one()
+
+    asyncio.run(run_all())
+    assert auditor.stats.failed == 3 and auditor.stats.evicted == ["p1"]
+    assert sanctions.calls.count(("evict", "p1")) == 1
+    assert sorted(c[1] for c in sanctions.calls if c[0] == "withhold") == ["req-a", "req-b", "req-c"]
