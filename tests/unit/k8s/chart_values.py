@@ -47,6 +47,7 @@ COMMENTED_DEFAULTS: dict[str, dict[str, Any]] = {
             "autoscalerOptions": {
                 "upscalingMode": "Default",
                 "idleTimeoutSeconds": 60,
+                "env": [],
                 "resources": {},
             },
             "ports": [],

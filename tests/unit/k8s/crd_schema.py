@@ -213,9 +213,42 @@ def _group_problems(name: str, group: dict[str, Any]) -> Iterator[str]:
             yield f"{name}: invalid value {value!r} of label {key!r}"
 
 
-def cluster_spec_problems(spec: dict[str, Any]) -> list[str]:
-    """A subset of what KubeRay's ValidateRayClusterSpec (operator-side, not the CRD) rejects."""
+_TLS_ENV = ("RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+_MIN_TOKEN_AUTH_RAY = (2, 52, 0)
+
+
+def _version(text: str) -> tuple[int, ...] | None:
+    match = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(part or 0) for part in match.groups()) if match else None
+
+
+def _security_problems(spec: dict[str, Any], feature_gates: frozenset[str]) -> Iterator[str]:
+    """KubeRay v1.7.0's authOptions and tlsOptions checks (validation.go)."""
+    auth = spec.get("authOptions") or {}
+    if auth.get("mode") == "token":
+        version = _version(str(spec.get("rayVersion", "")))
+        if version is None or version < _MIN_TOKEN_AUTH_RAY:
+            yield f"authOptions.mode is 'token' but rayVersion {spec.get('rayVersion')!r} is not >= 2.52.0"
+    elif auth.get("enableK8sTokenAuth"):
+        yield "authOptions.enableK8sTokenAuth is enabled but authOptions.mode not set to 'token'"
+    tls = spec.get("tlsOptions")
+    if tls is not None and "RayClusterMTLS" not in feature_gates:
+        yield "spec.tlsOptions requires the RayClusterMTLS feature gate to be enabled"
+    if tls and tls.get("enabled"):
+        groups = [("head Pod", spec.get("headGroupSpec", {}))]
+        groups += [(f"worker group {g.get('groupName')!r}", g) for g in spec.get("workerGroupSpecs", [])]
+        for name, group in groups:
+            containers = group.get("template", {}).get("spec", {}).get("containers", [])
+            names = {e.get("name") for e in (containers[0].get("env", []) if containers else [])}
+            for env in sorted(names & set(_TLS_ENV)):
+                yield f"cannot set {env} environment variable in {name} when tlsOptions is set"
+
+
+def cluster_spec_problems(spec: dict[str, Any], feature_gates: frozenset[str] = frozenset()) -> list[str]:
+    """A subset of what KubeRay's ValidateRayClusterSpec (operator-side, not the CRD) rejects;
+    `feature_gates`: the operator's enabled gates."""
     problems = list(_group_problems("headGroupSpec", spec.get("headGroupSpec", {})))
+    problems += _security_problems(spec, feature_gates)
     autoscaling = spec.get("enableInTreeAutoscaling", False)
     v2 = autoscaling and spec.get("autoscalerOptions", {}).get("version") == "v2"
     groups = [spec.get("headGroupSpec", {}), *spec.get("workerGroupSpecs", [])]

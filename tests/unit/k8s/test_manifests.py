@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -218,6 +219,63 @@ def test_rayjob_runs_the_training_entrypoint(name: str, module: str, config: str
     ]
     assert spec["shutdownAfterJobFinishes"] is True
     assert "entrypointNumCpus" not in spec  # the driver runs on the head, which offers no CPUs
+
+
+# ---- locking the cluster: token auth always, TLS behind render.py --tls --------------------------
+
+
+@pytest.mark.parametrize("name", KUBERAY_MANIFESTS)
+def test_every_cluster_runs_with_ray_token_auth(name: str) -> None:
+    spec = _cluster(name)
+    assert spec["authOptions"] == {"mode": "token"}
+    assert "tlsOptions" not in spec  # opt-in: needs cert-manager and an operator feature gate
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        # KubeRay injects RAY_AUTH_MODE/RAY_AUTH_TOKEN from its Secret; a hand-set value would win.
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & {e["name"] for e in _ray_container(group)["env"]}
+
+
+@pytest.mark.parametrize("name", KUBERAY_MANIFESTS)
+def test_tls_render_matches_the_crd_and_needs_the_mtls_gate(render: ModuleType, tmp_path: Path, name: str) -> None:
+    assert render.main(["--tls", "--out", str(tmp_path)]) == 0
+    doc = load_yaml_documents(tmp_path / name)[0]
+    assert list(iter_errors(doc)) == []
+    spec = doc["spec"][CLUSTER_FIELD[doc["kind"]]]
+    assert spec["tlsOptions"] == {"enabled": True} and spec["authOptions"] == {"mode": "token"}
+    assert cluster_spec_problems(spec, frozenset({"RayClusterMTLS"})) == []
+    assert "spec.tlsOptions requires the RayClusterMTLS feature gate to be enabled" in cluster_spec_problems(spec)
+
+
+def test_tls_render_never_overwrites_the_committed_manifests(render: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        render.main(["--tls"])
+    assert "tlsOptions" not in _cluster("rayservice.yaml")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda c: c.update(rayVersion="2.51.0"), "is not >= 2.52.0"),
+        (lambda c: c.update(authOptions={"enableK8sTokenAuth": True}), "mode not set to 'token'"),
+        (
+            lambda c: (
+                c.update(tlsOptions={"enabled": True})
+                or _ray_container(c["headGroupSpec"])["env"].append({"name": "RAY_USE_TLS", "value": "1"})
+            ),
+            "cannot set RAY_USE_TLS environment variable in head Pod",
+        ),
+    ],
+    ids=["ray-too-old-for-token-auth", "k8s-auth-without-token-mode", "tls-env-next-to-tlsOptions"],
+)
+def test_kuberay_security_checks_reject(change: Any, expected: str) -> None:
+    spec = copy.deepcopy(_cluster("rayservice.yaml"))
+    change(spec)
+    problems = cluster_spec_problems(spec, frozenset({"RayClusterMTLS"}))
+    assert any(expected in p for p in problems), problems
+
+
+def test_bad_auth_mode_is_rejected_by_the_crd() -> None:
+    doc = _broken(lambda s, c: c.update(authOptions={"mode": "tokens"}))
+    assert any("'tokens' is not one of" in e for e in iter_errors(doc))
 
 
 # ---- the validator rejects what Kubernetes/KubeRay would ----------------------------------------

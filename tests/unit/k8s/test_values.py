@@ -125,3 +125,13 @@ def test_ray_cluster_values_mirror_the_shared_cluster_spec(cluster_spec: dict[st
         assert helm.get("nodeSelector", {}) == group["template"]["spec"].get("nodeSelector", {})
         assert helm["restartPolicy"] == group["template"]["spec"]["restartPolicy"]
     assert values["head"]["restartPolicy"] == head["template"]["spec"]["restartPolicy"]
+
+
+def test_ray_cluster_values_turn_on_token_auth_from_a_secret() -> None:
+    """The chart has no authOptions: every Ray container and the autoscaler get KubeRay's two variables."""
+    values = _values("ray-cluster")
+    for env in (values["common"]["containerEnv"], values["head"]["autoscalerOptions"]["env"]):
+        by_name = {e["name"]: e for e in env}
+        assert by_name["RAY_AUTH_MODE"]["value"] == "token"
+        ref = by_name["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "solanalm-cluster-ray-auth", "key": "auth_token"}  # KubeRay's key name
