@@ -225,11 +225,12 @@ class RemoteStage:
                     raise StageCallError(f"{self.endpoint}: the steps stream ended: {code.name}: {details}")
                 if not stream.pending:
                     raise StageProtocolError(f"{self.endpoint}: a reply with no step in flight")
-                batch, expect, future = stream.pending.popleft()
+                batch, expect, future = stream.pending[0]  # left in place until its reply checks out
                 try:
                     out = decode_reply(raw, self.limits, batch, expect)
                 except WireError as exc:
                     raise StageProtocolError(f"{self.endpoint}: step {batch.step_id}: {exc}") from exc
+                stream.pending.popleft()
                 if future.done():
                     continue
                 if isinstance(out, LinkError):
