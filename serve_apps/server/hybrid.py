@@ -39,6 +39,7 @@ T = TypeVar("T")
 StageOutput = torch.Tensor | StepResult
 # (stage index, batch, the inputs it was sent, what it answered): the served-traffic audit's hook
 StepObserver = Callable[[int, StepBatch, torch.Tensor | None, StageOutput], None]
+ClientFactory = Callable[["ProviderLink", StageSpec], Any]  # a stage-protocol client (serve_apps.stagehost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +103,10 @@ class ProviderStage:
     """A provider's stage host over the stage protocol. The gRPC client is bound to the event loop that
     uses it, so it is made lazily per loop (the replica's constructor and its serving loop differ)."""
 
-    def __init__(self, name: str, link: ProviderLink, client_factory: Callable[[ProviderLink], Any]) -> None:
+    def __init__(self, name: str, link: ProviderLink, spec: StageSpec, client_factory: ClientFactory) -> None:
         self.name = name
         self.link = link
+        self.spec = spec
         self.provider_id: str | None = link.provider_id
         self._factory = client_factory
         self._client: Any = None
@@ -114,7 +116,7 @@ class ProviderStage:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             self.close()
-            self._client, self._loop = self._factory(self.link), loop
+            self._client, self._loop = self._factory(self.link, self.spec), loop
         return self._client
 
     async def forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> StageOutput:
@@ -191,7 +193,7 @@ class HybridPool:
         stages: list[HybridStage],
         timeout_s: float,
         max_inflight: int,
-        client_factory: Callable[[ProviderLink], Any],
+        client_factory: ClientFactory,
         loader: Callable[[ProviderStage, HybridStage], Awaitable[StageInfo]],
         observer: StepObserver | None = None,
     ) -> None:
@@ -219,7 +221,8 @@ class HybridPool:
     def _endpoint(self, stage: HybridStage) -> StageEndpoint:
         if stage.link is None:
             return LocalStage(stage.recipe.name, stage.recipe.start(), self.timeout_s)
-        return ProviderStage(f"{stage.link.provider_id}:{stage.spec.start}-{stage.spec.end}", stage.link, self._factory)
+        name = f"{stage.link.provider_id}:{stage.spec.start}-{stage.spec.end}"
+        return ProviderStage(name, stage.link, stage.spec, self._factory)
 
     def wait_ready(self) -> None:
         """Load every provider stage (the provider checks its weights' digest) and wait for the actors."""

@@ -12,6 +12,7 @@ from typing import Any
 from cluster.config import Settings
 from cluster.network.registry import call_registry, get_registry
 from cluster.network.serving_plan import is_provider_host
+from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.messages import StageInfo
 from serve_apps.server.hybrid import HybridPool, HybridStage, ProviderLink, ProviderStage
 from serve_apps.server.stages import in_bundle, stage_name_prefix, stage_recipe
@@ -63,10 +64,13 @@ def build_hybrid_pool(plan: Any, settings: Settings, node_ids: list[str]) -> Hyb
             in_bundle(recipe, placement_group, bundle)
             bundle += 1
             stages.append(HybridStage(spec, recipe, None))
-    limits = FrameLimits.for_model(plan.model_dir, plan.kv.slots, plan.max_model_len, pipeline.max_batch_size)
+    limits = FrameLimits.for_model(
+        plan.model_dir, plan.kv.slots, plan.max_model_len, pipeline.max_batch_size, pipeline.prefill_chunk
+    )
 
-    def client(link: ProviderLink) -> RemoteStage:
-        return RemoteStage(link.endpoint, link.cert_pem, link.link_token, limits, pipeline.stage_call_timeout_s)
+    def client(link: ProviderLink, spec: StageSpec) -> RemoteStage:
+        timeout_s = pipeline.stage_call_timeout_s
+        return RemoteStage(link.endpoint, link.cert_pem, link.link_token, limits, timeout_s, spec, plan.dtype)
 
     async def load(endpoint: ProviderStage, stage: HybridStage) -> StageInfo:
         digest = weights_digest(plan.model_dir, stage.spec)
