@@ -128,6 +128,14 @@ class ProvidersSection(Section):
         default=8, ge=1, le=1024, description="Live (not dead) provider registrations one wallet may hold."
     )
     max_models: int = Field(default=16, ge=1, le=256, description="Models one provider may advertise.")
+    probe_timeout_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description="Before registering, the gateway completes a TLS handshake with the endpoint, trusting only"
+        " the signed certificate (proves the registrant runs that stage host; no squatting others' addresses);"
+        " 0 skips the probe.",
+    )
     allow_private_endpoints: bool = Field(
         default=True,
         description="Accept loopback and private-network endpoints (single-machine and LAN networks); set false"

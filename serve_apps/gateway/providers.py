@@ -8,14 +8,17 @@
 
 The routes reach the registry through `Gateway.providers` (a `ProviderRegistryAPI`), as /v1/network/nodes
 reaches it through `Gateway.network_nodes`: tests inject a fake, Serve injects `RegistryProviders` over the
-registry actor. Every refusal is OpenAI error JSON: 400 malformed, 401 bad/replayed/forged proof or unknown
-session, 409 conflict (wallet limit, endpoint taken), 429 rate limit or too many pending challenges, 503 no
-registry. Nothing here ever answers with another provider's tokens, endpoint or the link-token table
-(`provider_links` is for the operator's coordinators, over Ray only).
+registry actor. Before registering, the gateway completes a TLS handshake with the endpoint trusting only the
+submitted certificate (`providers.probe_timeout_s`), so nobody registers an address they do not serve. Every
+refusal is OpenAI error JSON: 400 malformed or unreachable, 401 bad/replayed/forged proof or unknown session,
+409 conflict (wallet limit, endpoint taken), 429 rate limit or too many pending challenges, 503 no registry.
+Nothing here ever answers with another provider's tokens, endpoint or the link-token table (`provider_links`
+is for the operator's coordinators, over Ray only).
 """
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -39,7 +42,10 @@ class RegistryUnavailable(LookupError):
 
 
 class ProviderRegistryAPI(Protocol):
-    """What the routes need from the registry (async; errors as in cluster.network.providers)."""
+    """What the routes need from the registry (async; errors as in cluster.network.providers).
+    `probe_timeout_s`: how long the register route tries a TLS handshake with the endpoint (0: no probe)."""
+
+    probe_timeout_s: float
 
     async def challenge(self, wallet: str, endpoint: str, cert_fingerprint: str) -> ProviderChallenge: ...
 
@@ -160,6 +166,8 @@ def build_provider_router(host_of: Callable[[Request], ProviderHost]) -> APIRout
     async def register(body: RegisterRequest, request: Request) -> dict:
         gateway, registry = registry_of(request)
         proof = {"challenge": body.challenge.model_dump(exclude={"message"}), "signature": body.signature}
+        if registry.probe_timeout_s > 0:
+            await probe_stage_host(body.challenge.endpoint, body.cert_pem, registry.probe_timeout_s)
         try:
             result = await registry.register(
                 proof, body.cert_pem, body.capabilities.model_dump(), body.models, body.region, sorted(gateway.cards)
@@ -208,6 +216,28 @@ def build_provider_router(host_of: Callable[[Request], ProviderHost]) -> APIRout
     return router
 
 
+async def probe_stage_host(endpoint: str, cert_pem: str, timeout_s: float) -> None:
+    """A TLS handshake with `endpoint` trusting only `cert_pem` (as the coordinator will dial it): proves the
+    registrant runs a server there holding that certificate's key. 400 when it fails; one message for every
+    failure, so the route tells nothing about what else listens there."""
+    try:
+        host, port = P.split_endpoint(endpoint)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cadata=cert_pem)
+        context.set_alpn_protocols(["h2"])  # what a gRPC client offers
+        connect = asyncio.open_connection(host, port, ssl=context, server_hostname=host)
+        _, writer = await asyncio.wait_for(connect, timeout_s)
+    except (OSError, ssl.SSLError, ValueError, TimeoutError) as exc:
+        logger.info("probe of %s failed: %s", endpoint, type(exc).__name__)
+        raise OpenAIError(
+            400,
+            f"no stage host at {endpoint} completed a TLS handshake with the submitted certificate",
+            param="challenge.endpoint",
+            code="endpoint_unreachable",
+        ) from None
+    writer.transport.abort()  # no TLS close_notify dance: a gRPC server would keep it waiting for its preface
+
+
 SECRET_KEYS = frozenset({"link_token", "session_token", "session_sha256"})
 
 
@@ -222,6 +252,7 @@ class RegistryProviders:
 
     def __init__(self, section: NetworkSection, namespace: str) -> None:
         self.section, self.namespace = section, namespace
+        self.probe_timeout_s = section.providers.probe_timeout_s
 
     async def challenge(self, wallet: str, endpoint: str, cert_fingerprint: str) -> ProviderChallenge:
         result: ProviderChallenge = await self._call("issue_provider_challenge", wallet, endpoint, cert_fingerprint)

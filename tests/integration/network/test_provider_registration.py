@@ -27,12 +27,13 @@ from solders.keypair import Keypair
 
 from cluster.config.network import NetworkSection, ProvidersSection
 from cluster.network.registry import call_registry, get_or_create_registry
-from cluster.network.wallet import write_keypair
-from cluster.security.certs import fingerprint
+from cluster.network.wallet import sign_provider_challenge, write_keypair
+from cluster.security.certs import fingerprint, self_signed
 from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
 from serve_apps.gateway.ingress import registry_nodes_source
 from serve_apps.gateway.providers import RegistryProviders
 from serve_apps.stagehost.client import RemoteStage
+from serve_apps.stagehost.registration import checked_challenge
 from serve_apps.stagehost.wire import FrameLimits
 
 NAMESPACE = "solanalm-test"
@@ -247,6 +248,22 @@ def test_provider_registers_heartbeats_and_leaves(
     )
     assert replay.status_code == 401 and "already used" in replay.json()["error"]["message"]
     assert record_of(section, pid).health == "alive"
+
+    # Someone else claiming the provider's endpoint with their own certificate fails the gateway's TLS probe.
+    squatter, other = Keypair(), self_signed(["127.0.0.1"])
+    answer = httpx.post(
+        f"{base_url}/v1/providers/challenge",
+        json={"wallet": str(squatter.pubkey()), "endpoint": ready["endpoint"], "cert_pem": other.cert_pem.decode()},
+        timeout=10,
+    ).json()
+    challenge = checked_challenge(answer, str(squatter.pubkey()), ready["endpoint"], other.fingerprint)
+    body = {
+        "challenge": {k: v for k, v in answer.items() if k not in ("object", "message")},
+        "signature": sign_provider_challenge(squatter, challenge).signature,
+        "cert_pem": other.cert_pem.decode(),
+    }
+    squat = httpx.post(f"{base_url}/v1/providers/register", json=body, timeout=20)
+    assert squat.status_code == 400 and squat.json()["error"]["code"] == "endpoint_unreachable"
 
     # SIGTERM: the provider leaves (draining) and exits cleanly.
     assert provider.signal(signal.SIGTERM) == 0

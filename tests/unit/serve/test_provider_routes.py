@@ -1,8 +1,14 @@
 """The provider routes over a registry faked behind Gateway.providers: each attack is a 4xx OpenAI error."""
 
+import contextlib
 import json
+import socket
+import ssl
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,8 +44,8 @@ class NoBackend:
 class InProcessProviders:
     """The ProviderRegistryAPI over a pure NetworkRegistry (what the actor runs), with a settable clock."""
 
-    def __init__(self, registry: NetworkRegistry) -> None:
-        self.registry, self.offset_s = registry, 0.0
+    def __init__(self, registry: NetworkRegistry, probe_timeout_s: float = 0.0) -> None:
+        self.registry, self.offset_s, self.probe_timeout_s = registry, 0.0, probe_timeout_s
 
     def now(self) -> float:
         return time.time() + self.offset_s
@@ -426,3 +432,67 @@ def test_keygen_writes_a_private_keypair(tmp_path: Any) -> None:
     assert result.exit_code == 0, result.output
     assert path.stat().st_mode & 0o777 == 0o600 and str(load_keypair(path).pubkey()) in result.output.replace("\n", "")
     assert CliRunner().invoke(app, ["keygen", str(path)]).exit_code == 1  # never overwrites silently
+
+
+# -- the endpoint probe: only a registrant serving the signed certificate at the endpoint gets in ------------
+
+
+@contextlib.contextmanager
+def tls_listener(cert: CertKey, tmp_path: Path) -> Iterator[int]:
+    """A TLS server on 127.0.0.1 holding `cert` (test code): completes handshakes, then closes."""
+    (tmp_path / "c.pem").write_bytes(cert.cert_pem)
+    (tmp_path / "k.pem").write_bytes(cert.key_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        done.set()
+        thread.join(2)
+        listener.close()
+
+
+def test_probe_admits_the_stage_host_that_holds_the_certificate(
+    registry: NetworkRegistry, cert: CertKey, tmp_path: Path
+) -> None:
+    http = app_with(InProcessProviders(registry, probe_timeout_s=2.0), registry)
+    with tls_listener(cert, tmp_path) as port:
+        endpoint, keypair = f"127.0.0.1:{port}", Keypair()
+        body = register_body(get_challenge(http, keypair, cert, endpoint), keypair, cert)
+        assert http.post("/v1/providers/register", json=body).status_code == 200
+
+
+def test_probe_refuses_an_endpoint_served_with_another_certificate(
+    registry: NetworkRegistry, cert: CertKey, tmp_path: Path
+) -> None:
+    http = app_with(InProcessProviders(registry, probe_timeout_s=2.0), registry)
+    with tls_listener(self_signed(["127.0.0.1"]), tmp_path) as port:  # someone else's server at that address
+        endpoint, squatter = f"127.0.0.1:{port}", Keypair()
+        body = register_body(get_challenge(http, squatter, cert, endpoint), squatter, cert)
+        assert_error(http.post("/v1/providers/register", json=body), 400, "endpoint_unreachable")
+    assert registry.records == {}
+
+
+def test_probe_refuses_an_endpoint_where_nothing_listens(registry: NetworkRegistry, cert: CertKey) -> None:
+    http = app_with(InProcessProviders(registry, probe_timeout_s=2.0), registry)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{sock.getsockname()[1]}"  # bound, not listening: refused
+        keypair = Keypair()
+        body = register_body(get_challenge(http, keypair, cert, endpoint), keypair, cert)
+        assert_error(http.post("/v1/providers/register", json=body), 400, "endpoint_unreachable")
