@@ -188,10 +188,26 @@ class ProviderAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def register(self) -> Registration:
-        registration = register(
-            self.client, self.keypair, self.endpoint, self.cert_pem, self.capabilities, self.models, self.region
-        )
+    def register(self, attempts: int = 5, backoff_s: float = 1.0) -> Registration:
+        """Register (a fresh challenge each attempt); a gateway that is unreachable, rate-limits (429) or has no
+        registry yet (5xx) is retried with doubling backoff, a refusal (other 4xx) is raised at once. (A plain
+        loop: the project carries no retry library.)"""
+        for attempt in range(1, attempts + 1):
+            try:
+                registration = register(
+                    self.client, self.keypair, self.endpoint, self.cert_pem, self.capabilities, self.models, self.region
+                )
+                break
+            except RegistrationError as exc:
+                transient = exc.status is None or exc.status == 429 or exc.status >= 500
+                if not transient or attempt == attempts:
+                    raise
+                delay = backoff_s * 2 ** (attempt - 1)
+                logger.warning(
+                    "registration attempt %d/%d failed (%s); retrying in %.0f s", attempt, attempts, exc, delay
+                )
+                if self._stop.wait(delay):
+                    raise
         if self.on_registered is not None:
             self.on_registered(registration)
         self.registration = registration

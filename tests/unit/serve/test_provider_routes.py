@@ -496,3 +496,27 @@ def test_probe_refuses_an_endpoint_where_nothing_listens(registry: NetworkRegist
         keypair = Keypair()
         body = register_body(get_challenge(http, keypair, cert, endpoint), keypair, cert)
         assert_error(http.post("/v1/providers/register", json=body), 400, "endpoint_unreachable")
+
+
+class FlakyProviders(InProcessProviders):
+    """The registry is unavailable for the first `failures` challenges (restarting), then answers."""
+
+    def __init__(self, registry: NetworkRegistry, failures: int) -> None:
+        super().__init__(registry)
+        self.failures = failures
+
+    async def challenge(self, wallet: str, endpoint: str, cert_fingerprint: str) -> ProviderChallenge:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RegistryUnavailable("restarting")
+        return await super().challenge(wallet, endpoint, cert_fingerprint)
+
+
+def test_agent_retries_while_the_registry_is_unavailable(registry: NetworkRegistry, cert: CertKey) -> None:
+    http = app_with(FlakyProviders(registry, failures=2), registry)
+    agent = agent_for(http, Keypair(), cert, [])
+    assert agent.register(attempts=3, backoff_s=0.01).provider_id in registry.records
+    http = app_with(FlakyProviders(registry, failures=5), registry)
+    with pytest.raises(RegistrationError) as caught:
+        agent_for(http, Keypair(), cert, []).register(attempts=2, backoff_s=0.01)
+    assert caught.value.status == 503
