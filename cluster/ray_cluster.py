@@ -4,9 +4,11 @@ A head started here runs with Ray's token auth (and TLS when `ray.tls`); every d
 connects gets the same RAY_AUTH_*/RAY_TLS_* variables first (cluster/security/ray_auth.py, ray_tls.py).
 """
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import ray
 from ray.exceptions import AuthenticationError
 
@@ -53,9 +56,10 @@ def ensure_cluster(section: RaySection, num_cpus: int, state_dir: Path) -> Clust
         return _connect(local, section.namespace, started_here, _driver_env(section, state_dir))
     command, env = head_launch(section, num_cpus, state_dir)
     _start_head(section, command, env)
+    handle = _connect(local, section.namespace, True, env)
     _head_marker(state_dir).parent.mkdir(parents=True, exist_ok=True)
-    _head_marker(state_dir).write_text(json.dumps({"address": local}))
-    return _connect(local, section.namespace, True, env)
+    _head_marker(state_dir).write_text(json.dumps({"address": local, "session_dir": _session_dir()}))
+    return handle
 
 
 def connect_existing(section: RaySection, state_dir: Path) -> ClusterHandle:
@@ -76,6 +80,7 @@ def head_command(section: RaySection, num_cpus: int) -> list[str]:
         f"--num-cpus={num_cpus}",
         f"--dashboard-host={section.dashboard_host}",
         f"--dashboard-port={section.dashboard_port}",
+        f"--ray-client-server-port={section.client_server_port}",
         "--include-dashboard=true",
         "--disable-usage-stats",
     ]
@@ -100,15 +105,58 @@ def _driver_env(section: RaySection, state_dir: Path) -> dict[str, str]:
 
 
 def stop_local_head(state_dir: Path) -> bool:
-    """`ray stop` the head that `solanalm up` started (and only that one)."""
+    """Stop the head that `solanalm up` started, and only that one (`ray stop` would end every Ray
+    process of this user, other clusters on the machine included)."""
     marker = _head_marker(state_dir)
     if not marker.exists():
         return False
+    record = json.loads(marker.read_text() or "{}")
     if ray.is_initialized():
         ray.shutdown()
-    subprocess.run([_ray_cli(), "stop", "--force"], check=False, capture_output=True)
+    if record.get("session_dir"):
+        port = str(record.get("address", "")).rpartition(":")[2]
+        _terminate(head_processes(record["session_dir"], port))
+    else:  # a marker written before sessions were recorded: only `ray stop` can find the head
+        subprocess.run([_ray_cli(), "stop", "--force"], check=False, capture_output=True)
     marker.unlink(missing_ok=True)
     return True
+
+
+def head_processes(session_dir: str, gcs_port: str) -> list[psutil.Process]:
+    """This user's Ray processes of one head: those naming its session dir or its GCS port."""
+    port = re.compile(rf":{re.escape(gcs_port)}\b") if gcs_port else None
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            args = proc.info["cmdline"] or []
+            if proc.info["uids"].real != os.getuid() or not any("ray" in a for a in args):
+                continue
+            if any(session_dir in a for a in args) or (port and any(port.search(a) for a in args)):
+                # Agents and workers rename themselves (ray::IDLE): they are found as the raylet's children.
+                for member in [proc, *proc.children(recursive=True)]:
+                    found[member.pid] = member
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found.values())
+
+
+def _terminate(processes: list[psutil.Process], grace_s: float = 5.0) -> None:
+    # SIGTERM first (what `ray stop` sends), SIGKILL whatever is still there after the grace period.
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def _session_dir() -> str | None:
+    # The connected driver knows the head's session dir (/tmp/ray/session_...); every process of that
+    # head names it in its command line.
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return node.get_session_dir_path() if node is not None else None
 
 
 def _start_head(section: RaySection, command: list[str], env: dict[str, str]) -> None:
@@ -126,11 +174,10 @@ def _connect(address: str, namespace: str, started_here: bool, env: dict[str, st
         try:
             context = ray.init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False)
         except AuthenticationError as exc:
-            raise ClusterError(
-                f"the Ray cluster at {address} refused this driver's token ({exc.message}); "
-                "export RAY_AUTH_TOKEN_PATH=<the cluster's token file> (or RAY_AUTH_TOKEN) and retry"
-            ) from exc
+            raise ClusterError(_refused(address, exc.message)) from exc
         except (ConnectionError, RuntimeError) as exc:
+            if _auth_refused(exc):  # Ray wraps the GCS's InvalidAuthToken in a ConnectionError
+                raise ClusterError(_refused(address, str(exc.__cause__))) from exc
             raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
         dashboard = context.dashboard_url
     else:
@@ -138,6 +185,19 @@ def _connect(address: str, namespace: str, started_here: bool, env: dict[str, st
         dashboard = getattr(ray.get_runtime_context(), "dashboard_url", None)
     url = f"http://{dashboard}" if dashboard and not str(dashboard).startswith("http") else dashboard
     return ClusterHandle(address, url or None, started_here, dict(env) if applied else {})
+
+
+def _auth_refused(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, AuthenticationError) or "InvalidAuthToken" in f"{exc} {cause}"
+
+
+def _refused(address: str, detail: str) -> str:
+    return (
+        f"the Ray cluster at {address} wants a token this driver lacks or has wrong ({detail.strip()[:200]}); "
+        "export RAY_AUTH_TOKEN_PATH=<the cluster's token file> (or RAY_AUTH_TOKEN), or run where `solanalm up` "
+        "wrote it (<state dir>/ray-auth-token)"
+    )
 
 
 def _head_marker(state_dir: Path) -> Path:

@@ -31,6 +31,9 @@ class RaySection(Section):
     dashboard_host: str = Field(default="127.0.0.1", description="Ray dashboard bind host (local head).")
     dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Ray dashboard port (local head).")
     head_port: int = Field(default=6379, ge=1, le=65535, description="GCS port of a local head.")
+    client_server_port: int = Field(
+        default=10001, ge=1024, le=65535, description="Ray Client server port of a local head (ray://h:port)."
+    )
     auth: RayAuthMode = Field(
         default="token",
         description=(

@@ -89,7 +89,12 @@ def _processes_naming(temp_dir: Path) -> list[psutil.Process]:
 
 def start_head(base: Path, section_values: Mapping[str, object], extra_env: Mapping[str, str] | None = None) -> Head:
     """`solanalm up`'s head (head_launch: its command and security env) on free ports; waits for it."""
-    values = {"head_port": free_port(), "dashboard_port": free_port(), "namespace": "solanalm-security"}
+    values = {
+        "head_port": free_port(),
+        "dashboard_port": free_port(),
+        "client_server_port": free_port(),
+        "namespace": "solanalm-security",
+    }
     section = RaySection.model_validate({**values, **section_values})
     state_dir = base / "state"
     command, env = head_launch(section, 2, state_dir)
@@ -98,7 +103,6 @@ def start_head(base: Path, section_values: Mapping[str, object], extra_env: Mapp
     command += [
         "--block",
         f"--temp-dir={temp_dir}",
-        f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
         "--object-store-memory=100000000",
     ]
