@@ -33,7 +33,8 @@ from torch.nn import functional as F
 
 from serve_apps.engine.decoder import DecoderLayer
 from serve_apps.engine.kv_cache import BatchView, Row
-from serve_apps.engine.messages import StepBatch, StepResult
+from serve_apps.engine.messages import SamplingParams, StepBatch, StepResult
+from serve_apps.engine.sampling import draw_seed, filtered_probs
 from serve_apps.engine.stage_model import StageModel
 from serve_apps.engine.stage_worker import StageConfig
 from serve_apps.verification.commitments import (
@@ -102,12 +103,28 @@ class AuditJob:
     stage: AuditedStage
     inputs: torch.Tensor  # token ids [T] long (first stage) or hidden states [T, H], position order
     low_bit: torch.Tensor  # [T] bool: the stage computed that position with its low-bit weights
-    commitment: bytes  # Commitment.to_bytes() of the committed signal (see `committed_signal`)
+    commitment: bytes  # Commitment.to_bytes() of the committed signal (see `committed_signal`); b"" last
     tolerance: Tolerance = field(default_factory=Tolerance)
+    # The last stage answers tokens, not hidden states: (position of the new token, token id) it sampled,
+    # and how (the sequence's SamplingParams); checked against the reference's logits (`check_tokens`).
+    sampled: tuple[tuple[int, int], ...] = ()
+    sampling: SamplingParams | None = None
+    token_tolerance: "TokenTolerance" = field(default_factory=lambda: TokenTolerance())
 
     @property
     def num_tokens(self) -> int:
         return int(self.inputs.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTolerance:
+    """When a last stage's sampled tokens still agree with the reference's logits."""
+
+    greedy_margin: float = 1.0  # a greedy token's logit may be this far below the reference's largest
+    seeded_margin: float = 1.0  # a seeded draw's race score (log p - log q, nats) this far below the best
+    relaxed_top_p: float = 0.05  # the reference's nucleus is this much wider (a token at its edge)
+    max_seeded_mismatch_fraction: float = 0.1  # if torch stops drawing as argmax(p / q): exact redraws
+    min_prob: float = 1e-9  # unseeded: the token's reference probability (temperature only) at least
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +163,8 @@ class _StageRecord:
     topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # -> (indices, bits)
     low_bit: dict[int, bool] = field(default_factory=dict)
     width: int = 0  # of the committed rows (the hidden size)
+    sampled: dict[int, int] = field(default_factory=dict)  # last stage: new token's position -> token id
+    sampling: SamplingParams | None = None
 
 
 @dataclass
@@ -230,7 +249,7 @@ class ServedAudit:
         rows sent and received, in the stage's layout order (`BatchView.of(batch).order`, as StageWorker
         consumes and produces them); `inputs` is None on the first stage (its input is the batch's ids)."""
         stage = self._stages.get(stage_index)
-        if stage is None or isinstance(outputs, StepResult) or not self._audited:
+        if stage is None or not self._audited:
             return
         if not any(c.seq_id in self._audited for c in batch.chunks):
             return
@@ -248,7 +267,11 @@ class ServedAudit:
             if record is None:
                 record = entry.open[stage_index] = _StageRecord(stage)
             chunk_inputs = torch.tensor(chunk.token_ids) if inputs is None else inputs[rows]
-            self._keep(record, chunk.start_pos, chunk_inputs, outputs[rows], low_bit)
+            if isinstance(outputs, StepResult):
+                self._keep_sampled(record, chunk.start_pos, chunk_inputs, outputs.token_ids[index], low_bit)
+                record.sampling = chunk.sampling
+            else:
+                self._keep(record, chunk.start_pos, chunk_inputs, outputs[rows], low_bit)
 
     def _keep(self, record: _StageRecord, start: int, inputs: torch.Tensor, outputs: torch.Tensor, low: bool) -> None:
         keep = max(0, min(outputs.shape[0], self.limits.max_tokens - start))
@@ -266,6 +289,18 @@ class ServedAudit:
             record.topk[position] = (indices[j], bits[j])
             record.low_bit[position] = low
 
+    def _keep_sampled(self, record: _StageRecord, start: int, inputs: torch.Tensor, token: int, low: bool) -> None:
+        keep = max(0, min(inputs.shape[0], self.limits.max_tokens - start))
+        self.stats.positions_over_cap += inputs.shape[0] - keep
+        for j in range(keep):
+            if start + j not in record.inputs:
+                self.stats.positions_kept += 1
+            record.inputs[start + j] = inputs[j].detach().clone()
+            record.low_bit[start + j] = low
+        end = start + inputs.shape[0]  # the sampled token's position; sampled from row end - 1
+        if token >= 0 and keep == inputs.shape[0]:
+            record.sampled[end] = token
+
     def _job(self, seq_id: str, request_id: str, record: _StageRecord) -> "AuditJob | None":
         length = 0
         while length in record.inputs:
@@ -276,17 +311,24 @@ class ServedAudit:
         if length < len(record.inputs):
             self.stats.incomplete += 1  # positions after a gap cannot be re-executed: audit the prefix
         positions = range(length)
-        indices = torch.stack([record.topk[p][0] for p in positions])
-        bits = torch.stack([record.topk[p][1] for p in positions])
-        commitment = commit_topk(indices, bits, record.width, self.limits.chunk_tokens)
+        sampled: tuple[tuple[int, int], ...] = ()
+        if record.stage.config.spec.last:
+            sampled = tuple(sorted((p, t) for p, t in record.sampled.items() if p <= length))
+            commitment = b""
+        else:
+            indices = torch.stack([record.topk[p][0] for p in positions])
+            bits = torch.stack([record.topk[p][1] for p in positions])
+            commitment = commit_topk(indices, bits, record.width, self.limits.chunk_tokens).to_bytes()
         return AuditJob(
             request_id,
             seq_id,
             record.stage,
             torch.stack([record.inputs[p] for p in positions]),
             torch.tensor([record.low_bit[p] for p in positions], dtype=torch.bool),
-            commitment.to_bytes(),
+            commitment,
             self.limits.tolerance,
+            sampled,
+            record.sampling,
         )
 
 
@@ -312,24 +354,41 @@ def _rotation(hidden: int) -> torch.Tensor:
 
 # -- the auditor's side -----------------------------------------------------------------------------------
 def reexecute(model: StageModel, job: AuditJob) -> torch.Tensor:
-    """The reference stage's cache-free forward over the job's whole history: [T, H] output rows. Each
-    position uses the low-bit or the dense weights as the served stage did (`job.low_bit`), when the
-    model holds low-bit copies (`StageModel.quantize` with the stage's weight_quant)."""
+    """The reference stage's cache-free forward over the job's whole history: [T, H] output rows (the
+    last stage: float32 logits [S, V] of the rows its sampled tokens were drawn from). Each position
+    uses the low-bit or the dense weights as the served stage did (`job.low_bit`), when the model holds
+    low-bit copies (`StageModel.quantize` with the stage's weight_quant)."""
     batch = job.inputs.unsqueeze(0)
     with _row_selected_low_bit(model, job.low_bit):
-        return trace_forward(model, batch)[0]
+        hidden = trace_forward(model, batch)[0]
+    if not job.stage.config.spec.last:
+        return hidden
+    rows = torch.tensor([position - 1 for position, _ in job.sampled], dtype=torch.long)
+    # A served step samples a few rows at once: the lm_head's low-bit copy, as `logits` picks it per call.
+    step = max(1, model.low_bit_max_rows)
+    return torch.cat(
+        [model.logits(hidden[rows[i : i + step]]) for i in range(0, rows.numel(), step)] or [_empty(model)]
+    )
+
+
+def _empty(model: StageModel) -> torch.Tensor:
+    vocab = model.lm_head.shape[0] if model.lm_head is not None else 0
+    return torch.empty(0, vocab)
 
 
 def judge(job: AuditJob, reference_outputs: torch.Tensor) -> AuditVerdict:
     """Compare the reference re-execution with the job's commitment."""
     spec = job.stage.config.spec
-    try:
-        commitment = Commitment.from_bytes(job.commitment)
-    except CommitmentError as exc:
-        result = CheckResult(False, f"malformed commitment: {exc}", None)
+    if spec.last:
+        result = check_tokens(job, reference_outputs)
     else:
-        signal = committed_signal(job.inputs, reference_outputs, spec.first)
-        result = check(commitment, signal, job.tolerance)
+        try:
+            commitment = Commitment.from_bytes(job.commitment)
+        except CommitmentError as exc:
+            result = CheckResult(False, f"malformed commitment: {exc}", None)
+        else:
+            signal = committed_signal(job.inputs, reference_outputs, spec.first)
+            result = check(commitment, signal, job.tolerance)
     return AuditVerdict(
         result.passed,
         job.request_id,
@@ -342,6 +401,76 @@ def judge(job: AuditJob, reference_outputs: torch.Tensor) -> AuditVerdict:
         result.worst_position,
         result.stats,
     )
+
+
+def check_tokens(job: AuditJob, logits: torch.Tensor) -> CheckResult:
+    """The last stage's sampled tokens against the reference logits [S, V] of the rows they came from.
+
+    Greedy: each token's logit within `greedy_margin` of the largest. Seeded (`SamplingParams.seed`):
+    the reference redraws each token as `Sampler` does (generator seeded by the seed and the position)
+    and may disagree on at most `max_seeded_mismatch_fraction` of them (a draw near a boundary of the
+    cumulative distribution flips with float noise). Unseeded: the draws are the stage's own secret,
+    so only that each token has a reference probability of at least `min_prob`."""
+    tol, params = job.token_tolerance, job.sampling or SamplingParams(temperature=0.0)
+    if logits.shape[0] != len(job.sampled):
+        return CheckResult(False, f"{logits.shape[0]} reference rows for {len(job.sampled)} tokens", None)
+    if not job.sampled:
+        return CheckResult(True, "no sampled tokens", None, stats={"tokens": 0.0})
+    tokens = torch.tensor([t for _, t in job.sampled], dtype=torch.long)
+    if bool((tokens >= logits.shape[1]).any()):
+        return CheckResult(False, "a sampled token is outside the vocabulary", None)
+    chosen = logits.gather(1, tokens.view(-1, 1)).squeeze(1)
+    gap = logits.max(dim=1).values - chosen
+    stats = {"tokens": float(tokens.numel()), "max_logit_gap": float(gap.max())}
+    worst = int(job.sampled[int(gap.argmax())][0])
+    if params.greedy:
+        wrong = gap > tol.greedy_margin
+        failed = tuple(int(job.sampled[i][0]) for i in torch.nonzero(wrong).flatten())
+        reason = f"{len(failed)} greedy tokens more than {tol.greedy_margin} logits below the best" if failed else ""
+        return CheckResult(not failed, reason or "agrees", worst, failed, stats)
+    if params.seed is not None:
+        return _check_seeded(job, logits, params, stats, worst)
+    probs = torch.softmax(logits / params.temperature, dim=1).gather(1, tokens.view(-1, 1)).squeeze(1)
+    stats["min_prob"] = float(probs.min())
+    unlikely = tuple(int(job.sampled[i][0]) for i in torch.nonzero(probs < tol.min_prob).flatten())
+    reason = f"{len(unlikely)} tokens below probability {tol.min_prob}" if unlikely else "agrees"
+    return CheckResult(not unlikely, reason, unlikely[0] if unlikely else worst, unlikely, stats)
+
+
+def _check_seeded(
+    job: AuditJob, logits: torch.Tensor, params: SamplingParams, stats: dict[str, float], worst: int
+) -> CheckResult:
+    """torch.multinomial draws one sample as argmax(p / q), q ~ Exp(1) from the generator (checked here
+    on every row): so the served token must nearly win the race under the reference's p with the very q
+    the stage drew. Float noise moves scores a little; another token loses by whole nats."""
+    tol = job.token_tolerance
+    generator = torch.Generator()
+    gaps, exact_differ, race = [], [], True
+    relaxed_top_p = min(1.0, params.top_p + tol.relaxed_top_p) if params.top_p < 1.0 else 1.0
+    for row, (position, token) in enumerate(job.sampled):
+        probs = filtered_probs(logits[row], params.temperature, params.top_k, params.top_p)
+        generator.manual_seed(draw_seed(params.seed or 0, position))
+        redrawn = int(torch.multinomial(probs, 1, generator=generator))
+        generator.manual_seed(draw_seed(params.seed or 0, position))
+        # Scores on the unnormalized scale (one constant apart from log p - log q within any filter).
+        score = (
+            logits[row].float() / params.temperature - torch.empty_like(probs).exponential_(generator=generator).log()
+        )
+        best = score.masked_fill(probs == 0, float("-inf"))
+        race = race and int(best.argmax()) == redrawn
+        allowed = filtered_probs(logits[row], params.temperature, params.top_k, relaxed_top_p)[token] > 0
+        gaps.append(float(best.max() - score[token]) if allowed else float("inf"))
+        if redrawn != token:
+            exact_differ.append(position)
+    stats["seeded_mismatch_fraction"] = len(exact_differ) / len(job.sampled)
+    stats["max_race_gap"] = max(gaps)
+    if race:
+        failed = tuple(int(job.sampled[i][0]) for i, gap in enumerate(gaps) if gap > tol.seeded_margin)
+        reason = f"{len(failed)} seeded draws lose the race by more than {tol.seeded_margin} nats" if failed else ""
+        return CheckResult(not failed, reason or "agrees", failed[0] if failed else worst, failed, stats)
+    passed = stats["seeded_mismatch_fraction"] <= tol.max_seeded_mismatch_fraction
+    reason = "agrees" if passed else f"{len(exact_differ)} of {len(job.sampled)} seeded draws differ"
+    return CheckResult(passed, reason, exact_differ[0] if exact_differ else worst, tuple(exact_differ), stats)
 
 
 class _RowSelect:

@@ -4,6 +4,7 @@ a hub coordinator would, and an optional `tamper` standing in for a cheating pro
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,7 +14,7 @@ from serve_apps.verification.audit import AuditJob, ServedAudit
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4096)
 # (stage index, batch, inputs sent (None on stage 0), honest outputs) -> what the provider answers
-Tamper = Callable[[int, StepBatch, torch.Tensor | None, torch.Tensor], torch.Tensor]
+Tamper = Callable[[int, StepBatch, torch.Tensor | None, Any], Any]
 
 
 @dataclass
@@ -31,6 +32,7 @@ def serve(
     tamper: Tamper | None = None,
     prefill_chunk: int = 16,
     request_prefix: str = "req",
+    sampling: SamplingParams = GREEDY,
 ) -> Served:
     """Serve every prompt to `decode_tokens` new tokens; slots are the prompts' order."""
     slots = {seq_id: i for i, seq_id in enumerate(prompts)}
@@ -43,13 +45,13 @@ def serve(
         for seq_id in prompts:
             audit.admit(seq_id, f"{request_prefix}-{seq_id}")
     while pending or decoding:
-        chunks = [SeqChunk(s, slots[s], len(histories[s]) - 1, (histories[s][-1],), GREEDY) for s in decoding]
+        chunks = [SeqChunk(s, slots[s], len(histories[s]) - 1, (histories[s][-1],), sampling) for s in decoding]
         if pending:
             s = pending[0]
             n = min(prefill_chunk, len(histories[s]) - cached[s])
             done = cached[s] + n == len(histories[s])
             chunks.append(
-                SeqChunk(s, slots[s], cached[s], tuple(histories[s][cached[s] : cached[s] + n]), GREEDY, done)
+                SeqChunk(s, slots[s], cached[s], tuple(histories[s][cached[s] : cached[s] + n]), sampling, done)
             )
         batch = StepBatch(served.steps, tuple(chunks), tuple(released))
         released = []
@@ -78,11 +80,11 @@ def step(
     hidden: torch.Tensor | None = None
     for index, worker in enumerate(pipeline):
         out = worker.forward(batch, hidden)
-        if isinstance(out, StepResult):
-            return out
         if tamper is not None:
             out = tamper(index, batch, hidden, out)
         if audit is not None:
             audit.observe(index, batch, hidden, out)
+        if isinstance(out, StepResult):
+            return out
         hidden = out
     raise RuntimeError("the last stage returned hidden states")

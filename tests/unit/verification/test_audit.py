@@ -12,7 +12,7 @@ import torch
 
 from serve_apps.engine.kv_cache import BatchView, Row
 from serve_apps.engine.layer_split import StageSpec, split_layers
-from serve_apps.engine.messages import SeqChunk, StepBatch
+from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
 from serve_apps.engine.stage_model import StageModel, build_stage
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 from serve_apps.verification.audit import AuditedStage, AuditJob, AuditLimits, ServedAudit, judge, reexecute
@@ -293,3 +293,42 @@ def test_a_failed_audit_is_recorded_withheld_and_evicts_after_the_set_failures(t
     assert auditor.stats.failed == 3 and auditor.stats.evicted == ["p1"]
     assert sanctions.calls.count(("evict", "p1")) == 1
     assert sorted(c[1] for c in sanctions.calls if c[0] == "withhold") == ["req-a", "req-b", "req-c"]
+
+
+SEEDED = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=4096)
+UNSEEDED = SamplingParams(temperature=1.0, max_tokens=4096)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED, UNSEEDED], ids=["greedy", "seeded", "unseeded"])
+def test_an_honest_last_stage_passes_its_token_audit(tiny_dir: Path, sampling: SamplingParams) -> None:
+    audit = all_audited()
+    served = serve(chain(configs(tiny_dir), audit, ("p0", "p1", "p2")), PROMPTS, DECODE, audit, sampling=sampling)
+    last = [j for j in served.jobs if j.stage.provider_id == "p2"]
+    assert len(last) == 3 and all(j.commitment == b"" for j in last)
+    for job in last:
+        history = served.histories[job.seq_id]
+        assert [t for _, t in job.sampled] == history[len(PROMPTS[job.seq_id]) :][: len(job.sampled)]
+        assert len(job.sampled) == DECODE  # the prompt's last chunk samples one, each decode one more
+    results = verdicts(served.jobs)
+    assert all(v.passed for v in results.values()), {k: v.reason for k, v in results.items()}
+
+
+def swap_tokens(every: int):  # type: ignore[no-untyped-def]
+    """A last stage that answers a different token every `every` steps."""
+
+    def tamper(index: int, batch: StepBatch, hidden: torch.Tensor | None, out: Any) -> Any:
+        if not isinstance(out, StepResult) or batch.step_id % every:
+            return out
+        return StepResult(out.step_id, tuple(t if t < 0 else (t + 1) % 512 for t in out.token_ids))
+
+    return tamper
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_last_stage_that_answers_other_tokens_fails(tiny_dir: Path, sampling: SamplingParams) -> None:
+    audit = all_audited()
+    pipeline = chain(configs(tiny_dir), audit, ("p0", "p1", "p2"))
+    served = serve(pipeline, PROMPTS, DECODE, audit, swap_tokens(every=3), sampling=sampling)
+    results = verdicts(served.jobs)
+    assert not any(results[(s, 2)].passed for s in "abc")
+    assert all(results[(s, i)].passed for s in "abc" for i in (0, 1))
