@@ -144,7 +144,7 @@ class NetworkRegistry:
 
     def provider_heartbeat(self, session_token: str, now: float) -> NodeRecord:
         """The provider of this session is alive (or still draining) as of `now`; UnknownSession otherwise."""
-        record = self._session_record(session_token)
+        record = self.session_record(session_token)
         health: Health = "draining" if record.draining else "alive"
         updated = replace(record, last_seen=now, health=health)
         self._put(updated)
@@ -152,7 +152,7 @@ class NetworkRegistry:
 
     def provider_leave(self, session_token: str) -> NodeRecord:
         """The provider of this session leaves: draining (no new stages), then dead once heartbeats stop."""
-        return self.set_draining(self._session_record(session_token).node_id, True)
+        return self.set_draining(self.session_record(session_token).node_id, True)
 
     def provider_links(self, provider_ids: Sequence[str]) -> dict[str, dict[str, str]]:
         """How the operator's coordinator reaches each known provider's stage host (operator-only: carries
@@ -170,7 +170,8 @@ class NetworkRegistry:
             }
         return links
 
-    def _session_record(self, session_token: str) -> NodeRecord:
+    def session_record(self, session_token: str) -> NodeRecord:
+        """The record of the provider holding this session token (UnknownSession otherwise)."""
         if not isinstance(session_token, str) or not session_token:
             raise P.UnknownSession("no session token")
         pid = self.sessions.get(P.token_sha256(session_token))
@@ -403,7 +404,7 @@ class RegistryActor:
         return registration
 
     def provider_heartbeat(self, session_token: str) -> NodeRecord:
-        before = self._registry._session_record(session_token).health
+        before = self._registry.session_record(session_token).health
         record = self._registry.provider_heartbeat(session_token, time.time())
         self._persist(force=record.health != before)
         return record
