@@ -92,7 +92,8 @@ def up(
         console.print(f"\n[bold]demo[/] > {DEMO_QUESTION}")
         _stream_chat(base_url, settings.model.served[0], DEMO_QUESTION, max_tokens=64)
     if block:
-        controller = start_controller(serve_app, settings, plans) if plans else None
+        # Watches the registry: re-plans when a planned node leaves or a provider's stage host registers.
+        controller = start_controller(serve_app, settings, plans)
         _serve_until_interrupted(settings, handle.started_here)
         if controller is not None:
             controller.stop()
