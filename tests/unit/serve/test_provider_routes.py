@@ -31,6 +31,7 @@ from serve_apps.stagehost.registration import (
     Registration,
     RegistrationError,
     checked_challenge,
+    register,
 )
 
 ENDPOINT = "127.0.0.1:7443"
@@ -347,7 +348,7 @@ JSON = st.recursive(
 REGISTER_FIELDS = ["challenge", "signature", "cert_pem", "capabilities", "models", "region"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     body=st.dictionaries(st.sampled_from(REGISTER_FIELDS), JSON, max_size=6),
     route=st.sampled_from(["challenge", "register"]),
@@ -520,3 +521,54 @@ def test_agent_retries_while_the_registry_is_unavailable(registry: NetworkRegist
     with pytest.raises(RegistrationError) as caught:
         agent_for(http, Keypair(), cert, []).register(attempts=2, backoff_s=0.01)
     assert caught.value.status == 503
+
+
+# -- an HTTPS gateway: the provider trusts the CA given with --ca-cert, and nothing else -----------------------
+
+
+@contextlib.contextmanager
+def https_gateway(providers: Any, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    import uvicorn
+
+    from cluster.security.certs import create_ca, issue
+
+    ca = create_ca()
+    server_cert = issue(ca, ["127.0.0.1"])
+    server_cert.write(tmp_path / "gw.crt", tmp_path / "gw.key")
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    gateway = Gateway(NoBackend(), [ModelCard("tiny-llama", "tests")], providers=providers)  # type: ignore[arg-type]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_gateway_app(gateway),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ssl_certfile=str(tmp_path / "gw.crt"),
+        ssl_keyfile=str(tmp_path / "gw.key"),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"https://127.0.0.1:{port}", tmp_path / "ca.crt"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+def test_https_gateway_is_verified_with_the_given_ca(fake: InProcessProviders, cert: CertKey, tmp_path: Path) -> None:
+    with https_gateway(fake, tmp_path) as (url, ca_cert):
+        keypair = Keypair()
+        args = (keypair, ENDPOINT, cert.cert_pem.decode(), {}, ["tiny-llama"])
+        client = GatewayClient(url, ca_cert=ca_cert)
+        assert register(client, *args).wallet == str(keypair.pubkey())
+        client.close()
+        untrusting = GatewayClient(url)  # the system CAs do not know this gateway's CA
+        with pytest.raises(RegistrationError, match="unreachable"):
+            register(untrusting, *args)
+        untrusting.close()
