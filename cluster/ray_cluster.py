@@ -70,6 +70,14 @@ def connect_existing(section: RaySection, state_dir: Path) -> ClusterHandle:
     return _connect(address, section.namespace, False, _driver_env(section, state_dir))
 
 
+def prepare_driver(section: RaySection, state_dir: Path) -> dict[str, str]:
+    """Give this process the token (and TLS files) of the cluster it is about to `ray.init` into, found as
+    `solanalm status` finds them; for entry points that call ray.init themselves. Returns what was set
+    ({} when Ray is already connected here, or nothing was found)."""
+    env = _driver_env(section, state_dir)
+    return env if apply_to_process(env) else {}
+
+
 def head_command(section: RaySection, num_cpus: int) -> list[str]:
     """The `ray start --head` command line of a local head."""
     return [

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,15 +21,28 @@ from cluster.security import ray_auth
 from cluster.security.ray_auth import RayAuthError, apply_to_process, driver_env, ensure_token, head_env
 from cluster.security.ray_tls import RayTlsError, TlsFiles, init_tls, tls_env
 
-RAY_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_USE_TLS")
+RAY_VARS = (
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_USE_TLS",
+    "RAY_TLS_SERVER_CERT",
+    "RAY_TLS_SERVER_KEY",
+    "RAY_TLS_CA_CERT",
+)
 
 
 @pytest.fixture(autouse=True)
-def _no_ray_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No operator variables and an empty HOME (so no ~/.ray/auth_token), restored after each test."""
-    for name in RAY_VARS:
-        monkeypatch.delenv(name, raising=False)
+def _no_ray_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No operator variables and an empty HOME (so no ~/.ray/auth_token); whatever a test (or the code
+    under test, through os.environ) sets is undone after it."""
+    saved = {name: os.environ.pop(name, None) for name in RAY_VARS}
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    yield
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
 
 
 def _mode(path: Path) -> int:
@@ -129,6 +143,17 @@ def test_up_starts_the_head_and_the_driver_with_the_token(monkeypatch: pytest.Mo
     assert started["command"][1:3] == ["start", "--head"]
     assert started["env"]["RAY_AUTH_MODE"] == "token" and started["env"]["RAY_AUTH_TOKEN_PATH"] == token_path
     assert driver == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
+
+
+def test_prepare_driver_is_what_other_entry_points_call(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(ray_auth, "_reload_ray_config", lambda: None)
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
+    assert ray_cluster.prepare_driver(RaySection(), tmp_path) == {}
+    ensure_token(tmp_path / "ray-auth-token")
+    assert ray_cluster.prepare_driver(RaySection(), tmp_path)["RAY_AUTH_MODE"] == "token"
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "ray-auth-token")
+    with pytest.raises(ray_cluster.ClusterError, match="tls init"):
+        ray_cluster.prepare_driver(RaySection(tls=True), tmp_path)
 
 
 # ---- TLS ---------------------------------------------------------------------------------------
