@@ -12,11 +12,14 @@ from transformers import LlamaForCausalLM
 
 from cluster.config.network import NetworkSection
 from cluster.config.payments import PaymentsSection
+from cluster.config.root import load_settings
+from cluster.models import load_catalogue, materialize
 from cluster.models.tiny import tiny_llama_config
 from payments.protocol import WithheldPayout, WithholdPayout
 from serve_apps.engine.layer_split import split_layers
+from serve_apps.engine.stage_model import build_stage
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
-from serve_apps.verification.audit import AuditedStage, AuditJob, AuditLimits, ServedAudit
+from serve_apps.verification.audit import AuditedStage, AuditJob, AuditLimits, ServedAudit, judge, reexecute
 from serve_apps.verification.auditor import AuditorSettings, RaySanctions, get_or_create_auditor
 from tests.unit.verification.served_chain import serve
 
@@ -111,3 +114,36 @@ def test_honest_jobs_pass_and_a_perturbed_provider_is_reported_unpaid_and_draine
     assert sorted(w.request_id for w in withheld) == ["req-0.05-a", "req-0.05-b", "req-0.05-c"]
     assert {w.wallets for w in withheld} == {("wallet-p1",)}
     assert all("audit failed" in w.reason for w in withheld)
+
+
+@pytest.mark.slow  # SmolLM2-135M, bfloat16 with int4 decode steps (the real default): ~1 min on 2 cores
+def test_the_calibration_holds_on_smollm2_bfloat16_int4() -> None:
+    """Honest stages (KV-cached mixed batches, int4 decode steps) pass against the cache-free reference;
+    5 % weight noise on one stage fails it, and only it (thresholds: commitments.Tolerance)."""
+    settings = load_settings()
+    model_dir = materialize(
+        load_catalogue(settings.model.catalogue).get("smollm2-135m-instruct"), settings.model.cache_dir
+    )
+    configs = [
+        StageConfig(str(model_dir), spec, "bfloat16", 3, 128, 2, weight_quant="int4", low_bit_max_tokens=12)
+        for spec in split_layers(30, 3)
+    ]
+    generator = torch.Generator().manual_seed(7)
+    prompts = {f"s{i}": torch.randint(3, 49152, (n,), generator=generator).tolist() for i, n in enumerate((40, 23))}
+    models = {}
+    for noise in (0.0, 0.05):
+        audit = ServedAudit(AuditLimits(fraction=1.0))
+        for index, config in enumerate(configs):
+            audit.set_stage(index, AuditedStage(f"p{index}", None, config))
+        pipeline = [StageWorker(c) for c in configs]
+        if noise:
+            assert pipeline[1].inject_fault(1, noise_scale=noise, seed=3)
+        outcome = {}
+        for job in serve(pipeline, prompts, 16, audit).jobs:
+            index = job.stage.config.spec.index
+            if index not in models:
+                models[index] = build_stage(model_dir, configs[index].spec, torch.bfloat16)
+                models[index].quantize("int4", 12)
+            outcome[(job.seq_id, index)] = judge(job, reexecute(models[index], job))
+        expected = {key: not (noise and key[1] == 1) for key in outcome}
+        assert {k: v.passed for k, v in outcome.items()} == expected, {k: v.stats for k, v in outcome.items()}
