@@ -150,7 +150,7 @@ async def measure(run: Step, prompt: int, slots: int, repeats: int, inflight: tu
     throughput = {}
     for k in inflight:
         rounds = max(2, repeats // k)
-        started, per_step = time.perf_counter(), []
+        started, per_step = time.perf_counter(), list[float]()
 
         async def one(j: int, per_step: list[float] = per_step) -> None:
             t0 = time.perf_counter()
@@ -181,7 +181,8 @@ class _LinkStage:
     """What DirectExecutor uses of a stage actor handle (`link.remote`, `ping.remote`), in this process."""
 
     def __init__(self, worker: Any, name: str) -> None:
-        self._actor_id, self.worker, self.current = name, worker, None
+        self._actor_id, self.worker = name, worker
+        self.current: Any = None
         self.link, self.ping = _Remote(self._link), _Remote(lambda: True)
 
     def _link(self, downstream: Any, token: bytes) -> Any:
@@ -208,7 +209,7 @@ async def bench_compute(cfgs: list[Any], prompt: int, repeats: int, inflight: tu
     workers = [StageWorker(c) for c in cfgs]
 
     async def chain(batch: Any) -> Any:
-        hidden = None
+        hidden: Any = None
         for worker in workers:
             hidden = worker.forward(batch, hidden)
         return hidden
@@ -257,7 +258,7 @@ async def bench_grpc(
             remotes.append(remote)
 
         async def hub(batch: Any) -> Any:
-            hidden = None
+            hidden: Any = None
             for remote in remotes:
                 hidden = await remote.forward(batch, hidden)
             return hidden

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import torch
 
 from cluster.security.certs import CertKey
 from serve_apps.engine.layer_split import StageSpec
-from serve_apps.engine.messages import StageInfo
+from serve_apps.engine.messages import StageInfo, StepResult
 from serve_apps.engine.stage_model import load_config
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 from serve_apps.stagehost import stage_pb2 as pb
@@ -281,6 +282,7 @@ class StageHostServer:
                 logger.warning("stage host: closed a steps stream from %s: %s", context.peer(), exc)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             last_step = batch.step_id
+            out: torch.Tensor | StepResult | LinkError
             try:
                 out = self._on_compute(stage.worker.forward, batch, hidden)
             except Exception as exc:  # noqa: BLE001 - the coordinator decides; the stream stays up

@@ -5,6 +5,7 @@ protocol without going down."""
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -73,7 +74,8 @@ def test_remote_stages_compute_exactly_what_in_process_workers_compute(
         try:
             for step_id in range(9):
                 batch = steps_of(out, step_id)
-                mine, theirs = None, None
+                mine: Any = None
+                theirs: Any = None
                 for worker, remote in zip(local, remotes, strict=True):
                     mine = worker.forward(batch, mine)
                     theirs = await remote.forward(batch, theirs)
@@ -111,7 +113,7 @@ def test_several_steps_in_flight_come_back_in_order_on_one_stream(
             await remote.close()
 
     for got, want in zip(asyncio.run(main()), expected, strict=True):
-        assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+        assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and torch.equal(got, want)
 
 
 def test_ping_describe_and_a_step_that_fails_in_compute(
@@ -136,7 +138,7 @@ def test_ping_describe_and_a_step_that_fails_in_compute(
                     raise RuntimeError("out of memory, say")
                 return real(batch, hidden)
 
-            worker.forward = flaky  # type: ignore[method-assign]  # fault injection from the test
+            worker.forward = flaky  # type: ignore[method-assign,assignment]  # fault injection from the test
             first = await remote.forward(StepBatch(0, (SeqChunk("a", 0, 0, (5, 6), GREEDY),)), None)
             stream = remote._stream
             with pytest.raises(StageCallError, match="out of memory"):
