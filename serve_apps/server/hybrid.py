@@ -195,7 +195,7 @@ class HybridPool:
         max_inflight: int,
         client_factory: ClientFactory,
         loader: Callable[[ProviderStage, HybridStage], Awaitable[StageInfo]],
-        observer: StepObserver | None = None,
+        audit: Any = None,
     ) -> None:
         self.stages = stages
         self.timeout_s = timeout_s
@@ -206,7 +206,10 @@ class HybridPool:
         self._factory = client_factory
         self._loader = loader
         self.endpoints: list[StageEndpoint] = [self._endpoint(stage) for stage in stages]
-        self._executor = HubExecutor(self.endpoints, observer)
+        # Served-traffic verification (serve_apps.verification.audit.ServedAudit): it observes every
+        # provider stage's steps; the coordinator admits and finishes sequences on it.
+        self.audit = audit
+        self._executor = HubExecutor(self.endpoints, audit.observe if audit is not None else None)
         self._recovering = asyncio.Lock()
 
     @property
@@ -257,13 +260,18 @@ class HybridPool:
 
     async def recover(self) -> bool:
         """Replace every stage that does not answer: an operator stage in its bundle, a provider stage by an
-        operator stage actor on this replica's node (its layers from the operator's own weights)."""
+        operator stage actor on this replica's node (its layers from the operator's own weights). The engine
+        then replays every live sequence: what the audit recorded of them so far is closed, still judged."""
         async with self._recovering:
             alive = await asyncio.gather(*(e.alive() for e in self.endpoints))
             for index, ok in enumerate(alive):
                 if not ok:
                     await self._replace(index)
-            return all(await asyncio.gather(*(e.alive() for e in self.endpoints)))
+            recovered = all(await asyncio.gather(*(e.alive() for e in self.endpoints)))
+            if recovered and self.audit is not None:
+                for seq_id in self.audit.audited_ids():
+                    self.audit.drop(seq_id)
+            return recovered
 
     async def _replace(self, index: int) -> None:
         old, stage = self.endpoints[index], self.stages[index]
@@ -280,6 +288,8 @@ class HybridPool:
             raise StageCallError(f"replacement stage {recipe.name} did not start")
         self.stages[index] = HybridStage(stage.spec, recipe, None)
         self.endpoints[index] = endpoint  # the executor shares this list
+        if self.audit is not None:
+            self.audit.set_stage(index, None)  # the operator's own stage now: nothing to audit
         self.restarts += 1
 
     async def describe(self) -> list[StageInfo]:

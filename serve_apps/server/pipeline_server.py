@@ -45,7 +45,7 @@ from serve_apps.protocol import (
 from serve_apps.routing.ranking import RoutingHint, hint_violation
 from serve_apps.routing.stats import RegistryLink
 from serve_apps.server.hybrid import HybridPool
-from serve_apps.server.providers import build_hybrid_pool
+from serve_apps.server.providers import AuditSubmitter, build_hybrid_pool
 from serve_apps.server.stages import StagePool
 from serve_apps.server.tokenization import PromptProcessor
 from serve_apps.verification.protocol import TraceRequest, TraceResult
@@ -146,6 +146,7 @@ class PipelineServer:
             recovery_timeout_s=pipeline.recovery_timeout_s,
         )
         self.providers = self._provider_work()
+        self.audits = AuditSubmitter(self.settings)
         # Routing and verification: this pipeline's nodes and wallets, the registry, optional fault injection.
         self.node_ids = self.pool.node_ids() if self.pool is not None else []
         self.wallets = self._stage_wallets()
@@ -164,24 +165,41 @@ class PipelineServer:
         sampling = _with_max_tokens(request.sampling, prepared.max_tokens)
         seq = Sequence(request.request_id, prepared.token_ids, sampling, self.plan.max_model_len)
         prompt_tokens = len(prepared.token_ids)
+        audit = self.pool.audit if isinstance(self.pool, HybridPool) else None
+        if audit is not None:
+            audit.admit(seq.seq_id, request.request_id)  # a secret draw: audited or not, served the same
         try:
             events = self.engine.stream(seq)
             first = await anext(events)
         except QueueFullError as exc:
+            self._end_audit(seq.seq_id, served=False)
             yield Rejected(503, f"server overloaded: {exc}", code="overloaded", retry_after_s=1.0)
             return
         except EngineError as exc:
+            self._end_audit(seq.seq_id, served=False)
             yield Rejected(503, str(exc), code="pipeline_unavailable", retry_after_s=1.0)
             return
         REQUEST_ID.set(request.request_id)  # after the engine loop started: its task must not inherit the id
         yield Accepted(prompt_tokens)
         started = time.monotonic()
-        async for event in self._text_events(request, seq, first, events, prompt_tokens):
-            if isinstance(event, Finished):
-                event = replace(event, replica_id=self.replica_id)
-                per_token_s = (time.monotonic() - started) / max(1, event.completion_tokens)
-                self.registry.record_request(self.node_ids, event.finish_reason != "error", per_token_s)
-            yield event
+        try:
+            async for event in self._text_events(request, seq, first, events, prompt_tokens):
+                if isinstance(event, Finished):
+                    event = replace(event, replica_id=self.replica_id)
+                    per_token_s = (time.monotonic() - started) / max(1, event.completion_tokens)
+                    self.registry.record_request(self.node_ids, event.finish_reason != "error", per_token_s)
+                yield event
+        finally:
+            self._end_audit(seq.seq_id, served=True)  # a client that left still had its tokens computed
+
+    def _end_audit(self, seq_id: str, served: bool) -> None:
+        """An audited sequence ended: hand its provider stages' work to the auditor (nothing otherwise)."""
+        if not isinstance(self.pool, HybridPool) or self.pool.audit is None:
+            return
+        if not served:
+            self.pool.audit.discard(seq_id)
+            return
+        self.audits.submit(self.pool.audit.finish(seq_id))
 
     async def record_routing_stats(self) -> dict:
         """Serve polls this every `routing.stats_period_s`; the ReputationRouter ranks replicas by it."""

@@ -16,6 +16,7 @@ from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.messages import StageInfo
 from serve_apps.server.hybrid import HybridPool, HybridStage, ProviderLink, ProviderStage
 from serve_apps.server.stages import in_bundle, stage_name_prefix, stage_recipe
+from serve_apps.verification.audit import AuditedStage, AuditJob, AuditLimits, ServedAudit
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,38 @@ def build_hybrid_pool(plan: Any, settings: Settings, node_ids: list[str]) -> Hyb
         return info
 
     max_inflight = pipeline.max_inflight_steps or len(stages)
-    pool = HybridPool(stages, pipeline.stage_call_timeout_s, max_inflight, client, load)
+    audit = ServedAudit(AuditLimits.from_network(settings.network))
+    for index, stage in enumerate(stages):
+        if stage.link is not None:
+            audit.set_stage(index, AuditedStage(stage.link.provider_id, stage.link.wallet, stage.recipe.config))
+    pool = HybridPool(stages, pipeline.stage_call_timeout_s, max_inflight, client, load, audit)
     pool.wait_ready()
     return pool
+
+
+class AuditSubmitter:
+    """Hands finished audited sequences to the operator's auditor actor (created on first use, on the
+    head), fire and forget: an answer never waits for its audit."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._auditor: Any = None
+
+    def submit(self, jobs: list[AuditJob]) -> None:
+        if not jobs:
+            return
+        try:
+            self._actor().submit.remote(jobs)  # an actor call runs whether or not its result is awaited
+        except Exception:  # noqa: BLE001 - an audit lost is counted as not sampled, the answer stands
+            logger.exception("could not hand %d audit jobs to the auditor", len(jobs))
+
+    def _actor(self) -> Any:
+        if self._auditor is None:
+            from serve_apps.verification.auditor import RaySanctions, get_or_create_auditor
+
+            network = self.settings.network.model_dump(mode="json")
+            payments = self.settings.payments.model_dump(mode="python")
+            payments = {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else v) for k, v in payments.items()}
+            sanctions = RaySanctions(network, payments, self.settings.ray.namespace)
+            self._auditor = get_or_create_auditor(sanctions, self.settings.ray.namespace)
+        return self._auditor

@@ -48,6 +48,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 0
     advertise: str | None = None
+    advertise_port: int | None = None  # where the operator dials when a NAT or proxy forwards to `port`
     region: str = ""
     num_cpus: int | None = None
     state_dir: Path = DEFAULT_STATE_DIR
@@ -134,7 +135,7 @@ def serve(
     port = server.start()
     stop = stop or threading.Event()
     client = client or GatewayClient(options.gateway, options.ca_cert)
-    endpoint = endpoint_of(options.advertised_host, port)
+    endpoint = endpoint_of(options.advertised_host, options.advertise_port or port)
     agent = ProviderAgent(
         client,
         keypair,
@@ -202,6 +203,10 @@ def serve_command(
     advertise: Annotated[
         str | None, typer.Option(help="Host name or address the operator dials (default: --host).")
     ] = None,
+    advertise_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Port the operator dials, where a NAT or proxy forwards to --port."),
+    ] = None,
     region: Annotated[str, typer.Option(help="Region, e.g. eu-west.")] = "",
     num_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs offered (default: all).")] = None,
     state_dir: Annotated[Path, typer.Option(help="Certificate and registration state.")] = DEFAULT_STATE_DIR,
@@ -219,6 +224,7 @@ def serve_command(
         host=host,
         port=port,
         advertise=advertise,
+        advertise_port=advertise_port,
         region=region,
         num_cpus=num_cpus,
         state_dir=state_dir,

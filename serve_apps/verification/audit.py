@@ -217,6 +217,10 @@ class ServedAudit:
     def is_audited(self, seq_id: str) -> bool:
         return seq_id in self._audited
 
+    def audited_ids(self) -> list[str]:
+        """The audited sequences in flight (the coordinator drops them all before a replay)."""
+        return list(self._audited)
+
     def drop(self, seq_id: str) -> None:
         """The sequence is being replayed (its stages lost their caches): what each stage computed so far
         is closed (still audited at `finish`); the replay, from position 0, is recorded afresh."""
