@@ -1,0 +1,106 @@
+"""A provider that perturbs what it serves is caught by verification of served traffic, then evicted.
+
+The cheater runs the project's stage host with its outputs perturbed on every step (it cannot tell an
+audited sequence from any other: the draw is the coordinator's secret). The operator audits a fraction of
+sequences by re-executing the provider's layers on its own reference weights. The test counts requests
+until the first failed audit, and checks the sanctions: reputation down, that request's pay withheld,
+and after repeated failures the provider drained and re-planned away.
+"""
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.trust.harness import Operator, Provider, operator_and_providers, wait_until
+
+MODEL = "tiny-llama"
+FRACTION = 0.25
+MAX_REQUESTS = 60  # P(no audit in 60 requests at 1/4) = 0.75**60 ~ 3e-8
+
+
+@pytest.fixture(scope="module")
+def cheater(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> Iterator[tuple[Operator, Provider]]:
+    work = tmp_path_factory.mktemp("verify")
+    overrides = {
+        "SOLANALM_MODEL__SERVED": json.dumps([MODEL]),
+        "SOLANALM_MODEL__CACHE_DIR": str(model_cache_dir),
+        "SOLANALM_PIPELINE__NUM_STAGES": "1",
+        "SOLANALM_PIPELINE__MAX_NUM_SEQS": "4",
+        "SOLANALM_PIPELINE__GRACEFUL_SHUTDOWN_TIMEOUT_S": "5",
+        "SOLANALM_PAYMENTS__STATE_DIR": str(work / "payments"),
+        "SOLANALM_NETWORK__VERIFICATION_FRACTION": str(FRACTION),
+        "SOLANALM_NETWORK__PLACEMENT__WATCH_INTERVAL_S": "1",
+        "SOLANALM_NETWORK__PLACEMENT__MAX_STAGES": "2",
+        "SOLANALM_NETWORK__PLACEMENT__MIN_STAGE_GAIN": "0",
+    }
+    spec = {
+        "name": "cheater",
+        "model": MODEL,
+        "cache_dir": model_cache_dir,
+        "module": "tests.integration.trust.cheating_provider",
+        "extra_args": ["--cheat", "perturb"],
+    }
+    with operator_and_providers(work, overrides, [spec]) as (operator, (provider,)):
+        wait_until(lambda: provider.provider_id in _hosts(operator), 600, "a pipeline with the cheater's stage")
+        yield operator, provider
+
+
+def _hosts(operator: Operator) -> list[str]:
+    try:
+        health = httpx.get(f"{operator.base_url}/healthz", timeout=30).json()
+    except (httpx.HTTPError, ValueError):
+        return []
+    return [stage["node_id"] for stage in (health.get("pipelines") or [{}])[0].get("stages") or []]
+
+
+def _record(operator: Operator, provider_id: str) -> dict:
+    nodes = httpx.get(f"{operator.base_url}/v1/network/nodes", timeout=30).json()
+    return next(node for node in nodes["data"] if node["node_id"] == provider_id)
+
+
+def test_a_provider_perturbing_served_traffic_is_caught_withheld_and_evicted(
+    cheater: tuple[Operator, Provider],
+) -> None:
+    operator, provider = cheater
+    client = openai.OpenAI(base_url=f"{operator.base_url}/v1", api_key="open", max_retries=2, timeout=120)
+    initial = _record(operator, provider.provider_id)["reputation"]
+    settlements: list[str] = []
+    caught_after = None
+    for count in range(1, MAX_REQUESTS + 1):
+        raw = client.completions.with_raw_response.create(model=MODEL, prompt=f"Count to {count}:", max_tokens=8)
+        settlements.append(raw.headers["x-solanalm-settlement-id"])
+        time.sleep(0.3)  # audits run off the serving path
+        if _record(operator, provider.provider_id)["verifications_failed"] > 0:
+            caught_after = count
+            break
+    assert caught_after is not None, f"not caught in {MAX_REQUESTS} requests at fraction {FRACTION}"
+    print(f"\ncheater caught after {caught_after} requests (audit fraction {FRACTION})")
+    record = _record(operator, provider.provider_id)
+    assert record["reputation"] < initial
+    assert record["verifications_passed"] == 0
+
+    def withheld() -> bool:
+        for settlement in settlements:
+            receipt = httpx.get(
+                f"{operator.base_url}/v1/receipts/{settlement}", headers={"Authorization": "Bearer open"}, timeout=30
+            ).json()
+            if any(line["role"] == "withheld" and line["wallet"] == provider.wallet for line in receipt["shares"]):
+                return True
+        return False
+
+    wait_until(withheld, 60, "the caught request's provider pay withheld")
+    # Repeated failures: drained (no new stages), and the controller re-plans the pipeline without it.
+    for count in range(MAX_REQUESTS * 3):
+        if _record(operator, provider.provider_id)["draining"]:
+            break
+        client.completions.create(model=MODEL, prompt=f"Again {count}:", max_tokens=8)
+        time.sleep(0.2)
+    assert _record(operator, provider.provider_id)["draining"], "three failed audits drain the provider"
+    wait_until(lambda: provider.provider_id not in _hosts(operator), 300, "the pipeline re-planned without it")
+    reply = client.completions.create(model=MODEL, prompt="After eviction:", max_tokens=4)
+    assert reply.choices[0].text is not None
