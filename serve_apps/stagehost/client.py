@@ -267,7 +267,11 @@ class RemoteStage:
             self._fail(self._stream, StageCallError(f"{self.endpoint}: {reason}"))
 
     async def close(self) -> None:
-        """Fail the steps in flight and close the channel."""
+        """Fail the steps in flight and close the channel (its calls finish on this event loop)."""
+        stream = self._stream
         await self._reset("the stage client is closing")
+        if stream is not None and stream.reader is not None:
+            with contextlib.suppress(BaseException):
+                await stream.reader
         with contextlib.suppress(Exception):
             await self._channel.close()
