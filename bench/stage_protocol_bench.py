@@ -4,7 +4,8 @@ On one machine, for a model's layers split into `--stages` stages (all in this p
 
 - compute: the stages' StageWorkers called in turn, no transport (the floor);
 - codec: encode + decode of one hop's frame (a step and its hidden states), the old pickle format of
-  serve_apps/engine/links.py against the protobuf LinkFrame that replaced it;
+  serve_apps/engine/links.py against the protobuf LinkFrame (with its checks) that replaced it, fastest
+  of --repeats rounds;
 - direct: the operator path: `DirectExecutor` and in-process `StageLink`s over TCP (stage -> stage);
 - grpc: the provider path: one `StageHostServer` per stage (gRPC + TLS, link token), the coordinator
   calling each in turn through `RemoteStage` (hub: coordinator -> stage -> coordinator -> next stage);
@@ -108,20 +109,17 @@ def bench_codec(hidden: int, vocab: int, dtype: str, prompt: int, repeats: int) 
         out[label(rows, prompt)] = {
             "bytes_pickle": len(old_pickle_frame(batch, tensor)),
             "bytes_protobuf": len(encode_link_frame(batch, tensor)),
-            "us_pickle": round(median_s(pickled, repeats * 10) * 1e6, 1),
-            "us_protobuf": round(median_s(proto, repeats * 10) * 1e6, 1),
+            "us_pickle": round(best_s(pickled, repeats) * 1e6, 1),
+            "us_protobuf": round(best_s(proto, repeats) * 1e6, 1),
         }
     return out
 
 
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+def best_s(fn: Callable[[], object], repeats: int, number: int = 100) -> float:
+    """The fastest of `repeats` rounds of `number` calls, per call (a micro-benchmark on a shared machine)."""
+    import timeit
+
+    return min(timeit.repeat(fn, number=number, repeat=repeats)) / number
 
 
 def label(rows: int, prompt: int) -> str:

@@ -13,6 +13,7 @@ serialization does on x86 and ARM).
 
 import asyncio
 import dataclasses
+import functools
 import math
 import socket
 import struct
@@ -210,7 +211,16 @@ def request_to_proto(batch: StepBatch, hidden: torch.Tensor | None) -> pb.StepRe
 
 
 def _chunk_to_proto(chunk: SeqChunk) -> pb.Chunk:
-    s = chunk.sampling
+    msg = pb.Chunk(
+        seq_id=chunk.seq_id, slot=chunk.slot, start_pos=chunk.start_pos, token_ids=chunk.token_ids, sample=chunk.sample
+    )
+    msg.sampling.MergeFromString(_sampling_bytes(chunk.sampling))
+    return msg
+
+
+@functools.lru_cache(maxsize=1024)
+def _sampling_bytes(s: SamplingParams) -> bytes:
+    """A request's sampling, serialized once: every chunk of it in every step sends the same bytes."""
     sampling = pb.Sampling(
         temperature=s.temperature,
         top_p=s.top_p,
@@ -221,14 +231,7 @@ def _chunk_to_proto(chunk: SeqChunk) -> pb.Chunk:
     )
     if s.seed is not None:
         sampling.seed = s.seed
-    return pb.Chunk(
-        seq_id=chunk.seq_id,
-        slot=chunk.slot,
-        start_pos=chunk.start_pos,
-        token_ids=chunk.token_ids,
-        sample=chunk.sample,
-        sampling=sampling,
-    )
+    return sampling.SerializeToString()
 
 
 def encode_request(batch: StepBatch, hidden: torch.Tensor | None) -> bytes:
@@ -281,9 +284,17 @@ def _chunk_from_proto(msg: pb.Chunk, limits: FrameLimits) -> SeqChunk:
         _slot(msg.slot, limits),
         msg.start_pos,
         tokens,
-        _sampling_from_proto(msg.sampling, limits),
+        _sampling_cached(msg.sampling.SerializeToString(), limits.vocab_size, limits.max_stop_token_ids),
         msg.sample,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _sampling_cached(raw: bytes, vocab_size: int | None, max_stop_token_ids: int) -> SamplingParams:
+    """Parse and check a chunk's sampling once per distinct value (a request sends the same one every step;
+    a WireError is not cached). `raw` is protobuf's own re-serialization, so equal values are equal keys."""
+    limits = FrameLimits(vocab_size, vocab_size, 1, 1, 1, 1, max_stop_token_ids=max_stop_token_ids)
+    return _sampling_from_proto(pb.Sampling.FromString(raw), limits)
 
 
 def _sampling_from_proto(msg: pb.Sampling, limits: FrameLimits) -> SamplingParams:
