@@ -145,6 +145,20 @@ def test_up_starts_the_head_and_the_driver_with_the_token(monkeypatch: pytest.Mo
     assert driver == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
 
 
+def test_up_with_an_address_joins_with_the_token_found_and_creates_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(
+        ray_cluster, "_connect", lambda address, ns, here, env: ray_cluster.ClusterHandle(address, None, here, env)
+    )
+    section = RaySection(address="10.0.0.1:6379")
+    assert ray_cluster.ensure_cluster(section, 2, tmp_path).ray_env == {}
+    assert not (tmp_path / "ray-auth-token").exists()  # joining never invents a token
+    ensure_token(tmp_path / "ray-auth-token")
+    assert ray_cluster.ensure_cluster(section, 2, tmp_path).ray_env["RAY_AUTH_MODE"] == "token"
+    assert ray_cluster.connect_existing(section, tmp_path).ray_env["RAY_AUTH_MODE"] == "token"  # status/down/tui
+
+
 def test_prepare_driver_is_what_other_entry_points_call(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(ray_auth, "_reload_ray_config", lambda: None)
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
