@@ -68,7 +68,9 @@ class FrameLimits:
     max_len: int
     max_step_tokens: int
     max_chunks: int
-    max_released: int = 0  # 0: 4 x kv_slots (released pairs can accumulate across failed steps)
+    # 0: 64 x kv_slots. Released pairs accumulate while steps fail (they are requeued) and a refused step
+    # would be replayed with even more, so the bound is generous: it only caps a frame's size.
+    max_released: int = 0
     num_layers: int = 0  # the model's decoder layers (0: not known)
     dtypes: frozenset[str] = field(default_factory=lambda: frozenset(DTYPES))
     max_seq_id_bytes: int = 256
@@ -86,7 +88,7 @@ class FrameLimits:
 
     @property
     def released_limit(self) -> int:
-        return self.max_released or 4 * self.kv_slots
+        return self.max_released or 64 * self.kv_slots
 
     @property
     def max_frame_bytes(self) -> int:

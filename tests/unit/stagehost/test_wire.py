@@ -91,7 +91,7 @@ def _request(change) -> bytes:  # type: ignore[no-untyped-def]
 BAD = {
     "schema version": _request(lambda m: setattr(m, "schema_version", SCHEMA_VERSION + 1)),
     "chunks in one step": _request(lambda m: [m.chunks.add().CopyFrom(m.chunks[0]) for _ in range(3)]),
-    "released slots": _request(lambda m: [m.released.add(seq_id="x", slot=0) for _ in range(16)]),
+    "released slots": _request(lambda m: [m.released.add(seq_id="x", slot=0) for _ in range(257)]),
     "share a slot": _request(lambda m: setattr(m.chunks[1], "slot", 0)),
     "slot 4 outside": _request(lambda m: setattr(m.chunks[1], "slot", 4)),
     "slot -1 outside": _request(lambda m: setattr(m.released[0], "slot", -1)),
