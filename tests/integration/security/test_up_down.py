@@ -38,6 +38,7 @@ def test_up_status_down_with_token_auth(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home", {**settings_env, "SOLANALM_MODEL__CACHE_DIR": str(cache)})
     (tmp_path / "home").mkdir()
     marker = cache / "state" / "local-head.json"
+    mode_before = os.environ.get("RAY_AUTH_MODE")
     try:
         up = run_driver(UP, env, timeout_s=180)
         assert up.get("started_here") is True, up
@@ -63,4 +64,4 @@ def test_up_status_down_with_token_auth(tmp_path: Path) -> None:
             record = json.loads(marker.read_text())
             for proc in head_processes(record.get("session_dir") or "/nonexistent", str(ports["HEAD_PORT"])):
                 proc.kill()
-        assert os.environ.get("RAY_AUTH_MODE") is None  # nothing leaked into this test process
+        assert os.environ.get("RAY_AUTH_MODE") == mode_before  # nothing leaked into this test process
