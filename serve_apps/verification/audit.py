@@ -45,6 +45,7 @@ from serve_apps.verification.commitments import (
     check,
     commit_topk,
     token_topk,
+    tolerance_for,
 )
 from serve_apps.verification.trace import projection, trace_forward
 
@@ -77,7 +78,7 @@ class AuditLimits:
     max_sequences: int = 64  # audited sequences in flight; beyond, a sequence is not audited (counted)
     topk: int = 4
     chunk_tokens: int = 32
-    tolerance: Tolerance = field(default_factory=Tolerance)
+    tolerance: Tolerance | None = None  # None: calibrated by each stage's dtype (commitments.tolerance_for)
 
     def __post_init__(self) -> None:
         if not 0 <= self.fraction <= 1 or self.max_tokens < 1 or self.max_sequences < 0:
@@ -330,7 +331,7 @@ class ServedAudit:
             torch.stack([record.inputs[p] for p in positions]),
             torch.tensor([record.low_bit[p] for p in positions], dtype=torch.bool),
             commitment,
-            self.limits.tolerance,
+            self.limits.tolerance or tolerance_for(record.stage.config.dtype),
             sampled,
             record.sampling,
         )
