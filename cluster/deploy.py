@@ -71,9 +71,7 @@ def deploy(app: ServeApp, settings: Settings) -> float:
     """Start Serve's HTTP proxy and run the application; returns the seconds it took to become ready."""
     started = time.perf_counter()
     start_registry(settings)
-    serve.start(
-        proxy_location=app.proxy_location, http_options={"host": settings.http.host, "port": settings.http.port}
-    )
+    serve.start(proxy_location=app.proxy_location, http_options=http_options(settings))
     builder = _resolve(app.import_path)
     args = settings.model_dump(mode="json", include={"model", "pipeline", "http", "network", "logging"})
     # Secrets are masked in a JSON dump; payments settings travel as values, unmasked.
@@ -90,6 +88,15 @@ def start_registry(settings: Settings) -> None:
     from cluster.network.registry import get_or_create_registry
 
     get_or_create_registry(settings.network, settings.ray.namespace)
+
+
+def http_options(settings: Settings) -> dict[str, Any]:
+    """Serve's proxy options: host, port and, with a certificate, HTTPS (`http.ssl_certfile`/`ssl_keyfile`)."""
+    options: dict[str, Any] = {"host": settings.http.host, "port": settings.http.port}
+    if settings.http.ssl_certfile is not None and settings.http.ssl_keyfile is not None:
+        options["ssl_certfile"] = str(settings.http.ssl_certfile.expanduser())
+        options["ssl_keyfile"] = str(settings.http.ssl_keyfile.expanduser())
+    return options
 
 
 def drain_and_shutdown(app_name: str) -> None:

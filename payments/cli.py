@@ -23,15 +23,11 @@ from payments.errors import PaymentError
 from payments.protocol import DepositRequest
 from payments.service import PaymentsService
 
-app = typer.Typer(
-    help="Payments: balances, deposits, settlement and the ledger.", no_args_is_help=True
-)
+app = typer.Typer(help="Payments: balances, deposits, settlement and the ledger.", no_args_is_help=True)
 console = Console()
 T = TypeVar("T")
 
-ConfigOpt = typer.Option(
-    None, "--config", "-c", help="Settings YAML (sections); env SOLANALM_* overrides."
-)
+ConfigOpt = typer.Option(None, "--config", "-c", help="Settings YAML (sections); env SOLANALM_* overrides.")
 ActorOpt = typer.Option(False, "--via-actor", help="Go through the running payments actor (Ray).")
 
 
@@ -49,8 +45,10 @@ def _with_service(config: Path | None, via_actor: bool, fn: Callable[[Any], Awai
     async def remote() -> T:
         import ray
 
+        from cluster.ray_cluster import prepare_driver
         from payments.client import get_payments_client
 
+        prepare_driver(settings.ray, settings.model.cache_dir / "state")  # the locked cluster's token
         ray.init(
             address=settings.ray.address or "auto",
             namespace=settings.ray.namespace,
@@ -109,12 +107,8 @@ def balance(wallet: str, config: Path | None = ConfigOpt, via_actor: bool = Acto
 
 @app.command()
 def deposit(
-    signature: str | None = typer.Option(
-        None, help="Credit an already landed transfer to the treasury."
-    ),
-    keypair: Annotated[
-        Path | None, typer.Option(help="Solana CLI keypair that pays (with --amount).")
-    ] = None,
+    signature: str | None = typer.Option(None, help="Credit an already landed transfer to the treasury."),
+    keypair: Annotated[Path | None, typer.Option(help="Solana CLI keypair that pays (with --amount).")] = None,
     amount: int = typer.Option(0, min=0, help="Base units to transfer to the treasury."),
     config: Path | None = ConfigOpt,
     via_actor: bool = ActorOpt,
@@ -128,9 +122,7 @@ def deposit(
         sig = signature
         if keypair is not None:
             if not isinstance(api, _Local):
-                raise PaymentError(
-                    "--keypair needs --local (the transfer is built from the local settings)"
-                )
+                raise PaymentError("--keypair needs --local (the transfer is built from the local settings)")
             sig = await api.submit_transaction(await _transfer_bytes(api.service, keypair, amount))
         return await api.deposit(DepositRequest(sig or ""))
 
@@ -189,9 +181,7 @@ def reconcile(config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> No
 
 @app.command()
 def export(
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="CSV file (default: stdout).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="CSV file (default: stdout).")] = None,
     config: Path | None = ConfigOpt,
 ) -> None:
     """Export every settlement share as CSV (local ledger)."""

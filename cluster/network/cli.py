@@ -96,7 +96,7 @@ def list_command(
 ) -> None:
     """The registry's nodes: wallet, region, health, counters, reputation."""
     settings = load_settings(config)
-    _connect(address or settings.ray.address or "auto", settings.ray.namespace)
+    _connect(address or settings.ray.address or "auto", settings)
     section = network_section(settings)
     try:
         registry = get_registry(section, settings.ray.namespace)
@@ -114,7 +114,7 @@ def registry_command(
 ) -> None:
     """Start the registry actor on the cluster if it is not running (operator, once per cluster)."""
     settings = load_settings(config)
-    _connect(address or settings.ray.address or "auto", settings.ray.namespace)
+    _connect(address or settings.ray.address or "auto", settings)
     section = network_section(settings)
     registry = get_or_create_registry(section, settings.ray.namespace)
     count: Any = ray.get(registry.ping.remote(), timeout=section.registry_call_timeout_s)
@@ -137,7 +137,7 @@ def plan_command(
     settings = load_settings(config)
     if model:
         settings.model.served = model
-    _connect(address or settings.ray.address or "auto", settings.ray.namespace)
+    _connect(address or settings.ray.address or "auto", settings)
     try:
         plans = plan_deployment(settings)
     except PlacementError as exc:
@@ -186,6 +186,11 @@ def nodes_table(records: list[NodeRecord]) -> Table:
     return table
 
 
-def _connect(address: str, namespace: str) -> Any:
+def _connect(address: str, settings: Settings) -> Any:
+    """Join the operator's cluster as its operator: with its token (and TLS files), as `solanalm status` does."""
     if not ray.is_initialized():
+        from cluster.ray_cluster import prepare_driver
+
+        prepare_driver(settings.ray, settings.model.cache_dir / "state")
+        namespace = settings.ray.namespace
         ray.init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False)
