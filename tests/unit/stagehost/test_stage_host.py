@@ -416,3 +416,38 @@ def test_a_new_load_replaces_the_stage_and_ends_streams_of_the_old_one(
 
     asyncio.run(main())
     assert host.stage is not None and (host.stage.worker.spec.start, host.stage.generation) == (3, 2)
+
+
+def test_a_malformed_stream_does_not_disturb_another_open_stream(
+    tiny_dir: Path, start_host: Callable[..., StageHostServer], cert: CertKey, token: str
+) -> None:
+    host = middle_stage(tiny_dir, start_host, cert, token)
+
+    async def main() -> None:
+        remote = RemoteStage(f"{HOST}:{host.port}", cert.cert_pem, token, limits(tiny_dir), timeout_s=30)
+        try:
+            step = StepBatch(0, (SeqChunk("a", 0, 0, (5, 6), GREEDY),))
+            assert isinstance(await remote.forward(step, torch.randn(2, TINY_HIDDEN)), torch.Tensor)
+            stream = remote._stream
+            with raw_channel(host.port, cert.cert_pem) as channel:  # an attacker's stream, beside it
+                _, code, _ = await asyncio.to_thread(raw_steps, channel, token, [BAD_REQUESTS["garbage"]])
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            step = StepBatch(1, (SeqChunk("a", 0, 2, (7,), GREEDY),))
+            assert isinstance(await remote.forward(step, torch.randn(1, TINY_HIDDEN)), torch.Tensor)
+            assert remote._stream is stream  # the same stream carried on
+        finally:
+            await remote.close()
+
+    asyncio.run(main())
+
+
+def test_a_plaintext_client_gets_nothing(
+    tiny_dir: Path, start_host: Callable[..., StageHostServer], cert: CertKey, token: str
+) -> None:
+    host = start_host()
+    with grpc.insecure_channel(f"{HOST}:{host.port}") as channel:
+        metadata = (("authorization", f"Bearer {token}"),)
+        with pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary(PING)(pb.PingRequest(schema_version=SCHEMA_VERSION).SerializeToString(),
+                                      metadata=metadata, timeout=5)  # fmt: skip
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
