@@ -57,6 +57,7 @@ class AuditedStage:
     provider_id: str
     wallet: str | None
     config: StageConfig
+    model: str = ""  # the served model's public name (metrics)
 
     @property
     def key(self) -> tuple[str, str, int, int, bool, bool, str]:

@@ -8,7 +8,8 @@ and `RaySanctions` reports to the registry and payments actors:
 - every verdict: `registry.record_verification([provider_id], passed)` (reputation: a failure moves it
   `verification_fail_step`, by default half-way, to 0);
 - a failure: that request's payout to the provider's proven wallet is withheld
-  (`payments.withhold_payout`, the mechanism the old spot-check used through the gateway's Metering);
+  (`payments.withhold_payout`, the mechanism the old spot-check used through the gateway's Metering),
+  and the `solanalm_verification_failures` metric counts it;
 - `failures_to_evict` failures of one provider: `registry.set_draining(provider_id)`, so placement gives
   it no new stages (reputation alone already drops below `min_eligible` after two failures from 0.5).
 
@@ -145,6 +146,7 @@ class Auditor:
             verdict.layer_end,
             verdict.reason,
         )
+        record_failure_metric(job.stage.model, job.stage.wallet)
         await self.sanctions.record(provider, False)
         if job.stage.wallet:
             await self.sanctions.withhold(job.request_id, job.stage.wallet, f"audit failed: {verdict.reason}")
@@ -168,6 +170,16 @@ class Auditor:
         except Exception:  # noqa: BLE001 - the verdict stands (counted) even when reporting fails
             logger.exception("could not report the audit of %s", job.request_id)
         return verdict
+
+
+def record_failure_metric(model: str, wallet: str | None) -> None:
+    """solanalm_verification_failures{model, provider_wallet} (+1); a metric never breaks an audit."""
+    try:
+        from serve_apps.metrics import record_verification_failure
+
+        record_verification_failure(model or "unknown", wallet or "operator")
+    except Exception:  # noqa: BLE001
+        logger.exception("could not record the verification-failure metric")
 
 
 class RaySanctions:
