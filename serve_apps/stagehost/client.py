@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "/solanalm.stage.v1.StageHost/"
 DEFAULT_LOAD_TIMEOUT_S = 600.0
+KEEPALIVE_MS = 20_000
 
 
 class StageProtocolError(StageCallError):
@@ -84,6 +85,11 @@ class RemoteStage:
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", limits.max_frame_bytes),
             ("grpc.max_send_message_length", limits.max_frame_bytes),
+            # An idle steps stream across a NAT would otherwise die silently and the next step would wait
+            # out its whole timeout; pings every 20 s find a dead path within 30 s (the host permits them).
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))

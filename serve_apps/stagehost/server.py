@@ -117,6 +117,11 @@ class StageHostServer:
         options = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
+            # The coordinator pings an idle steps stream every 20 s (client.KEEPALIVE_MS): allow it, and ping
+            # back so that a vanished coordinator's streams are closed.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ]
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.limits.max_workers, thread_name_prefix="stage-host"),
