@@ -187,10 +187,14 @@ class RaySanctions:
     actor is logged and skipped, as the old spot-check's reporter did)."""
 
     def __init__(self, network: dict[str, Any], payments: dict[str, Any] | None, namespace: str) -> None:
+        """`payments`: the payments actor's `actor_name` and `actor_call_timeout_s` (None: no withholding).
+        Only those two are kept: this object is an actor's constructor argument, stored by Ray, so it
+        must never carry the payments section's secrets (pass just the two keys)."""
         from cluster.config.network import NetworkSection
 
         self.network = NetworkSection.model_validate(network)
-        self.payments_settings = payments
+        self.payments_actor = str(payments["actor_name"]) if payments else None
+        self.payments_timeout_s = float((payments or {}).get("actor_call_timeout_s", 10.0))
         self.namespace = namespace
 
     def _registry(self) -> Any:
@@ -219,16 +223,17 @@ class RaySanctions:
         await asyncio.wait_for(registry.set_draining.remote(provider_id, True), self.network.registry_call_timeout_s)
 
     async def withhold(self, request_id: str, wallet: str, reason: str) -> None:
-        if self.payments_settings is None:
+        if self.payments_actor is None:
             return
-        from cluster.config.payments import PaymentsSection
-        from payments.client import get_payments_client
+        import ray
+
+        from payments.client import PaymentsClient
         from payments.errors import NotFound
         from payments.protocol import WithholdPayout
 
         try:
-            client = get_payments_client(
-                PaymentsSection.model_validate(self.payments_settings), namespace=self.namespace
+            client = PaymentsClient(
+                ray.get_actor(self.payments_actor, namespace=self.namespace), self.payments_timeout_s
             )
         except ValueError:
             logger.info("no payments actor: payout of %s not withheld", request_id)
@@ -314,5 +319,7 @@ def get_or_create_auditor(
         max_concurrency=16,
         num_cpus=0,
         resources={HEAD_NODE_RESOURCE: 0.001},
+        # Created from a pipeline replica, whose placement group would otherwise capture it.
+        scheduling_strategy="DEFAULT",
     ).remote(sanctions, settings)
     return handle

@@ -71,7 +71,8 @@ def actors() -> Iterator[tuple[Any, Any, Any]]:
     payments = PaymentsSection(actor_name="fake-payments-auditor-test")
     registry = _FakeRegistry.options(name=network.registry_name, namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
     pay = _FakePayments.options(name=payments.actor_name, namespace=NAMESPACE).remote()  # type: ignore[attr-defined]
-    sanctions = RaySanctions(network.model_dump(mode="json"), payments.model_dump(mode="json"), NAMESPACE)
+    names = {"actor_name": payments.actor_name, "actor_call_timeout_s": payments.actor_call_timeout_s}
+    sanctions = RaySanctions(network.model_dump(mode="json"), names, NAMESPACE)
     auditor = get_or_create_auditor(
         sanctions, NAMESPACE, AuditorSettings(failures_to_evict=2), name="solanalm-auditor-test"
     )
