@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import openai
+
+from cluster.security import certs
 
 BIN = Path(sys.executable).parent
 TIMEOUT_S = 60.0
@@ -61,6 +64,7 @@ class Operator:
 
     work: Path
     overrides: dict[str, str]
+    https: bool = False  # the gateway (Serve's proxy) with a certificate from a CA made here
     gcs_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_hex(32))
@@ -73,7 +77,23 @@ class Operator:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.https else 'http'}://127.0.0.1:{self.http_port}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.work / "tls" / "ca.crt"
+
+    @property
+    def verify(self) -> str | bool:
+        """What clients verify the gateway's certificate with."""
+        return str(self.ca_path) if self.https else True
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.get(f"{self.base_url}{path}", verify=self.verify, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    def openai(self, timeout_s: float = 300) -> openai.OpenAI:
+        http = httpx.Client(verify=self.verify, timeout=timeout_s)
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="open", max_retries=2, http_client=http)
 
     @property
     def token_path(self) -> Path:
@@ -91,6 +111,9 @@ class Operator:
                 **self.overrides,
             }
         )
+        if self.https:
+            env["SOLANALM_HTTP__SSL_CERTFILE"] = str(self.work / "tls" / "gateway.crt")
+            env["SOLANALM_HTTP__SSL_KEYFILE"] = str(self.work / "tls" / "gateway.key")
         env.pop("RAY_AUTH_TOKEN", None)
         return env
 
@@ -98,6 +121,13 @@ class Operator:
         self.work.mkdir(parents=True, exist_ok=True)
         self.token_path.write_text(self.token)
         self.token_path.chmod(0o600)
+        if self.https:
+            ca = certs.create_ca()
+            (self.work / "tls").mkdir(exist_ok=True)
+            self.ca_path.write_bytes(ca.cert_pem)
+            certs.issue(ca, ["127.0.0.1", "localhost"]).write(
+                self.work / "tls" / "gateway.crt", self.work / "tls" / "gateway.key"
+            )
         ports = {name: free_port() for name in PORT_FLAGS}
         head = [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.gcs_port}", "--num-cpus=8"]
         head += [f"--{flag}={port}" for flag, port in ports.items()]
@@ -112,7 +142,7 @@ class Operator:
         if self.processes[-1].poll() is not None:
             raise AssertionError(f"`solanalm up` exited:\n{(self.work / 'up.log').read_text()[-4000:]}")
         try:
-            return httpx.get(f"{self.base_url}/healthz", timeout=5).status_code == 200
+            return self.get("/healthz").status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -227,14 +257,16 @@ def _port_open(port: int) -> bool:
 
 @contextlib.contextmanager
 def operator_and_providers(
-    work: Path, overrides: dict[str, str], providers: list[dict]
+    work: Path, overrides: dict[str, str], providers: list[dict], https: bool = False
 ) -> Iterator[tuple[Operator, list[Provider]]]:
-    operator = Operator(work / "operator", overrides)
+    operator = Operator(work / "operator", overrides, https)
     started: list[Provider] = []
     try:
         operator.start()
         for spec in providers:
             provider = Provider(work=work / spec["name"], gateway=operator.base_url, **spec)
+            if operator.https:
+                provider.extra_args = [*provider.extra_args, "--ca-cert", str(operator.ca_path)]
             started.append(provider)
             provider.start()
         yield operator, started

@@ -43,14 +43,15 @@ def domain(
         "SOLANALM_NETWORK__PLACEMENT__MIN_STAGE_GAIN": "0",
     }
     providers = [{"name": name, "model": MODEL, "cache_dir": model_cache_dir} for name in ("p1", "p2")]
-    with operator_and_providers(work, overrides, providers) as (operator, started):
+    # The gateway speaks HTTPS (a CA made for the test): providers register over it with --ca-cert.
+    with operator_and_providers(work, overrides, providers, https=True) as (operator, started):
         wait_until(lambda: _planned_over(operator, started), REPLAN_TIMEOUT_S, "a pipeline over operator and providers")
         yield operator, started
 
 
 def _stages(operator: Operator) -> list[dict]:
     try:
-        health = httpx.get(f"{operator.base_url}/healthz", timeout=30).json()
+        health = operator.get("/healthz").json()
     except (httpx.HTTPError, ValueError):
         return []
     pipelines = health.get("pipelines") or [{}]
@@ -64,7 +65,7 @@ def _planned_over(operator: Operator, providers: list[Provider]) -> bool:
 
 
 def _client(operator: Operator) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{operator.base_url}/v1", api_key="open", max_retries=2, timeout=300)
+    return operator.openai()
 
 
 def test_layers_are_split_over_the_operator_and_both_providers(domain: tuple[Operator, list[Provider]]) -> None:
@@ -86,9 +87,7 @@ def test_answers_are_correct_and_each_settlement_pays_the_proven_wallets(
     reply = raw.parse()
     assert "Paris" in (reply.choices[0].message.content or "")
     settlement = raw.headers["x-solanalm-settlement-id"]
-    receipt = httpx.get(
-        f"{operator.base_url}/v1/receipts/{settlement}", headers={"Authorization": "Bearer open"}, timeout=30
-    ).json()
+    receipt = operator.get(f"/v1/receipts/{settlement}", headers={"Authorization": "Bearer open"}).json()
     shares = {line["wallet"]: line for line in receipt["shares"] if line["role"] == "provider"}
     layers = {stage["node_id"]: stage["layers"][1] - stage["layers"][0] for stage in _stages(operator)}
     for provider in providers:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from tests.integration.trust.harness import Operator, Provider, operator_and_providers, wait_until
@@ -52,14 +51,14 @@ def cheater(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> 
 
 def _hosts(operator: Operator) -> list[str]:
     try:
-        health = httpx.get(f"{operator.base_url}/healthz", timeout=30).json()
+        health = operator.get("/healthz").json()
     except (httpx.HTTPError, ValueError):
         return []
     return [stage["node_id"] for stage in (health.get("pipelines") or [{}])[0].get("stages") or []]
 
 
 def _record(operator: Operator, provider_id: str) -> dict:
-    nodes = httpx.get(f"{operator.base_url}/v1/network/nodes", timeout=30).json()
+    nodes = operator.get("/v1/network/nodes").json()
     return next(node for node in nodes["data"] if node["node_id"] == provider_id)
 
 
@@ -67,7 +66,7 @@ def test_a_provider_perturbing_served_traffic_is_caught_withheld_and_evicted(
     cheater: tuple[Operator, Provider],
 ) -> None:
     operator, provider = cheater
-    client = openai.OpenAI(base_url=f"{operator.base_url}/v1", api_key="open", max_retries=2, timeout=120)
+    client = operator.openai(120)
     initial = _record(operator, provider.provider_id)["reputation"]
     settlements: list[str] = []
     caught_after = None
@@ -86,9 +85,7 @@ def test_a_provider_perturbing_served_traffic_is_caught_withheld_and_evicted(
 
     def withheld() -> bool:
         for settlement in settlements:
-            receipt = httpx.get(
-                f"{operator.base_url}/v1/receipts/{settlement}", headers={"Authorization": "Bearer open"}, timeout=30
-            ).json()
+            receipt = operator.get(f"/v1/receipts/{settlement}", headers={"Authorization": "Bearer open"}).json()
             if any(line["role"] == "withheld" and line["wallet"] == provider.wallet for line in receipt["shares"]):
                 return True
         return False
