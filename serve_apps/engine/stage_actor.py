@@ -51,7 +51,7 @@ class StageActor:
         if self._link is not None:
             self._link.close()
         host, to = ray.util.get_node_ip_address(), (str(downstream[0]), int(downstream[1]))
-        self._link = StageLink(self.forward, host, to, token)
+        self._link = StageLink(self.forward, host, to, token, config=self.worker.config)
         return self._link.address
 
     def describe(self) -> StageInfo:

@@ -23,6 +23,7 @@ from serve_apps.engine.links import DirectExecutor
 from serve_apps.engine.messages import StageInfo
 from serve_apps.engine.stage_actor import StageActor, stage_actor_options, torch_threads_for
 from serve_apps.engine.stage_worker import StageConfig
+from serve_apps.stagehost.wire import FrameLimits
 
 logger = logging.getLogger(__name__)
 PoolExecutor = RayPipelineExecutor | CompiledGraphExecutor | FallbackExecutor | DirectExecutor
@@ -57,6 +58,7 @@ class StagePool:
         self._executor: PoolExecutor | None = None
         self.actors: list[Any] = [recipe.start() for recipe in recipes]
         self.restarts = 0
+        self.frame_limits: FrameLimits | None = None  # the direct transport's message limits
         self._recovering = asyncio.Lock()
 
     @property
@@ -84,6 +86,10 @@ class StagePool:
         for spec, recipe in zip(specs, recipes, strict=True):
             in_bundle(recipe, placement_group, spec.index)
         pool = cls(recipes, pipeline.stage_call_timeout_s, pipeline.transport)
+        # What the replica's end of the direct links accepts from the last stage (and sends to the first).
+        pool.frame_limits = FrameLimits.for_model(
+            model_dir, kv_slots or pipeline.max_num_seqs, max_len, pipeline.max_batch_size, pipeline.prefill_chunk
+        )
         pool.wait_ready(max(pipeline.stage_call_timeout_s, LOAD_TIMEOUT_S))
         # The pipelining depth, for the engine and a compiled graph's buffers alike.
         pool.max_inflight = pipeline.max_inflight_steps or pool.concurrent_stages()
@@ -135,7 +141,7 @@ class StagePool:
             compiled = CompiledGraphExecutor(self.actors, self.timeout_s, self.max_inflight)
             plain = RayPipelineExecutor(self.actors, self.timeout_s)
             if self.transport == "direct":
-                self._executor = DirectExecutor(self.actors, self.timeout_s)
+                self._executor = DirectExecutor(self.actors, self.timeout_s, limits=self.frame_limits)
             elif self.transport == "compiled_graph":
                 self._executor = compiled
             elif self.transport == "auto" and len(set(self.node_ids())) == 1:
