@@ -155,15 +155,17 @@ class HubExecutor:
             raise ValueError("a pipeline needs at least one stage")
         self.stages = stages  # shared with the pool: a replaced stage is used from the next step
         self.observer = observer
+        self.generation = 0  # the pool's recoveries: a step of an older chain is void, and not observed
 
     async def execute(self, batch: StepBatch) -> StepResult:
         hidden: torch.Tensor | None = None
+        generation = self.generation
         for index, stage in enumerate(list(self.stages)):
             out = await stage.forward(batch, hidden)
             last = index == len(self.stages) - 1
             if last != isinstance(out, StepResult):
                 raise StageCallError(f"stage {stage.name} answered {type(out).__name__} at position {index}")
-            if stage.provider_id is not None and self.observer is not None:
+            if stage.provider_id is not None and self.observer is not None and generation == self.generation:
                 self.observer(index, batch, hidden, out)
             if isinstance(out, StepResult):
                 return out
@@ -263,6 +265,7 @@ class HybridPool:
         operator stage actor on this replica's node (its layers from the operator's own weights). The engine
         then replays every live sequence: what the audit recorded of them so far is closed, still judged."""
         async with self._recovering:
+            self._executor.generation += 1  # steps still in flight belong to the chain being replaced
             alive = await asyncio.gather(*(e.alive() for e in self.endpoints))
             for index, ok in enumerate(alive):
                 if not ok:

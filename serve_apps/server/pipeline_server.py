@@ -7,6 +7,7 @@ it with an injected executor instead of Ray actors.
 
 import logging
 import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -162,7 +163,7 @@ class PipelineServer:
             yield prepared
             return
         self.gauges.ensure_started()
-        sampling = _with_max_tokens(request.sampling, prepared.max_tokens)
+        sampling = self._checkable(_with_max_tokens(request.sampling, prepared.max_tokens))
         seq = Sequence(request.request_id, prepared.token_ids, sampling, self.plan.max_model_len)
         prompt_tokens = len(prepared.token_ids)
         audit = self.pool.audit if isinstance(self.pool, HybridPool) else None
@@ -191,6 +192,15 @@ class PipelineServer:
                 yield event
         finally:
             self._end_audit(seq.seq_id, served=True)  # a client that left still had its tokens computed
+
+    def _checkable(self, sampling: SamplingParams) -> SamplingParams:
+        """A provider's last stage samples: an unseeded draw gets a secret seed, so an audit can redo it
+        exactly (seeded sampling draws from (seed, position); the client sees no difference)."""
+        if not isinstance(self.pool, HybridPool) or self.pool.stage_wallets()[-1] is None:
+            return sampling
+        if sampling.greedy or sampling.seed is not None:
+            return sampling
+        return replace(sampling, seed=secrets.randbits(63))
 
     def _end_audit(self, seq_id: str, served: bool) -> None:
         """An audited sequence ended: hand its provider stages' work to the auditor (nothing otherwise)."""

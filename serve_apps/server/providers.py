@@ -110,8 +110,9 @@ class AuditSubmitter:
             from serve_apps.verification.auditor import RaySanctions, get_or_create_auditor
 
             network = self.settings.network.model_dump(mode="json")
-            payments = self.settings.payments.model_dump(mode="python")
-            payments = {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else v) for k, v in payments.items()}
+            # Only how to reach the payments actor: Ray stores actor arguments, so no secret goes in them.
+            section = self.settings.payments
+            payments = {"actor_name": section.actor_name, "actor_call_timeout_s": section.actor_call_timeout_s}
             sanctions = RaySanctions(network, payments, self.settings.ray.namespace)
             self._auditor = get_or_create_auditor(sanctions, self.settings.ray.namespace)
         return self._auditor

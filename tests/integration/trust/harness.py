@@ -156,6 +156,10 @@ class Operator:
     def stop(self) -> None:
         for process in reversed(self.processes):
             stop_group(process)
+        # Keep the cluster's logs beside the test's other files (a failure's evidence), then drop the rest.
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        if logs.is_dir():
+            shutil.copytree(logs, self.work / "ray-logs", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -41,8 +41,13 @@ def domain(
         "SOLANALM_NETWORK__PLACEMENT__WATCH_INTERVAL_S": "1",
         "SOLANALM_NETWORK__PLACEMENT__MAX_STAGES": "3",
         "SOLANALM_NETWORK__PLACEMENT__MIN_STAGE_GAIN": "0",
+        # Half of the sequences are audited: honest providers (p2 only lies about its work) must pass them.
+        "SOLANALM_NETWORK__VERIFICATION_FRACTION": "0.5",
     }
-    providers = [{"name": name, "model": MODEL, "cache_dir": model_cache_dir} for name in ("p1", "p2")]
+    honest = {"name": "p1", "model": MODEL, "cache_dir": model_cache_dir}
+    # p2 serves honestly but reports 1000x the steps and busy seconds it did (test-only entry point).
+    inflating = {**honest, "name": "p2", "module": "tests.integration.trust.cheating_provider"}
+    providers = [honest, {**inflating, "extra_args": ["--cheat", "inflate"]}]
     # The gateway speaks HTTPS (a CA made for the test): providers register over it with --ca-cert.
     with operator_and_providers(work, overrides, providers, https=True) as (operator, started):
         wait_until(lambda: _planned_over(operator, started), REPLAN_TIMEOUT_S, "a pipeline over operator and providers")
@@ -94,6 +99,46 @@ def test_answers_are_correct_and_each_settlement_pays_the_proven_wallets(
         assert shares[provider.wallet]["layers_served"] == layers[provider.provider_id]
     # Token counts are the coordinator's (its scheduler), whatever a provider says of its own work.
     assert receipt["completion_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_a_provider_that_reports_inflated_work_is_paid_by_the_coordinators_counts(
+    domain: tuple[Operator, list[Provider]],
+) -> None:
+    operator, providers = domain
+    inflating = providers[1]
+    reported = {stage["node_id"]: stage for stage in _stages(operator)}[inflating.provider_id]
+    assert reported["steps"] >= 1000 and reported["busy_s"] >= 1000  # what it claims, shown to operators only
+    client = _client(operator)
+    shares_by_request = []
+    for question in ("Name a colour.", "Name a fruit."):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=16
+        )
+        reply = raw.parse()
+        settlement = raw.headers["x-solanalm-settlement-id"]
+        receipt = operator.get(f"/v1/receipts/{settlement}", headers={"Authorization": "Bearer open"}).json()
+        assert receipt["completion_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
+        shares_by_request.append({line["wallet"]: line["layers_served"] for line in receipt["shares"]})
+    layers = reported["layers"][1] - reported["layers"][0]
+    assert all(shares[inflating.wallet] == layers for shares in shares_by_request)
+
+
+def test_honest_providers_pass_the_audits_of_their_served_traffic(domain: tuple[Operator, list[Provider]]) -> None:
+    operator, providers = domain
+    client = _client(operator)
+    for i in range(6):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Say {i} twice."}], temperature=0, max_tokens=16
+        )
+    nodes = {node["node_id"]: node for node in operator.get("/v1/network/nodes").json()["data"]}
+
+    def audited() -> bool:
+        nodes.update({n["node_id"]: n for n in operator.get("/v1/network/nodes").json()["data"]})
+        return all(nodes[p.provider_id]["verifications_passed"] > 0 for p in providers)
+
+    wait_until(audited, 300, "an audit of each provider's served work")
+    for provider in providers:
+        assert nodes[provider.provider_id]["verifications_failed"] == 0, nodes[provider.provider_id]
 
 
 def test_a_provider_process_has_no_ray_token_and_cannot_join_the_cluster(
