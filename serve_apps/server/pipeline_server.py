@@ -148,6 +148,8 @@ class PipelineServer:
         )
         self.providers = self._provider_work()
         self.audits = AuditSubmitter(self.settings)
+        if isinstance(self.pool, HybridPool):
+            self.audits.start()  # the auditor's process starts while this replica finishes loading
         # Routing and verification: this pipeline's nodes and wallets, the registry, optional fault injection.
         self.node_ids = self.pool.node_ids() if self.pool is not None else []
         self.wallets = self._stage_wallets()

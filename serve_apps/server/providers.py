@@ -97,6 +97,13 @@ class AuditSubmitter:
         self.settings = settings
         self._auditor: Any = None
 
+    def start(self) -> None:
+        """Create (or find) the auditor now, so the first audit does not wait for its process to start."""
+        try:
+            self._actor()
+        except Exception:  # noqa: BLE001 - retried at the first submit
+            logger.exception("could not start the auditor")
+
     def submit(self, jobs: list[AuditJob]) -> None:
         if not jobs:
             return

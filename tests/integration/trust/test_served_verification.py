@@ -69,28 +69,28 @@ def test_a_provider_perturbing_served_traffic_is_caught_withheld_and_evicted(
     client = operator.openai(120)
     initial = _record(operator, provider.provider_id)["reputation"]
     settlements: list[str] = []
-    caught_after = None
     for count in range(1, MAX_REQUESTS + 1):
         raw = client.completions.with_raw_response.create(model=MODEL, prompt=f"Count to {count}:", max_tokens=8)
         settlements.append(raw.headers["x-solanalm-settlement-id"])
         time.sleep(0.3)  # audits run off the serving path
         if _record(operator, provider.provider_id)["verifications_failed"] > 0:
-            caught_after = count
             break
-    assert caught_after is not None, f"not caught in {MAX_REQUESTS} requests at fraction {FRACTION}"
-    print(f"\ncheater caught after {caught_after} requests (audit fraction {FRACTION})")
+    # The last audits may still be running when the loop ends.
+    wait_until(lambda: _record(operator, provider.provider_id)["verifications_failed"] > 0, 120, "a failed audit")
     record = _record(operator, provider.provider_id)
     assert record["reputation"] < initial
     assert record["verifications_passed"] == 0
 
-    def withheld() -> bool:
-        for settlement in settlements:
+    def first_withheld() -> int | None:
+        """1-based index of the first request whose pay to the cheater was withheld (the one caught)."""
+        for index, settlement in enumerate(settlements, start=1):
             receipt = operator.get(f"/v1/receipts/{settlement}", headers={"Authorization": "Bearer open"}).json()
             if any(line["role"] == "withheld" and line["wallet"] == provider.wallet for line in receipt["shares"]):
-                return True
-        return False
+                return index
+        return None
 
-    wait_until(withheld, 60, "the caught request's provider pay withheld")
+    wait_until(lambda: first_withheld() is not None, 60, "the caught request's provider pay withheld")
+    print(f"\ncheater caught on request {first_withheld()} (audit fraction {FRACTION})")
     # Repeated failures: drained (no new stages), and the controller re-plans the pipeline without it.
     for count in range(MAX_REQUESTS * 3):
         if _record(operator, provider.provider_id)["draining"]:
