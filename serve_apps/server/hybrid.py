@@ -111,6 +111,7 @@ class ProviderStage:
         self._factory = client_factory
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed: str | None = None  # why a step failed here: the pool replaces it as if it were dead
 
     def client(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -120,11 +121,17 @@ class ProviderStage:
         return self._client
 
     async def forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> StageOutput:
-        out: StageOutput = await self.client().forward(batch, hidden)
+        try:
+            out: StageOutput = await self.client().forward(batch, hidden)
+        except StageCallError as exc:
+            # An answer out of protocol, an error reply, a stall or a lost link: a provider that answers
+            # pings but not steps must not hold the pipeline in a replay loop.
+            self.failed = str(exc)
+            raise
         return out
 
     async def alive(self) -> bool:
-        return bool(await self.client().ping())
+        return self.failed is None and bool(await self.client().ping())
 
     async def describe(self) -> StageInfo:
         """The stage host's own description, but placed by the registry's id (it is no Ray node). What a
@@ -280,7 +287,10 @@ class HybridPool:
         old, stage = self.endpoints[index], self.stages[index]
         old.close()
         if isinstance(old, ProviderStage):
-            logger.warning("provider stage %s is gone; an operator stage takes layers %s", old.name, stage.spec)
+            reason = old.failed or "it does not answer"
+            logger.warning(
+                "provider stage %s failed (%s); an operator stage takes layers %s", old.name, reason, stage.spec
+            )
             recipe = fallback_recipe(stage.recipe)
             self.fallbacks += 1
         else:

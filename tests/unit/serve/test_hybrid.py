@@ -80,3 +80,28 @@ def test_payees_come_from_the_plan_layers_and_the_proven_wallets() -> None:
     specs = split_layers(30, 3, weights=[10.0, 12.0, 8.0])
     work = provider_work(tuple(specs), [None, "WalletA", "WalletA"])
     assert {w.wallet: w.layers for w in work} == {None: 10, "WalletA": 20}
+
+
+def test_a_provider_stage_that_failed_a_step_counts_as_dead_for_recovery() -> None:
+    from serve_apps.server.hybrid import ProviderLink, ProviderStage
+
+    class Lying:
+        async def forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+            raise StageCallError("reply of the wrong shape")
+
+        async def ping(self) -> bool:
+            return True  # it still answers pings
+
+        async def close(self) -> None:
+            pass
+
+    link = ProviderLink("provider-x", "127.0.0.1:1", b"", "token", "Wallet")
+    stage = ProviderStage("p", link, split_layers(4, 1)[0], lambda _link, _spec: Lying())
+
+    async def run() -> tuple[bool, bool]:
+        before = await stage.alive()
+        with pytest.raises(StageCallError):
+            await stage.forward(_batch(1), None)
+        return before, await stage.alive()
+
+    assert asyncio.run(run()) == (True, False)
