@@ -21,7 +21,7 @@ from serve_apps.engine.stage_model import build_stage
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 from serve_apps.verification.audit import AuditedStage, AuditJob, AuditLimits, ServedAudit, judge, reexecute
 from serve_apps.verification.auditor import AuditorSettings, RaySanctions, get_or_create_auditor
-from tests.unit.verification.served_chain import serve
+from tests.unit.verification.served_chain import perturb_weights, serve
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 NAMESPACE = "solanalm-test"
@@ -88,7 +88,7 @@ def served_jobs(model_dir: Path, noise: float = 0.0) -> list[AuditJob]:
         audit.set_stage(index, AuditedStage(f"p{index}", f"wallet-p{index}", configs[index]))
     pipeline = [StageWorker(c) for c in configs]
     if noise:
-        assert pipeline[1].inject_fault(1, noise_scale=noise, seed=3)
+        perturb_weights(pipeline[1], noise_scale=noise, seed=3)
     return serve(pipeline, PROMPTS, 6, audit, request_prefix=f"req-{noise}").jobs
 
 
@@ -138,7 +138,7 @@ def test_the_calibration_holds_on_smollm2_bfloat16_int4() -> None:
             audit.set_stage(index, AuditedStage(f"p{index}", None, config))
         pipeline = [StageWorker(c) for c in configs]
         if noise:
-            assert pipeline[1].inject_fault(1, noise_scale=noise, seed=3)
+            perturb_weights(pipeline[1], noise_scale=noise, seed=3)
         outcome = {}
         for job in serve(pipeline, prompts, 16, audit).jobs:
             index = job.stage.config.spec.index

@@ -1,6 +1,7 @@
 """A small served chain for audit tests: real StageWorkers stepped with KV caches through mixed batches
 (decodes of several sequences beside one prefill chunk), the audit observing every hidden-state stage as
-a hub coordinator would, and an optional `tamper` standing in for a cheating provider."""
+a hub coordinator would, an optional `tamper` standing in for a cheating provider, and `perturb_weights`
+for a provider that serves with wrong weights."""
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,12 +10,23 @@ from typing import Any
 import torch
 
 from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
+from serve_apps.engine.stage_model import StageModel
 from serve_apps.engine.stage_worker import StageWorker
 from serve_apps.verification.audit import AuditJob, ServedAudit
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4096)
 # (stage index, batch, inputs sent (None on stage 0), honest outputs) -> what the provider answers
 Tamper = Callable[[int, StepBatch, torch.Tensor | None, Any], Any]
+
+
+@torch.inference_mode()
+def perturb_weights(target: StageWorker | StageModel, noise_scale: float, seed: int) -> None:
+    """Add seeded Gaussian noise (noise_scale x each weight's std) to a stage's decoder-layer weights."""
+    model = target.model if isinstance(target, StageWorker) else target
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.layers.parameters():
+        noise = torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype)
+        param.add_(noise * param.float().std().to(param.dtype) * noise_scale)
 
 
 @dataclass

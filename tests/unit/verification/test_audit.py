@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from serve_apps.engine.kv_cache import BatchView, Row
 from serve_apps.engine.layer_split import StageSpec, split_layers
@@ -17,7 +18,8 @@ from serve_apps.engine.stage_model import StageModel, build_stage
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 from serve_apps.verification.audit import AuditedStage, AuditJob, AuditLimits, ServedAudit, judge, reexecute
 from serve_apps.verification.auditor import Auditor, AuditorSettings
-from tests.unit.verification.served_chain import GREEDY, serve, step
+from serve_apps.verification.trace import trace_forward
+from tests.unit.verification.served_chain import GREEDY, perturb_weights, serve, step
 
 PROMPTS = {
     "a": [5, 17, 99, 3, 250, 8, 41, 7, 11, 300, 2, 64, 9, 18, 77, 123, 45, 6, 200, 31],
@@ -60,6 +62,31 @@ def all_audited() -> ServedAudit:
     return ServedAudit(AuditLimits(fraction=1.0))
 
 
+def cache_free(pipeline: list[StageWorker], tokens: list[int]) -> list[torch.Tensor]:
+    """Each stage's `trace_forward` output over the whole history, stage after stage."""
+    current, outputs = torch.tensor([tokens]), []
+    for worker in pipeline:
+        current = trace_forward(worker.model, current)
+        outputs.append(current)
+    return outputs
+
+
+def test_the_cache_free_forward_is_the_unsharded_models_forward(tiny_dir: Path) -> None:
+    pipeline = [StageWorker(c) for c in configs(tiny_dir)]
+    last_hidden = cache_free(pipeline, PROMPTS["a"])[-1]
+    logits = pipeline[-1].model.logits(last_hidden[0])
+    unsharded = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    torch.testing.assert_close(logits, unsharded(torch.tensor([PROMPTS["a"]])).logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_the_cache_free_forward_does_not_depend_on_what_the_stage_is_serving(tiny_dir: Path) -> None:
+    pipeline = [StageWorker(c) for c in configs(tiny_dir)]
+    before = cache_free(pipeline, PROMPTS["a"])
+    step(pipeline, StepBatch(0, (SeqChunk("other", 0, 0, (1, 2, 3), GREEDY),)))  # fills slot 0's KV cache
+    for out, again in zip(before, cache_free(pipeline, PROMPTS["a"]), strict=True):
+        assert torch.equal(out, again)
+
+
 def test_an_honest_chain_passes_every_audit(tiny_dir: Path) -> None:
     audit = all_audited()
     served = serve(chain(configs(tiny_dir), audit), PROMPTS, DECODE, audit)
@@ -88,7 +115,7 @@ def test_an_honest_int4_stage_passes_when_the_reference_uses_low_bit_rows_as_ser
 def test_a_stage_with_perturbed_weights_fails_and_only_that_stage(tiny_dir: Path, noise: float) -> None:
     audit = all_audited()
     pipeline = chain(configs(tiny_dir), audit)
-    assert pipeline[1].inject_fault(1, noise_scale=noise, seed=3)
+    perturb_weights(pipeline[1], noise_scale=noise, seed=3)
     results = verdicts(serve(pipeline, PROMPTS, DECODE, audit).jobs)
     assert all(results[(s, 0)].passed for s in "abc")
     assert not any(results[(s, 1)].passed for s in "abc")
@@ -279,7 +306,7 @@ def test_the_auditor_queue_is_bounded_and_a_broken_job_is_counted(tiny_dir: Path
 def test_a_failed_audit_is_recorded_withheld_and_evicts_after_the_set_failures(tiny_dir: Path) -> None:
     audit = all_audited()
     pipeline = chain(configs(tiny_dir), audit)
-    assert pipeline[1].inject_fault(1, noise_scale=0.1, seed=3)
+    perturb_weights(pipeline[1], noise_scale=0.1, seed=3)
     jobs = [j for j in serve(pipeline, PROMPTS, 3, audit).jobs if j.stage.provider_id == "p1"]
     sanctions = _Sanctions()
     auditor = Auditor(sanctions, AuditorSettings(failures_to_evict=2))
