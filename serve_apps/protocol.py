@@ -78,7 +78,6 @@ class Finished:
     completion_tokens: int
     error: str | None = None
     providers: tuple[ProviderWork, ...] = ()
-    replica_id: str = ""  # the replica that served it (verification re-checks it there and elsewhere)
     proxy: ProxyCommission | None = None
 
 

@@ -137,23 +137,6 @@ class StagePlacement(Section):
         return self
 
 
-class StageFaultSection(Section):
-    """TEST / CHAOS TOOL, off by default: perturb one stage's weights so it computes wrong activations.
-
-    Used to show that spot-check verification catches a faulty provider; never set it in production."""
-
-    stage_index: int = Field(ge=0, le=63, description="Which stage of the pipeline is perturbed.")
-    noise_scale: float = Field(
-        default=0.5, gt=0, le=100, description="Gaussian noise added to each decoder weight, times its std."
-    )
-    node_label: str | None = Field(
-        default=None,
-        pattern=r"^[^=]+=[^=]*$",
-        description="'key=value': perturb only a stage whose Ray node carries this label; None: every replica's.",
-    )
-    seed: int = Field(default=0, ge=0, description="Seed of the noise.")
-
-
 class PipelineSection(Section):
     """Shape and limits of one sharded pipeline (one per Serve replica)."""
 
@@ -222,9 +205,6 @@ class PipelineSection(Section):
     )
     graceful_shutdown_timeout_s: float = Field(
         default=30.0, ge=0, le=3600, description="How long a replica being replaced may finish its requests."
-    )
-    fault_injection: StageFaultSection | None = Field(
-        default=None, description="Test/chaos tool: perturb one stage's weights (None: off). Never in production."
     )
 
     @field_validator("stage_resources")

@@ -19,7 +19,7 @@ T = TypeVar("T")
 class StageActor:
     """Holds one stage's layers and KV cache in its own process; steps run one at a time, in order.
 
-    Every torch computation (loading, steps from any transport, traces) runs on one compute thread.
+    Every torch computation (loading, steps from any transport) runs on one compute thread.
     With OpenMP, each thread that runs parallel work keeps its own team of worker threads, and libgomp
     stops spinning and sleeps between parallel regions as soon as all teams together hold more threads
     than there are CPUs: a stage loaded on Ray's main thread and stepped on a link's thread ran a decode
@@ -59,14 +59,6 @@ class StageActor:
 
     def ping(self) -> bool:
         return True
-
-    def trace(self, inputs, dims: int):  # type: ignore[no-untyped-def]
-        """Verification: cache-free forward of a token history -> (output, fingerprint); see StageWorker.trace."""
-        return self._on_compute_thread(self.worker.trace, inputs, dims)
-
-    def inject_fault(self, stage_index: int, noise_scale: float, seed: int, node_label: str | None = None) -> bool:
-        """TEST / CHAOS TOOL: perturb this stage's weights (see StageWorker.inject_fault)."""
-        return self._on_compute_thread(self.worker.inject_fault, stage_index, noise_scale, seed, node_label)
 
 
 def stage_actor_options(resources: dict[str, float]) -> dict[str, object]:

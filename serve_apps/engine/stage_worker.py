@@ -135,33 +135,6 @@ class StageWorker:
             cpus=_usable_cpus(),
         )
 
-    def trace(self, inputs: torch.Tensor, dims: int) -> tuple[torch.Tensor, tuple[float, ...]]:
-        """Verification: a cache-free forward of a whole token history (token ids [1, T] on the first stage,
-        hidden states [1, T, H] after) and its activation fingerprint; the KV cache is not touched."""
-        from serve_apps.verification.trace import stage_trace
-
-        return stage_trace(self.model, inputs, dims)
-
-    @torch.inference_mode()
-    def inject_fault(self, stage_index: int, noise_scale: float, seed: int, node_label: str | None = None) -> bool:
-        """TEST / CHAOS TOOL: add Gaussian noise (noise_scale x each weight's std) to this stage's decoder
-        weights if it is stage `stage_index` (and its node carries `node_label`, 'key=value'). True if applied."""
-        if self.spec.index != stage_index or not _node_has_label(node_label):
-            return False
-        generator = torch.Generator().manual_seed(seed)
-        for param in self.model.layers.parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype)
-            param.add_(noise * param.float().std().to(param.dtype) * noise_scale)
-        return True
-
-
-def _node_has_label(label: str | None) -> bool:
-    if label is None:
-        return True
-    key, _, value = label.partition("=")
-    labels = ray.get_runtime_context().get_node_labels() if ray.is_initialized() else {}
-    return labels.get(key) == value
-
 
 def _usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""

@@ -38,7 +38,6 @@ from serve_apps.protocol import (
     Rejected,
     TextDelta,
 )
-from serve_apps.verification.verifier import Verifier
 
 DEFAULT_CONTEXT = 2048
 REPLICA_RETRIES = 2  # a non-streamed request whose replica died is re-sent this many times
@@ -64,12 +63,10 @@ class Gateway:
         metering: Metering | None = None,
         limiter: ClientRateLimiter | None = None,
         network_nodes: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
-        verifier: Verifier | None = None,
         providers: ProviderRegistryAPI | None = None,
     ) -> None:
         self.network_nodes = network_nodes
         self.providers = providers  # out-of-cluster providers register through it (routes in providers.py)
-        self.verifier = verifier  # spot-checks a sample of settled requests in the background
         self.backend = backend
         self.limiter = limiter or ClientRateLimiter(0.0, 1)
         self.metering = metering or Metering(None)
@@ -177,13 +174,7 @@ class Gateway:
         settlement_id = await self.metering.settle(request, payer, finished)
         if settlement_id is not None:
             body["settlement_id"] = settlement_id
-        self.spot_check(request, finished, "".join(parts))
         return body
-
-    def spot_check(self, request: GenerateRequest, finished: Finished, completion: str) -> None:
-        """Maybe verify this answered (and settled) request in the background; never delays the answer."""
-        if self.verifier is not None:
-            self.verifier.submit(request, finished.replica_id, completion)
 
     async def sse_events(
         self,
@@ -197,7 +188,6 @@ class Gateway:
         """SSE chunks; the final chunk carries the settlement id (headers are gone by then)."""
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
         settled = False
-        parts: list[str] = []  # the completion, for a spot-check
         try:
             if chat:
                 yield R.sse(R.chunk(meta, None, None, first=True))
@@ -206,7 +196,6 @@ class Gateway:
                     yield R.sse(error_body(503, f"the pipeline replica was lost: {event}", code="pipeline_unavailable"))
                     break
                 if isinstance(event, TextDelta):
-                    parts.append(event.text)
                     yield R.sse(R.chunk(meta, event.text, None))
                 elif isinstance(event, Finished):
                     if event.finish_reason == "error":
@@ -214,7 +203,6 @@ class Gateway:
                         break
                     settlement_id = await self.metering.settle(request, payer, event)
                     settled = True
-                    self.spot_check(request, event, "".join(parts))
                     final = R.chunk(meta, None, event.finish_reason)
                     if settlement_id is not None:
                         final["settlement_id"] = settlement_id

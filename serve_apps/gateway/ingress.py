@@ -16,7 +16,6 @@ from serve_apps.gateway.current import set_current
 from serve_apps.gateway.limits import ClientRateLimiter
 from serve_apps.gateway.metering import Metering
 from serve_apps.gateway.providers import RegistryProviders
-from serve_apps.verification.verifier import build_verifier
 
 gateway_app = create_gateway_app()
 
@@ -42,11 +41,8 @@ class OpenAIIngress:
         metering = Metering(_payments_client(payments, namespace), payments.operator_wallet)
         limiter = ClientRateLimiter(*client_limit)
         nodes = registry_nodes_source(network, namespace)
-        verifier = build_verifier(pipelines, network, namespace, metering.withhold)
         providers = RegistryProviders(network, namespace)  # out-of-cluster providers register through it
-        gateway = Gateway(
-            ServeHandleBackend(pipelines), cards, request_timeout_s, metering, limiter, nodes, verifier, providers
-        )
+        gateway = Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering, limiter, nodes, providers)
         set_current(gateway, max_body_bytes)
 
 

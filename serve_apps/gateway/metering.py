@@ -6,7 +6,6 @@ served how many layers. A failed or abandoned request has its hold released and 
 """
 
 import logging
-from collections.abc import Sequence
 
 from payments.errors import PaymentError
 from payments.http import bearer_key
@@ -16,8 +15,6 @@ from payments.protocol import (
     ProviderShare,
     ReleaseHold,
     UsageReport,
-    WithheldPayout,
-    WithholdPayout,
 )
 from serve_apps.gateway.errors import OpenAIError
 from serve_apps.protocol import Finished, GenerateRequest
@@ -74,21 +71,6 @@ class Metering:
             await self.release(request.request_id, "settlement failed")
             raise _as_openai(exc) from None
         return record.settlement_id
-
-    async def withhold(self, request_id: str, wallets: Sequence[str | None], reason: str) -> WithheldPayout | None:
-        """A spot-check failed: withhold these providers' payout for the request (None: the operator's
-        nodes). Logged, never raised: the client's answer is long gone."""
-        if self.payments is None:
-            return None
-        resolved = tuple(sorted({wallet or await self._operator() for wallet in wallets}))
-        try:
-            result = await self.payments.withhold_payout(WithholdPayout(request_id, resolved, reason))
-        except PaymentError:
-            logger.exception("could not withhold the payout of %s", request_id)
-            return None
-        if result.too_late:
-            logger.warning("payout of %s to %s was already batched: not withheld", request_id, result.too_late)
-        return result
 
     async def release(self, request_id: str, reason: str) -> None:
         """Drop a request's hold (failed, rejected or abandoned): nothing is charged."""

@@ -1,4 +1,4 @@
-"""Pure routing logic: parse a replica's routing stats, honour a routing hint, rank replicas by score.
+"""Pure routing logic: parse a replica's routing stats, rank replicas by score.
 
 A replica's `pipeline_score` (cluster.network.reputation.pipeline_score over its stages' nodes) is in
 [0, 1]; higher is better. Replicas within `tolerance` of the best score of their rank share the rank, so
@@ -14,30 +14,6 @@ from typing import Any
 from cluster.config.network import RoutingWeights
 from cluster.network.records import NodeRecord
 from cluster.network.reputation import pipeline_score
-
-ROUTING_HINT_KWARG = "routing_hint"  # keyword argument of a handle call that the router reads
-
-
-@dataclass(frozen=True, slots=True)
-class RoutingHint:
-    """Where one call must go (`pin_replica`) or must not go (`avoid_replica`); replica unique ids.
-
-    Verification pins the trace of a served request to the replica that served it and sends the
-    re-execution anywhere else."""
-
-    pin_replica: str | None = None
-    avoid_replica: str | None = None
-
-
-def hint_violation(hint: RoutingHint | None, replica_id: str) -> str | None:
-    """Why `replica_id` must not serve a call with this hint (None: it may)."""
-    if hint is None:
-        return None
-    if hint.pin_replica is not None and hint.pin_replica != replica_id:
-        return f"pinned to replica {hint.pin_replica}, which is not available"
-    if hint.avoid_replica == replica_id:
-        return "no replica other than the one to avoid is available"
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,15 +68,6 @@ def score_of(
     machine, without a wallet) counts as a fresh node: no history, the initial reputation."""
     chosen = [records.get(n) or NodeRecord(node_id=n, wallet="", reputation=initial_reputation) for n in node_ids]
     return pipeline_score(chosen, weights, queued)
-
-
-def apply_hint(replica_ids: Sequence[str], hint: RoutingHint | None) -> list[str]:
-    """The candidates a hint allows (all without a hint; none when a pinned replica is not among them)."""
-    if hint is None:
-        return list(replica_ids)
-    if hint.pin_replica is not None:
-        return [r for r in replica_ids if r == hint.pin_replica]
-    return [r for r in replica_ids if r != hint.avoid_replica]
 
 
 def power_of_two(replica_ids: Sequence[str], rng: random.Random) -> list[str]:

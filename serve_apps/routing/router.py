@@ -9,10 +9,7 @@ was made for, and when that request is no longer routable Serve 2.55's routing l
 awaiting (found under the chaos benchmark: the gateway's router thread held the GIL, its replica
 queue-length probes timed out, every request hung). A choice still goes first to the request it was made
 for while that one waits (`_get_pending_request_matching_metadata`), and only otherwise to the oldest
-waiting request: plain FIFO handed a client request the replica chosen for a verification trace pinned
-away from the other one, i.e. a replica the ranking had put last (found as a flaky routing test).
-A trace may still get a replica chosen for another request; that replica refuses it and the verifier
-retries.
+waiting request: plain FIFO can hand one request the replica ranked for another.
 """
 
 import random
@@ -21,14 +18,7 @@ from typing import Any
 from ray.serve._private.common import RequestMetadata
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from serve_apps.routing.ranking import (
-    ROUTING_HINT_KWARG,
-    Candidate,
-    ReplicaStats,
-    RoutingHint,
-    apply_hint,
-    rank_candidates,
-)
+from serve_apps.routing.ranking import Candidate, ReplicaStats, rank_candidates
 
 DEFAULT_SCORE_TOLERANCE = 0.02
 
@@ -56,17 +46,5 @@ class ReputationRouter(FIFOMixin, RequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        # A hint no replica satisfies (the pinned one is gone, or it is the only one to avoid) must not
-        # leave the call waiting in Serve's routing loop, which would hold up other requests: route it
-        # anywhere and let the replica answer that it is the wrong one (PipelineServer.trace).
-        allowed = apply_hint(list(by_id), hint_of(pending_request)) or list(by_id)
-        candidates = [Candidate(i, ReplicaStats.from_dict(by_id[i].routing_stats)) for i in allowed]
+        candidates = [Candidate(i, ReplicaStats.from_dict(replica.routing_stats)) for i, replica in by_id.items()]
         return [[by_id[i] for i in rank] for rank in rank_candidates(candidates, self._tolerance, self._rng)]
-
-
-def hint_of(pending_request: PendingRequest | None) -> RoutingHint | None:
-    """The RoutingHint passed as the call's `routing_hint=` keyword, if any."""
-    if pending_request is None:
-        return None
-    hint = (pending_request.kwargs or {}).get(ROUTING_HINT_KWARG)
-    return hint if isinstance(hint, RoutingHint) else None

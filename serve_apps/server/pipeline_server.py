@@ -43,14 +43,11 @@ from serve_apps.protocol import (
     Rejected,
     TextDelta,
 )
-from serve_apps.routing.ranking import RoutingHint, hint_violation
 from serve_apps.routing.stats import RegistryLink
 from serve_apps.server.hybrid import HybridPool
 from serve_apps.server.providers import AuditSubmitter, build_hybrid_pool
 from serve_apps.server.stages import StagePool
 from serve_apps.server.tokenization import PromptProcessor
-from serve_apps.verification.protocol import TraceRequest, TraceResult
-from serve_apps.verification.tracing import inject_faults, trace_replica
 
 logger = logging.getLogger(__name__)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -150,11 +147,9 @@ class PipelineServer:
         self.audits = AuditSubmitter(self.settings)
         if isinstance(self.pool, HybridPool):
             self.audits.start()  # the auditor's process starts while this replica finishes loading
-        # Routing and verification: this pipeline's nodes and wallets, the registry, optional fault injection.
+        # Routing: this pipeline's nodes, whose registry records rank the replica and record its requests.
         self.node_ids = self.pool.node_ids() if self.pool is not None else []
-        self.wallets = self._stage_wallets()
         self.registry = RegistryLink(self.settings.network, self.settings.ray.namespace)
-        inject_faults(self.pool, pipeline.fault_injection, pipeline.stage_call_timeout_s)
         self.gauges = metrics.EngineGauges(model_name, self.engine)  # queue, running, KV slots, steps
         logger.info("pipeline %s ready: %d stages", model_name, len(self.plan.stages))
 
@@ -188,7 +183,6 @@ class PipelineServer:
         try:
             async for event in self._text_events(request, seq, first, events, prompt_tokens):
                 if isinstance(event, Finished):
-                    event = replace(event, replica_id=self.replica_id)
                     per_token_s = (time.monotonic() - started) / max(1, event.completion_tokens)
                     self.registry.record_request(self.node_ids, event.finish_reason != "error", per_token_s)
                 yield event
@@ -218,28 +212,6 @@ class PipelineServer:
         scheduler = self.engine.scheduler
         return await self.registry.routing_stats(
             self.replica_id, self.node_ids, scheduler.num_waiting, len(scheduler.running)
-        )
-
-    async def trace(self, request: TraceRequest, routing_hint: RoutingHint | None = None) -> TraceResult:
-        """Verification: a cache-free trace of a token history through this pipeline's stages (not metered).
-        `routing_hint` is for the router (pin to / avoid a replica); a replica it excludes refuses."""
-        refused = hint_violation(routing_hint, self.replica_id)
-        if refused is not None:
-            return TraceResult(self.replica_id, self.plan.name, "", self.plan.dtype, (), (), error=refused)
-        actors = self.pool.actors if self.pool is not None else []
-        plan = self.plan
-        return await trace_replica(
-            request,
-            self.replica_id,
-            plan.name,
-            str(plan.model_dir),
-            plan.dtype,
-            self.prompts,
-            actors,
-            plan.stages,
-            self.node_ids,
-            self.wallets,
-            self.settings.pipeline.stage_call_timeout_s,
         )
 
     async def _text_events(self, request, seq, first, events, prompt_tokens):  # type: ignore[no-untyped-def]
@@ -328,8 +300,6 @@ def provider_work(stages: tuple[StageSpec, ...], wallets: list[str | None]) -> t
 
 
 def _with_max_tokens(sampling: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
-
     return replace(sampling, max_tokens=max_tokens)
 
 

@@ -1,7 +1,8 @@
-"""Spot-check verification: re-execute a sampled request on a different pipeline and compare per-stage
-activation fingerprints (cf. TOPLOC); a referee recomputes the first disagreeing stage from reference
-weights to say which pipeline's stage is wrong. See docs/network.md, "Verification".
+"""Verification of served traffic: the coordinator keeps commitments of a secretly sampled fraction of the
+sequences its provider stages serve, and an auditor on the head re-executes them from reference weights.
+See docs/security.md, "Verification on served traffic".
 
-`fingerprint`, `judge` are pure; `trace` is the cache-free stage forward (torch); `tracing` runs on the
-replica; `referee` recomputes one stage; `verifier` is the gateway's background orchestrator.
+`commitments` (top-k commitments, tolerances) and `audit` (what is kept, re-execution, the verdict) are
+pure; `trace` is the cache-free stage forward (torch); `auditor` is the Ray actor that runs the jobs and
+reports verdicts to the registry and payments.
 """

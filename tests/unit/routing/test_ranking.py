@@ -1,4 +1,4 @@
-"""The router's pure ranking: scores from registry records, hints, ranks, power-of-two fallback."""
+"""The router's pure ranking: scores from registry records, ranks, power-of-two fallback."""
 
 import random
 from dataclasses import replace
@@ -10,14 +10,10 @@ from cluster.network.records import NodeRecord
 from serve_apps.routing.ranking import (
     Candidate,
     ReplicaStats,
-    RoutingHint,
-    apply_hint,
-    hint_violation,
     power_of_two,
     rank_candidates,
     score_of,
 )
-from serve_apps.routing.router import hint_of
 
 WEIGHTS = RoutingWeights()
 
@@ -85,31 +81,6 @@ def test_power_of_two_with_few_replicas() -> None:
     assert sorted(power_of_two(["a", "b"], random.Random(0))) == ["a", "b"]
 
 
-def test_hints_pin_or_avoid_a_replica() -> None:
-    ids = ["a", "b", "c"]
-    assert apply_hint(ids, None) == ids
-    assert apply_hint(ids, RoutingHint(pin_replica="b")) == ["b"]
-    assert apply_hint(ids, RoutingHint(pin_replica="gone")) == []  # the router then routes anywhere...
-    assert apply_hint(ids, RoutingHint(avoid_replica="a")) == ["b", "c"]
-    # ... and the replica that gets it refuses:
-    assert hint_violation(RoutingHint(pin_replica="gone"), "a") is not None
-    assert hint_violation(RoutingHint(avoid_replica="a"), "a") is not None
-    assert hint_violation(RoutingHint(avoid_replica="a"), "b") is None
-    assert hint_violation(RoutingHint(pin_replica="b"), "b") is None and hint_violation(None, "b") is None
-
-
-class _Pending:
-    def __init__(self, kwargs: dict) -> None:
-        self.kwargs = kwargs
-
-
-def test_the_hint_is_read_from_the_calls_keyword() -> None:
-    hint = RoutingHint(avoid_replica="x")
-    assert hint_of(_Pending({"routing_hint": hint})) == hint  # type: ignore[arg-type]
-    assert hint_of(_Pending({"routing_hint": "not a hint"})) is None  # type: ignore[arg-type]
-    assert hint_of(_Pending({})) is None and hint_of(None) is None  # type: ignore[arg-type]
-
-
 def record(node: str, reputation: float, served: int = 0, failed: int = 0, latency: float | None = None) -> NodeRecord:
     return NodeRecord(
         node_id=node,
@@ -121,9 +92,9 @@ def record(node: str, reputation: float, served: int = 0, failed: int = 0, laten
     )
 
 
-def test_a_failed_spot_check_lowers_the_pipeline_score_below_a_healthy_one() -> None:
+def test_a_failed_audit_lowers_the_pipeline_score_below_a_healthy_one() -> None:
     good = {"a": record("a", 0.5), "b": record("b", 0.5)}
-    bad = dict(good, b=replace(good["b"], reputation=0.25))  # one failed check: 0.5 -> 0.25
+    bad = dict(good, b=replace(good["b"], reputation=0.25))  # one failed audit: 0.5 -> 0.25
     healthy, faulty = score_of(["a", "b"], good, WEIGHTS, 0, 0.5), score_of(["a", "b"], bad, WEIGHTS, 0, 0.5)
     assert healthy - faulty == pytest.approx(2.0 * 0.25 / 5.0)  # reputation weight 2 of 5
     assert healthy - faulty > WEIGHTS.score_tolerance
@@ -165,15 +136,11 @@ def test_the_router_ranks_serve_replicas_by_their_reported_stats() -> None:
     good, bad = _Replica("good", stats("good", 0.6).to_dict()), _Replica("bad", stats("bad", 0.5).to_dict())
     ranks = asyncio.run(router.choose_replicas([bad, good], None))  # type: ignore[list-item]
     assert ranks == [[good], [bad]]
-    avoid = _Pending({"routing_hint": RoutingHint(avoid_replica="good")})
-    assert asyncio.run(router.choose_replicas([bad, good], avoid)) == [[bad]]  # type: ignore[list-item,arg-type]
-    # Nothing satisfies the hint: routed anyway (never left waiting in Serve's routing loop).
-    assert asyncio.run(router.choose_replicas([good], avoid)) == [[good]]  # type: ignore[list-item,arg-type]
 
 
 def test_a_choice_goes_to_the_request_it_was_made_for_and_else_to_the_oldest_waiting() -> None:
-    """A replica chosen for a trace pinned away from the other replica must not serve an older client
-    request (plain FIFO did); a choice whose request is gone still serves the oldest (no routing spin)."""
+    """A replica ranked for one request must not serve an older one (plain FIFO did); a choice whose
+    request is gone still serves the oldest (no routing spin)."""
     import asyncio
     from collections import deque
     from types import SimpleNamespace
@@ -186,12 +153,12 @@ def test_a_choice_goes_to_the_request_it_was_made_for_and_else_to_the_oldest_wai
     async def scenario() -> tuple[object, object, object]:
         router = object.__new__(ReputationRouter)
         router.queue_wait_time_ms_histogram = SimpleNamespace(observe=lambda _ms: None)  # type: ignore[attr-defined]
-        client, trace, later = (PendingRequest([], {}, RequestMetadata(f"r{i}", f"i{i}")) for i in range(3))
-        router._pending_requests_to_fulfill = deque([client, trace, later])
-        router._pending_requests_by_id = {p.metadata.internal_request_id: p for p in (client, trace, later)}
-        router._fulfill_next_pending_request("bad", trace.metadata)  # type: ignore[arg-type]
-        assert not client.future.done() and trace.future.result() == "bad"
-        router._fulfill_next_pending_request("good", trace.metadata)  # type: ignore[arg-type]  # trace served
-        return client.future.result(), trace.future.result(), later.future.done()
+        first, chosen, later = (PendingRequest([], {}, RequestMetadata(f"r{i}", f"i{i}")) for i in range(3))
+        router._pending_requests_to_fulfill = deque([first, chosen, later])
+        router._pending_requests_by_id = {p.metadata.internal_request_id: p for p in (first, chosen, later)}
+        router._fulfill_next_pending_request("bad", chosen.metadata)  # type: ignore[arg-type]
+        assert not first.future.done() and chosen.future.result() == "bad"
+        router._fulfill_next_pending_request("good", chosen.metadata)  # type: ignore[arg-type]  # chosen served
+        return first.future.result(), chosen.future.result(), later.future.done()
 
     assert asyncio.run(scenario()) == ("good", "bad", False)
