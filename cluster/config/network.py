@@ -10,7 +10,7 @@ from cluster.config.base import Section
 
 
 class ReputationSection(Section):
-    """How request outcomes and spot-checks move a node's reputation (all fractions in [0, 1])."""
+    """How request outcomes and audits move a node's reputation (all fractions in [0, 1])."""
 
     initial: float = Field(default=0.5, ge=0, le=1, description="Reputation of a newly verified node.")
     min_eligible: float = Field(
@@ -23,10 +23,10 @@ class ReputationSection(Section):
         default=0.05, ge=0, le=1, description="A failed request moves reputation this fraction towards 0."
     )
     verification_pass_step: float = Field(
-        default=0.05, ge=0, le=1, description="A passed spot-check moves reputation this fraction towards 1."
+        default=0.05, ge=0, le=1, description="A passed audit moves reputation this fraction towards 1."
     )
     verification_fail_step: float = Field(
-        default=0.5, ge=0, le=1, description="A failed spot-check moves reputation this fraction towards 0."
+        default=0.5, ge=0, le=1, description="A failed audit moves reputation this fraction towards 0."
     )
     latency_ewma_alpha: float = Field(
         default=0.2, gt=0, le=1, description="Weight of the newest sample in the latency EWMA."
@@ -52,28 +52,20 @@ class RoutingWeights(Section):
 
 
 class VerificationSection(Section):
-    """Spot-checks: how a sampled request is re-executed on another pipeline and compared."""
+    """Audits of served traffic: what the coordinator keeps of its audited sequences for the auditor."""
 
     max_tokens: int = Field(
-        default=128, ge=1, le=8192, description="Tokens of the request's history (prompt + completion) traced."
+        default=128,
+        ge=1,
+        le=8192,
+        description="Positions kept per audited sequence and provider stage; later positions are not audited.",
     )
-    fingerprint_dims: int = Field(
-        default=8, ge=1, le=256, description="Random projections per position in a stage's activation fingerprint."
-    )
-    tolerance: float = Field(
-        default=5e-3, gt=0, le=1, description="Largest relative fingerprint difference that still counts as equal."
-    )
-    timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Timeout of each trace and the referee.")
-    max_concurrent: int = Field(default=2, ge=1, le=64, description="Spot-checks running at once per gateway.")
-    max_queued: int = Field(
-        default=32, ge=0, le=10_000, description="Sampled checks waiting for a slot; beyond this they are skipped."
-    )
-    referee_num_cpus: float = Field(
-        default=0.0,
+    audit_max_sequences: int = Field(
+        default=64,
         ge=0,
-        le=64,
-        description="Logical CPUs the referee task (recomputes a disputed stage, on the head) reserves; the head"
-        " usually advertises none (k8s: num-cpus 0), so 0.",
+        le=10_000,
+        description="Audited sequences a replica keeps records of at once; a sequence drawn beyond this is"
+        " served without an audit (counted).",
     )
 
 
@@ -153,7 +145,7 @@ class ProvidersSection(Section):
 
 
 class NetworkSection(Section):
-    """The provider network: wallet-proved joining, the node registry, reputation, routing, spot-checks."""
+    """The provider network: wallet-proved joining, the node registry, reputation, routing, audits."""
 
     registry_name: str = Field(
         default="solanalm-registry", min_length=1, description="Named detached Ray actor of the registry."
@@ -179,10 +171,13 @@ class NetworkSection(Section):
         default=120.0, ge=0, le=86_400, description="How long `node leave` waits for its stages to move away."
     )
     verification_fraction: float = Field(
-        default=0.02, ge=0, le=1, description="Fraction of requests re-executed on another pipeline."
+        default=0.02,
+        ge=0,
+        le=1,
+        description="Fraction of sequences whose provider stages are audited (re-executed on the head).",
     )
     verification: VerificationSection = Field(
-        default_factory=VerificationSection, description="How spot-checks re-execute and compare."
+        default_factory=VerificationSection, description="What audits of served traffic keep."
     )
     reputation: ReputationSection = Field(default_factory=ReputationSection, description="Reputation rule.")
     routing: RoutingWeights = Field(default_factory=RoutingWeights, description="Request-router weights.")

@@ -87,12 +87,12 @@ class AuditLimits:
 
     @staticmethod
     def from_network(network: Any) -> "AuditLimits":
-        """From a cluster.config.network.NetworkSection (its existing verification fields)."""
+        """From a cluster.config.network.NetworkSection: `verification_fraction` and its `verification`."""
         section = network.verification
         return AuditLimits(
             fraction=network.verification_fraction,
             max_tokens=section.max_tokens,
-            max_sequences=section.max_concurrent + section.max_queued,
+            max_sequences=section.audit_max_sequences,
         )
 
 

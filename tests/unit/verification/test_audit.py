@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import LlamaForCausalLM
 
+from cluster.config.network import NetworkSection
 from serve_apps.engine.kv_cache import BatchView, Row
 from serve_apps.engine.layer_split import StageSpec, split_layers
 from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
@@ -166,6 +168,16 @@ def test_kept_positions_and_audited_sequences_are_capped(tiny_dir: Path) -> None
     assert {j.num_tokens for j in served.jobs if j.seq_id == "b"} == {len(PROMPTS["b"]) + 3}
     assert audit.stats.positions_over_cap == 2 * (len(PROMPTS["a"]) + 3 - 16)
     assert all(v.passed for v in verdicts(served.jobs).values())  # a capped prefix still re-executes
+
+
+def test_the_limits_come_from_the_network_settings() -> None:
+    network = NetworkSection.model_validate(
+        {"verification_fraction": 0.1, "verification": {"max_tokens": 256, "audit_max_sequences": 8}}
+    )
+    assert AuditLimits.from_network(network) == AuditLimits(fraction=0.1, max_tokens=256, max_sequences=8)
+    assert AuditLimits.from_network(NetworkSection()) == AuditLimits(fraction=0.02, max_tokens=128, max_sequences=64)
+    with pytest.raises(ValidationError):
+        NetworkSection.model_validate({"verification": {"max_concurrent": 2}})  # the old spot-check's setting
 
 
 def test_the_audit_fraction_is_drawn_from_secrets() -> None:
