@@ -9,7 +9,7 @@ Request lifecycle, as the gateway sees it:
 2. `place_hold(HoldRequest) -> Hold`                 (402 when the balance does not cover it)
 3a. `report_usage(UsageReport) -> SettlementRecord`  (completed; its id goes in the response)
 3b. `release_hold(ReleaseHold) -> None`              (the request failed or was rejected: no charge)
-3c. `withhold_payout(WithholdPayout) -> WithheldPayout` (a later spot-check failed: providers unpaid)
+3c. `withhold_payout(WithholdPayout) -> WithheldPayout` (a later audit failed: providers unpaid)
 4. `get_receipt(ReceiptQuery) -> Receipt`            (403 unless the reader is the payer or a payee)
 """
 
@@ -94,7 +94,7 @@ class ReleaseHold:
 
 @dataclass(frozen=True, slots=True)
 class WithholdPayout:
-    """A spot-check of a settled request failed: withhold these provider wallets' payout for it."""
+    """An audit of a settled request failed: withhold these provider wallets' payout for it."""
 
     request_id: str
     wallets: tuple[str, ...]

@@ -159,7 +159,7 @@ class PaymentsService:
         self.ledger.release_hold(release.request_id)
 
     def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
-        """A failed spot-check: the named providers' unpaid shares of the request are withheld."""
+        """A failed audit: the named providers' unpaid shares of the request are withheld."""
         result = withhold_payout(self.ledger, req)
         logger.info("withheld %d from %s for %s (%s)", result.amount, result.wallets, req.request_id, req.reason)
         return result

@@ -71,7 +71,7 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         VERIFICATION_FAILURES,
         "counter",
-        "Spot-checks whose re-execution disagreed with the provider's answer, by model and provider wallet.",
+        "Audits whose re-execution disagreed with the provider's answer, by model and provider wallet.",
         ("model", "provider_wallet"),
     ),
 )
@@ -111,7 +111,7 @@ def record_stage_forward(model: str, stage_index: int, seconds: float) -> None:
 
 
 def record_verification_failure(model: str, provider_wallet: str) -> None:
-    """A spot-check found a provider's answer wrong (the network helper calls this)."""
+    """An audit found a provider's answer wrong (the auditor calls this)."""
     METRICS.inc(VERIFICATION_FAILURES, 1, model=model, provider_wallet=provider_wallet or "none")
 
 

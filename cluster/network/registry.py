@@ -220,7 +220,7 @@ class NetworkRegistry:
         return unknown
 
     def record_verification(self, node_ids: Sequence[str], passed: bool) -> list[str]:
-        """A spot-check over a request these nodes served passed or failed. Returns the unknown ids."""
+        """An audit of work these nodes served passed or failed. Returns the unknown ids."""
         unknown = []
         for node_id in node_ids:
             record = self.records.get(node_id)

@@ -2,7 +2,7 @@
 
 Every update moves reputation a fixed fraction of the way to a bound: towards 1 on success
 (`r + step * (1 - r)`), towards 0 on failure (`r - step * r`). So reputation stays in [0, 1], good news
-has diminishing returns near 1, and one failed spot-check (default step 0.5) takes a node from 0.5 to
+has diminishing returns near 1, and one failed audit (default step 0.5) takes a node from 0.5 to
 0.25, which ~40 served requests (default success step 0.01) earn back.
 """
 
@@ -40,7 +40,7 @@ def after_request(record: NodeRecord, ok: bool, latency_s: float, rule: Reputati
 
 
 def after_verification(record: NodeRecord, passed: bool, rule: ReputationSection) -> NodeRecord:
-    """Counters and reputation after one spot-check of a request this node took part in."""
+    """Counters and reputation after one audit of work this node served."""
     if passed:
         return replace(
             record,

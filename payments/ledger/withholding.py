@@ -1,4 +1,4 @@
-"""Withholding a provider's payout for one request (a failed spot-check), before it is batched.
+"""Withholding a provider's payout for one request (a failed audit), before it is batched.
 
 The share stays in `settlement_shares` (so the record still adds up to the request's cost) with role
 `withheld`, which no payout batch takes; its amount moves from the provider's unpaid earnings

@@ -8,8 +8,7 @@ and `RaySanctions` reports to the registry and payments actors:
 - every verdict: `registry.record_verification([provider_id], passed)` (reputation: a failure moves it
   `verification_fail_step`, by default half-way, to 0);
 - a failure: that request's payout to the provider's proven wallet is withheld
-  (`payments.withhold_payout`, the mechanism the old spot-check used through the gateway's Metering),
-  and the `solanalm_verification_failures` metric counts it;
+  (`payments.withhold_payout`), and the `solanalm_verification_failures` metric counts it;
 - `failures_to_evict` failures of one provider: `registry.set_draining(provider_id)`, so placement gives
   it no new stages (reputation alone already drops below `min_eligible` after two failures from 0.5).
 
@@ -184,7 +183,7 @@ def record_failure_metric(model: str, wallet: str | None) -> None:
 
 class RaySanctions:
     """Sanctions through the registry actor and the payments actor (each call with a timeout; a missing
-    actor is logged and skipped, as the old spot-check's reporter did)."""
+    actor is logged and skipped)."""
 
     def __init__(self, network: dict[str, Any], payments: dict[str, Any] | None, namespace: str) -> None:
         """`payments`: the payments actor's `actor_name` and `actor_call_timeout_s` (None: no withholding).

@@ -81,7 +81,7 @@ def test_requests_update_counters_ewma_and_reputation() -> None:
     assert record.success_rate == pytest.approx(3 / 5)
 
 
-def test_failed_spot_checks_make_a_node_ineligible_and_stick_to_its_wallet() -> None:
+def test_failed_audits_make_a_node_ineligible_and_stick_to_its_wallet() -> None:
     registry, keypair = NetworkRegistry(NetworkSection()), Keypair()
     join(registry, "n1", keypair)
     registry.record_verification(["n1"], passed=False)

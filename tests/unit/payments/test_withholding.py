@@ -1,4 +1,4 @@
-"""Withholding a provider's payout for one request after a failed spot-check (ledger only)."""
+"""Withholding a provider's payout for one request after a failed audit (ledger only)."""
 
 import pytest
 from sqlalchemy import create_engine
