@@ -114,7 +114,7 @@ def _stage_specs(model_name: str, config: Any, settings: Settings) -> list[Stage
     return split_layers(num_layers, len(counts), weights=counts)
 
 
-ExecutorFactory = Callable[[ModelPlan, Settings], tuple[StepExecutor, StagePool | None]]
+ExecutorFactory = Callable[[ModelPlan, Settings], tuple[StepExecutor, StagePool | HybridPool | None]]
 
 
 class PipelineServer:
