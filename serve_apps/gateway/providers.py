@@ -20,7 +20,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Header, Request
@@ -186,15 +186,19 @@ def build_provider_router(host_of: Callable[[Request], ProviderHost]) -> APIRout
             "heartbeat_interval_s": result.heartbeat_interval_s,
         }
 
+    async def by_session(call: Callable[[str], Awaitable[NodeRecord]], authorization: str | None) -> NodeRecord:
+        """A session-token call to the registry; its refusals as OpenAI errors."""
+        try:
+            return await call(session_of(authorization))
+        except OpenAIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped by http_error, the one border of these routes
+            raise http_error(exc) from None
+
     @router.post("/v1/providers/heartbeat")
     async def heartbeat(request: Request, authorization: str | None = Header(default=None)) -> dict:
         _, registry = registry_of(request)
-        try:
-            record = await registry.heartbeat(session_of(authorization))
-        except OpenAIError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise http_error(exc) from None
+        record = await by_session(registry.heartbeat, authorization)
         return {
             "object": "provider.heartbeat",
             "provider_id": record.node_id,
@@ -205,12 +209,7 @@ def build_provider_router(host_of: Callable[[Request], ProviderHost]) -> APIRout
     @router.post("/v1/providers/leave")
     async def leave(request: Request, authorization: str | None = Header(default=None)) -> dict:
         _, registry = registry_of(request)
-        try:
-            record = await registry.leave(session_of(authorization))
-        except OpenAIError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise http_error(exc) from None
+        record = await by_session(registry.leave, authorization)
         return {"object": "provider.leave", "provider_id": record.node_id, "health": record.health}
 
     return router
