@@ -192,19 +192,37 @@ class RemoteStage:
         if len(payload) > self.limits.max_frame_bytes:
             raise StageCallError(f"step {batch.step_id} is {len(payload)} bytes, over the stage protocol's limit")
         expect = self._expect(hidden)
-        future: asyncio.Future[torch.Tensor | StepResult] = asyncio.get_running_loop().create_future()
-        async with self._write_lock:  # writes, and so the order of `pending`, are the order of the stream
-            stream = self._open()
-            stream.pending.append((batch, expect, future))
-            try:
-                await stream.call.write(payload)
-            except Exception as exc:  # noqa: BLE001 - grpc raises AioRpcError, InvalidStateError, ...
-                self._fail(stream, StageCallError(f"{self.endpoint}: step {batch.step_id} not sent: {exc!r}"))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[torch.Tensor | StepResult] = loop.create_future()
+        # A timer on the future itself, not wait_for(shield(future)): each of those layers costs the reply
+        # another pass of the event loop, which in a busy replica loop is every other ready task's time.
+        timer = loop.call_later(self.timeout_s, self._time_out, future, batch.step_id)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
-        except TimeoutError as exc:
-            self._fail(stream, StageCallError(f"{self.endpoint}: step {batch.step_id} timed out"))
-            raise StageCallError(f"{self.endpoint}: step {batch.step_id} timed out after {self.timeout_s}s") from exc
+            async with self._write_lock:  # writes, and so the order of `pending`, are the order of the stream
+                if not future.done():  # (it timed out waiting for the lock: not sent at all)
+                    await self._send(batch, expect, future, payload)
+            return await future  # a cancelled caller cancels it; the reader then skips its reply
+        finally:
+            timer.cancel()
+
+    async def _send(
+        self, batch: StepBatch, expect: Expect, future: asyncio.Future[torch.Tensor | StepResult], payload: bytes
+    ) -> None:
+        stream = self._open()
+        stream.pending.append((batch, expect, future))
+        try:
+            await stream.call.write(payload)
+        except Exception as exc:  # noqa: BLE001 - grpc raises AioRpcError, InvalidStateError, ...
+            self._fail(stream, StageCallError(f"{self.endpoint}: step {batch.step_id} not sent: {exc!r}"))
+
+    def _time_out(self, future: asyncio.Future[torch.Tensor | StepResult], step_id: int) -> None:
+        """A step in flight past the timeout: the stream is dropped and every step on it fails."""
+        stream = self._stream
+        error = StageCallError(f"{self.endpoint}: step {step_id} timed out after {self.timeout_s}s")
+        if stream is not None and any(pending is future for _, _, pending in stream.pending):
+            self._fail(stream, error)
+        if not future.done():
+            future.set_exception(error)
 
     def _expect(self, hidden: torch.Tensor | None) -> Expect:
         dtype = self.dtype
