@@ -4,7 +4,7 @@ The cheater runs the project's stage host with its outputs perturbed on every st
 audited sequence from any other: the draw is the coordinator's secret). The operator audits a fraction of
 sequences by re-executing the provider's layers on its own reference weights. The test counts requests
 until the first failed audit, and checks the sanctions: reputation down, that request's pay withheld,
-and after repeated failures the provider drained and re-planned away.
+and after repeated failures the provider evicted (under the eligibility floor, or drained) and re-planned away.
 """
 
 import json
@@ -20,6 +20,7 @@ from tests.integration.trust.harness import Operator, Provider, operator_and_pro
 MODEL = "tiny-llama"
 FRACTION = 0.25
 MAX_REQUESTS = 60  # P(no audit in 60 requests at 1/4) = 0.75**60 ~ 3e-8
+MIN_ELIGIBLE = 0.2  # network.reputation.min_eligible (default): under it a provider gets no stages
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +92,19 @@ def test_a_provider_perturbing_served_traffic_is_caught_withheld_and_evicted(
 
     wait_until(lambda: first_withheld() is not None, 60, "the caught request's provider pay withheld")
     print(f"\ncheater caught on request {first_withheld()} (audit fraction {FRACTION})")
-    # Repeated failures: drained (no new stages), and the controller re-plans the pipeline without it.
+
+    # Repeated failures evict it: under the eligibility floor (reputation halves per failed audit) or drained
+    # by the auditor (three failures), whichever comes first; then the controller re-plans without it.
+    def evicted() -> bool:
+        record = _record(operator, provider.provider_id)
+        return bool(record["draining"]) or record["reputation"] < MIN_ELIGIBLE
+
     for count in range(MAX_REQUESTS * 3):
-        if _record(operator, provider.provider_id)["draining"]:
+        if evicted():
             break
         client.completions.create(model=MODEL, prompt=f"Again {count}:", max_tokens=8)
         time.sleep(0.2)
-    assert _record(operator, provider.provider_id)["draining"], "three failed audits drain the provider"
+    assert evicted(), _record(operator, provider.provider_id)
     wait_until(lambda: provider.provider_id not in _hosts(operator), 300, "the pipeline re-planned without it")
     reply = client.completions.create(model=MODEL, prompt="After eviction:", max_tokens=4)
     assert reply.choices[0].text is not None
