@@ -149,14 +149,15 @@ def planning_records(settings: Settings, eligible: bool = True) -> list[NodeReco
     records = registry_records(settings, eligible=eligible) or []
     if not any(is_provider_host(r.node_id) for r in records):
         return records
-    return records + operator_records({r.node_id for r in records})
+    return records + operator_records(settings, {r.node_id for r in records})
 
 
-def operator_records(registered: set[str]) -> list[NodeRecord]:
+def operator_records(settings: Settings, registered: set[str]) -> list[NodeRecord]:
     """The live Ray nodes not in the registry, as records of the operator's own (wallet '': the operator's)."""
     import ray
 
-    gflops = _local_gflops()  # this driver's machine: the head's speed on one machine
+    # A declared figure, else this driver's machine measured (the head's speed on one machine).
+    gflops = settings.network.placement.operator_throughput_gflops or _local_gflops()
     records = []
     for node in ray.nodes():
         if not node.get("Alive") or node["NodeID"] in registered:

@@ -34,10 +34,8 @@ def connect(section: RaySection, *, log_to_driver: bool = True) -> None:
             log_to_driver=log_to_driver,
         )
     else:
-        from cluster.config.serving import ModelSection
-        from cluster.ray_cluster import prepare_driver
-
-        # A locked operator cluster: the token (and TLS files) found as `solanalm status` finds them.
-        prepare_driver(section, ModelSection().cache_dir / "state")
+        # A locked operator cluster: the token comes with the environment (`ray job submit` passes the
+        # cluster's; in a shell, `eval "$(solanalm ray-env)"`). Not looked up here: a token file left by
+        # another cluster must not be applied to this one.
         ray.init(address=address, namespace=section.namespace, log_to_driver=log_to_driver)
     logger.info("connected to Ray at %s (namespace %s)", address, section.namespace)

@@ -73,6 +73,13 @@ class PlacementSection(Section):
     """How stages are planned over provider nodes."""
 
     max_stages: int = Field(default=8, ge=1, le=64, description="Most stages (nodes) in one pipeline.")
+    operator_throughput_gflops: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000_000,
+        description="Dense-matmul GFLOP/s the operator's own nodes are planned with (a benchmarked figure);"
+        " None: measured on the driver at planning time (noisy on a busy machine).",
+    )
     memory_headroom: float = Field(
         default=0.2, ge=0, lt=1, description="Fraction of a node's memory kept free of weights (KV, activations)."
     )

@@ -49,6 +49,7 @@ class ServeOptions:
     port: int = 0
     advertise: str | None = None
     advertise_port: int | None = None  # where the operator dials when a NAT or proxy forwards to `port`
+    throughput_gflops: float | None = None  # a benchmarked speed instead of the start-up measurement
     region: str = ""
     num_cpus: int | None = None
     state_dir: Path = DEFAULT_STATE_DIR
@@ -83,11 +84,14 @@ def materialize_models(names: tuple[str, ...], catalogue_path: Path, cache_dir: 
     return dirs
 
 
-def claimed_capabilities(num_cpus: int | None) -> dict[str, Any]:
-    """This machine's capabilities (dense-matmul GFLOP/s measured now); `num_cpus` caps the CPUs offered."""
+def claimed_capabilities(num_cpus: int | None, throughput_gflops: float | None = None) -> dict[str, Any]:
+    """This machine's capabilities (dense-matmul GFLOP/s measured now, or the benchmarked figure given);
+    `num_cpus` caps the CPUs offered. Claims steer placement only, never pay."""
     from cluster.network.join import local_capabilities
 
-    capabilities = asdict(local_capabilities())
+    capabilities = asdict(local_capabilities(measure_s=0.3 if throughput_gflops is None else 0.0))
+    if throughput_gflops is not None:
+        capabilities["throughput_gflops"] = float(throughput_gflops)
     if num_cpus is not None:
         capabilities["num_cpus"] = float(min(num_cpus, capabilities["num_cpus"]))
     return capabilities
@@ -141,7 +145,7 @@ def serve(
         keypair,
         endpoint,
         cert.cert_pem.decode(),
-        claimed_capabilities(options.num_cpus),
+        claimed_capabilities(options.num_cpus, options.throughput_gflops),
         list(model_dirs),
         options.region,
         on_registered=lambda registration: server.set_link_token(registration.link_token),
@@ -209,6 +213,9 @@ def serve_command(
     ] = None,
     region: Annotated[str, typer.Option(help="Region, e.g. eu-west.")] = "",
     num_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs offered (default: all).")] = None,
+    throughput_gflops: Annotated[
+        float | None, typer.Option(min=0.001, help="Benchmarked GFLOP/s to plan with (default: measured at start).")
+    ] = None,
     state_dir: Annotated[Path, typer.Option(help="Certificate and registration state.")] = DEFAULT_STATE_DIR,
     ca_cert: Annotated[Path | None, typer.Option(help="CA bundle that signs the gateway's HTTPS certificate.")] = None,
 ) -> None:
@@ -225,6 +232,7 @@ def serve_command(
         port=port,
         advertise=advertise,
         advertise_port=advertise_port,
+        throughput_gflops=throughput_gflops,
         region=region,
         num_cpus=num_cpus,
         state_dir=state_dir,

@@ -23,6 +23,7 @@ from tests.integration.trust.harness import Operator, Provider, operator_and_pro
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
+GFLOPS = "300"  # every node's declared speed (see the fixture)
 REPLAN_TIMEOUT_S = 600.0
 
 
@@ -41,13 +42,15 @@ def domain(
         "SOLANALM_NETWORK__PLACEMENT__WATCH_INTERVAL_S": "1",
         "SOLANALM_NETWORK__PLACEMENT__MAX_STAGES": "3",
         "SOLANALM_NETWORK__PLACEMENT__MIN_STAGE_GAIN": "0",
+        # Declared speeds: measured ones swing 10x on a busy 2-core machine and would make the plan random.
+        "SOLANALM_NETWORK__PLACEMENT__OPERATOR_THROUGHPUT_GFLOPS": GFLOPS,
         # Half of the sequences are audited: honest providers (p2 only lies about its work) must pass them.
         "SOLANALM_NETWORK__VERIFICATION_FRACTION": "0.5",
     }
-    honest = {"name": "p1", "model": MODEL, "cache_dir": model_cache_dir}
+    honest = {"name": "p1", "model": MODEL, "cache_dir": model_cache_dir, "extra_args": ["--throughput-gflops", GFLOPS]}
     # p2 serves honestly but reports 1000x the steps and busy seconds it did (test-only entry point).
     inflating = {**honest, "name": "p2", "module": "tests.integration.trust.cheating_provider"}
-    providers = [honest, {**inflating, "extra_args": ["--cheat", "inflate"]}]
+    providers = [honest, {**inflating, "extra_args": ["--throughput-gflops", GFLOPS, "--cheat", "inflate"]}]
     # The gateway speaks HTTPS (a CA made for the test): providers register over it with --ca-cert.
     with operator_and_providers(work, overrides, providers, https=True) as (operator, started):
         wait_until(lambda: _planned_over(operator, started), REPLAN_TIMEOUT_S, "a pipeline over operator and providers")

@@ -20,6 +20,7 @@ from tests.integration.trust.harness import Operator, Provider, operator_and_pro
 MODEL = "tiny-llama"
 FRACTION = 0.25
 MAX_REQUESTS = 60  # P(no audit in 60 requests at 1/4) = 0.75**60 ~ 3e-8
+GFLOPS = "300"  # every node's declared speed (see the fixture)
 MIN_ELIGIBLE = 0.2  # network.reputation.min_eligible (default): under it a provider gets no stages
 
 
@@ -37,13 +38,15 @@ def cheater(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> 
         "SOLANALM_NETWORK__PLACEMENT__WATCH_INTERVAL_S": "1",
         "SOLANALM_NETWORK__PLACEMENT__MAX_STAGES": "2",
         "SOLANALM_NETWORK__PLACEMENT__MIN_STAGE_GAIN": "0",
+        # Declared speeds: measured ones swing 10x on a busy 2-core machine and would make the plan random.
+        "SOLANALM_NETWORK__PLACEMENT__OPERATOR_THROUGHPUT_GFLOPS": GFLOPS,
     }
     spec = {
         "name": "cheater",
         "model": MODEL,
         "cache_dir": model_cache_dir,
         "module": "tests.integration.trust.cheating_provider",
-        "extra_args": ["--cheat", "perturb"],
+        "extra_args": ["--throughput-gflops", GFLOPS, "--cheat", "perturb"],
     }
     with operator_and_providers(work, overrides, [spec]) as (operator, (provider,)):
         wait_until(lambda: provider.provider_id in _hosts(operator), 600, "a pipeline with the cheater's stage")
