@@ -143,12 +143,13 @@ class PipelineServer:
             max_inflight_steps=inflight,
             recovery_timeout_s=pipeline.recovery_timeout_s,
         )
-        self.providers = self._provider_work()
+        # Each stage's host, asked once (a describe of every stage): routing, request records and payees use it.
+        self.node_ids = self.pool.node_ids() if self.pool is not None else []
+        self._operator_payees = self._provider_work()  # fixed for a pool of operator stages
         self.audits = AuditSubmitter(self.settings)
         if isinstance(self.pool, HybridPool):
             self.audits.start()  # the auditor's process starts while this replica finishes loading
         # Routing: this pipeline's nodes, whose registry records rank the replica and record its requests.
-        self.node_ids = self.pool.node_ids() if self.pool is not None else []
         self.registry = RegistryLink(self.settings.network, self.settings.ray.namespace)
         self.gauges = metrics.EngineGauges(model_name, self.engine)  # queue, running, KV slots, steps
         logger.info("pipeline %s ready: %d stages", model_name, len(self.plan.stages))
@@ -228,19 +229,26 @@ class PipelineServer:
                     self.engine.abort(seq.seq_id, "stop")
                     if pending:
                         yield TextDelta(pending, count)
-                    yield Finished("stop", prompt_tokens, count, providers=self.providers)
+                    yield Finished("stop", prompt_tokens, count, providers=self.providers())
                     return
                 if pending and (final or not self.engine.ready(seq.seq_id)):
                     yield TextDelta(pending, count)
                     pending = ""
                 if final:
-                    yield Finished(event.finish_reason, prompt_tokens, count, providers=self.providers)
+                    yield Finished(event.finish_reason, prompt_tokens, count, providers=self.providers())
                     return
                 event = await anext(events)
         except EngineError as exc:
             yield Finished("error", prompt_tokens, count, error=str(exc))
         finally:
             await events.aclose()
+
+    def providers(self) -> tuple[ProviderWork, ...]:
+        """The payees of a request finishing now: a provider stage replaced by an operator stage after a
+        failover is the operator's from then on, so a dead provider is not paid for layers it no longer serves."""
+        if isinstance(self.pool, HybridPool):
+            return provider_work(self.plan.stages, self.pool.stage_wallets())
+        return self._operator_payees
 
     def _provider_work(self) -> tuple[ProviderWork, ...]:
         """Which wallet serves which layers: a provider's stage host is paid to the wallet it proved at
@@ -257,7 +265,7 @@ class PipelineServer:
             return self.pool.stage_wallets()
         wallet_key = f"{self.settings.network.label_prefix}/wallet"
         labels = {node["NodeID"]: node.get("Labels") or {} for node in ray.nodes()}
-        return [labels.get(node_id, {}).get(wallet_key) for node_id in self.pool.node_ids()]
+        return [labels.get(node_id, {}).get(wallet_key) for node_id in self.node_ids]
 
     async def describe(self) -> PipelineInfo:
         stages = await self.pool.describe() if self.pool is not None else ()
