@@ -174,6 +174,24 @@ PORT_FLAGS = (
     "runtime-env-agent-port",
 )
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# Every node's declared speed: measured ones swing 10x on a busy 2-core machine and would make the plan random.
+GFLOPS = "300"
+
+
+def operator_overrides(model: str, cache_dir: Path, work: Path, max_stages: int, max_num_seqs: int) -> dict[str, str]:
+    """The operator settings both trust tests share: one model, a 1-stage start, fast re-planning."""
+    return {
+        "SOLANALM_MODEL__SERVED": json.dumps([model]),
+        "SOLANALM_MODEL__CACHE_DIR": str(cache_dir),
+        "SOLANALM_PIPELINE__NUM_STAGES": "1",
+        "SOLANALM_PIPELINE__MAX_NUM_SEQS": str(max_num_seqs),
+        "SOLANALM_PIPELINE__GRACEFUL_SHUTDOWN_TIMEOUT_S": "5",
+        "SOLANALM_PAYMENTS__STATE_DIR": str(work / "payments"),
+        "SOLANALM_NETWORK__PLACEMENT__WATCH_INTERVAL_S": "1",
+        "SOLANALM_NETWORK__PLACEMENT__MAX_STAGES": str(max_stages),
+        "SOLANALM_NETWORK__PLACEMENT__MIN_STAGE_GAIN": "0",
+        "SOLANALM_NETWORK__PLACEMENT__OPERATOR_THROUGHPUT_GFLOPS": GFLOPS,
+    }
 
 
 @dataclass

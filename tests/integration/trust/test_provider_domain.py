@@ -8,7 +8,6 @@ a provider process can reach, and that killing a provider mid-generation loses n
 """
 
 import concurrent.futures
-import json
 import subprocess
 import sys
 import time
@@ -19,11 +18,17 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.trust.harness import Operator, Provider, operator_and_providers, wait_until
+from tests.integration.trust.harness import (
+    GFLOPS,
+    Operator,
+    Provider,
+    operator_and_providers,
+    operator_overrides,
+    wait_until,
+)
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
-GFLOPS = "300"  # every node's declared speed (see the fixture)
 REPLAN_TIMEOUT_S = 600.0
 
 
@@ -32,21 +37,9 @@ def domain(
     tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path
 ) -> Iterator[tuple[Operator, list[Provider]]]:
     work = tmp_path_factory.mktemp("trust")
-    overrides = {
-        "SOLANALM_MODEL__SERVED": json.dumps([MODEL]),
-        "SOLANALM_MODEL__CACHE_DIR": str(model_cache_dir),
-        "SOLANALM_PIPELINE__NUM_STAGES": "1",
-        "SOLANALM_PIPELINE__MAX_NUM_SEQS": "8",
-        "SOLANALM_PIPELINE__GRACEFUL_SHUTDOWN_TIMEOUT_S": "5",
-        "SOLANALM_PAYMENTS__STATE_DIR": str(work / "payments"),
-        "SOLANALM_NETWORK__PLACEMENT__WATCH_INTERVAL_S": "1",
-        "SOLANALM_NETWORK__PLACEMENT__MAX_STAGES": "3",
-        "SOLANALM_NETWORK__PLACEMENT__MIN_STAGE_GAIN": "0",
-        # Declared speeds: measured ones swing 10x on a busy 2-core machine and would make the plan random.
-        "SOLANALM_NETWORK__PLACEMENT__OPERATOR_THROUGHPUT_GFLOPS": GFLOPS,
-        # Half of the sequences are audited: honest providers (p2 only lies about its work) must pass them.
-        "SOLANALM_NETWORK__VERIFICATION_FRACTION": "0.5",
-    }
+    overrides = operator_overrides(MODEL, model_cache_dir, work, max_stages=3, max_num_seqs=8)
+    # Half of the sequences are audited: honest providers (p2 only lies about its work) must pass them.
+    overrides["SOLANALM_NETWORK__VERIFICATION_FRACTION"] = "0.5"
     honest = {"name": "p1", "model": MODEL, "cache_dir": model_cache_dir, "extra_args": ["--throughput-gflops", GFLOPS]}
     # p2 serves honestly but reports 1000x the steps and busy seconds it did (test-only entry point).
     inflating = {**honest, "name": "p2", "module": "tests.integration.trust.cheating_provider"}

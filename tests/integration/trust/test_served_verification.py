@@ -7,7 +7,6 @@ until the first failed audit, and checks the sanctions: reputation down, that re
 and after repeated failures the provider evicted (under the eligibility floor, or drained) and re-planned away.
 """
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,32 +14,26 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.trust.harness import Operator, Provider, operator_and_providers, wait_until
+from tests.integration.trust.harness import (
+    GFLOPS,
+    Operator,
+    Provider,
+    operator_and_providers,
+    operator_overrides,
+    wait_until,
+)
 
 MODEL = "tiny-llama"
 FRACTION = 0.25
 MAX_REQUESTS = 60  # P(no audit in 60 requests at 1/4) = 0.75**60 ~ 3e-8
-GFLOPS = "300"  # every node's declared speed (see the fixture)
 MIN_ELIGIBLE = 0.2  # network.reputation.min_eligible (default): under it a provider gets no stages
 
 
 @pytest.fixture(scope="module")
 def cheater(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> Iterator[tuple[Operator, Provider]]:
     work = tmp_path_factory.mktemp("verify")
-    overrides = {
-        "SOLANALM_MODEL__SERVED": json.dumps([MODEL]),
-        "SOLANALM_MODEL__CACHE_DIR": str(model_cache_dir),
-        "SOLANALM_PIPELINE__NUM_STAGES": "1",
-        "SOLANALM_PIPELINE__MAX_NUM_SEQS": "4",
-        "SOLANALM_PIPELINE__GRACEFUL_SHUTDOWN_TIMEOUT_S": "5",
-        "SOLANALM_PAYMENTS__STATE_DIR": str(work / "payments"),
-        "SOLANALM_NETWORK__VERIFICATION_FRACTION": str(FRACTION),
-        "SOLANALM_NETWORK__PLACEMENT__WATCH_INTERVAL_S": "1",
-        "SOLANALM_NETWORK__PLACEMENT__MAX_STAGES": "2",
-        "SOLANALM_NETWORK__PLACEMENT__MIN_STAGE_GAIN": "0",
-        # Declared speeds: measured ones swing 10x on a busy 2-core machine and would make the plan random.
-        "SOLANALM_NETWORK__PLACEMENT__OPERATOR_THROUGHPUT_GFLOPS": GFLOPS,
-    }
+    overrides = operator_overrides(MODEL, model_cache_dir, work, max_stages=2, max_num_seqs=4)
+    overrides["SOLANALM_NETWORK__VERIFICATION_FRACTION"] = str(FRACTION)
     spec = {
         "name": "cheater",
         "model": MODEL,
