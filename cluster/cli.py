@@ -30,6 +30,7 @@ from cluster.observability.logs import configure_logging
 from cluster.ray_cluster import ClusterError, connect_existing, ensure_cluster, port_in_use, stop_local_head
 from cluster.security.ray_auth import AUTH_MODE_ENV, TOKEN_PATH_ENV, driver_env, shell_exports
 from cluster.security.ray_tls import certificate_hosts, default_hosts, init_tls, tls_dir, tls_env
+from cluster.serve_wait import DeployFailed, StartupTimeout
 from cluster.status import render_status
 
 app = typer.Typer(help="SolanaLM: a decentralized LLM compute network on Ray.", no_args_is_help=True)
@@ -78,12 +79,19 @@ def up(
     handle = _start_cluster(settings)
     console.print(f"[bold]Ray cluster[/] {handle.address}  dashboard: {handle.dashboard_url or 'n/a'}")
     _print_ray_security(settings.ray, handle.ray_env)
-    settings, plans = _plan_placements(settings)
-    with console.status(
-        f"deploying {', '.join(settings.model.served)} "
-        f"({settings.pipeline.num_stages} stages x {settings.pipeline.num_replicas} replicas)..."
-    ):
-        took = deploy(serve_app, settings)
+    try:
+        settings, plans = _plan_placements(settings)
+        took = _deploy_reporting(serve_app, settings)
+    except BaseException as exc:
+        # Nothing is left running when start-up gives up (a deadline, a failed deploy, Ctrl-C): the
+        # application, Serve, and the head this command started.
+        gave_up = isinstance(exc, StartupTimeout | DeployFailed)
+        if gave_up:
+            console.print(f"[red]error:[/] start-up gave up: {exc}")
+        _shutdown(settings, stop_head=handle.started_here)
+        if gave_up:
+            raise typer.Exit(code=1) from None
+        raise
     base_url = f"{settings.http.scheme}://{settings.http.host}:{settings.http.port}/v1"
     console.print(f"[green]ready[/] in {took:.1f} s")
     console.print(f"[bold]OpenAI base URL[/] {base_url}")
@@ -245,6 +253,23 @@ def _plan_placements(settings: Settings) -> tuple[Settings, dict]:
     for model, plan in plans.items():
         console.print(f"[bold]placement[/] {model}: {describe_plan(plan)}")
     return (with_plans(settings, plans), plans) if plans else (settings, plans)
+
+
+def _deploy_reporting(serve_app: ServeApp, settings: Settings) -> float:
+    """deploy, with the spinner saying what start-up is waiting for (and how long it will wait)."""
+    what = (
+        f"deploying {', '.join(settings.model.served)} "
+        f"({settings.pipeline.num_stages} stages x {settings.pipeline.num_replicas} replicas)"
+    )
+    started = time.monotonic()
+    limit = settings.http.startup_timeout_s
+    with console.status(what + "...") as spinner:
+
+        def report(awaited: str) -> None:
+            waited = time.monotonic() - started
+            spinner.update(f"{what}: waiting for {awaited} ({waited:.0f} s of at most {limit:.0f} s)")
+
+        return deploy(serve_app, settings, report)
 
 
 def _start_cluster(settings: Settings):  # type: ignore[no-untyped-def]

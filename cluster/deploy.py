@@ -26,8 +26,13 @@ from cluster.network.placement import ModelCost, StagePlan
 from cluster.network.records import NodeCapabilities, NodeRecord
 from cluster.network.replacement import PlacementController
 from cluster.network.serving_plan import is_provider_host, placements_args, plan_models
+from cluster.serve_wait import Report, run_application, start_serve
 
 logger = logging.getLogger(__name__)
+
+
+def _quiet(_awaited: str) -> None:
+    """deploy's default report: serve_wait logs what it waits for anyway."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +72,16 @@ def settings_for(app: ServeApp, overrides: dict[str, dict[str, Any]]) -> Setting
     return load_settings(**merged)
 
 
-def deploy(app: ServeApp, settings: Settings) -> float:
-    """Start Serve's HTTP proxy and run the application; returns the seconds it took to become ready."""
+def deploy(app: ServeApp, settings: Settings, report: Report = _quiet) -> float:
+    """Start Serve's HTTP proxy and run the application; returns the seconds it took to become ready.
+
+    Both waits share `http.startup_timeout_s`; `report` hears what is awaited each time that changes;
+    StartupTimeout (naming what was still missing) or DeployFailed when it cannot become ready.
+    """
     started = time.perf_counter()
+    timeout_s = settings.http.startup_timeout_s
     start_registry(settings)
-    serve.start(proxy_location=app.proxy_location, http_options=http_options(settings))
+    deadline = start_serve(app.proxy_location, http_options(settings), timeout_s, report)
     builder = _resolve(app.import_path)
     args = settings.model_dump(mode="json", include={"model", "pipeline", "http", "network", "logging"})
     # Secrets are masked in a JSON dump; payments settings travel as values, unmasked.
@@ -79,7 +89,8 @@ def deploy(app: ServeApp, settings: Settings) -> float:
     args["payments"] = {
         k: (v.get_secret_value() if hasattr(v, "get_secret_value") else v) for k, v in args["payments"].items()
     }
-    serve.run(builder(args), name=settings.http.app_name or app.name, route_prefix=app.route_prefix, blocking=False)
+    name = settings.http.app_name or app.name
+    run_application(builder(args), name, app.route_prefix, deadline, timeout_s, report)
     return time.perf_counter() - started
 
 

@@ -61,6 +61,13 @@ class HttpSection(Section):
     port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
     app_name: str = Field(default="solanalm", description="Ray Serve application name.")
     route_prefix: str = Field(default="/", description="Route prefix of the application.")
+    startup_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=7_200,
+        description="Longest wait for Serve's HTTP proxies and the application to become ready at deploy"
+        " (a slow or loaded machine needs minutes); past it, `up` stops what it started and says what it waited for.",
+    )
     client_rate_per_s: float = Field(
         default=0.0,
         ge=0,

@@ -65,3 +65,33 @@ def test_up_status_down_with_token_auth(tmp_path: Path) -> None:
             for proc in head_processes(record.get("session_dir") or "/nonexistent", str(ports["HEAD_PORT"])):
                 proc.kill()
         assert os.environ.get("RAY_AUTH_MODE") == mode_before  # nothing leaked into this test process
+
+
+@pytest.mark.slow  # a head, one CLI process that deploys and gives up, and the checks (~40 s)
+def test_up_gives_up_at_its_deadline_saying_what_it_waited_for_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """A machine too slow for the deadline (here: a 2 s deadline): `up` exits 1 naming what it was still
+    waiting for, and its Ray head, Serve and the application are gone (issue 18's first `make run`)."""
+    cache = tmp_path / "cache"
+    ports = {"HEAD_PORT": free_port(), "DASHBOARD_PORT": free_port(), "CLIENT_SERVER_PORT": free_port()}
+    settings_env = {f"SOLANALM_RAY__{key}": str(port) for key, port in ports.items()}
+    env = clean_env(
+        tmp_path / "home",
+        {**settings_env, "SOLANALM_MODEL__CACHE_DIR": str(cache), "SOLANALM_HTTP__STARTUP_TIMEOUT_S": "2"},
+        fast_fail=False,
+    )
+    (tmp_path / "home").mkdir()
+    http_port = free_port()
+    marker = cache / "state" / "local-head.json"
+    up = _solanalm("up", "--model", "tiny-llama", "--stages", "1", "--port", str(http_port), "--no-demo", env=env)
+    out = " ".join((up.stdout + up.stderr).split())
+    try:
+        assert up.returncode == 1, out[-3000:]
+        assert "start-up gave up: not ready after 2 s: still waiting for" in out, out[-3000:]
+        assert "stopped the local Ray head" in out and "shut down cleanly" in out, out[-3000:]
+        assert not marker.exists()
+        assert not port_in_use("127.0.0.1", ports["HEAD_PORT"]) and not port_in_use("127.0.0.1", http_port)
+    finally:
+        if marker.exists():
+            record = json.loads(marker.read_text())
+            for proc in head_processes(record.get("session_dir") or "/nonexistent", str(ports["HEAD_PORT"])):
+                proc.kill()
