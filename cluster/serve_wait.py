@@ -42,7 +42,7 @@ def proxies_awaited(status: ServeStatus) -> str | None:
     pending = sorted(node[:12] for node, state in status.proxies.items() if state != ProxyStatus.HEALTHY)
     if not pending:
         return None
-    states = {state.value for node, state in status.proxies.items() if state != ProxyStatus.HEALTHY}
+    states = {_name(state) for node, state in status.proxies.items() if state != ProxyStatus.HEALTHY}
     return f"Serve's HTTP proxy on node {', '.join(pending)} ({'/'.join(sorted(states))})"
 
 
@@ -57,12 +57,17 @@ def application_awaited(status: ServeStatus, name: str) -> str | None:
         raise DeployFailed(f"deploying {name!r} failed: {app.message.strip()[-2000:]}")
     waiting = []
     for deployment, overview in sorted(app.deployments.items()):
-        if overview.status.value == "HEALTHY":
+        if _name(overview.status) == "HEALTHY":
             continue
-        replicas = ", ".join(f"{count} {state.value.lower()}" for state, count in overview.replica_states.items())
+        replicas = ", ".join(f"{count} {_name(state).lower()}" for state, count in overview.replica_states.items())
         detail = f": {overview.message.strip()[:300]}" if overview.message.strip() else ""
         waiting.append(f"{deployment} ({replicas or 'no replicas yet'}){detail}")
-    return "; ".join(waiting) or f"application {name!r} ({app.status.value.lower()})"
+    return "; ".join(waiting) or f"application {name!r} ({_name(app.status).lower()})"
+
+
+def _name(state: Any) -> str:
+    """An enum member's value or the plain string serve.status() gives (it varies by field)."""
+    return str(getattr(state, "value", state))
 
 
 def wait_until(awaited: Callable[[], str | None], deadline: float, timeout_s: float, report: Report) -> None:

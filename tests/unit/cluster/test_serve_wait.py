@@ -48,6 +48,11 @@ def test_an_application_names_the_deployments_it_waits_for() -> None:
     assert application_awaited(_app(ApplicationStatus.RUNNING, {}), "solanalm") is None
 
 
+def test_the_plain_strings_serve_status_gives_are_read_as_well() -> None:
+    plain = _app("DEPLOYING", {"PipelineServer": _deployment("UPDATING", {"STARTING": 2})})  # type: ignore[arg-type]
+    assert application_awaited(plain, "solanalm") == "PipelineServer (2 starting)"
+
+
 def test_a_failed_deploy_is_not_waited_for() -> None:
     with pytest.raises(DeployFailed, match="replica raised"):
         application_awaited(_app(ApplicationStatus.DEPLOY_FAILED, {}, "replica raised ValueError"), "solanalm")
