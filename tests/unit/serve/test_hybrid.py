@@ -105,3 +105,51 @@ def test_a_provider_stage_that_failed_a_step_counts_as_dead_for_recovery() -> No
         return before, await stage.alive()
 
     assert asyncio.run(run()) == (True, False)
+
+
+def test_after_a_failover_the_replaced_providers_layers_are_paid_to_the_operator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request finishing after a provider's stage was replaced pays the operator for those layers, not the
+    provider that no longer serves them (PipelineServer.providers reads the pool's current stages)."""
+    from types import SimpleNamespace
+
+    import serve_apps.server.hybrid as hybrid
+    from serve_apps.server.hybrid import HybridPool, HybridStage, ProviderLink
+    from serve_apps.server.pipeline_server import PipelineServer
+
+    class Answers:
+        """What an actor method's .remote() returns: awaitable, as an ObjectRef is."""
+
+        def __init__(self, value: object) -> None:
+            self.remote = lambda *args: asyncio.sleep(0, value)
+
+    class Recipe:
+        def __init__(self, name: str) -> None:
+            self.name, self.config, self.options = name, None, {}
+
+        def start(self) -> object:
+            return SimpleNamespace(ping=Answers(True), describe=Answers(None))
+
+    class Gone:
+        async def forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+            raise StageCallError("connection reset")
+
+        async def ping(self) -> bool:
+            return False
+
+        async def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(hybrid, "fallback_recipe", lambda recipe: Recipe(recipe.name + ":fallback"))
+    specs = tuple(split_layers(6, 2))
+    link = ProviderLink("provider-x", "127.0.0.1:1", b"", "token", "ProviderWallet")
+    stages = [HybridStage(specs[0], Recipe("s0"), None), HybridStage(specs[1], Recipe("s1"), link)]  # type: ignore[arg-type]
+    pool = HybridPool(stages, 5.0, 1, lambda _link, _spec: Gone(), loader=None)  # type: ignore[arg-type]
+    server = SimpleNamespace(pool=pool, plan=SimpleNamespace(stages=specs), _operator_payees=())
+
+    before = {w.wallet: w.layers for w in PipelineServer.providers(server)}  # type: ignore[arg-type]
+    assert asyncio.run(pool.recover()) and pool.fallbacks == 1
+    after = {w.wallet: w.layers for w in PipelineServer.providers(server)}  # type: ignore[arg-type]
+    assert before == {None: 3, "ProviderWallet": 3}
+    assert after == {None: 6}
