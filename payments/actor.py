@@ -104,7 +104,8 @@ class PaymentsActor:
 
     async def record_training_rewards(self, rewards: list[dict[str, Any]]) -> list[str]:
         """train_jobs' reward sink: plain RoundReward dicts (job, round, wallet, amount_lamports,
-        examples, dropped); returns the reward record ids. Recording a round twice is a no-op."""
+        examples, dropped); returns the reward record ids. Recording a round twice is a no-op; a batch
+        beyond the rewards account is refused whole (InsufficientBalance `rewards_unfunded`)."""
         parsed = [
             TrainingReward(
                 str(r["job"]),
@@ -118,6 +119,10 @@ class PaymentsActor:
         ]
         records = await self._run((await self._svc()).record_training_rewards, parsed)
         return [record.settlement_id for record in records]
+
+    async def fund_training_rewards(self, ref: str, amount: int) -> int:
+        """Operator: fund the rewards account (once per `ref`); a reward batch beyond it is refused."""
+        return int(await self._run((await self._svc()).fund_training_rewards, ref, amount))
 
     async def release_hold(self, release: ReleaseHold) -> None:
         await self._run((await self._svc()).release_hold, release)

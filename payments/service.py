@@ -155,6 +155,10 @@ class PaymentsService:
         """Credit federated-training rewards; they are paid out with the next settlement batches."""
         return self.ledger.record_rewards(rewards)
 
+    def fund_training_rewards(self, ref: str, amount: int) -> int:
+        """Fund the rewards account once per `ref` (send the same amount to the treasury); returns its balance."""
+        return self.ledger.fund_rewards(ref, amount)
+
     def release_hold(self, release: ReleaseHold) -> None:
         self.ledger.release_hold(release.request_id)
 

@@ -19,6 +19,7 @@ from payments.ledger.schema import (
     holds,
     metadata,
     payout_batches,
+    postings,
     settlement_shares,
     settlements,
 )
@@ -226,9 +227,27 @@ class Ledger:
                 )
         return results
 
+    def fund_rewards(self, ref: str, amount: int) -> int:
+        """Put `amount` of the network's money into the rewards account, once per `ref` (the operator
+        sends the same amount to the treasury on chain); returns what the account holds now."""
+        if amount <= 0 or not ref:
+            raise InvalidRequest("funding needs a reference and an amount > 0")
+        posting_ref = f"fund:{ref}"[:96]
+        with self.transaction() as conn:
+            done = conn.execute(select(postings.c.id).where(postings.c.ref == posting_ref)).first()
+            if done is None:
+                self.post(conn, [Posting(posting_ref, "reward_funding", acct.CHAIN_INFLOW, acct.REWARDS, amount)])
+            return balance_of(conn, acct.REWARDS)
+
     def record_rewards(self, rewards: list[TrainingReward]) -> list[SettlementRecord]:
-        """Credit training rewards as payable earnings, once per (job, round, wallet)."""
+        """Credit training rewards as payable earnings, once per (job, round, wallet).
+
+        Rewards are drawn from the rewards account (`fund_rewards`); a batch whose new records would
+        take it below zero is refused whole (InsufficientBalance, code `rewards_unfunded`): nothing
+        of it is recorded.
+        """
         results: list[SettlementRecord] = []
+        new_total = 0
         with self.transaction() as conn:
             for reward in rewards:
                 if reward.amount < 0:
@@ -270,6 +289,16 @@ class Ledger:
                     ],
                 )
                 results.append(record)
+                new_total += reward.amount
+            # Checked after the postings, inside the transaction: on PostgreSQL the update holds the
+            # account's row lock, so a concurrent batch cannot slip under the same balance.
+            left = balance_of(conn, acct.REWARDS)
+            if new_total and left < 0:
+                raise InsufficientBalance(
+                    f"reward batch of {new_total} exceeds the rewards account ({left + new_total} available);"
+                    " nothing recorded, fund it first",
+                    code="rewards_unfunded",
+                )
         return results
 
     def _price_report(self, report: UsageReport, held_amount: int) -> SettlementRecord:

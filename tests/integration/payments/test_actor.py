@@ -132,6 +132,7 @@ def test_actor_survives_kills_mid_settlement_and_pays_once(ray_cluster: None, tm
             "dropped": True,
             "amount_lamports": 0,
         }
+        await handle.fund_training_rewards.remote("ops-1", 3_000)
         ids = await handle.record_training_rewards.remote([reward, dropped])
         assert len(ids) == 1 and (await client.balance(trainer)).unpaid_earnings == 3_000
 

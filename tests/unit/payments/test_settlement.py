@@ -147,6 +147,7 @@ def test_training_rewards_are_paid_once_with_the_next_batch(make_service) -> Non
     client = funded_client(service, 1_000_000)  # the treasury holds client funds to pay from
     trainer = str(Keypair().pubkey())
     reward = TrainingReward("fl-demo", 1, trainer, amount=7_000, examples=70)
+    service.fund_training_rewards("ops-1", 7_000)  # the network's money, set aside for rewards
     [record] = service.record_training_rewards([reward])
     [again] = service.record_training_rewards([reward])
     assert again.settlement_id == record.settlement_id
@@ -157,7 +158,7 @@ def test_training_rewards_are_paid_once_with_the_next_batch(make_service) -> Non
     assert receipt.settled
     # Rewards are the network's money: paid from client funds, the treasury no longer covers them.
     assert not run(service.reconcile()).checks["treasury_covers_liabilities"]
-    run(service.faucet(str(service.treasury.pubkey()), 7_000))  # the network funds its rewards
+    run(service.faucet(str(service.treasury.pubkey()), 7_000))  # the operator sends the funding on chain
     report = run(service.reconcile())
     assert report.ok and report.details["rewards"] == 7_000
     assert service.balance(str(client.pubkey())).available == 1_000_000
