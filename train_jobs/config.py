@@ -155,9 +155,27 @@ class FederatedJob(_JobBase):
     min_train_clients: int = Field(default=2, ge=1, description="Selected clients per round, at least.")
     min_available_clients: int = Field(default=2, ge=1, description="Clients that must be connected to start.")
     client_resources: ClientResources = Field(default_factory=ClientResources)
-    wallets: list[str] = Field(
+    client_keypairs: list[Path] = Field(
         default_factory=list,
-        description="Client reward wallets (base58) by partition; empty: derived per client.",
+        description="Solana CLI keypair file of each client's reward wallet, by client; empty: each client "
+        "generates one in its state dir (client_state_dir/client-N/, mode 0600) on first use.",
+    )
+    client_state_dir: Path | None = Field(
+        default=None,
+        description="Where simulated clients keep their state (generated keypairs); None: <run dir>/clients.",
+    )
+    reward_budget_per_round_lamports: int = Field(
+        default=1_000_000,
+        ge=0,
+        le=10**15,
+        description="Most a round pays in rewards, in lamports; a round that earns more is scaled down "
+        "pro rata (rounded down), so it never pays more than this.",
+    )
+    registration_ttl_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=86_400,
+        description="How long a client's registration nonce is good for, in seconds.",
     )
     round_timeout_s: float = Field(default=600.0, gt=0, le=86_400, description="Wait for replies, per round.")
     simulate_drops: dict[int, list[int]] = Field(
@@ -165,10 +183,20 @@ class FederatedJob(_JobBase):
         description="Testing/bench: {round: [partition ids]} that crash mid-round.",
     )
 
+    @field_validator("client_keypairs")
+    @classmethod
+    def _expand_keypairs(cls, value: list[Path]) -> list[Path]:
+        return [path.expanduser() for path in value]
+
+    @field_validator("client_state_dir")
+    @classmethod
+    def _expand_state_dir(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
     @model_validator(mode="after")
     def _consistent(self) -> "FederatedJob":
-        if self.wallets and len(self.wallets) != self.num_clients:
-            raise ValueError(f"wallets has {len(self.wallets)} entries for {self.num_clients} clients")
+        if self.client_keypairs and len(self.client_keypairs) != self.num_clients:
+            raise ValueError(f"client_keypairs has {len(self.client_keypairs)} entries for {self.num_clients} clients")
         if self.min_train_clients > self.num_clients or self.min_available_clients > self.num_clients:
             raise ValueError("min_train_clients and min_available_clients must be <= num_clients")
         bad = [p for ids in self.simulate_drops.values() for p in ids if not 0 <= p < self.num_clients]

@@ -29,11 +29,15 @@ def run_dir(job: FederatedJob, settings: Settings) -> Path:
     return ((job.storage_path or settings.training.output_dir) / job.name).resolve()
 
 
-def resolve_job(job: FederatedJob) -> FederatedJob:
-    """Absolute paths: ClientApp actors do not share this process's working directory."""
+def resolve_job(job: FederatedJob, out: Path | None = None) -> FederatedJob:
+    """Absolute paths: ClientApp actors do not share this process's working directory. With the run
+    directory `out`, simulated clients keep their state (generated keypairs) in `out/clients`."""
     model = job.model.model_copy(update={"catalogue": job.model.catalogue.resolve()})
     data = job.data.model_copy(update={"path": job.data.path.resolve() if job.data.path else None})
-    return job.model_copy(update={"model": model, "data": data})
+    keypairs = [path.resolve() for path in job.client_keypairs]
+    state_dir = job.client_state_dir or (out / "clients" if out is not None else None)
+    update = {"model": model, "data": data, "client_keypairs": keypairs, "client_state_dir": state_dir}
+    return job.model_copy(update=update)
 
 
 def backend_config(job: FederatedJob) -> dict[str, Any]:
@@ -55,8 +59,8 @@ def run_federated(job: FederatedJob, settings: Settings) -> dict[str, Any]:
     """
     from flwr.simulation import run_simulation
 
-    job = resolve_job(job)
     out = run_dir(job, settings)
+    job = resolve_job(job, out)
     out.mkdir(parents=True, exist_ok=True)
     connect(settings.ray)
     sink = make_reward_sink(settings.training, settings.ray.namespace, jsonl_path=out / "rewards.jsonl")

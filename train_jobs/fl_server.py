@@ -1,9 +1,14 @@
 """The Flower ServerApp: FedAvg over LoRA adapters, rewards per round, centralised evaluation.
 
-`RewardingFedAvg` is FedAvg that also remembers whom it selected, and after aggregating a round
-records a reward per selected wallet (proportional to examples trained, zero for clients that
-dropped out) through a `RewardSink`. Round and per-client times and each client's cumulative
-epsilon are kept for the run summary.
+At start the server registers every node: it assigns each one a partition of the job's data and sends
+it a fresh nonce, which the client signs with its wallet's key (`train_jobs.wallets`); only wallets
+proven that way are paid. `RewardingFedAvg` is FedAvg that also remembers whom it selected, and after
+each round records a reward per proven wallet through a `RewardSink`: the examples it credits are the
+server's own count (the node's assigned partition, at most `max_steps` batches of it; a client that
+reports fewer gets what it reported, one that reports more gets no more; FedAvg weighs updates by the
+credited count too), times the rate, the round scaled down to `reward_budget_per_round_lamports`.
+A client that returned no update is paid nothing. Round and per-client times and each client's
+cumulative epsilon are kept for the run summary, with the nodes whose wallet was not proven.
 """
 
 import json
@@ -26,18 +31,22 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
+from cluster.network.wallet import ProofError
 from train_jobs import metrics as train_metrics
 from train_jobs.checkpoint import write_privacy
 from train_jobs.config import FederatedJob
-from train_jobs.fl_client import build_lora_model, held_out_set
+from train_jobs.fl_client import build_lora_model, challenge_to_record, held_out_set, partition_sizes
 from train_jobs.protocol import (
     JsonlRewardSink,
     RewardSink,
     RewardSinkError,
     RoundReward,
+    assigned_examples,
+    credited_examples,
     round_rewards,
 )
 from train_jobs.task import evaluate, load_trainable_state, trainable_state
+from train_jobs.wallets import RewardWalletChallenge, issue_challenge, verify_claim
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +63,30 @@ class RoundStats:
     dropped: list[str]
     round_time_s: float
     client_time_s: dict[str, float]
-    examples: dict[str, int]
+    examples: dict[str, int]  # credited by the server (what rewards and FedAvg weights use)
     client_epsilon: dict[str, float]
     round_epsilon: dict[str, float]
     train_loss: float | None
     eval_loss: float | None = None
+    reported_examples: dict[str, int] = field(default_factory=dict)  # what the clients said
+    rewards_lamports: dict[str, int] = field(default_factory=dict)
+    unpaid: list[str] = field(default_factory=list)  # completed, but the wallet is not proven
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One node as registration left it: its partition, and its wallet if the node proved it."""
+
+    node_id: int
+    partition: int
+    wallet: str | None = None
+    claimed_wallet: str | None = None
+    unproven_reason: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How the summary names the node: its proven wallet, else `unproven-node-<id>`."""
+        return self.wallet or f"unproven-node-{self.node_id}"
 
 
 @dataclass
@@ -68,6 +96,7 @@ class FederatedSummary:
     job: str
     eval_loss_before: float | None = None
     rounds: list[RoundStats] = field(default_factory=list)
+    unproven: list[dict[str, Any]] = field(default_factory=list)  # node, claimed_wallet, reason: never paid
     privacy: dict[str, Any] = field(default_factory=dict)
     adapter_dir: str | None = None
 
@@ -89,15 +118,16 @@ def privacy_report(job: FederatedJob) -> dict[str, Any]:
 
 
 class RewardingFedAvg(FedAvg):
-    """FedAvg that records per-wallet rewards and per-round timings."""
+    """FedAvg that records per-wallet rewards (server-counted, budgeted) and per-round timings."""
 
     def __init__(
         self,
         job: FederatedJob,
-        wallets: dict[int, str],
+        registrations: dict[int, Registration],
         sink: RewardSink,
         lamports_per_example: int,
         summary: FederatedSummary,
+        sizes: list[int],
         fallback_path: Path | None = None,
     ) -> None:
         super().__init__(
@@ -106,9 +136,10 @@ class RewardingFedAvg(FedAvg):
             min_train_nodes=job.min_train_clients,
             min_available_nodes=job.min_available_clients,
         )
-        self.job, self.wallets, self.sink = job, wallets, sink
+        self.job, self.registrations, self.sink = job, registrations, sink
         self.lamports_per_example = lamports_per_example
         self.run_summary = summary
+        self.sizes = sizes
         self.fallback_sink = JsonlRewardSink(fallback_path or Path("rewards.pending.jsonl"))
         self._selected: dict[int, list[int]] = {}
         self._started: dict[int, float] = {}
@@ -116,7 +147,14 @@ class RewardingFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = []
+        for message in super().configure_train(server_round, arrays, config, grid):
+            registration = self.registrations.get(message.metadata.dst_node_id)
+            if registration is None:  # joined after registration: it has no partition to train
+                continue
+            node_config = ConfigRecord({**dict(config), "partition-id": registration.partition})
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
+            messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=registration.node_id))
         self._selected[server_round] = [message.metadata.dst_node_id for message in messages]
         self._started[server_round] = time.perf_counter()
         return messages
@@ -125,25 +163,29 @@ class RewardingFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        stats = self._round_stats(server_round, replies)  # also credits each reply's num-examples
         arrays, metrics = super().aggregate_train(server_round, replies)
-        stats = self._round_stats(server_round, replies, metrics)
+        if metrics and "train-loss" in metrics:
+            stats.train_loss = _number(metrics, "train-loss")
         self.run_summary.rounds.append(stats)
-        rewards = round_rewards(self.job.name, server_round, stats.selected, stats.examples, self.lamports_per_example)
+        rewards = self._rewards(server_round, stats)
+        stats.rewards_lamports = {reward.wallet: reward.amount_lamports for reward in rewards}
         self.record_rewards(server_round, rewards)
         max_epsilon = max(stats.client_epsilon.values(), default=0.0)
         train_metrics.record_round(self.job.name, stats.round_time_s, max_epsilon, len(stats.dropped))
         logger.info(
-            "round %d: %d/%d clients finished in %.1f s, max epsilon %.3f",
+            "round %d: %d/%d clients finished in %.1f s, max epsilon %.3f, %d unproven unpaid",
             server_round,
             len(stats.completed),
             len(stats.selected),
             stats.round_time_s,
-            max(stats.client_epsilon.values(), default=0.0),
+            max_epsilon,
+            len(stats.unpaid),
         )
         return arrays, metrics
 
     def record_rewards(self, server_round: int, rewards: list[RoundReward]) -> None:
-        """Send to the sink; if it fails, keep the records in the pending JSONL and train on."""
+        """Send to the sink; if it fails (or refuses the batch), keep the records in the pending JSONL."""
         try:
             self.sink.record(rewards)
         except RewardSinkError:
@@ -154,33 +196,51 @@ class RewardingFedAvg(FedAvg):
             )
             self.fallback_sink.record(rewards)
 
-    def _round_stats(self, server_round: int, replies: list[Message], metrics: MetricRecord | None) -> RoundStats:
-        selected = [self._wallet(node) for node in self._selected.get(server_round, [])]
-        examples, times, eps, round_eps = {}, {}, {}, {}
+    def _rewards(self, server_round: int, stats: RoundStats) -> list[RoundReward]:
+        proven = [self.registrations[node] for node in self._selected.get(server_round, [])]
+        wallets = [r.wallet for r in proven if r.wallet is not None]
+        examples = {wallet: count for wallet, count in stats.examples.items() if wallet in wallets}
+        budget = self.job.reward_budget_per_round_lamports
+        return round_rewards(self.job.name, server_round, wallets, examples, self.lamports_per_example, budget)
+
+    def _round_stats(self, server_round: int, replies: list[Message]) -> RoundStats:
+        selected = [self.registrations[node].label for node in self._selected.get(server_round, [])]
+        examples: dict[str, int] = {}
+        reported: dict[str, int] = {}
+        times, eps, round_eps = {}, {}, {}
         for reply in replies:
-            if reply.has_error():
+            registration = self.registrations.get(reply.metadata.src_node_id)
+            if reply.has_error() or registration is None:
                 continue
-            wallet = self._wallet(reply.metadata.src_node_id)
+            label = registration.label
             record = reply.content["metrics"]
-            examples[wallet] = int(_number(record, "num-examples"))
-            times[wallet] = _number(record, "train-time-s")
-            eps[wallet] = _number(record, "epsilon")
-            round_eps[wallet] = _number(record, "round-epsilon")
+            claimed = int(_number(record, "num-examples"))
+            credited = credited_examples(claimed, self._assigned(registration))
+            if isinstance(record, MetricRecord):  # FedAvg weighs the updates by the server's count too
+                record["num-examples"] = credited
+            reported[label] = reported.get(label, 0) + claimed
+            examples[label] = examples.get(label, 0) + credited
+            times[label] = _number(record, "train-time-s")
+            eps[label] = _number(record, "epsilon")
+            round_eps[label] = _number(record, "round-epsilon")
         return RoundStats(
             round=server_round,
             selected=selected,
             completed=sorted(examples),
-            dropped=[w for w in selected if w not in examples],
+            dropped=[label for label in selected if label not in examples],
             round_time_s=time.perf_counter() - self._started.get(server_round, time.perf_counter()),
             client_time_s=times,
             examples=examples,
             client_epsilon=eps,
             round_epsilon=round_eps,
-            train_loss=_number(metrics, "train-loss") if metrics and "train-loss" in metrics else None,
+            train_loss=None,
+            reported_examples=reported,
+            unpaid=sorted(label for label in examples if label.startswith("unproven-node-")),
         )
 
-    def _wallet(self, node_id: int) -> str:
-        return self.wallets.get(node_id, f"unregistered-node-{node_id}")
+    def _assigned(self, registration: Registration) -> int:
+        size = self.sizes[registration.partition] if registration.partition < len(self.sizes) else 0
+        return assigned_examples(size, self.job.optim.max_steps, self.job.optim.batch_size)
 
 
 def _number(record: object, key: str) -> float:
@@ -198,23 +258,65 @@ def _wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def register_clients(grid: Grid, timeout_s: float) -> dict[int, str]:
-    """Ask every connected node for its wallet (so dropped clients are named in rewards)."""
-    node_ids = list(grid.get_node_ids())
+def assign_partitions(node_ids: Iterable[int], num_partitions: int) -> dict[int, int]:
+    """Partition i of the job's data to the i-th node (by node id); nodes beyond the partitions get none."""
+    return {node: partition for partition, node in enumerate(sorted(node_ids)[:num_partitions])}
+
+
+def check_claim(
+    registration: Registration, issued: RewardWalletChallenge, identity: object, now: float
+) -> Registration:
+    """`registration` with its wallet if `identity` (the node's reply) proves it, else why not."""
+    wallet = identity.get("wallet") if isinstance(identity, ConfigRecord) else None
+    signature = identity.get("signature") if isinstance(identity, ConfigRecord) else None
+    claimed = str(wallet) if wallet is not None else None
+    try:
+        verify_claim(issued, claimed or "", str(signature) if signature is not None else None, now)
+    except ProofError as exc:
+        return Registration(registration.node_id, registration.partition, None, claimed, str(exc))
+    return Registration(registration.node_id, registration.partition, claimed, claimed)
+
+
+def register_clients(grid: Grid, job: FederatedJob, timeout_s: float) -> dict[int, Registration]:
+    """Assign every connected node a partition and ask it to prove its wallet by signing a fresh nonce.
+
+    Every assigned node trains; only those whose signature verifies are paid (the others are logged).
+    """
+    now = time.time()
+    assigned = assign_partitions(grid.get_node_ids(), job.num_clients)
+    issued = {
+        node: issue_challenge(job.name, node, partition, now, job.registration_ttl_s)
+        for node, partition in assigned.items()
+    }
+    registrations = {
+        node: Registration(node, partition, unproven_reason="no reply") for node, partition in assigned.items()
+    }
     queries = [
         Message(
-            RecordDict({"config": ConfigRecord({})}),
+            RecordDict({"challenge": challenge_to_record(challenge)}),
             dst_node_id=node,
             message_type=MessageType.QUERY,
         )
-        for node in node_ids
+        for node, challenge in issued.items()
     ]
-    wallets = {}
     for reply in grid.send_and_receive(queries, timeout=timeout_s):
-        if not reply.has_error():
-            wallets[reply.metadata.src_node_id] = str(reply.content["identity"]["wallet"])  # type: ignore[index]
-    logger.info("registered %d/%d clients", len(wallets), len(node_ids))
-    return wallets
+        node = reply.metadata.src_node_id
+        if node not in issued or reply.has_error():
+            continue
+        identity = reply.content.get("identity")
+        registrations[node] = check_claim(registrations[node], issued.pop(node), identity, time.time())
+    for registration in registrations.values():
+        if registration.wallet is None:
+            logger.warning(
+                "node %d (partition %d) claims wallet %s without proof (%s): it will not be paid",
+                registration.node_id,
+                registration.partition,
+                registration.claimed_wallet,
+                registration.unproven_reason,
+            )
+    proven = sum(r.wallet is not None for r in registrations.values())
+    logger.info("registered %d nodes, %d with a proven wallet", len(registrations), proven)
+    return registrations
 
 
 def _wrap_server_dp(job: FederatedJob, strategy: Strategy, sampled: int) -> Strategy:
@@ -237,7 +339,12 @@ def build_server_app(job: FederatedJob, sink: RewardSink, lamports_per_example: 
         summary = FederatedSummary(job=job.name, privacy=privacy_report(job))
         logger.info("privacy parameters: %s", json.dumps(summary.privacy))
         _wait_for_nodes(grid, job.min_available_clients, job.round_timeout_s)
-        wallets = register_clients(grid, job.round_timeout_s)
+        registrations = register_clients(grid, job, job.round_timeout_s)
+        summary.unproven = [
+            {"node": r.node_id, "claimed_wallet": r.claimed_wallet, "reason": r.unproven_reason}
+            for r in registrations.values()
+            if r.wallet is None
+        ]
         model = build_lora_model(job)
         held_out = held_out_set(job)
 
@@ -250,7 +357,15 @@ def build_server_app(job: FederatedJob, sink: RewardSink, lamports_per_example: 
                 summary.rounds[-1].eval_loss = loss
             return MetricRecord({"eval-loss": loss})
 
-        fedavg = RewardingFedAvg(job, wallets, sink, lamports_per_example, summary, out_dir / "rewards.pending.jsonl")
+        fedavg = RewardingFedAvg(
+            job,
+            registrations,
+            sink,
+            lamports_per_example,
+            summary,
+            partition_sizes(job),
+            out_dir / "rewards.pending.jsonl",
+        )
         sampled = max(int(job.num_clients * job.fraction_train), job.min_train_clients)
         strategy = _wrap_server_dp(job, fedavg, sampled)
         result = strategy.start(

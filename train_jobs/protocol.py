@@ -42,26 +42,47 @@ class RewardSink(Protocol):
     def record(self, rewards: Sequence[RoundReward]) -> None: ...
 
 
+def credited_examples(reported: int, assigned: int) -> int:
+    """Examples a client is paid for: what it reported, but never more than the server assigned it."""
+    return max(0, min(int(reported), int(assigned)))
+
+
+def assigned_examples(partition_size: int, max_steps: int, batch_size: int) -> int:
+    """The server's own count of what one round asks of a client: its partition once at most, and no
+    more than `max_steps` batches of `batch_size` (a client cannot earn by cycling over its data)."""
+    return max(0, min(partition_size, max_steps * batch_size))
+
+
+def within_budget(amounts: Mapping[str, int], budget: int | None) -> dict[str, int]:
+    """`amounts` scaled down pro rata (rounded down) when their sum exceeds `budget`: sum <= budget."""
+    total = sum(amounts.values())
+    if budget is None or total <= budget:
+        return dict(amounts)
+    return {key: amount * budget // total for key, amount in amounts.items()}
+
+
 def round_rewards(
     job: str,
     server_round: int,
     selected: Sequence[str],
     examples_by_wallet: Mapping[str, int],
     lamports_per_example: int,
+    budget_lamports: int | None = None,
 ) -> list[RoundReward]:
-    """Rewards proportional to examples trained; selected wallets without an update get zero."""
+    """Rewards proportional to (credited) examples, the round scaled to at most `budget_lamports`;
+    selected wallets without an update get zero."""
+    wanted = {wallet: int(examples_by_wallet.get(wallet, 0)) * lamports_per_example for wallet in selected}
+    amounts = within_budget(wanted, budget_lamports)
     rewards = []
-    for wallet in selected:
-        examples = int(examples_by_wallet.get(wallet, 0))
-        dropped = wallet not in examples_by_wallet
+    for wallet in dict.fromkeys(selected):
         rewards.append(
             RoundReward(
                 job=job,
                 round=server_round,
                 wallet=wallet,
-                examples=examples,
-                amount_lamports=examples * lamports_per_example,
-                dropped=dropped,
+                examples=int(examples_by_wallet.get(wallet, 0)),
+                amount_lamports=amounts[wallet],
+                dropped=wallet not in examples_by_wallet,
             )
         )
     return rewards

@@ -29,7 +29,9 @@ def test_unknown_keys_are_errors() -> None:
 @pytest.mark.parametrize(
     "update, message",
     [
-        ({"wallets": ["a", "b"]}, "wallets has 2 entries"),
+        ({"client_keypairs": ["a.json", "b.json"]}, "client_keypairs has 2 entries"),
+        ({"reward_budget_per_round_lamports": -1}, "reward_budget_per_round_lamports"),
+        ({"wallets": ["a", "b", "c"]}, "extra"),  # unsigned wallet strings are gone: keys are required
         ({"min_train_clients": 5}, "min_train_clients"),
         ({"simulate_drops": {1: [7]}}, "unknown partitions"),
         ({"privacy": {"enabled": True, "delta": 1.5}}, "delta"),

@@ -1,28 +1,19 @@
-"""Federated parts without a simulation: wallets, server-side DP, backend config, privacy."""
+"""Federated parts without a simulation: server-side DP, backend config, privacy, pending rewards."""
 
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from train_jobs.config import FederatedJob
 from train_jobs.federated import backend_config
-from train_jobs.fl_client import client_wallet
 from train_jobs.fl_server import RewardingFedAvg, _wrap_server_dp, privacy_report
 from train_jobs.protocol import JsonlRewardSink
-
-
-def test_wallets_are_stable_pubkeys_or_configured(tmp_path: object) -> None:
-    job = FederatedJob(name="fl", num_clients=3)
-    derived = [client_wallet(job, p) for p in range(3)]
-    assert len(set(derived)) == 3 and derived == [client_wallet(job, p) for p in range(3)]
-    assert all(32 <= len(w) <= 44 for w in derived)
-    named = FederatedJob(name="fl", num_clients=2, min_train_clients=2, min_available_clients=2, wallets=["W0", "W1"])
-    assert client_wallet(named, 1) == "W1"
 
 
 def test_server_side_dp_wraps_the_rewarding_strategy(tmp_path: object) -> None:
     from pathlib import Path
 
     job = FederatedJob(name="fl", server_dp={"enabled": True, "noise_multiplier": 0.2, "clipping_norm": 5.0})
-    fedavg = RewardingFedAvg(job, {}, JsonlRewardSink(Path(str(tmp_path)) / "r.jsonl"), 1, summary=None)  # type: ignore[arg-type]
+    sink = JsonlRewardSink(Path(str(tmp_path)) / "r.jsonl")
+    fedavg = RewardingFedAvg(job, {}, sink, 1, summary=None, sizes=[])  # type: ignore[arg-type]
     wrapped = _wrap_server_dp(job, fedavg, sampled=3)
     assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping)
     assert wrapped.strategy is fedavg and wrapped.clipping_norm == 5.0
@@ -58,6 +49,6 @@ def test_reward_sink_failure_keeps_records(tmp_path: object) -> None:
 
     pending = Path(str(tmp_path)) / "pending.jsonl"
     job = FederatedJob(name="fl")
-    strategy = RewardingFedAvg(job, {}, _Broken(), 1, FederatedSummary(job="fl"), pending)
+    strategy = RewardingFedAvg(job, {}, _Broken(), 1, FederatedSummary(job="fl"), [], pending)
     strategy.record_rewards(1, round_rewards("fl", 1, ["A"], {"A": 2}, 1))
     assert '"amount_lamports":2' in pending.read_text()
