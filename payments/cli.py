@@ -8,6 +8,7 @@ lives in the actor and two writers would diverge.
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -16,10 +17,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from solders.keypair import Keypair
+from solders.transaction import VersionedTransaction
 
 from cluster.config import load_settings
+from payments.chain.litesvm_backend import LiteSVMBackend
 from payments.deposits import deposit_transaction
 from payments.errors import PaymentError
+from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
+from payments.ledger.payouts import PayoutBook
+from payments.pricing import Price
 from payments.protocol import DepositRequest
 from payments.service import PaymentsService
 
@@ -77,7 +83,11 @@ class _Local:
         return await self.service.deposit(req)
 
     async def submit_transaction(self, raw: bytes) -> str:
-        return await self.service.submit_transaction(raw)
+        """The CLI's own transfer: relayed on LiteSVM, sent directly to a real cluster (no relay there)."""
+        if isinstance(self.service.chain, LiteSVMBackend):
+            return await self.service.submit_transaction(raw)
+        await self.service.chain.send_raw(raw)
+        return str(VersionedTransaction.from_bytes(raw).signatures[0])
 
     async def pending(self) -> dict[str, object]:
         return self.service.pending()
@@ -150,6 +160,34 @@ def pending(config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> None
     for batch_id, state, sig in result["open_batches"]:
         batches.add_row(batch_id, state, sig or "-")
     console.print(batches)
+    quarantined = result.get("quarantined") or []
+    if quarantined:
+        table = Table("wallet", "unpaid", "failures", "retry at (UTC)", "batch", "reason", title="quarantined payees")
+        for q in quarantined:
+            retry = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(q["retry_at"]))
+            table.add_row(q["wallet"], str(q["unpaid"]), str(q["failures"]), retry, q["batch_id"] or "-", q["reason"])
+        console.print(table)
+        console.print("a transfer to these payees failed on chain; `solanalm payments unquarantine WALLET` retries one")
+
+
+@app.command()
+def unquarantine(wallet: str, config: Path | None = ConfigOpt) -> None:
+    """Retry a quarantined payee in the next settle pass (ledger only: safe beside a running actor)."""
+    section = load_settings(config).payments
+    engine = make_engine(section.resolved_database_url(), section.sqlite_synchronous)
+    ledger = Ledger(engine, _no_price, SplitPolicy(0, 0))
+    try:
+        released = PayoutBook(ledger, fees_in_ledger=section.asset == "sol").release_quarantine(wallet)
+    finally:
+        ledger.engine.dispose()
+    if not released:
+        console.print(f"[red]{wallet} is not quarantined[/red]")
+        raise typer.Exit(1)
+    console.print(f"{wallet} will be retried in the next settle pass")
+
+
+def _no_price(model: str) -> Price:
+    raise PaymentError("no pricing in a ledger-only command")
 
 
 @app.command()

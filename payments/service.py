@@ -5,6 +5,7 @@ Plain Python, no Ray: tests and the CLI use it directly; `payments.actor` serves
 
 import csv
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
@@ -77,6 +78,7 @@ class PaymentsService:
         self.chain = chain
         self.treasury = treasury
         self.asset = asset
+        ledger.reserved_payees = frozenset({str(treasury.pubkey())})  # its shares stay network income
         self.book = PayoutBook(ledger, fees_in_ledger=asset.mint is None)
         self.settler = Settler(
             self.book,
@@ -89,6 +91,10 @@ class PaymentsService:
                 BudgetSpec(section.compute_unit_limit, section.compute_unit_price_micro_lamports),
                 section.commitment,
                 section.use_versioned_tx,
+                section.resign_margin_blocks,
+                section.resign_history_limit,
+                section.quarantine_backoff_s,
+                section.quarantine_backoff_max_s,
             ),
             crash_hook,
             LookupTables(ledger.engine, chain, treasury) if section.use_versioned_tx else None,
@@ -216,7 +222,18 @@ class PaymentsService:
         )
 
     async def submit_transaction(self, tx_bytes: bytes) -> str:
-        """Relay a client-signed transaction (e.g. a deposit) to the chain; return its signature."""
+        """Relay a client-signed transaction (e.g. a deposit) to the chain; return its signature.
+
+        LiteSVM only: on a real cluster the client sends its own transaction (no relaying of
+        arbitrary transactions through the treasury's RPC endpoint) and gives its signature.
+        """
+        if not isinstance(self.chain, LiteSVMBackend):
+            raise InvalidRequest(
+                f"relaying transactions is for the litesvm backend only; this network settles on"
+                f" {self.section.chain_backend}: send the transfer to the treasury yourself and give its"
+                " signature",
+                code="relay_unsupported",
+            )
         try:
             signature = VersionedTransaction.from_bytes(tx_bytes).signatures[0]
         except ValueError as exc:
@@ -256,10 +273,16 @@ class PaymentsService:
         return ReconcileReport(all(checks.values()), checks, figures)
 
     def pending(self) -> dict[str, object]:
+        """Unpaid earnings, open batches and quarantined payees (a transfer to them failed on chain)."""
         return {
             "unpaid": self.book.unpaid(),
             "open_batches": [(b.batch_id, b.state, b.signature) for b in self.book.open_batches()],
+            "quarantined": [asdict(q) for q in self.book.quarantined()],
         }
+
+    def release_quarantine(self, wallet: str) -> bool:
+        """Operator: retry a quarantined payee in the next settle pass; False if it was not quarantined."""
+        return self.book.release_quarantine(wallet)
 
     def export_csv(self, out: TextIO) -> int:
         """One CSV row per settlement share; returns the number of rows."""

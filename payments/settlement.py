@@ -10,8 +10,15 @@ Every step commits its outcome to the ledger before the next side effect:
 
 Recovery after a crash at any point re-runs the same machine from the stored state. An unknown
 outcome is resolved by the signature status; a batch is re-signed (new blockhash, new signature)
-only once the chain's block height has passed the stored last valid block height with the old
-signature still unknown, when it can no longer land. So nothing is lost and nothing is paid twice.
+only when the signature is still unknown, the *finalized* block height has passed the stored last
+valid block height by `resign_margin_blocks`, and the treasury's history (getSignaturesForAddress)
+shows no transaction with the batch's memo signed by one of its attempts. Behind a load-balanced RPC,
+one node that lags (status "not found") next to one far ahead (a high height) cannot trigger a
+re-sign of a batch that landed. So nothing is lost and nothing is paid twice.
+
+A batch that fails on chain is taken apart (payments.chain.failures): the line the error names is
+quarantined (left out of new batches, with a doubling back-off, visible in `pending`), the rest is
+batched again in the same pass; if no line can be named, its lines are retried one per batch.
 """
 
 import logging
@@ -27,7 +34,8 @@ from spl.token.instructions import get_associated_token_address
 from tqdm import tqdm
 
 from payments import metrics
-from payments.chain.base import ChainBackend
+from payments.chain.base import SIGNATURES_PAGE_MAX, ChainBackend, SignatureStatus
+from payments.chain.failures import blame
 from payments.chain.lookup import LookupTables
 from payments.chain.tx import (
     AssetSpec,
@@ -36,8 +44,10 @@ from payments.chain.tx import (
     build_payout_tx,
     fit_lines,
     lookup_addresses,
+    memo_text,
 )
 from payments.errors import ChainError
+from payments.ledger.payees import payee_problem
 from payments.ledger.payouts import BatchRow, PayoutBook
 from payments.protocol import BatchReport
 
@@ -80,6 +90,10 @@ class SettlerConfig:
     budget: BudgetSpec
     commitment: str = "confirmed"
     versioned: bool = False  # v0 transactions with address lookup tables
+    resign_margin_blocks: int = 64  # finalized blocks past the last valid height before a re-sign
+    history_search_limit: int = 5_000  # treasury signatures searched for a batch's memo
+    quarantine_backoff_s: float = 3_600.0  # first wait of a quarantined payee; doubles per failure
+    quarantine_backoff_max_s: float = 7 * 86_400.0
 
 
 class Settler:
@@ -109,13 +123,15 @@ class Settler:
         """Finish open batches, then batch every payable unpaid earning; one pass."""
         confirmed = paid = count = 0
         bar = self._progress(max_batches)
+        singles: set[str] = set()  # wallets of a failed batch whose failing line was not named
         for batch in self.book.open_batches():
             c, p = await self._drive(batch)
             confirmed, paid, count = confirmed + c, paid + p, count + (len(batch.items) if c else 0)
+            self._take_apart(batch.batch_id, singles)
             bar.update()
         held: set[str] = set()
         for _ in range(max_batches):
-            lines, held = await self._select_lines()
+            lines, held = await self._select_lines(singles)
             if not lines:
                 break
             created = self.book.create_batch([str(line.wallet) for line in lines])
@@ -129,8 +145,8 @@ class Settler:
                 count + (len(created.items) if c else 0),
             )
             bar.update()
-            if not c:
-                break  # failed or still pending: retry on the next pass, do not burn fees now
+            if not c and not self._take_apart(created.batch_id, singles):
+                break  # pending, or the treasury cannot pay: retry on the next pass, do not burn fees now
         bar.close()
         pending = len(self.book.open_batches())
         report = BatchReport(confirmed, count, paid, pending, len(held))
@@ -153,10 +169,60 @@ class Settler:
         metrics.record_settle_pass(report)
         return report
 
-    async def _select_lines(self) -> tuple[list[PayoutLine], set[str]]:
+    def _take_apart(self, batch_id: str, singles: set[str]) -> bool:
+        """After a batch failed on chain, quarantine the line to blame; False when it was not a
+        failure, or the treasury's own (nothing to retry in this pass)."""
+        batch = self.book.get(batch_id)
+        if batch.state != "failed":
+            return False
+        error = self.book.error_of(batch_id) or ""
+        wallets = [w for w, _ in batch.items]
+        found = blame(error, batch.tx_bytes, wallets, self.treasury.pubkey(), self.asset)
+        if found.kind == "treasury":
+            logger.error("batch %s failed on the treasury's side (%s); not quarantining anyone", batch_id, error)
+            return False
+        wallet = found.wallet if found.kind == "line" else (wallets[0] if len(wallets) == 1 else None)
+        if wallet is None:
+            logger.warning("batch %s failed (%s) naming no line: retrying its lines singly", batch_id, error)
+            singles.update(wallets)
+            return True
+        self._quarantine(wallet, batch_id, error)
+        singles.discard(wallet)
+        return True
+
+    def _quarantine(self, wallet: str, batch_id: str | None, reason: str) -> None:
+        q = self.book.quarantine(
+            wallet, batch_id, reason, self.config.quarantine_backoff_s, self.config.quarantine_backoff_max_s
+        )
+        logger.warning(
+            "payee %s quarantined (failure %d, %d unpaid, retry in %.0fs): %s",
+            wallet,
+            q.failures,
+            q.unpaid,
+            q.retry_at - q.quarantined_at,
+            reason,
+        )
+
+    async def _select_lines(self, singles: set[str] | None = None) -> tuple[list[PayoutLine], set[str]]:
+        singles = singles or set()
         candidates: list[PayoutLine] = []
         held: set[str] = set()
-        for wallet, amount in sorted(self.book.unpaid().items()):
+        unpaid = self.book.unpaid()
+        blocked = self.book.blocked_wallets()
+        for wallet in sorted(unpaid):
+            if wallet in blocked:
+                continue
+            problem = payee_problem(wallet, frozenset({str(self.treasury.pubkey())}))
+            if problem is not None:  # recorded before payees were checked, or by another path
+                self._quarantine(wallet, None, f"not payable: {problem}")
+                blocked.add(wallet)
+        for wallet in sorted(singles & unpaid.keys() - blocked):
+            line = await self._payable_line(Pubkey.from_string(wallet), unpaid[wallet])
+            if line is not None:
+                return [line], held  # one line per batch until the failing one is named
+        for wallet, amount in sorted(unpaid.items()):
+            if wallet in blocked:
+                continue
             line = await self._payable_line(Pubkey.from_string(wallet), amount)
             if line is None:
                 held.add(wallet)
@@ -238,6 +304,15 @@ class Settler:
             )
         signature = Signature.from_string(batch.signature)
         status = await self.chain.signature_status(signature)
+        if status is None and batch.attempt > 1:
+            # Re-signed once already: never send the new attempt if an earlier one landed after all.
+            try:
+                landed = await self._landed_attempt(batch)
+            except ChainError as exc:
+                logger.warning("batch %s: treasury history unreadable (%s); waiting", batch.batch_id, exc)
+                return "pending"
+            if landed is not None and landed != batch.signature:
+                return await self._resolve_attempt(batch, landed)
         if status is None:
             try:
                 await self.chain.send_raw(batch.tx_bytes)
@@ -251,19 +326,70 @@ class Settler:
                 self.crash_hook("after_sent")
             status = await self.chain.signature_status(signature)
         if status is None:
-            if await self.chain.block_height() > (batch.last_valid_block_height or 0):
-                logger.info("batch %s: blockhash expired unconfirmed; re-signing", batch.batch_id)
-                self.book.mark_expired(batch.batch_id)
-                return "expired"
+            return await self._expire_or_wait(batch)
+        return self._resolve(batch, batch.signature, status)
+
+    async def _expire_or_wait(self, batch: BatchRow) -> str:
+        """The signature is unknown: re-sign only if it can no longer land and has not landed."""
+        finalized = await self.chain.block_height("finalized")
+        if finalized <= (batch.last_valid_block_height or 0) + self.config.resign_margin_blocks:
             return "pending"
+        try:
+            landed = await self._landed_attempt(batch)
+        except ChainError as exc:
+            logger.warning("batch %s: treasury history unreadable (%s); not re-signing yet", batch.batch_id, exc)
+            return "pending"
+        if landed is not None:
+            logger.warning(
+                "batch %s: the status lookup does not know %s but the treasury's history does; not re-signing",
+                batch.batch_id,
+                landed,
+            )
+            return await self._resolve_attempt(batch, landed)
+        logger.info("batch %s: blockhash expired unconfirmed; re-signing", batch.batch_id)
+        self.book.mark_expired(batch.batch_id)
+        return "expired"
+
+    async def _landed_attempt(self, batch: BatchRow) -> str | None:
+        """A signature of this batch's own attempts found with its memo in the treasury's history.
+
+        Raises ChainError when the history cannot be read, or was not read back far enough to be
+        sure: the caller then waits (never re-signs). Only the batch's own signatures count: anyone
+        can put our memo in a transaction that touches the treasury (a deposit), which must not
+        hold a batch back for ever.
+        """
+        memo = memo_text(batch.batch_id).decode()
+        attempts = set(self.book.attempt_signatures(batch.batch_id))
+        before: str | None = None
+        searched = 0
+        while searched < self.config.history_search_limit:
+            page = await self.chain.signatures_for_address(self.treasury.pubkey(), before, SIGNATURES_PAGE_MAX)
+            for entry in page:
+                if entry.signature in attempts and memo in (entry.memo or ""):
+                    return entry.signature
+            if len(page) < SIGNATURES_PAGE_MAX:
+                return None
+            searched, before = searched + len(page), page[-1].signature
+        raise ChainError(
+            f"batch {batch.batch_id} not among the treasury's last {searched} transactions;"
+            " raise payments.resign_history_limit to decide"
+        )
+
+    async def _resolve_attempt(self, batch: BatchRow, signature: str) -> str:
+        status = await self.chain.signature_status(Signature.from_string(signature))
+        if status is None:
+            return "pending"  # a lagging status node: ask again on the next pass
+        return self._resolve(batch, signature, status)
+
+    def _resolve(self, batch: BatchRow, signature: str, status: SignatureStatus) -> str:
         if not status.reached(self.config.commitment):
             return "pending"
         self.crash_hook("before_confirm")
         if status.err is None:
-            self.book.confirm(batch.batch_id, status.fee_lamports or 0)
-            logger.info("batch %s confirmed: %s", batch.batch_id, batch.signature)
+            self.book.confirm(batch.batch_id, status.fee_lamports or 0, signature)
+            logger.info("batch %s confirmed: %s", batch.batch_id, signature)
             return "confirmed"
-        self.book.fail(batch.batch_id, status.fee_lamports or 0, status.err)
+        self.book.fail(batch.batch_id, status.fee_lamports or 0, status.err, signature)
         logger.error("batch %s failed on chain: %s", batch.batch_id, status.err)
         return "failed"
 

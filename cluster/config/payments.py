@@ -111,6 +111,31 @@ class PaymentsSection(Section):
     )
     min_payout: int = Field(default=1, ge=1, le=10**15, description="Smallest payout sent, base units.")
     settle_interval_s: float = Field(default=30.0, gt=0, le=86_400, description="Period of the settle loop.")
+    resign_margin_blocks: int = Field(
+        default=64,
+        ge=0,
+        le=150,  # payments.chain.base.RESIGN_MARGIN_MAX_BLOCKS
+        description="Blocks the finalized block height must pass a batch's last valid block height by before"
+        " an unknown batch is re-signed (covers RPC nodes that lag behind a load balancer).",
+    )
+    resign_history_limit: int = Field(
+        default=5_000,
+        ge=1_000,
+        le=100_000,
+        description="Treasury signatures searched (getSignaturesForAddress) for a batch's memo before re-signing.",
+    )
+    quarantine_backoff_s: float = Field(
+        default=3_600.0,
+        ge=1,
+        le=30 * 86_400,
+        description="Seconds a payee whose transfer failed on chain is left out of batches; doubles per failure.",
+    )
+    quarantine_backoff_max_s: float = Field(
+        default=7 * 86_400.0,
+        ge=1,
+        le=365 * 86_400,
+        description="Longest wait between retries of a quarantined payee, seconds.",
+    )
 
     # Sign-in
     siws_domain: str = Field(default="localhost", min_length=1, description="Domain a SIWS message must name.")

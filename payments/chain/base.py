@@ -11,6 +11,12 @@ from solders.transaction import Transaction, VersionedTransaction
 # A blockhash is usable for this many blocks after the block that produced it (Solana's
 # MAX_PROCESSING_AGE); LiteSVM has no blocks, so its backend advances its height by this on expiry.
 BLOCKHASH_VALIDITY_BLOCKS = 150
+# Most blocks past a last valid block height the settlement waits before re-signing (the setting
+# payments.resign_margin_blocks is bounded by it); LiteSVM's expiry jumps past both.
+RESIGN_MARGIN_MAX_BLOCKS = 150
+EXPIRY_JUMP_BLOCKS = BLOCKHASH_VALIDITY_BLOCKS + RESIGN_MARGIN_MAX_BLOCKS + 1
+# getSignaturesForAddress returns at most this many signatures per call.
+SIGNATURES_PAGE_MAX = 1_000
 # Largest serialized transaction (the IPv6 MTU minus headers).
 PACKET_DATA_SIZE = 1232
 COMMITMENT_RANK = {"processed": 0, "confirmed": 1, "finalized": 2}
@@ -40,20 +46,35 @@ class FetchedTransaction:
     finalized: bool
 
 
+@dataclass(frozen=True, slots=True)
+class SignatureInfo:
+    """One entry of an address's transaction history, newest first (getSignaturesForAddress)."""
+
+    signature: str
+    slot: int
+    err: str | None
+    memo: str | None  # as the RPC formats it: "[len] text" per memo instruction, joined by "; "
+
+
 class ChainBackend(Protocol):
     """A Solana cluster as the settlement engine sees it; errors are raised as ChainError."""
 
     async def latest_blockhash(self) -> tuple[Hash, int]:
         """The latest blockhash and its last valid block height."""
 
-    async def block_height(self) -> int:
-        """The current block height at the configured commitment."""
+    async def block_height(self, commitment: str | None = None) -> int:
+        """The current block height at `commitment` (None: the configured commitment)."""
 
     async def send_raw(self, tx: bytes) -> None:
         """Submit a signed transaction; re-submitting an already processed one is not an error."""
 
     async def signature_status(self, signature: Signature) -> SignatureStatus | None:
         """The status of a signature, or None when the chain has not seen it."""
+
+    async def signatures_for_address(
+        self, address: Pubkey, before: str | None = None, limit: int = SIGNATURES_PAGE_MAX
+    ) -> list[SignatureInfo]:
+        """Up to `limit` signatures of transactions that loaded `address`, newest first, older than `before`."""
 
     async def fetch_transaction(self, signature: Signature) -> FetchedTransaction | None:
         """A landed transaction (for deposits), or None."""

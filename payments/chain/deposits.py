@@ -28,6 +28,10 @@ def deposit_of(fetched: FetchedTransaction, treasury: Pubkey, asset: AssetSpec) 
         )
     tx = fetched.transaction
     message = tx.message
+    signers = list(message.account_keys)[: message.header.num_required_signatures]
+    if treasury in signers:
+        # A payout (or any transaction the treasury signed) moves the network's own money.
+        raise DepositRejected("a transaction signed by the treasury is not a deposit", code="treasury_signed")
     if (
         isinstance(tx, VersionedTransaction)
         and isinstance(message, MessageV0)
@@ -54,7 +58,10 @@ def deposit_of(fetched: FetchedTransaction, treasury: Pubkey, asset: AssetSpec) 
         )
     if len(senders) != 1:
         raise DepositRejected("a deposit transaction must come from a single wallet")
-    return senders.pop(), total
+    sender = senders.pop()
+    if sender == str(treasury):
+        raise DepositRejected("a transfer from the treasury is not a deposit", code="treasury_signed")
+    return sender, total
 
 
 def _transfer_to(

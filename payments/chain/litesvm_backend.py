@@ -26,7 +26,15 @@ from solders.transaction import VersionedTransaction
 from solders.transaction_metadata import FailedTransactionMetadata
 from spl.token.constants import TOKEN_PROGRAM_ID
 
-from payments.chain.base import BLOCKHASH_VALIDITY_BLOCKS, FetchedTransaction, SignatureStatus
+from payments.chain.base import (
+    BLOCKHASH_VALIDITY_BLOCKS,
+    EXPIRY_JUMP_BLOCKS,
+    SIGNATURES_PAGE_MAX,
+    FetchedTransaction,
+    SignatureInfo,
+    SignatureStatus,
+)
+from payments.chain.tx import memo_of
 from payments.errors import ChainError
 
 logger = logging.getLogger(__name__)
@@ -49,8 +57,8 @@ class LiteSVMBackend:
     async def latest_blockhash(self) -> tuple[Hash, int]:
         return self.svm.latest_blockhash(), self._height + BLOCKHASH_VALIDITY_BLOCKS
 
-    async def block_height(self) -> int:
-        return self._height
+    async def block_height(self, commitment: str | None = None) -> int:
+        return self._height  # every transaction is final as soon as it executes
 
     async def send_raw(self, tx: bytes) -> None:
         self.send_transaction(VersionedTransaction.from_bytes(tx))
@@ -65,6 +73,23 @@ class LiteSVMBackend:
             confirmation="finalized",  # type: ignore[arg-type]
             fee_lamports=int(entry["fee"]),
         )  # type: ignore[call-overload]
+
+    async def signatures_for_address(
+        self, address: Pubkey, before: str | None = None, limit: int = SIGNATURES_PAGE_MAX
+    ) -> list[SignatureInfo]:
+        # The history of sent transactions this backend keeps (insertion order = execution order).
+        entries = list(reversed(self._txs.items()))
+        if before is not None:
+            entries = entries[next((i + 1 for i, (sig, _) in enumerate(entries) if sig == before), len(entries)) :]
+        found: list[SignatureInfo] = []
+        for signature, entry in entries:
+            tx = VersionedTransaction.from_bytes(base64.b64decode(str(entry["tx"])))
+            if address not in tx.message.account_keys:
+                continue
+            found.append(SignatureInfo(signature, int(entry["slot"]), entry["err"], memo_of(tx)))
+            if len(found) >= min(limit, SIGNATURES_PAGE_MAX):
+                break
+        return found
 
     async def fetch_transaction(self, signature: Signature) -> FetchedTransaction | None:
         entry = self._txs.get(str(signature))
@@ -142,9 +167,9 @@ class LiteSVMBackend:
         self.save()
 
     def expire_blockhash(self) -> None:
-        """Move to a new blockhash; every earlier one is past its last valid block height."""
+        """Move to a new blockhash; every earlier one is past its last valid height and the re-sign margin."""
         self.svm.expire_blockhash()
-        self._height += BLOCKHASH_VALIDITY_BLOCKS + 1
+        self._height += EXPIRY_JUMP_BLOCKS
         self.save()
 
     # Persistence -------------------------------------------------------------------------------
@@ -187,7 +212,7 @@ class LiteSVMBackend:
             self.svm.set_slot_hashes([(int(state["slot"]), self.svm.latest_blockhash())])
         if state["blockhash"] != self._fresh_blockhash:
             # The stored blockhash cannot be recreated: treat every earlier blockhash as expired.
-            self._height += BLOCKHASH_VALIDITY_BLOCKS + 1
+            self._height += EXPIRY_JUMP_BLOCKS
         logger.info(
             "restored LiteSVM snapshot: %d accounts, %d transactions",
             len(state["accounts"]),

@@ -20,7 +20,7 @@ from solders.token.state import TokenAccount
 from solders.transaction_status import TransactionConfirmationStatus
 from spl.token.constants import TOKEN_PROGRAM_ID
 
-from payments.chain.base import FetchedTransaction, SignatureStatus
+from payments.chain.base import SIGNATURES_PAGE_MAX, FetchedTransaction, SignatureInfo, SignatureStatus
 from payments.errors import ChainError
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,29 @@ class RpcBackend:
             raise ChainError(f"getLatestBlockhash failed: {exc}") from exc
         return value.blockhash, int(value.last_valid_block_height)
 
-    async def block_height(self) -> int:
+    async def block_height(self, commitment: str | None = None) -> int:
+        level = self.commitment if commitment is None else Commitment(commitment)
         try:
-            return int((await self.client.get_block_height(self.commitment)).value)
+            return int((await self.client.get_block_height(level)).value)
         except _TRANSPORT_ERRORS as exc:
             raise ChainError(f"getBlockHeight failed: {exc}") from exc
+
+    async def signatures_for_address(
+        self, address: Pubkey, before: str | None = None, limit: int = SIGNATURES_PAGE_MAX
+    ) -> list[SignatureInfo]:
+        try:
+            resp = await self.client.get_signatures_for_address(
+                address,
+                before=None if before is None else Signature.from_string(before),
+                limit=min(limit, SIGNATURES_PAGE_MAX),
+                commitment=Commitment("confirmed"),  # the lowest this method accepts
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise ChainError(f"getSignaturesForAddress failed: {exc}") from exc
+        return [
+            SignatureInfo(str(s.signature), int(s.slot), None if s.err is None else str(s.err), s.memo)
+            for s in resp.value
+        ]
 
     async def send_raw(self, tx: bytes) -> None:
         try:

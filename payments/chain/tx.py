@@ -62,6 +62,20 @@ def memo_text(batch_id: str) -> bytes:
     return f"solanalm:{batch_id}".encode()
 
 
+def memo_of(tx: Transaction | VersionedTransaction) -> str | None:
+    """The memos of a transaction as getSignaturesForAddress formats them ("[len] text; ..."), or None."""
+    message = tx.message
+    keys = list(message.account_keys)
+    memos = [
+        bytes(ix.data)
+        for ix in message.instructions
+        if ix.program_id_index < len(keys) and keys[ix.program_id_index] == MEMO_PROGRAM_ID
+    ]
+    if not memos:
+        return None
+    return "; ".join(f"[{len(m)}] {m.decode(errors='replace')}" for m in memos)
+
+
 def payout_instructions(
     treasury: Pubkey, asset: AssetSpec, lines: list[PayoutLine]
 ) -> list[Instruction]:

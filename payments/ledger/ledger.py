@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from payments.errors import InsufficientBalance, InvalidRequest, NotFound, PaymentError
 from payments.ledger import accounts as acct
 from payments.ledger.accounts import Posting, apply_postings, balance_of
+from payments.ledger.payees import payee_problem
 from payments.ledger.schema import (
     deposits,
     holds,
@@ -77,6 +78,8 @@ class Ledger:
         self.engine = engine
         self.price_of = price_of
         self.policy = policy
+        # Addresses never paid as payees (the treasury); their shares go to the network account.
+        self.reserved_payees: frozenset[str] = frozenset()
         metadata.create_all(engine)
 
     @classmethod
@@ -323,12 +326,12 @@ class Ledger:
             report.proxy_wallet is not None,
         )
         shares = [
-            ShareLine(p.wallet, "provider", p.layers_served, amount)
+            self._payee_share(report.request_id, p.wallet, "provider", p.layers_served, amount)
             for p, amount in zip(report.providers, split.providers, strict=True)
         ]
         shares.append(ShareLine(acct.NETWORK, "network", 0, split.network))
         if report.proxy_wallet is not None:
-            shares.append(ShareLine(report.proxy_wallet, "proxy", 0, split.proxy))
+            shares.append(self._payee_share(report.request_id, report.proxy_wallet, "proxy", 0, split.proxy))
         return SettlementRecord(
             settlement_id=f"set_{uuid.uuid4().hex[:24]}",
             request_id=report.request_id,
@@ -342,6 +345,25 @@ class Ledger:
             shares=tuple(shares),
             created_at=time.time(),
         )
+
+    def _payee_share(self, request_id: str, wallet: str, role: str, layers: int, amount: int) -> ShareLine:
+        """The share as recorded, or, for a wallet that cannot be paid, the network's share instead.
+
+        The payer's charge does not change (the price is per token, whoever served it); the share
+        stays in the treasury as network income, kept with its layer count.
+        """
+        problem = payee_problem(wallet, self.reserved_payees)
+        if problem is None:
+            return ShareLine(wallet, role, layers, amount)
+        logger.warning(
+            "request %s: %s wallet %r is %s; its share of %d goes to the network",
+            request_id,
+            role,
+            wallet[:64],
+            problem,
+            amount,
+        )
+        return ShareLine(acct.NETWORK, "network", layers, amount)
 
     def _proxy_bps(self, report: UsageReport) -> int:
         """The proxy's commission: its own rate when the report names one, else the configured one."""

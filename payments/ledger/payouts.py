@@ -9,12 +9,18 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from payments.ledger import accounts as acct
 from payments.ledger.accounts import Posting
 from payments.ledger.ledger import Ledger
-from payments.ledger.schema import batch_attempts, payout_batches, payout_items, settlement_shares
+from payments.ledger.schema import (
+    batch_attempts,
+    payee_quarantine,
+    payout_batches,
+    payout_items,
+    settlement_shares,
+)
 
 PAYEE_ROLES = ("provider", "proxy")
 OPEN_STATES = ("created", "signed", "sent")
@@ -31,6 +37,19 @@ class BatchRow:
     tx_bytes: bytes | None
     signature: str | None
     last_valid_block_height: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedPayee:
+    """A payee left out of new batches until `retry_at` (its shares stay unpaid in the ledger)."""
+
+    wallet: str
+    unpaid: int
+    reason: str
+    batch_id: str | None
+    failures: int
+    quarantined_at: float
+    retry_at: float
 
 
 class _NothingToPay(Exception):
@@ -205,9 +224,12 @@ class PayoutBook:
                 )
             )
 
-    def confirm(self, batch_id: str, fee_lamports: int) -> None:
-        """The transaction succeeded on chain: payouts leave the ledger, the fee is charged."""
-        batch = self.get(batch_id)
+    def confirm(self, batch_id: str, fee_lamports: int, signature: str | None = None) -> None:
+        """The transaction succeeded on chain: payouts leave the ledger, the fee is charged.
+
+        `signature`: the attempt that landed, when it is not the batch's latest one.
+        """
+        batch = self._landed(batch_id, signature)
         with self.ledger.transaction() as conn:
             items = [
                 Posting(f"batch:{batch_id}", "paid", acct.INFLIGHT, acct.CHAIN_OUTFLOW, a)
@@ -219,10 +241,12 @@ class PayoutBook:
                 )
             self.ledger.post(conn, items)
             self._finish(conn, batch, "confirmed", fee_lamports, None)
+            # A payee paid after its back-off is payable again.
+            conn.execute(delete(payee_quarantine).where(payee_quarantine.c.wallet.in_([w for w, _ in batch.items])))
 
-    def fail(self, batch_id: str, fee_lamports: int, error: str) -> None:
+    def fail(self, batch_id: str, fee_lamports: int, error: str, signature: str | None = None) -> None:
         """The transaction failed on chain: nothing was paid, shares become unpaid again."""
-        batch = self.get(batch_id)
+        batch = self._landed(batch_id, signature)
         with self.ledger.transaction() as conn:
             items = [
                 Posting(f"batch:{batch_id}", "revert", acct.INFLIGHT, acct.payee(w), a)
@@ -240,11 +264,33 @@ class PayoutBook:
             )
             self._finish(conn, batch, "failed", fee_lamports, error)
 
+    def _landed(self, batch_id: str, signature: str | None) -> BatchRow:
+        """The batch, as of the attempt with `signature` (one of its own) when given."""
+        batch = self.get(batch_id)
+        if signature is None or signature == batch.signature:
+            return batch
+        with self.ledger.transaction() as conn:
+            attempt = conn.execute(
+                select(batch_attempts.c.attempt).where(
+                    batch_attempts.c.batch_id == batch_id, batch_attempts.c.signature == signature
+                )
+            ).scalar_one()  # never a signature the batch was not signed with
+        return BatchRow(
+            batch.batch_id, batch.state, attempt, batch.items, None, signature, batch.last_valid_block_height
+        )
+
     def _finish(self, conn, batch: BatchRow, state: str, fee: int, error: str | None) -> None:  # type: ignore[no-untyped-def]
         done = conn.execute(
             update(payout_batches)
             .where(payout_batches.c.id == batch.batch_id, payout_batches.c.state.in_(OPEN_STATES))
-            .values(state=state, fee_lamports=fee, error=error, updated_at=time.time())
+            .values(
+                state=state,
+                fee_lamports=fee,
+                error=error,
+                signature=batch.signature,
+                attempt=batch.attempt,
+                updated_at=time.time(),
+            )
         ).rowcount
         if done != 1:
             raise RuntimeError(f"batch {batch.batch_id} was already finished")
@@ -275,3 +321,77 @@ class PayoutBook:
                 .all()
             )
         return [self.get(i) for i in ids]
+
+    def attempt_signatures(self, batch_id: str) -> list[str]:
+        """Every signature this batch was ever signed with (each stored before it was sent)."""
+        with self.ledger.transaction() as conn:
+            return list(
+                conn.execute(
+                    select(batch_attempts.c.signature)
+                    .where(batch_attempts.c.batch_id == batch_id)
+                    .order_by(batch_attempts.c.attempt)
+                ).scalars()
+            )
+
+    def error_of(self, batch_id: str) -> str | None:
+        """The chain's error of a failed batch."""
+        with self.ledger.transaction() as conn:
+            return conn.execute(select(payout_batches.c.error).where(payout_batches.c.id == batch_id)).scalar()
+
+    # Quarantine -----------------------------------------------------------------------------------
+    def quarantine(
+        self, wallet: str, batch_id: str | None, reason: str, backoff_s: float, max_backoff_s: float
+    ) -> QuarantinedPayee:
+        """Leave `wallet` out of new batches; each further failure doubles the wait, up to the maximum."""
+        now = time.time()
+        with self.ledger.transaction() as conn:
+            failures = 1 + int(
+                conn.execute(
+                    select(payee_quarantine.c.failures).where(payee_quarantine.c.wallet == wallet)
+                ).scalar()
+                or 0
+            )
+            conn.execute(delete(payee_quarantine).where(payee_quarantine.c.wallet == wallet))
+            conn.execute(
+                payee_quarantine.insert(),
+                {
+                    "wallet": wallet,
+                    "reason": reason[:2_000],
+                    "batch_id": batch_id,
+                    "failures": failures,
+                    "quarantined_at": now,
+                    "retry_at": now + min(max_backoff_s, backoff_s * 2 ** (failures - 1)),
+                },
+            )
+        return next(q for q in self.quarantined() if q.wallet == wallet)
+
+    def quarantined(self) -> list[QuarantinedPayee]:
+        """Every quarantined payee with what it is owed, oldest first."""
+        unpaid = self.unpaid()
+        with self.ledger.transaction() as conn:
+            rows = conn.execute(select(payee_quarantine).order_by(payee_quarantine.c.quarantined_at)).all()
+        return [
+            QuarantinedPayee(
+                r.wallet, unpaid.get(r.wallet, 0), r.reason, r.batch_id, r.failures, r.quarantined_at, r.retry_at
+            )
+            for r in rows
+        ]
+
+    def blocked_wallets(self) -> set[str]:
+        """Quarantined payees whose back-off has not passed yet."""
+        with self.ledger.transaction() as conn:
+            return set(
+                conn.execute(
+                    select(payee_quarantine.c.wallet).where(payee_quarantine.c.retry_at > time.time())
+                ).scalars()
+            )
+
+    def release_quarantine(self, wallet: str) -> bool:
+        """The operator's call: retry `wallet` in the next pass (its failure count is kept)."""
+        with self.ledger.transaction() as conn:
+            return (
+                conn.execute(
+                    update(payee_quarantine).where(payee_quarantine.c.wallet == wallet).values(retry_at=0.0)
+                ).rowcount
+                == 1
+            )

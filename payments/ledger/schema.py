@@ -152,3 +152,16 @@ lookup_tables = Table(
     Column("address", String(64), primary_key=True),
     Column("created_at", Float, nullable=False),
 )
+
+payee_quarantine = Table(
+    "payee_quarantine",
+    metadata,
+    # A payee whose transfer failed on chain: its shares stay unpaid (batch_id NULL) and are left out
+    # of new batches until retry_at; a successful payout or the operator removes the row.
+    Column("wallet", String(64), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("batch_id", String(40), nullable=True),  # the failed batch that named it (None: never sent)
+    Column("failures", Integer, nullable=False),
+    Column("quarantined_at", Float, nullable=False),
+    Column("retry_at", Float, nullable=False),
+)

@@ -28,9 +28,11 @@ from solders.rpc.responses import (
     GetBlockHeightResp,
     GetLatestBlockhashResp,
     GetMinimumBalanceForRentExemptionResp,
+    GetSignaturesForAddressResp,
     GetSignatureStatusesResp,
     GetSlotResp,
     RpcBlockhash,
+    RpcConfirmedTransactionStatusWithSignature,
     RpcResponseContext,
     SendTransactionResp,
 )
@@ -38,10 +40,10 @@ from solders.transaction import VersionedTransaction
 from solders.transaction_metadata import FailedTransactionMetadata
 from solders.transaction_status import TransactionConfirmationStatus, TransactionStatus
 
-from payments.chain.base import BLOCKHASH_VALIDITY_BLOCKS
+from payments.chain.base import BLOCKHASH_VALIDITY_BLOCKS, EXPIRY_JUMP_BLOCKS
 from payments.chain.litesvm_backend import LiteSVMBackend
 from payments.chain.treasury import bootstrap_litesvm, faucet
-from payments.chain.tx import AssetSpec
+from payments.chain.tx import AssetSpec, memo_of
 
 
 class LoopbackRpcNode:
@@ -56,6 +58,8 @@ class LoopbackRpcNode:
         self.dropped: list[str] = []
         # What getSignatureStatuses reports for landed transactions (a node still confirming them).
         self.confirmation = TransactionConfirmationStatus.Finalized
+        # A load balancer in front of a node that lags (statuses "not found") and one far ahead (height).
+        self.lagging = False
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -98,7 +102,10 @@ class LoopbackRpcNode:
 
     def _control_expireBlockhash(self) -> None:
         self.svm.expire_blockhash()
-        self.height += BLOCKHASH_VALIDITY_BLOCKS + 1
+        self.height += EXPIRY_JUMP_BLOCKS
+
+    def _control_setLagging(self, lagging: bool) -> None:
+        self.lagging = lagging
 
     def _control_setConfirmation(self, level: str) -> None:
         self.confirmation = {
@@ -115,7 +122,29 @@ class LoopbackRpcNode:
         return GetLatestBlockhashResp(value, self._context()).to_json()
 
     def _rpc_getBlockHeight(self, params: list[Any]) -> str:
-        return GetBlockHeightResp(self.height).to_json()
+        return GetBlockHeightResp(self.height + (10_000 if self.lagging else 0)).to_json()
+
+    def _rpc_getSignaturesForAddress(self, params: list[Any]) -> str:
+        address = Pubkey.from_string(params[0])
+        options = params[1] if len(params) > 1 else {}
+        history = list(reversed(self.landed.items()))
+        if options.get("before"):
+            history = history[next((i + 1 for i, (s, _) in enumerate(history) if s == options["before"]), 0) :]
+        found = []
+        for _, entry in history:
+            tx = VersionedTransaction.from_bytes(base64.b64decode(entry["tx"]))
+            if address in tx.message.account_keys:
+                found.append(
+                    RpcConfirmedTransactionStatusWithSignature(
+                        tx.signatures[0],
+                        entry["slot"],
+                        entry["err"],
+                        memo_of(tx),
+                        None,
+                        TransactionConfirmationStatus.Finalized,
+                    )
+                )
+        return GetSignaturesForAddressResp(found[: int(options.get("limit") or 1000)]).to_json()
 
     def _rpc_getSlot(self, params: list[Any]) -> str:
         # Each poll of the slot moves LiteSVM one slot on, as a running cluster would.
@@ -160,7 +189,7 @@ class LoopbackRpcNode:
     def _rpc_getSignatureStatuses(self, params: list[Any]) -> str:
         statuses = []
         for signature in params[0]:
-            entry = self.landed.get(signature)
+            entry = None if self.lagging else self.landed.get(signature)
             statuses.append(
                 None
                 if entry is None
@@ -283,6 +312,10 @@ class LoopbackRpcValidator:
 
     def set_confirmation(self, level: str) -> None:
         self.control("setConfirmation", level)
+
+    def set_lagging(self, lagging: bool) -> None:
+        """Statuses come from a node that never saw the transactions, block heights from one far ahead."""
+        self.control("setLagging", lagging)
 
     @property
     def calls(self) -> list[str]:

@@ -58,7 +58,9 @@ def service(
 def rpc_deposit(service: PaymentsService, validator: LoopbackRpcValidator, amount: int) -> Keypair:
     payer = Keypair()
     validator.faucet(service.treasury, str(service.asset.mint), payer.pubkey(), amount)
-    signature = run(service.submit_transaction(deposit_tx_rpc(service, payer, amount)))
+    raw = deposit_tx_rpc(service, payer, amount)
+    run(service.chain.send_raw(raw))  # a client sends its own deposit on a real cluster (no relaying)
+    signature = str(Transaction.from_bytes(raw).signatures[0])
     credited = run(service.deposit(DepositRequest(signature)))
     assert credited.newly_credited and credited.amount == amount
     return payer
@@ -151,3 +153,38 @@ def test_rpc_batch_waits_for_commitment_and_is_never_resigned_once_landed(servic
     assert run(service.settle()).batches_confirmed == 1
     [batch] = service.book.confirmed_batches()
     assert batch.attempt == 1 and onchain_amount(service, provider) == batch.items[0][1]
+
+
+def test_rpc_lagging_status_node_does_not_resign_a_batch_that_landed(service, validator) -> None:  # type: ignore[no-untyped-def]
+    client = rpc_deposit(service, validator, 100_000)
+    provider = str(Keypair().pubkey())
+    serve_request(service, "r0", str(client.pubkey()), [(provider, 1)])
+    run(service.settle())  # paid once before: its token account (and v0 lookup table entries) exist
+    earlier = onchain_amount(service, provider)
+    serve_request(service, "r1", str(client.pubkey()), [(provider, 1)])
+    validator.set_lagging(True)  # the batch lands, but its status is "not found" and the height is far on
+    run(service.settle())
+    run(service.settle())
+    [batch] = service.book.open_batches()
+    assert batch.attempt == 1, "re-signed a batch that had landed"
+    paid = onchain_amount(service, provider)
+    assert paid == earlier + batch.items[0][1]
+    validator.set_lagging(False)
+    assert run(service.settle()).batches_confirmed == 1
+    assert [b.attempt for b in service.book.confirmed_batches()] == [1, 1]
+    assert onchain_amount(service, provider) == paid
+    assert "getSignaturesForAddress" in validator.calls and run(service.reconcile()).ok
+
+
+def test_rpc_relay_is_refused_and_a_client_sent_deposit_is_credited(service, validator) -> None:  # type: ignore[no-untyped-def]
+    from payments.errors import InvalidRequest
+
+    payer = Keypair()
+    validator.faucet(service.treasury, str(service.asset.mint), payer.pubkey(), 5_000)
+    raw = deposit_tx_rpc(service, payer, 5_000)
+    with pytest.raises(InvalidRequest) as refused:
+        run(service.submit_transaction(raw))
+    assert refused.value.status_code == 400 and refused.value.code == "relay_unsupported"
+    run(service.chain.send_raw(raw))  # the client sends it itself, then gives the signature
+    signature = str(Transaction.from_bytes(raw).signatures[0])
+    assert run(service.deposit(DepositRequest(signature))).amount == 5_000

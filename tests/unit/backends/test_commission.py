@@ -13,7 +13,8 @@ from serve_apps.engine.messages import SamplingParams
 from serve_apps.gateway.metering import Metering
 from serve_apps.protocol import Finished, GenerateRequest, ProviderWork, ProxyCommission
 
-PAYER, PROXY = "payer-wallet", "proxy-wallet"
+PAYER = "payer-wallet"
+PROXY = "4zvwRjXUKGfvwnParsHAS3HuSVzV5cA4McphgmoCtajS"  # the ledger pays only real (on-curve) addresses
 
 
 class RecordingPayments:

@@ -48,3 +48,17 @@ def test_cli_deposit_with_keypair(make_service, env, tmp_path: Path) -> None:  #
     result = CliRunner().invoke(app, ["deposit", "--keypair", str(keyfile), "--amount", "9000"])
     assert result.exit_code == 0 and "credited: 9000" in result.output, result.output
     assert CliRunner().invoke(app, ["deposit"]).exit_code == 2
+
+
+def test_cli_pending_shows_quarantined_payees_and_unquarantine_releases_one(make_service, env) -> None:  # type: ignore[no-untyped-def]
+    service = make_service()
+    victim = str(Keypair().pubkey())
+    service.book.quarantine(victim, "b123", "InstructionError((5, IllegalOwner))", 3_600, 86_400)
+    service.ledger.engine.dispose()
+    runner = CliRunner()
+    shown = runner.invoke(app, ["pending"])
+    assert shown.exit_code == 0 and "quarantined payees" in shown.output, shown.output
+    assert victim[:10] in shown.output and "IllegalOwner" in shown.output
+    assert runner.invoke(app, ["unquarantine", victim]).exit_code == 0
+    assert service.book.blocked_wallets() == set()
+    assert runner.invoke(app, ["unquarantine", str(Keypair().pubkey())]).exit_code == 1

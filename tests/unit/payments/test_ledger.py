@@ -3,6 +3,7 @@
 import random
 
 import pytest
+from solders.keypair import Keypair
 from sqlalchemy import create_engine
 
 from payments.errors import InsufficientBalance, InvalidRequest, NotFound
@@ -11,7 +12,9 @@ from payments.ledger.reconcile import ledger_checks
 from payments.pricing import Price
 from payments.protocol import HoldRequest, ProviderShare, UsageReport
 
-PAYER, P1, P2, PROXY = "payer1", "prov1", "prov2", "proxy1"
+# Payees must be real addresses (payments.ledger.payees); the payer is whatever the sign-in said.
+PAYER = "payer1"
+P1, P2, PROXY = (str(Keypair.from_seed(bytes([i]) * 32).pubkey()) for i in (1, 2, 3))
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Withholding a provider's payout for one request after a failed audit (ledger only)."""
 
 import pytest
+from solders.keypair import Keypair
 from sqlalchemy import create_engine
 
 from payments.errors import NotFound
@@ -11,7 +12,8 @@ from payments.ledger.withholding import WITHHELD, withhold_payout
 from payments.pricing import Price
 from payments.protocol import HoldRequest, ProviderShare, UsageReport, WithholdPayout
 
-PAYER, GOOD, BAD = "payer1", "good-provider", "bad-provider"
+PAYER = "payer1"
+GOOD, BAD = (str(Keypair.from_seed(bytes([i]) * 32).pubkey()) for i in (1, 2))  # payees are real addresses
 
 
 @pytest.fixture
