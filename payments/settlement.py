@@ -250,9 +250,7 @@ class Settler:
             return None
         if self.asset.mint is None:
             # A transfer that would create an account below rent exemption fails on chain: hold it.
-            if await self.chain.lamports(
-                wallet
-            ) == 0 and amount < await self.chain.rent_exempt_minimum(0):
+            if await self.chain.lamports(wallet) == 0 and amount < await self.chain.rent_exempt_minimum(0):
                 return None
             return PayoutLine(wallet, amount)
         ata = get_associated_token_address(wallet, self.asset.mint)
@@ -260,9 +258,7 @@ class Settler:
 
     async def _drive(self, batch: BatchRow) -> tuple[int, int]:
         """Advance one batch as far as the chain allows; returns (1, amount) once confirmed."""
-        for _ in range(
-            3
-        ):  # created -> signed -> sent -> (expired -> created) at most once per pass
+        for _ in range(3):  # created -> signed -> sent -> (expired -> created) at most once per pass
             if batch.state == "created":
                 await self._sign(batch)
                 self.crash_hook("after_sign")
@@ -282,12 +278,8 @@ class Settler:
         if self.tables is not None and self.config.versioned:
             tables = await self.tables.ensure(lookup_addresses(self.asset, lines))
         blockhash, last_valid = await self.chain.latest_blockhash()
-        tx = build_payout_tx(
-            self.treasury, self.asset, lines, batch.batch_id, self.config.budget, blockhash, tables
-        )
-        self.book.mark_signed(
-            batch.batch_id, bytes(tx), str(tx.signatures[0]), str(blockhash), last_valid
-        )
+        tx = build_payout_tx(self.treasury, self.asset, lines, batch.batch_id, self.config.budget, blockhash, tables)
+        self.book.mark_signed(batch.batch_id, bytes(tx), str(tx.signatures[0]), str(blockhash), last_valid)
 
     async def _line_for_item(self, wallet: str, amount: int) -> PayoutLine:
         pubkey = Pubkey.from_string(wallet)
@@ -299,9 +291,7 @@ class Settler:
     async def _send_and_resolve(self, batch: BatchRow) -> str:
         """confirmed | failed | expired | pending, with the ledger updated accordingly."""
         if batch.tx_bytes is None or batch.signature is None:
-            raise RuntimeError(
-                f"batch {batch.batch_id} is {batch.state} without a stored transaction"
-            )
+            raise RuntimeError(f"batch {batch.batch_id} is {batch.state} without a stored transaction")
         signature = Signature.from_string(batch.signature)
         status = await self.chain.signature_status(signature)
         if status is None and batch.attempt > 1:
@@ -317,9 +307,7 @@ class Settler:
             try:
                 await self.chain.send_raw(batch.tx_bytes)
             except ChainError as exc:
-                logger.warning(
-                    "batch %s send failed (%s); resolving by status", batch.batch_id, exc
-                )
+                logger.warning("batch %s send failed (%s); resolving by status", batch.batch_id, exc)
             self.crash_hook("after_send")
             if batch.state == "signed":
                 self.book.mark_sent(batch.batch_id)

@@ -23,25 +23,17 @@ def deposit_of(fetched: FetchedTransaction, treasury: Pubkey, asset: AssetSpec) 
     if fetched.err is not None:
         raise DepositRejected(f"deposit transaction failed on chain: {fetched.err}")
     if not fetched.finalized:
-        raise DepositRejected(
-            "deposit transaction is not finalized yet; retry later", code="not_finalized"
-        )
+        raise DepositRejected("deposit transaction is not finalized yet; retry later", code="not_finalized")
     tx = fetched.transaction
     message = tx.message
     signers = list(message.account_keys)[: message.header.num_required_signatures]
     if treasury in signers:
         # A payout (or any transaction the treasury signed) moves the network's own money.
         raise DepositRejected("a transaction signed by the treasury is not a deposit", code="treasury_signed")
-    if (
-        isinstance(tx, VersionedTransaction)
-        and isinstance(message, MessageV0)
-        and message.address_table_lookups
-    ):
+    if isinstance(tx, VersionedTransaction) and isinstance(message, MessageV0) and message.address_table_lookups:
         raise DepositRejected("deposits using address lookup tables are not accepted")
     keys = list(message.account_keys)
-    treasury_ata = (
-        get_associated_token_address(treasury, asset.mint) if asset.mint is not None else None
-    )
+    treasury_ata = get_associated_token_address(treasury, asset.mint) if asset.mint is not None else None
     senders: set[str] = set()
     total = 0
     for ix in message.instructions:
@@ -53,9 +45,7 @@ def deposit_of(fetched: FetchedTransaction, treasury: Pubkey, asset: AssetSpec) 
             senders.add(str(found[0]))
             total += found[1]
     if total <= 0:
-        raise DepositRejected(
-            "the transaction has no transfer of the settlement asset to the treasury"
-        )
+        raise DepositRejected("the transaction has no transfer of the settlement asset to the treasury")
     if len(senders) != 1:
         raise DepositRejected("a deposit transaction must come from a single wallet")
     sender = senders.pop()
@@ -92,12 +82,7 @@ def _transfer_to(
         and accounts[1] == asset.mint
     ):
         return accounts[3], struct.unpack_from("<Q", data, 1)[0]
-    if (
-        data[0] == TOKEN_TRANSFER
-        and len(data) >= 9
-        and len(accounts) >= 3
-        and accounts[1] == treasury_ata
-    ):
+    if data[0] == TOKEN_TRANSFER and len(data) >= 9 and len(accounts) >= 3 and accounts[1] == treasury_ata:
         # The destination is the treasury's account of the settlement mint, so the mint is implied.
         return accounts[2], struct.unpack_from("<Q", data, 1)[0]
     return None

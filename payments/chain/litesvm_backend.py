@@ -123,9 +123,7 @@ class LiteSVMBackend:
         """Move to the next slot and record it in SlotHashes (lookup tables need recent slots)."""
         slot = int(self.svm.get_clock().slot) + 1
         self.svm.warp_to_slot(slot)
-        self.svm.set_slot_hashes(
-            [(slot, self.svm.latest_blockhash()), *self.svm.get_slot_hashes()][:512]
-        )
+        self.svm.set_slot_hashes([(slot, self.svm.latest_blockhash()), *self.svm.get_slot_hashes()][:512])
         self.save()
 
     async def rent_exempt_minimum(self, data_len: int) -> int:
@@ -206,9 +204,7 @@ class LiteSVMBackend:
         self._txs = state["txs"]
         self._height = int(state["height"])
         if int(state["slot"]) > self.svm.get_clock().slot:
-            self.svm.warp_to_slot(
-                int(state["slot"])
-            )  # lookup tables compare their slots with the clock
+            self.svm.warp_to_slot(int(state["slot"]))  # lookup tables compare their slots with the clock
             self.svm.set_slot_hashes([(int(state["slot"]), self.svm.latest_blockhash())])
         if state["blockhash"] != self._fresh_blockhash:
             # The stored blockhash cannot be recreated: treat every earlier blockhash as expired.

@@ -96,9 +96,7 @@ class RpcBackend:
 
     async def signature_status(self, signature: Signature) -> SignatureStatus | None:
         try:
-            resp = await self.client.get_signature_statuses(
-                [signature], search_transaction_history=True
-            )
+            resp = await self.client.get_signature_statuses([signature], search_transaction_history=True)
         except _TRANSPORT_ERRORS as exc:
             raise ChainError(f"getSignatureStatuses failed: {exc}") from exc
         status = resp.value[0]
@@ -108,9 +106,7 @@ class RpcBackend:
         fee = None
         if status.err is not None or confirmation != "processed":
             fee = await self._fee(signature)
-        return SignatureStatus(
-            None if status.err is None else str(status.err), int(status.slot), confirmation, fee
-        )
+        return SignatureStatus(None if status.err is None else str(status.err), int(status.slot), confirmation, fee)
 
     async def _fee(self, signature: Signature) -> int | None:
         try:
@@ -172,9 +168,7 @@ class RpcBackend:
         except _TRANSPORT_ERRORS as exc:
             raise ChainError(f"getSlot failed: {exc}") from exc
 
-    async def wait_for_slot_after(
-        self, slot: int, poll_s: float = 0.4, timeout_s: float = 60.0
-    ) -> None:
+    async def wait_for_slot_after(self, slot: int, poll_s: float = 0.4, timeout_s: float = 60.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while await self.slot() <= slot:
             if asyncio.get_running_loop().time() > deadline:

@@ -76,24 +76,14 @@ def memo_of(tx: Transaction | VersionedTransaction) -> str | None:
     return "; ".join(f"[{len(m)}] {m.decode(errors='replace')}" for m in memos)
 
 
-def payout_instructions(
-    treasury: Pubkey, asset: AssetSpec, lines: list[PayoutLine]
-) -> list[Instruction]:
+def payout_instructions(treasury: Pubkey, asset: AssetSpec, lines: list[PayoutLine]) -> list[Instruction]:
     ixs: list[Instruction] = []
     for line in lines:
         if asset.mint is None:
-            ixs.append(
-                transfer(
-                    TransferParams(
-                        from_pubkey=treasury, to_pubkey=line.wallet, lamports=line.amount
-                    )
-                )
-            )
+            ixs.append(transfer(TransferParams(from_pubkey=treasury, to_pubkey=line.wallet, lamports=line.amount)))
             continue
         if line.create_account:
-            ixs.append(
-                create_idempotent_associated_token_account(treasury, line.wallet, asset.mint)
-            )
+            ixs.append(create_idempotent_associated_token_account(treasury, line.wallet, asset.mint))
         ixs.append(
             transfer_checked(
                 TransferCheckedParams(
@@ -138,17 +128,11 @@ def build_payout_tx(
     ixs = [
         set_compute_unit_limit(budget.compute_unit_limit),
         set_compute_unit_price(budget.compute_unit_price_micro_lamports),
-        create_memo(
-            MemoParams(
-                program_id=MEMO_PROGRAM_ID, signer=treasury.pubkey(), message=memo_text(batch_id)
-            )
-        ),
+        create_memo(MemoParams(program_id=MEMO_PROGRAM_ID, signer=treasury.pubkey(), message=memo_text(batch_id))),
         *payout_instructions(treasury.pubkey(), asset, lines),
     ]
     if tables is not None:
-        return VersionedTransaction(
-            MessageV0.try_compile(treasury.pubkey(), ixs, tables, blockhash), [treasury]
-        )
+        return VersionedTransaction(MessageV0.try_compile(treasury.pubkey(), ixs, tables, blockhash), [treasury])
     message = Message.new_with_blockhash(ixs, treasury.pubkey(), blockhash)
     return Transaction([treasury], message, blockhash)
 
@@ -176,17 +160,9 @@ def fit_lines(
         if instruction_trace_length(lines[:n]) > MAX_INSTRUCTION_TRACE_LENGTH:
             break
         tables = (
-            [AddressLookupTableAccount(Pubkey.default(), lookup_addresses(asset, lines[:n]))]
-            if versioned
-            else None
+            [AddressLookupTableAccount(Pubkey.default(), lookup_addresses(asset, lines[:n]))] if versioned else None
         )
-        size = len(
-            bytes(
-                build_payout_tx(
-                    treasury, asset, lines[:n], batch_id, budget, Hash.default(), tables
-                )
-            )
-        )
+        size = len(bytes(build_payout_tx(treasury, asset, lines[:n], batch_id, budget, Hash.default(), tables)))
         if size > PACKET_DATA_SIZE:
             break
         count = n

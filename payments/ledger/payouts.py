@@ -123,10 +123,7 @@ class PayoutBook:
             )
             self.ledger.post(
                 conn,
-                [
-                    Posting(f"batch:{batch_id}", "payout", acct.payee(w), acct.INFLIGHT, int(a))
-                    for w, a in totals
-                ],
+                [Posting(f"batch:{batch_id}", "payout", acct.payee(w), acct.INFLIGHT, int(a)) for w, a in totals],
             )
 
     def get(self, batch_id: str) -> BatchRow:
@@ -171,9 +168,7 @@ class PayoutBook:
     ) -> None:
         """Store the signed transaction before it is sent (the idempotency anchor)."""
         with self.ledger.transaction() as conn:
-            attempt = conn.execute(
-                select(payout_batches.c.attempt).where(payout_batches.c.id == batch_id)
-            ).scalar_one()
+            attempt = conn.execute(select(payout_batches.c.attempt).where(payout_batches.c.id == batch_id)).scalar_one()
             conn.execute(
                 update(payout_batches)
                 .where(payout_batches.c.id == batch_id, payout_batches.c.state == "created")
@@ -206,9 +201,7 @@ class PayoutBook:
             row = conn.execute(select(payout_batches).where(payout_batches.c.id == batch_id)).one()
             conn.execute(
                 update(batch_attempts)
-                .where(
-                    batch_attempts.c.batch_id == batch_id, batch_attempts.c.attempt == row.attempt
-                )
+                .where(batch_attempts.c.batch_id == batch_id, batch_attempts.c.attempt == row.attempt)
                 .values(outcome="expired")
             )
             conn.execute(
@@ -231,14 +224,9 @@ class PayoutBook:
         """
         batch = self._landed(batch_id, signature)
         with self.ledger.transaction() as conn:
-            items = [
-                Posting(f"batch:{batch_id}", "paid", acct.INFLIGHT, acct.CHAIN_OUTFLOW, a)
-                for _, a in batch.items
-            ]
+            items = [Posting(f"batch:{batch_id}", "paid", acct.INFLIGHT, acct.CHAIN_OUTFLOW, a) for _, a in batch.items]
             if self.fees_in_ledger:
-                items.append(
-                    Posting(f"batch:{batch_id}", "fee", acct.NETWORK, acct.CHAIN_FEES, fee_lamports)
-                )
+                items.append(Posting(f"batch:{batch_id}", "fee", acct.NETWORK, acct.CHAIN_FEES, fee_lamports))
             self.ledger.post(conn, items)
             self._finish(conn, batch, "confirmed", fee_lamports, None)
             # A payee paid after its back-off is payable again.
@@ -248,19 +236,12 @@ class PayoutBook:
         """The transaction failed on chain: nothing was paid, shares become unpaid again."""
         batch = self._landed(batch_id, signature)
         with self.ledger.transaction() as conn:
-            items = [
-                Posting(f"batch:{batch_id}", "revert", acct.INFLIGHT, acct.payee(w), a)
-                for w, a in batch.items
-            ]
+            items = [Posting(f"batch:{batch_id}", "revert", acct.INFLIGHT, acct.payee(w), a) for w, a in batch.items]
             if self.fees_in_ledger:
-                items.append(
-                    Posting(f"batch:{batch_id}", "fee", acct.NETWORK, acct.CHAIN_FEES, fee_lamports)
-                )
+                items.append(Posting(f"batch:{batch_id}", "fee", acct.NETWORK, acct.CHAIN_FEES, fee_lamports))
             self.ledger.post(conn, items)
             conn.execute(
-                update(settlement_shares)
-                .where(settlement_shares.c.batch_id == batch_id)
-                .values(batch_id=None)
+                update(settlement_shares).where(settlement_shares.c.batch_id == batch_id).values(batch_id=None)
             )
             self._finish(conn, batch, "failed", fee_lamports, error)
 
@@ -313,13 +294,7 @@ class PayoutBook:
 
     def confirmed_batches(self) -> list[BatchRow]:
         with self.ledger.transaction() as conn:
-            ids = (
-                conn.execute(
-                    select(payout_batches.c.id).where(payout_batches.c.state == "confirmed")
-                )
-                .scalars()
-                .all()
-            )
+            ids = conn.execute(select(payout_batches.c.id).where(payout_batches.c.state == "confirmed")).scalars().all()
         return [self.get(i) for i in ids]
 
     def attempt_signatures(self, batch_id: str) -> list[str]:
@@ -346,9 +321,7 @@ class PayoutBook:
         now = time.time()
         with self.ledger.transaction() as conn:
             failures = 1 + int(
-                conn.execute(
-                    select(payee_quarantine.c.failures).where(payee_quarantine.c.wallet == wallet)
-                ).scalar()
+                conn.execute(select(payee_quarantine.c.failures).where(payee_quarantine.c.wallet == wallet)).scalar()
                 or 0
             )
             conn.execute(delete(payee_quarantine).where(payee_quarantine.c.wallet == wallet))
