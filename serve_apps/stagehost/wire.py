@@ -178,8 +178,9 @@ def tensor_from_proto(msg: pb.Tensor, limits: FrameLimits, num_tokens: int, dtyp
             raise WireError(f"an empty tensor of shape {list(shape)}")
         if msg.data:
             raise WireError("an empty tensor with data")
-        return torch.empty(shape, dtype=DTYPES[msg.dtype])
-    # (A stage returns an empty float32 tensor for a step without tokens whatever its dtype: any dtype above.)
+        # A stage returns an empty float32 tensor for a step without tokens whatever its dtype, so any dtype is
+        # accepted here; what the stage receives is in the dtype it expects, as every other decoded tensor is.
+        return torch.empty(shape, dtype=DTYPES[dtype if dtype in DTYPES else msg.dtype])
     if msg.dtype not in limits.dtypes or (dtype is not None and msg.dtype != dtype):
         raise WireError(f"hidden states of dtype {msg.dtype!r}, expected {dtype or sorted(limits.dtypes)}")
     if len(shape) != 2 or shape[0] != num_tokens:

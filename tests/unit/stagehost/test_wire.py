@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from serve_apps.engine.layer_split import split_layers
@@ -267,6 +267,7 @@ chunks = st.builds(
         hidden=tensors,
     )
 )
+@example(pb.StepRequest(schema_version=SCHEMA_VERSION, hidden=pb.Tensor(dtype="bfloat16", shape=[0])))  # found by it
 def test_any_structured_step_is_either_within_the_limits_or_refused(msg: pb.StepRequest) -> None:
     try:
         step, hidden = decode_request(msg.SerializeToString(), LIMITS, MIDDLE)
