@@ -1,7 +1,8 @@
 """The payments actor: a named, detached Ray actor serving one PaymentsService to every gateway.
 
 Ledger calls run on one worker thread (SQLite has one writer anyway); usage reports are
-group-committed; a background loop settles payouts every `settle_interval_s`. On start the actor
+group-committed; a background loop settles payouts every `settle_interval_s`, another releases
+orphaned holds every `hold_sweep_interval_s`. On start the actor
 first finishes whatever batches a previous incarnation left open (crash recovery).
 """
 
@@ -22,6 +23,7 @@ from payments.protocol import (
     DepositRequest,
     Hold,
     HoldRequest,
+    HoldSweep,
     Receipt,
     ReceiptQuery,
     ReconcileReport,
@@ -58,6 +60,7 @@ class PaymentsActor:
         self._ready = asyncio.Lock()
         self._settle_lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
 
     async def _svc(self) -> PaymentsService:
         async with self._ready:
@@ -73,6 +76,7 @@ class PaymentsActor:
                 self._service = service
                 if self._settle_loop_enabled:
                     self._loop_task = asyncio.create_task(self._settle_forever())
+                    self._sweep_task = asyncio.create_task(self._sweep_forever())
             return self._service
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -85,6 +89,15 @@ class PaymentsActor:
                 await self.settle()
             except Exception:  # keep the loop alive; the next pass retries from the ledger state
                 logger.exception("settle pass failed")
+
+    async def _sweep_forever(self) -> None:
+        """Release orphaned holds (older than payments.hold_max_age_s) every hold_sweep_interval_s."""
+        while True:
+            await asyncio.sleep(self.section.hold_sweep_interval_s)
+            try:
+                await self.sweep_holds()
+            except Exception:  # keep the loop alive; the next pass finds the same holds
+                logger.exception("hold sweep failed")
 
     async def ready(self) -> bool:
         await self._svc()
@@ -126,6 +139,9 @@ class PaymentsActor:
 
     async def release_hold(self, release: ReleaseHold) -> None:
         await self._run((await self._svc()).release_hold, release)
+
+    async def sweep_holds(self, max_age_s: float | None = None) -> HoldSweep:
+        return await self._run((await self._svc()).sweep_holds, max_age_s)
 
     async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
         return await self._run((await self._svc()).withhold_payout, req)

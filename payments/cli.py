@@ -1,4 +1,4 @@
-"""`solanalm payments ...`: balance, deposit, pending, settle, reconcile, export.
+"""`solanalm payments ...`: balance, deposit, pending, settle, reconcile, sweep-holds, export.
 
 By default a command opens the ledger and the chain backend directly (`--local`). While a payments
 actor is running with the in-process LiteSVM backend, use `--via-actor` instead: LiteSVM's state
@@ -98,6 +98,9 @@ class _Local:
     async def reconcile(self) -> Any:
         await self.service.recover()
         return await self.service.reconcile()
+
+    async def sweep_holds(self, max_age_s: float | None) -> Any:
+        return self.service.sweep_holds(max_age_s)
 
 
 @app.command()
@@ -215,6 +218,19 @@ def reconcile(config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> No
     console.print(figures)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command("sweep-holds")
+def sweep_holds(
+    max_age_s: float | None = typer.Option(None, min=0, help="Release holds older than this; default hold_max_age_s."),
+    config: Path | None = ConfigOpt,
+    via_actor: bool = ActorOpt,
+) -> None:
+    """Release orphaned holds (open longer than any request lives) back to their payers."""
+    result = _with_service(config, via_actor, lambda api: api.sweep_holds(max_age_s))
+    console.print(f"released {len(result.request_ids)} holds, {result.amount} base units")
+    for request_id in result.request_ids:
+        console.print(f"  {request_id}")
 
 
 @app.command()

@@ -28,6 +28,7 @@ from payments.protocol import (
     DepositRequest,
     Hold,
     HoldRequest,
+    HoldSweep,
     Receipt,
     ReceiptQuery,
     ReconcileReport,
@@ -118,6 +119,9 @@ class PaymentsClient:
     async def release_hold(self, release: ReleaseHold) -> None:
         await self._call("release_hold", release)
 
+    async def sweep_holds(self, max_age_s: float | None = None) -> HoldSweep:
+        return await self._call("sweep_holds", max_age_s)
+
     async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
         return await self._call("withhold_payout", req)
 
@@ -175,6 +179,9 @@ class LocalPaymentsClient:
 
     async def release_hold(self, release: ReleaseHold) -> None:
         self.service.release_hold(release)
+
+    async def sweep_holds(self, max_age_s: float | None = None) -> HoldSweep:
+        return self.service.sweep_holds(max_age_s)
 
     async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
         return self.service.withhold_payout(req)

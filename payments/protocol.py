@@ -9,6 +9,7 @@ Request lifecycle, as the gateway sees it:
 2. `place_hold(HoldRequest) -> Hold`                 (402 when the balance does not cover it)
 3a. `report_usage(UsageReport) -> SettlementRecord`  (completed; its id goes in the response)
 3b. `release_hold(ReleaseHold) -> None`              (the request failed or was rejected: no charge)
+    `sweep_holds() -> HoldSweep`                     (the actor's loop: holds no request will close)
 3c. `withhold_payout(WithholdPayout) -> WithheldPayout` (a later audit failed: providers unpaid)
 4. `get_receipt(ReceiptQuery) -> Receipt`            (403 unless the reader is the payer or a payee)
 """
@@ -46,6 +47,14 @@ class Hold:
     payer: str
     amount: int
     balance_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldSweep:
+    """Holds open for longer than any request lives, released to their payers (`amount` in all)."""
+
+    request_ids: tuple[str, ...]
+    amount: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +257,7 @@ class PaymentsAPI(Protocol):
     async def place_hold(self, req: HoldRequest) -> Hold: ...
     async def report_usage(self, report: UsageReport) -> SettlementRecord: ...
     async def release_hold(self, release: ReleaseHold) -> None: ...
+    async def sweep_holds(self, max_age_s: float | None = None) -> HoldSweep: ...  # None: payments.hold_max_age_s
     async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout: ...
     async def get_receipt(self, query: ReceiptQuery) -> Receipt: ...
     async def balance(self, wallet: str) -> Balance: ...

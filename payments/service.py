@@ -41,6 +41,7 @@ from payments.protocol import (
     DepositRequest,
     Hold,
     HoldRequest,
+    HoldSweep,
     Receipt,
     ReceiptQuery,
     ReconcileReport,
@@ -168,6 +169,15 @@ class PaymentsService:
     def release_hold(self, release: ReleaseHold) -> None:
         self.ledger.release_hold(release.request_id)
 
+    def sweep_holds(self, max_age_s: float | None = None) -> HoldSweep:
+        """Release holds open longer than `max_age_s` (default payments.hold_max_age_s): orphans no request
+        will settle, e.g. a place_hold that committed after the gateway's call to it timed out."""
+        sweep = self.ledger.sweep_holds(self.section.hold_max_age_s if max_age_s is None else max_age_s)
+        if sweep.request_ids:
+            count, ids = len(sweep.request_ids), sweep.request_ids
+            logger.warning("released %d orphaned holds (%d base units): %s", count, sweep.amount, ids)
+        return sweep
+
     def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
         """A failed audit: the named providers' unpaid shares of the request are withheld."""
         result = withhold_payout(self.ledger, req)
@@ -261,7 +271,7 @@ class PaymentsService:
 
     async def reconcile(self) -> ReconcileReport:
         """Double-entry checks, every confirmed batch landed cleanly, the treasury is solvent."""
-        checks, figures = ledger_checks(self.ledger)
+        checks, figures = ledger_checks(self.ledger, self.section.hold_max_age_s)
         landed = True
         for batch in self.book.confirmed_batches():
             status = await self.chain.signature_status(Signature.from_string(batch.signature or ""))

@@ -147,6 +147,18 @@ class PaymentsSection(Section):
         description="Longest accepted Expiration Time minus Issued At.",
     )
 
+    # Holds
+    hold_max_age_s: float = Field(
+        default=1800.0,
+        gt=0,
+        le=7 * 86_400,
+        description="A hold open this long is released by the sweep (no request lives that long); keep it above"
+        " twice pipeline.request_timeout_s: a stream may wait that long for its first token and as long again to end.",
+    )
+    hold_sweep_interval_s: float = Field(
+        default=60.0, gt=0, le=86_400, description="Period of the actor's sweep of holds older than hold_max_age_s."
+    )
+
     @field_validator("state_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

@@ -30,6 +30,7 @@ from payments.protocol import (
     Deposit,
     Hold,
     HoldRequest,
+    HoldSweep,
     SettlementRecord,
     ShareLine,
     TrainingReward,
@@ -185,6 +186,28 @@ class Ledger:
                 update(holds).where(holds.c.request_id == request_id).values(state="released")
             )
             return True
+
+    def sweep_holds(self, max_age_s: float, now: float | None = None) -> HoldSweep:
+        """Release every hold open for longer than `max_age_s` to its payer: no request lives that long, so
+        no gateway will settle it (a place_hold that committed after its caller timed out, a gateway that
+        died mid-request). One transaction; the rows are locked where the database can (PostgreSQL)."""
+        cutoff = (time.time() if now is None else now) - max_age_s
+        with self.transaction() as conn:
+            stale = conn.execute(
+                select(holds).where(holds.c.state == "open", holds.c.created_at < cutoff).with_for_update()
+            ).all()
+            for row in stale:
+                posting = Posting(
+                    f"sweep:{row.request_id}", "release", acct.held(row.payer), acct.client(row.payer), row.amount
+                )
+                self.post(conn, [posting])
+            if stale:
+                conn.execute(
+                    update(holds)
+                    .where(holds.c.request_id.in_([row.request_id for row in stale]))
+                    .values(state="released")
+                )
+        return HoldSweep(tuple(row.request_id for row in stale), sum(row.amount for row in stale))
 
     # Settlement records -------------------------------------------------------------------------
     def record_usage(self, reports: list[UsageReport]) -> list[SettlementRecord | PaymentError]:

@@ -1,11 +1,14 @@
 """Ledger self-checks: double entry holds, balances match postings, records match postings."""
 
+import time
+
 from sqlalchemy import func, select
 
 from payments.ledger import accounts as acct
 from payments.ledger.ledger import Ledger
 from payments.ledger.schema import (
     accounts,
+    holds,
     payout_batches,
     payout_items,
     postings,
@@ -18,9 +21,16 @@ def _sum(conn, stmt) -> int:  # type: ignore[no-untyped-def]
     return int(conn.execute(stmt).scalar() or 0)
 
 
-def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
-    """Run every ledger-only check in one read transaction; returns (checks, figures)."""
+def ledger_checks(
+    ledger: Ledger, hold_max_age_s: float | None = None, now: float | None = None
+) -> tuple[dict[str, bool], dict[str, int]]:
+    """Run every ledger-only check in one read transaction; returns (checks, figures).
+
+    With `hold_max_age_s`, no open hold may be older than that (the sweep releases such orphans).
+    """
+    now = time.time() if now is None else now
     with ledger.transaction() as conn:
+        oldest_hold = conn.execute(select(func.min(holds.c.created_at)).where(holds.c.state == "open")).scalar()
         cached = dict(conn.execute(select(accounts.c.name, accounts.c.balance)).all())
         credits = dict(
             conn.execute(
@@ -92,6 +102,7 @@ def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
             )
             .where(payout_batches.c.state != "failed"),
         )
+    hold_age_s = 0.0 if oldest_hold is None else max(0.0, now - float(oldest_hold))
     names = set(cached) | set(credits) | set(debits)
     payee_total = sum(v for k, v in cached.items() if k.startswith("payee:"))
     liabilities = sum(
@@ -116,6 +127,7 @@ def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
         "no_negative_client_balance": all(
             v >= 0 for k, v in cached.items() if k.startswith(("client:", "hold:", "payee:"))
         ),
+        "no_stale_holds": hold_max_age_s is None or hold_age_s <= hold_max_age_s,
     }
     figures = {
         "deposits": -cached.get(acct.CHAIN_INFLOW, 0),
@@ -128,5 +140,6 @@ def ledger_checks(ledger: Ledger) -> tuple[dict[str, bool], dict[str, int]]:
         "in_flight": open_items,
         "unpaid": unpaid_shares,
         "liabilities": liabilities,
+        "oldest_open_hold_s": int(hold_age_s),
     }
     return checks, figures
