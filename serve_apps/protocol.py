@@ -25,15 +25,28 @@ class GenerateRequest:
     prompt: str | None = None
     messages: tuple[ChatTurn, ...] | None = None
     max_tokens_given: bool = True  # False: fill the context (max_tokens was omitted)
+    max_tokens_cap: int | None = None  # max_tokens omitted: at most this many (what the gateway held); None: no cap
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt and messages must be set")
 
+    def completion_budget(self, room: int) -> int:
+        """The completion tokens a replica allows where the context leaves `room`: max_tokens when the client
+        gave it, else the room (or a backend's default), never more than the gateway held for."""
+        if self.max_tokens_given:
+            return self.sampling.max_tokens
+        return room if self.max_tokens_cap is None else min(room, self.max_tokens_cap)
+
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
+    """The replica took the request; its payees as of now, so a request that never finishes (the client
+    left) can still pay for what it was sent."""
+
     prompt_tokens: int
+    providers: tuple["ProviderWork", ...] = ()
+    proxy: "ProxyCommission | None" = None
 
 
 @dataclass(frozen=True, slots=True)

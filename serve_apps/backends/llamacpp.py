@@ -158,7 +158,7 @@ class LlamaCppServer:
                 yield prepared
                 return
             prompt_ids, max_tokens = prepared
-            yield Accepted(len(prompt_ids))
+            yield Accepted(len(prompt_ids), providers=self.providers)
             async with self.gate.slot():
                 async for event in self._decode(request, prompt_ids, max_tokens):
                     yield event
@@ -179,7 +179,7 @@ class LlamaCppServer:
         if not ids:
             return Rejected(400, "the prompt is empty", "prompt" if request.prompt is not None else "messages")
         room = self.max_model_len - len(ids)
-        max_tokens = request.sampling.max_tokens if request.max_tokens_given else room
+        max_tokens = request.completion_budget(room)
         if room < 1 or len(ids) + max_tokens > self.max_model_len:
             return Rejected(
                 400,

@@ -99,7 +99,7 @@ class VllmServer:
             stop=list(sampling.stop),
             ignore_eos=sampling.ignore_eos,
         )
-        yield Accepted(len(ids))
+        yield Accepted(len(ids), providers=self.providers)
         self.running += 1
         sent, finished = "", False
         try:
@@ -130,7 +130,7 @@ class VllmServer:
         except (ValueError, TypeError, KeyError) as exc:
             return Rejected(400, f"could not apply the chat template: {exc}", "messages", "invalid_messages")
         room = self.max_model_len - len(ids)
-        max_tokens = request.sampling.max_tokens if request.max_tokens_given else room
+        max_tokens = request.completion_budget(room)
         if not ids or room < 1 or len(ids) + max_tokens > self.max_model_len:
             return Rejected(
                 400,

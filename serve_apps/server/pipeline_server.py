@@ -179,7 +179,7 @@ class PipelineServer:
             yield Rejected(503, str(exc), code="pipeline_unavailable", retry_after_s=1.0)
             return
         REQUEST_ID.set(request.request_id)  # after the engine loop started: its task must not inherit the id
-        yield Accepted(prompt_tokens)
+        yield Accepted(prompt_tokens, providers=self.providers())
         started = time.monotonic()
         try:
             async for event in self._text_events(request, seq, first, events, prompt_tokens):

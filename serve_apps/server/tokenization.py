@@ -38,7 +38,7 @@ class PromptProcessor:
         room = self.max_model_len - len(ids)
         if room < 1:
             return _too_long(len(ids), 1, self.max_model_len)
-        max_tokens = request.sampling.max_tokens if request.max_tokens_given else room
+        max_tokens = request.completion_budget(room)
         if len(ids) + max_tokens > self.max_model_len:
             return _too_long(len(ids), max_tokens, self.max_model_len)
         return PreparedPrompt(ids, max_tokens)

@@ -108,7 +108,7 @@ class ProxyServer:
             self.gate.release()
 
     async def _forward(self, request: GenerateRequest, key: str | None) -> AsyncIterator[GenerateEvent]:
-        max_tokens = request.sampling.max_tokens if request.max_tokens_given else self.options.default_max_tokens
+        max_tokens = request.completion_budget(self.options.default_max_tokens)
         api_key = self._api_key.get_secret_value() if self._api_key else None
         call = self.api.call(request, self.options.upstream_model, max_tokens, api_key)
         try:
@@ -131,7 +131,8 @@ class ProxyServer:
                 )
                 yield Rejected(error.status, error.message, error.param, error.code, error.retry_after_s)
                 return
-            yield Accepted(0)  # the upstream reports the prompt's tokens at the end: Finished carries them
+            # The upstream reports the prompt's tokens at the end: Finished carries them.
+            yield Accepted(0, self.providers, self.proxy)
             async for event in self._relay(request, response, key):
                 yield event
         finally:
@@ -164,7 +165,7 @@ class ProxyServer:
         return CachedAnswer("".join(parts), done.finish_reason, prompt, completion)
 
     def _replay(self, answer: CachedAnswer) -> list[GenerateEvent]:
-        events: list[GenerateEvent] = [Accepted(answer.prompt_tokens)]
+        events: list[GenerateEvent] = [Accepted(answer.prompt_tokens, self.providers, self.proxy)]
         if answer.text:
             events.append(TextDelta(answer.text, answer.completion_tokens))
         events.append(self._finished(answer))

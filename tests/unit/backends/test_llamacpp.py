@@ -109,7 +109,7 @@ def test_chat_streams_deltas_and_counts_tokens(write_catalogue) -> None:  # type
     events = asyncio.run(collect(replica, chat(seed=7, top_k=5, top_p=0.5)))
     prompt = "<|im_start|>user\ncapital of France?<|im_end|>\n<|im_start|>assistant\n"
     assert fake.prompts[0] == fake.tokenize(prompt.encode(), add_bos=False, special=True)
-    assert events[0] == Accepted(len(fake.prompts[0]))
+    assert events[0] == Accepted(len(fake.prompts[0]), providers=(ProviderWork(None, 30),))  # its payees
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Paris"
     assert events[-1] == Finished("stop", len(fake.prompts[0]), 6, providers=(ProviderWork(None, 30),))
     assert fake.seeds == [7] and fake.calls[0] == {

@@ -144,7 +144,8 @@ def test_replica_streams_deltas_from_cumulative_outputs(write_catalogue) -> None
         "r1", "qwen", SamplingParams(max_tokens=4, temperature=0.0, seed=3), messages=(ChatTurn("user", "hi"),)
     )
     events = collect(server, request)
-    assert events[0] == Accepted(2) and [e.text for e in events if isinstance(e, TextDelta)] == ["Pa", "ris"]
+    assert events[0] == Accepted(2, providers=(ProviderWork(None, 1),))  # its payees, as Finished names them
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Pa", "ris"]
     assert events[-1] == Finished("stop", 2, 3, providers=(ProviderWork(None, 1),))
     prompt, params, request_id = engine.calls[0]
     assert prompt == {"prompt_token_ids": [104, 105]} and request_id == "r1"
