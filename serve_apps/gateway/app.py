@@ -26,7 +26,7 @@ from serve_apps.gateway.backend import PipelineBackend, PipelineLost
 from serve_apps.gateway.current import current_gateway
 from serve_apps.gateway.errors import OpenAIError, error_body, install_error_handlers
 from serve_apps.gateway.limits import BodySizeLimit, ClientRateLimiter, retry_after_header
-from serve_apps.gateway.metering import Metering
+from serve_apps.gateway.metering import HoldCloser, Metering, abandoned
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_apps.gateway.providers import ProviderRegistryAPI, build_provider_router, public_nodes
 from serve_apps.protocol import (
@@ -85,6 +85,7 @@ class Gateway:
         if body.model not in self.cards or body.model not in self.backend.models():
             raise OpenAIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
         limit = body.token_limit()
+        cap = None if limit is not None else self.hold_tokens(body)  # the replica stops where the hold ends
         sampling = SamplingParams(
             max_tokens=limit or 1,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -97,13 +98,16 @@ class Gateway:
         if isinstance(body, ChatCompletionRequest):
             request_id = f"chatcmpl-{uuid.uuid4().hex}"
             turns = tuple(ChatTurn(m.role if m.role != "developer" else "system", m.text()) for m in body.messages)
-            return GenerateRequest(request_id, body.model, sampling, messages=turns, max_tokens_given=limit is not None)
+            return GenerateRequest(
+                request_id, body.model, sampling, messages=turns, max_tokens_given=limit is not None, max_tokens_cap=cap
+            )
         return GenerateRequest(
             f"cmpl-{uuid.uuid4().hex}",
             body.model,
             sampling,
             prompt=body.prompt_text(),
             max_tokens_given=limit is not None,
+            max_tokens_cap=cap,
         )
 
     async def open_stream(self, request: GenerateRequest) -> tuple[Accepted, AsyncIterator[GenerateEvent]]:
@@ -138,32 +142,42 @@ class Gateway:
         )
 
     def hold_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int:
-        """The most completion tokens a request may produce: what it asked for, else the model's context."""
+        """The most completion tokens a request may produce: what it asked for, else the model's context (the
+        catalogue's). The request carries it as `max_tokens_cap`, so a replica that allows a longer context
+        still stops where the hold ends: no token goes unbilled."""
         card = self.cards[body.model]
         return body.token_limit() or card.max_model_len or DEFAULT_CONTEXT
 
-    async def complete(self, request: GenerateRequest, chat: bool, payer: str | None) -> dict:
+    async def complete(self, request: GenerateRequest, chat: bool, hold: HoldCloser) -> dict:
         """A whole (non-streamed) answer; a lost replica is retried on another, nothing was sent yet."""
         for attempt in range(1, REPLICA_RETRIES + 2):
             try:
-                return await self._complete_once(request, chat, payer)
+                return await self._complete_once(request, chat, hold)
             except PipelineLost as exc:
                 logger.warning("replica lost during %s (attempt %d): %s", request.request_id, attempt, exc)
         raise OpenAIError(
             503, "the pipeline replica was lost; retry later", code="pipeline_unavailable", headers={"Retry-After": "5"}
         )
 
-    async def _complete_once(self, request: GenerateRequest, chat: bool, payer: str | None) -> dict:
+    async def _complete_once(self, request: GenerateRequest, chat: bool, hold: HoldCloser) -> dict:
         accepted, events = await self.open_stream(request)
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
         parts: list[str] = []
         finished: Finished | None = None
-        async with asyncio.timeout(self.request_timeout_s):
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                elif isinstance(event, Finished):
-                    finished = event
+        produced = 0  # completion tokens produced so far
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        parts.append(event.text)
+                        produced = event.completion_tokens
+                    elif isinstance(event, Finished):
+                        finished = event
+        except asyncio.CancelledError:  # the client went away: it pays for what was produced for it
+            hold.settle(abandoned(accepted, produced))
+            raise
+        except TimeoutError:  # nothing reached the client: the caller releases the hold
+            raise OpenAIError(504, "timed out waiting for the pipeline", code="timeout") from None
         if finished is None or finished.finish_reason == "error":
             reason = finished.error if finished else "stream ended early"
             raise OpenAIError(503, f"generation failed: {reason}", code="pipeline_unavailable")
@@ -171,7 +185,7 @@ class Gateway:
         body = R.full_response(
             meta, "".join(parts), finished.finish_reason, finished.prompt_tokens, finished.completion_tokens
         )
-        settlement_id = await self.metering.settle(request, payer, finished)
+        settlement_id = await asyncio.shield(hold.settle(finished))
         if settlement_id is not None:
             body["settlement_id"] = settlement_id
         return body
@@ -183,26 +197,39 @@ class Gateway:
         accepted: Accepted,
         chat: bool,
         include_usage: bool,
-        payer: str | None = None,
+        hold: HoldCloser | None = None,
     ) -> AsyncIterator[str]:
-        """SSE chunks; the final chunk carries the settlement id (headers are gone by then)."""
+        """SSE chunks; the final chunk carries the settlement id (headers are gone by then).
+
+        A stream that ends without its Finished: a client that went away (this generator is cancelled or
+        closed) or outlived the request timeout (it may read slowly) pays for the prompt and the tokens it
+        was sent; a pipeline failure is ours, and its hold is released.
+        """
+        hold = hold or self.metering.closer(request, None)
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
-        settled = False
+        sent = 0  # completion tokens handed to the client
+        deadline = asyncio.get_running_loop().time() + self.request_timeout_s
         try:
             if chat:
                 yield R.sse(R.chunk(meta, None, None, first=True))
-            async for event in _until_lost(events):
+            async for event in _until_lost(_before(deadline, events)):
                 if isinstance(event, PipelineLost):
+                    hold.release("pipeline lost")
                     yield R.sse(error_body(503, f"the pipeline replica was lost: {event}", code="pipeline_unavailable"))
                     break
                 if isinstance(event, TextDelta):
+                    sent = event.completion_tokens
                     yield R.sse(R.chunk(meta, event.text, None))
                 elif isinstance(event, Finished):
                     if event.finish_reason == "error":
+                        hold.release("generation failed")
                         yield R.sse(error_body(503, f"generation failed: {event.error}", code="pipeline_unavailable"))
                         break
-                    settlement_id = await self.metering.settle(request, payer, event)
-                    settled = True
+                    try:
+                        settlement_id = await asyncio.shield(hold.settle(event))
+                    except OpenAIError as exc:  # settlement failed (its hold was released): say so, in band
+                        yield R.sse(error_body(exc.status, exc.message, exc.param, exc.code))
+                        break
                     final = R.chunk(meta, None, event.finish_reason)
                     if settlement_id is not None:
                         final["settlement_id"] = settlement_id
@@ -211,9 +238,27 @@ class Gateway:
                         yield R.sse(R.usage_chunk(meta, event.prompt_tokens, event.completion_tokens))
                     break
             yield R.sse("[DONE]")
+        except TimeoutError:
+            hold.settle(abandoned(accepted, sent))
+            yield R.sse(error_body(504, "the request timed out", code="timeout"))
+            yield R.sse("[DONE]")
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            hold.settle(abandoned(accepted, sent))
+            raise
         finally:
-            if not settled:  # failed, or the client went away: the hold is released, nothing is charged
-                await self.metering.release(request.request_id, "not completed")
+            hold.release("not completed")  # nothing if closed above; else the stream broke on our side
+
+
+async def _before(deadline: float, events: AsyncIterator[GenerateEvent]) -> AsyncIterator[GenerateEvent]:
+    """The events, raising TimeoutError when the next one has not come by `deadline` (the loop's clock).
+    The timeout covers each wait, never a yield: the consumer's task is not cancelled while it sends."""
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                event = await anext(events)
+        except StopAsyncIteration:
+            return
+        yield event
 
 
 async def _until_lost(events: AsyncIterator[GenerateEvent]) -> AsyncIterator[GenerateEvent | PipelineLost]:
@@ -324,18 +369,19 @@ async def _answer(  # type: ignore[no-untyped-def]
     request = gateway.to_generate_request(body)
     REQUEST_ID.set(request.request_id)  # every log line of this request carries its id
     payer = await gateway.metering.admit(authorization, request, gateway.hold_tokens(body))
+    hold = gateway.metering.closer(request, payer)
     try:
         if not body.stream:
-            result = await gateway.complete(request, chat, payer)
+            result = await gateway.complete(request, chat, hold)
             headers = {"x-request-id": request.request_id}
             if "settlement_id" in result:
                 headers[SETTLEMENT_HEADER] = result["settlement_id"]
             return JSONResponse(result, headers=headers)
         accepted, events = await gateway.open_stream_retrying(request)
     except BaseException:
-        await gateway.metering.release(request.request_id, "failed")
+        hold.release("failed")  # nothing if already closed (a client that left mid-answer pays for it)
         raise
-    stream = gateway.sse_events(request, events, accepted, chat, body.include_usage(), payer)
+    stream = gateway.sse_events(request, events, accepted, chat, body.include_usage(), hold)
     headers = {"x-request-id": request.request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 

@@ -2,11 +2,18 @@
 
 The gateway holds the most a request can cost before it starts (402 when the balance is short) and,
 when the replica reports the request finished, records its settlement: who paid, which provider wallets
-served how many layers. A failed or abandoned request has its hold released and is not charged.
+served how many layers. A request whose client went away is charged for its prompt and the completion
+tokens produced for it until then (`abandoned`); one that failed on our side has its hold released.
+Either runs in a task of its own (`HoldCloser`), which the request's cancellation cannot reach.
 """
 
+import asyncio
+import contextvars
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
+from cluster.observability.logs import REQUEST_ID
 from payments.errors import PaymentError
 from payments.http import bearer_key
 from payments.protocol import (
@@ -17,7 +24,7 @@ from payments.protocol import (
     UsageReport,
 )
 from serve_apps.gateway.errors import OpenAIError
-from serve_apps.protocol import Finished, GenerateRequest
+from serve_apps.protocol import Accepted, Finished, GenerateRequest, ProviderWork
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +37,29 @@ class Metering:
     def __init__(self, payments: PaymentsAPI | None, operator_wallet: str | None = None) -> None:
         self.payments = payments
         self._operator_wallet = operator_wallet
+        self._closing: set[asyncio.Task[str | None]] = set()  # settlements and releases under way
+
+    def closer(self, request: GenerateRequest, payer: str | None) -> "HoldCloser":
+        """What closes an admitted request's hold, once."""
+        return HoldCloser(self, request, payer)
+
+    async def drain(self) -> None:
+        """Wait for the settlements and releases under way (tests, shutdown)."""
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, str | None]) -> asyncio.Task[str | None]:
+        # A fresh context: Ray attributes an actor call to the task whose context makes it, and Serve cancels
+        # a cancelled request's calls with it (the settlement's included). The loop keeps only weak
+        # references to tasks: the set keeps each one until it ends.
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
+        self._closing.add(task)
+        task.add_done_callback(self._closed)
+        return task
+
+    def _closed(self, task: asyncio.Task[str | None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:  # also seen by any awaiter
+            logger.warning("closing a hold failed: %s", error)
 
     @property
     def enabled(self) -> bool:
@@ -51,9 +81,9 @@ class Metering:
         """Record the finished request's settlement; its id goes back to the client."""
         if self.payments is None or payer is None:
             return None
-        providers = tuple(
-            [ProviderShare(work.wallet or await self._operator(), work.layers) for work in finished.providers]
-        )
+        # A replica that named no payees (none before it accepted): the operator's, for all the work.
+        works = finished.providers or (ProviderWork(None, 1),)
+        providers = tuple([ProviderShare(work.wallet or await self._operator(), work.layers) for work in works])
         proxy = finished.proxy  # a proxy node served it: its wallet earns the proxy commission
         report = UsageReport(
             request.request_id,
@@ -87,6 +117,59 @@ class Metering:
         if self._operator_wallet is None and self.payments is not None:
             self._operator_wallet = (await self.payments.deposit_info()).treasury
         return self._operator_wallet or ""
+
+
+class HoldCloser:
+    """Closes one admitted request's hold exactly once: settled for what it used, or released.
+
+    The settlement or release runs in a task of its own, kept by the Metering until it ends: a client
+    that goes away cancels the route's task (or closes its stream generator), and that cannot stop a
+    settlement half-way or leave the hold open. A caller that needs the settlement id awaits the task
+    through `asyncio.shield`. Calls after the first return the first one's task.
+    """
+
+    def __init__(self, metering: Metering, request: GenerateRequest, payer: str | None) -> None:
+        self._metering, self._request, self._payer = metering, request, payer
+        self._task: asyncio.Task[str | None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._task is not None
+
+    def settle(self, finished: Finished) -> asyncio.Task[str | None]:
+        """Charge `finished`'s tokens (an `abandoned` request's made-up Finished too); the settlement id."""
+        if self._task is None:
+            self._task = self._metering._spawn(self._settled(finished))
+        return self._task
+
+    def release(self, reason: str) -> asyncio.Task[str | None]:
+        """Charge nothing: the request failed on our side (or never ran)."""
+        if self._task is None:
+            self._task = self._metering._spawn(self._released(reason))
+        return self._task
+
+    async def _settled(self, finished: Finished) -> str | None:
+        REQUEST_ID.set(self._request.request_id)  # the fresh context's log lines name the request too
+        try:
+            return await self._metering.settle(self._request, self._payer, finished)
+        except OpenAIError:  # a payments error: settle released the hold
+            raise
+        except Exception:  # anything else must not leave the hold open until the sweep
+            await self._metering.release(self._request.request_id, "settlement failed")
+            raise
+
+    async def _released(self, reason: str) -> str | None:
+        REQUEST_ID.set(self._request.request_id)
+        await self._metering.release(self._request.request_id, reason)
+        return None
+
+
+def abandoned(accepted: Accepted, completion_tokens: int) -> Finished:
+    """What a request its client left used: the prompt and the completion tokens produced for it (streamed:
+    handed to the client), paid to the payees the replica named when it accepted the request."""
+    return Finished(
+        "abort", accepted.prompt_tokens, completion_tokens, providers=accepted.providers, proxy=accepted.proxy
+    )
 
 
 def prompt_bound(request: GenerateRequest) -> int:
