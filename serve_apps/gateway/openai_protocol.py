@@ -6,9 +6,40 @@ otherwise rejected with a clear message (e.g. logprobs, n > 1, tools); unknown f
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
+
+
+def _encodable(value: str) -> str:
+    """JSON can escape a lone surrogate ("\\ud800"): valid JSON, but no UTF-8 text, so counting, hashing or
+    tokenizing it fails later; refuse it here, where a bad field is a 400 naming the field."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"invalid Unicode: a lone surrogate at position {exc.start}") from None
+    return value
+
+
+def _encodable_parts(value: object) -> object:
+    """_encodable over a union field's value: a string, or a list of strings or text parts."""
+    for item in value if isinstance(value, list) else [value]:
+        text = item.text if isinstance(item, TextPart) else item
+        if isinstance(text, str):
+            _encodable(text)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # for plain string fields; unions use _encodable_parts
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -22,7 +53,7 @@ class StreamOptions(BaseModel):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: str  # checked by ChatMessage (inside the content union a part's own error would be hidden)
 
 
 class ChatMessage(BaseModel):
@@ -30,7 +61,12 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
-    name: str | None = Field(default=None, max_length=64)
+    name: Text | None = Field(default=None, max_length=64)
+
+    @field_validator("content")
+    @classmethod
+    def _content_encodable(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        return _encodable_parts(value)  # type: ignore[return-value]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -43,7 +79,7 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=256)
+    model: Text = Field(min_length=1, max_length=256)
     max_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     temperature: Temperature | None = 1.0
     top_p: TopP | None = 1.0
@@ -56,7 +92,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
     ignore_eos: StrictBool = Field(default=False, description="SolanaLM extension for benchmarks.")
 
     @field_validator("stop")
@@ -67,6 +103,7 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not stop for stop in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        _encodable_parts(stops)
         return value
 
     @model_validator(mode="after")
@@ -117,13 +154,14 @@ class CompletionRequest(_SamplingFields):
     echo: StrictBool | None = False
     logprobs: StrictInt | None = None
     best_of: StrictInt | None = Field(default=None, ge=1, le=1)
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("exactly one prompt per request is supported")
+        _encodable_parts(value)
         return value
 
     @model_validator(mode="after")

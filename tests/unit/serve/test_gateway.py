@@ -280,3 +280,28 @@ def test_network_nodes_lists_the_registry_or_says_it_is_missing() -> None:
     assert listed.status_code == 200 and listed.json()["data"][0]["wallet"] == "W"
     absent = TestClient(create_gateway_app(Gateway(FakeBackend(), [], network_nodes=missing))).get("/v1/network/nodes")
     assert absent.status_code == 503 and error_of(absent)["code"] == "registry_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    [
+        ("/v1/chat/completions", '{"model": "fake", "messages": [{"role": "user", "content": "a\\ud800"}]}', "content"),
+        (
+            "/v1/chat/completions",
+            '{"model": "fake", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+            "content",
+        ),
+        (
+            "/v1/chat/completions",
+            '{"model": "fake", "messages": [{"role": "user", "content": "x"}], "stop": "\\ud83d"}',
+            "stop",
+        ),
+        ("/v1/completions", '{"model": "fake", "prompt": ["\\ud800"]}', "prompt"),
+        ("/v1/completions", '{"model": "fake", "prompt": "x", "user": "\\ud800"}', "user"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field(http: TestClient, path: str, raw: str, param: str) -> None:
+    response = http.post(path, content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"].endswith(param) and "lone surrogate" in error["message"]
