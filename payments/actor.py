@@ -65,14 +65,10 @@ class PaymentsActor:
     async def _svc(self) -> PaymentsService:
         async with self._ready:
             if self._service is None:
-                service = await PaymentsService.create(
-                    self.section, crash_hook=self._crash_hook or _no_crash
-                )
+                service = await PaymentsService.create(self.section, crash_hook=self._crash_hook or _no_crash)
                 report = await service.recover()
                 logger.info("payments actor recovered: %s", report)
-                self._committer = GroupCommitter(
-                    service.report_usage_many, self.section.group_commit_max, self._db
-                )
+                self._committer = GroupCommitter(service.report_usage_many, self.section.group_commit_max, self._db)
                 self._service = service
                 if self._settle_loop_enabled:
                     self._loop_task = asyncio.create_task(self._settle_forever())

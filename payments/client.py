@@ -79,13 +79,9 @@ def start_payments_actor(
     return handle
 
 
-def get_payments_client(
-    section: PaymentsSection, *, namespace: str | None = None
-) -> "PaymentsClient":
+def get_payments_client(section: PaymentsSection, *, namespace: str | None = None) -> "PaymentsClient":
     """A client of the already running named actor."""
-    return PaymentsClient(
-        ray.get_actor(section.actor_name, namespace=namespace), section.actor_call_timeout_s
-    )
+    return PaymentsClient(ray.get_actor(section.actor_name, namespace=namespace), section.actor_call_timeout_s)
 
 
 class PaymentsClient:
@@ -97,9 +93,7 @@ class PaymentsClient:
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(
-                getattr(self.handle, method).remote(*args), self.timeout_s
-            )
+            return await asyncio.wait_for(getattr(self.handle, method).remote(*args), self.timeout_s)
         except RayTaskError as exc:
             if isinstance(exc.cause, PaymentError):
                 raise exc.cause from None

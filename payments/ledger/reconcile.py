@@ -34,16 +34,12 @@ def ledger_checks(
         cached = dict(conn.execute(select(accounts.c.name, accounts.c.balance)).all())
         credits = dict(
             conn.execute(
-                select(postings.c.to_account, func.sum(postings.c.amount)).group_by(
-                    postings.c.to_account
-                )
+                select(postings.c.to_account, func.sum(postings.c.amount)).group_by(postings.c.to_account)
             ).all()
         )
         debits = dict(
             conn.execute(
-                select(postings.c.from_account, func.sum(postings.c.amount)).group_by(
-                    postings.c.from_account
-                )
+                select(postings.c.from_account, func.sum(postings.c.amount)).group_by(postings.c.from_account)
             ).all()
         )
         charged = _sum(conn, select(func.sum(postings.c.amount)).where(postings.c.kind == "charge"))
@@ -60,9 +56,7 @@ def ledger_checks(
             ),
         )
         fees = _sum(conn, select(func.sum(postings.c.amount)).where(postings.c.kind == "fee"))
-        rewarded = _sum(
-            conn, select(func.sum(postings.c.amount)).where(postings.c.kind == "reward")
-        )
+        rewarded = _sum(conn, select(func.sum(postings.c.amount)).where(postings.c.kind == "reward"))
         record_cost = _sum(conn, select(func.sum(settlements.c.cost)))
         record_shares = _sum(conn, select(func.sum(settlement_shares.c.amount)))
         unpaid_shares = _sum(
@@ -75,46 +69,35 @@ def ledger_checks(
         open_items = _sum(
             conn,
             select(func.sum(payout_items.c.amount))
-            .select_from(
-                payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id)
-            )
+            .select_from(payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id))
             .where(payout_batches.c.state.in_(("created", "signed", "sent"))),
         )
         paid_items = _sum(
             conn,
             select(func.sum(payout_items.c.amount))
-            .select_from(
-                payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id)
-            )
+            .select_from(payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id))
             .where(payout_batches.c.state == "confirmed"),
         )
         batched_shares = _sum(
             conn,
-            select(func.sum(settlement_shares.c.amount)).where(
-                settlement_shares.c.batch_id.is_not(None)
-            ),
+            select(func.sum(settlement_shares.c.amount)).where(settlement_shares.c.batch_id.is_not(None)),
         )
         all_items = _sum(
             conn,
             select(func.sum(payout_items.c.amount))
-            .select_from(
-                payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id)
-            )
+            .select_from(payout_items.join(payout_batches, payout_items.c.batch_id == payout_batches.c.id))
             .where(payout_batches.c.state != "failed"),
         )
     hold_age_s = 0.0 if oldest_hold is None else max(0.0, now - float(oldest_hold))
     names = set(cached) | set(credits) | set(debits)
     payee_total = sum(v for k, v in cached.items() if k.startswith("payee:"))
     liabilities = sum(
-        v
-        for k, v in cached.items()
-        if k.startswith(("client:", "hold:", "payee:")) or k == acct.INFLIGHT
+        v for k, v in cached.items() if k.startswith(("client:", "hold:", "payee:")) or k == acct.INFLIGHT
     )
     checks = {
         "balances_sum_to_zero": sum(cached.values()) == 0,
         "balances_match_postings": all(
-            cached.get(n, 0) == int(credits.get(n, 0) or 0) - int(debits.get(n, 0) or 0)
-            for n in names
+            cached.get(n, 0) == int(credits.get(n, 0) or 0) - int(debits.get(n, 0) or 0) for n in names
         ),
         # client debits = provider credits + commission (+ chain fees, which come out of commission)
         "charges_equal_payee_plus_commission": charged == to_payees + to_network,
