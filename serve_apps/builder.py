@@ -57,7 +57,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         cards,
         settings.pipeline.request_timeout_s,
         settings.http.max_body_bytes,
-        (settings.http.client_rate_per_s, settings.http.client_burst),
+        settings.http.rate_limits,
         settings.payments,
         settings.ray.namespace,
         settings.network,

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from cluster.config.base import Section
+from cluster.config.rate_limits import RateLimitsSection
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 DType = Literal["float32", "bfloat16"]
@@ -68,13 +69,9 @@ class HttpSection(Section):
         description="Longest wait for Serve's HTTP proxies and the application to become ready at deploy"
         " (a slow or loaded machine needs minutes); past it, `up` stops what it started and says what it waited for.",
     )
-    client_rate_per_s: float = Field(
-        default=0.0,
-        ge=0,
-        le=100_000,
-        description="Requests per second one client (API key or IP) may make; 0: no limit.",
+    rate_limits: RateLimitsSection = Field(
+        default_factory=RateLimitsSection, description="Request limits per client address, per wallet, per route."
     )
-    client_burst: int = Field(default=20, ge=1, le=100_000, description="Requests a client may make at once.")
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, le=100_000_000, description="Largest request body accepted."
     )

@@ -25,7 +25,7 @@ from serve_apps.gateway import responses as R
 from serve_apps.gateway.backend import PipelineBackend, PipelineLost
 from serve_apps.gateway.current import current_gateway
 from serve_apps.gateway.errors import OpenAIError, error_body, install_error_handlers
-from serve_apps.gateway.limits import BodySizeLimit, ClientRateLimiter, retry_after_header
+from serve_apps.gateway.limits import BodySizeLimit, RateLimitMiddleware, RequestLimiter, retry_after_header
 from serve_apps.gateway.metering import HoldCloser, Metering, abandoned
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_apps.gateway.providers import ProviderRegistryAPI, build_provider_router, public_nodes
@@ -61,14 +61,14 @@ class Gateway:
         cards: list[ModelCard],
         request_timeout_s: float = 600.0,
         metering: Metering | None = None,
-        limiter: ClientRateLimiter | None = None,
+        limiter: RequestLimiter | None = None,
         network_nodes: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
         providers: ProviderRegistryAPI | None = None,
     ) -> None:
         self.network_nodes = network_nodes
         self.providers = providers  # out-of-cluster providers register through it (routes in providers.py)
         self.backend = backend
-        self.limiter = limiter or ClientRateLimiter(0.0, 1)
+        self.limiter = limiter  # None: no rate limits (in-process apps of tests and tools)
         self.metering = metering or Metering(None)
         self.cards = {card.id: card for card in cards}
         self.request_timeout_s = request_timeout_s
@@ -276,6 +276,7 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
     app.state.gateway = gateway
     app.state.max_body_bytes = max_body_bytes  # in-process apps; Serve uses current.py
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RateLimitMiddleware, limiter_of=_limiter_of)  # outermost: before the body is read
     install_error_handlers(app)
 
     def core(request: Request) -> Gateway:
@@ -292,13 +293,13 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, authorization: str | None = Header(default=None)
     ) -> JSONResponse | StreamingResponse:
-        return await _respond(core(request), body, True, authorization, _client_key(request, authorization))
+        return await _respond(core(request), body, True, authorization)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(
         body: CompletionRequest, request: Request, authorization: str | None = Header(default=None)
     ) -> JSONResponse | StreamingResponse:
-        return await _respond(core(request), body, False, authorization, _client_key(request, authorization))
+        return await _respond(core(request), body, False, authorization)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
@@ -322,11 +323,11 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
     return app
 
 
-def _client_key(request: Request, authorization: str | None) -> str:
-    """Whom a rate limit applies to: the API key if one is sent, else the client address."""
-    if authorization:
-        return "key:" + authorization
-    return "ip:" + (request.client.host if request.client else "unknown")
+def _limiter_of(scope: Any) -> RequestLimiter | None:
+    """The rate limiter of the gateway serving `scope` (the per-address buckets run before any route)."""
+    app = scope.get("app")
+    gateway = getattr(getattr(app, "state", None), "gateway", None) or current_gateway()
+    return gateway.limiter if gateway is not None else None
 
 
 def _payments_of(app: FastAPI) -> Any:
@@ -341,11 +342,10 @@ async def _respond(  # type: ignore[no-untyped-def]
     body: ChatCompletionRequest | CompletionRequest,
     chat: bool,
     authorization: str | None,
-    client: str,
 ):
     """_answer, counting a request rejected before a replica accepted it (metrics count the rest)."""
     try:
-        return await _answer(gateway, body, chat, authorization, client)
+        return await _answer(gateway, body, chat, authorization)
     except OpenAIError as exc:
         metrics.record_rejection(body.model if body.model in gateway.cards else "unknown", exc.status)
         raise
@@ -356,19 +356,22 @@ async def _answer(  # type: ignore[no-untyped-def]
     body: ChatCompletionRequest | CompletionRequest,
     chat: bool,
     authorization: str | None,
-    client: str,
 ):
-    wait_s = gateway.limiter.acquire(client)
-    if wait_s > 0:
-        raise OpenAIError(
-            429,
-            "rate limit reached for this client; retry later",
-            code="rate_limit_exceeded",
-            headers=retry_after_header(wait_s),
-        )
+    # The address's bucket was taken by RateLimitMiddleware; a signed-in wallet's is taken here, whichever
+    # key or address it uses.
+    identity = await gateway.metering.authenticate(authorization)
+    if identity is not None and identity.key_id is not None and gateway.limiter is not None:
+        wait_s = gateway.limiter.check_wallet(identity.wallet)
+        if wait_s > 0:
+            raise OpenAIError(
+                429,
+                "rate limit reached for this wallet; retry later",
+                code="rate_limit_exceeded",
+                headers=retry_after_header(wait_s),
+            )
     request = gateway.to_generate_request(body)
     REQUEST_ID.set(request.request_id)  # every log line of this request carries its id
-    payer = await gateway.metering.admit(authorization, request, gateway.hold_tokens(body))
+    payer = await gateway.metering.admit(identity, request, gateway.hold_tokens(body))
     hold = gateway.metering.closer(request, payer)
     try:
         if not body.stream:

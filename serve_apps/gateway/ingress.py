@@ -9,11 +9,12 @@ from ray import serve
 from cluster.config.network import NetworkSection
 from cluster.config.observability import LoggingSection
 from cluster.config.payments import PaymentsSection
+from cluster.config.rate_limits import RateLimitsSection
 from cluster.observability.logs import configure_logging
 from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
 from serve_apps.gateway.backend import ServeHandleBackend
 from serve_apps.gateway.current import set_current
-from serve_apps.gateway.limits import ClientRateLimiter
+from serve_apps.gateway.limits import RequestLimiter
 from serve_apps.gateway.metering import Metering
 from serve_apps.gateway.providers import RegistryProviders
 
@@ -31,7 +32,7 @@ class OpenAIIngress:
         cards: list[ModelCard],
         request_timeout_s: float,
         max_body_bytes: int,
-        client_limit: tuple[float, int],
+        rate_limits: RateLimitsSection,
         payments: PaymentsSection,
         namespace: str,
         network: NetworkSection,
@@ -39,7 +40,7 @@ class OpenAIIngress:
     ) -> None:
         configure_logging(logging_section or LoggingSection())
         metering = Metering(_payments_client(payments, namespace), payments.operator_wallet)
-        limiter = ClientRateLimiter(*client_limit)
+        limiter = RequestLimiter(rate_limits)
         nodes = registry_nodes_source(network, namespace)
         providers = RegistryProviders(network, namespace)  # out-of-cluster providers register through it
         gateway = Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering, limiter, nodes, providers)

@@ -22,6 +22,7 @@ from payments.protocol import (
     ProviderShare,
     ReleaseHold,
     UsageReport,
+    WalletIdentity,
 )
 from serve_apps.gateway.errors import OpenAIError
 from serve_apps.protocol import Accepted, Finished, GenerateRequest, ProviderWork
@@ -65,12 +66,20 @@ class Metering:
     def enabled(self) -> bool:
         return self.payments is not None
 
-    async def admit(self, authorization: str | None, request: GenerateRequest, max_tokens: int) -> str | None:
-        """The paying wallet, after a hold for the request's largest cost (401/402 as OpenAI errors)."""
+    async def authenticate(self, authorization: str | None) -> WalletIdentity | None:
+        """Who is calling (401 as an OpenAI error); None when payments are off."""
         if self.payments is None:
             return None
         try:
-            identity = await self.payments.authenticate(bearer_key(authorization))
+            return await self.payments.authenticate(bearer_key(authorization))
+        except PaymentError as exc:
+            raise _as_openai(exc) from None
+
+    async def admit(self, identity: WalletIdentity | None, request: GenerateRequest, max_tokens: int) -> str | None:
+        """The paying wallet, after a hold for the request's largest cost (402 as an OpenAI error)."""
+        if self.payments is None or identity is None:
+            return None
+        try:
             hold = HoldRequest(request.request_id, identity.wallet, request.model, max_tokens, prompt_bound(request))
             await self.payments.place_hold(hold)
         except PaymentError as exc:

@@ -31,7 +31,6 @@ from cluster.network import providers as P
 from cluster.network.records import NodeRecord
 from cluster.network.wallet import ProofError, ProviderChallenge, TooManyChallenges, parse_wallet
 from serve_apps.gateway.errors import OpenAIError
-from serve_apps.gateway.limits import ClientRateLimiter, retry_after_header
 
 logger = logging.getLogger(__name__)
 MAX_PEM_CHARS = P.MAX_CERT_PEM_BYTES
@@ -69,7 +68,6 @@ class ProviderHost(Protocol):
 
     providers: ProviderRegistryAPI | None
     cards: dict[str, Any]
-    limiter: ClientRateLimiter
 
 
 class ChallengeRequest(BaseModel):
@@ -140,11 +138,6 @@ def build_provider_router(host_of: Callable[[Request], ProviderHost]) -> APIRout
         host = host_of(request)
         if host.providers is None:
             raise OpenAIError(503, "this gateway has no provider registry", code="registry_unavailable")
-        wait_s = host.limiter.acquire("provider:" + (request.client.host if request.client else "unknown"))
-        if wait_s > 0:
-            raise OpenAIError(
-                429, "rate limit reached; retry later", code="rate_limit_exceeded", headers=retry_after_header(wait_s)
-            )
         return host, host.providers
 
     @router.post("/v1/providers/challenge")

@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator
 
 import httpx
+from aiolimiter import AsyncLimiter
 from pydantic import SecretStr
 
 from cluster.config import Settings
@@ -26,7 +27,6 @@ from serve_apps.backends.proxy.upstream import (
     UpstreamError,
     UpstreamText,
 )
-from serve_apps.gateway.limits import ClientRateLimiter
 from serve_apps.protocol import (
     Accepted,
     Finished,
@@ -72,7 +72,9 @@ class ProxyServer:
         )
         timeout = httpx.Timeout(options.timeout_s, connect=options.connect_timeout_s)
         self.client = httpx.AsyncClient(base_url=options.base_url, timeout=timeout, transport=transport)
-        self.limiter = ClientRateLimiter(options.rate_limit_per_s, options.rate_limit_burst)
+        # A leaky bucket (aiolimiter): rate_limit_burst at once, drained at rate_limit_per_s.
+        rate, burst = options.rate_limit_per_s, options.rate_limit_burst
+        self.limiter = AsyncLimiter(burst, burst / rate) if rate > 0 else None
         self.gate = AdmissionGate(options.max_concurrency, 0)
         self.cache = ResponseCache(options.cache_entries, options.cache_ttl_s) if options.cache else None
         wallet = options.wallet or node_wallet(self.settings.network.label_prefix)
@@ -91,12 +93,14 @@ class ProxyServer:
             for event in self._replay(hit):
                 yield event
             return
-        wait_s = self.limiter.acquire("upstream")
-        if wait_s > 0:
-            yield Rejected(
-                429, "the upstream's rate limit is reached; retry later", None, "rate_limit_exceeded", wait_s
-            )
-            return
+        if self.limiter is not None:
+            if not self.limiter.has_capacity():
+                wait_s = 1.0 / self.options.rate_limit_per_s  # one request drains
+                yield Rejected(
+                    429, "the upstream's rate limit is reached; retry later", None, "rate_limit_exceeded", wait_s
+                )
+                return
+            await self.limiter.acquire()  # at once: there is capacity
         rejected = self.gate.reserve()
         if rejected is not None:
             yield rejected

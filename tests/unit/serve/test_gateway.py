@@ -245,30 +245,6 @@ def test_replica_lost_every_time_is_a_503_with_retry_after() -> None:
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
 
 
-def test_a_client_over_its_rate_gets_429_with_retry_after_others_do_not() -> None:
-    from serve_apps.gateway.limits import ClientRateLimiter
-
-    gateway = Gateway(FakeBackend(), [ModelCard("fake", "tests")], limiter=ClientRateLimiter(0.5, 3))
-    http = TestClient(create_gateway_app(gateway))
-    codes = [
-        http.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer a"}).status_code
-        for _ in range(5)
-    ]
-    assert codes == [200, 200, 200, 429, 429]
-    limited = http.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer a"})
-    assert limited.headers["retry-after"] == "2" and error_of(limited)["code"] == "rate_limit_exceeded"
-    assert http.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer b"}).status_code == 200
-
-
-def test_token_bucket_refills_at_its_rate() -> None:
-    from serve_apps.gateway.limits import ClientRateLimiter
-
-    limiter = ClientRateLimiter(rate_per_s=2.0, burst=1)
-    assert limiter.acquire("c", now=0.0) == 0.0
-    assert limiter.acquire("c", now=0.1) == pytest.approx(0.4)
-    assert limiter.acquire("c", now=0.6) == 0.0
-
-
 def test_network_nodes_lists_the_registry_or_says_it_is_missing() -> None:
     async def nodes() -> list[dict]:
         return [{"node_id": "n1", "wallet": "W", "reputation": 0.5}]

@@ -18,12 +18,14 @@ from hypothesis import strategies as st
 from solders.keypair import Keypair
 
 from cluster.config.network import NetworkSection, ProvidersSection
+from cluster.config.rate_limits import RateLimit, RateLimitsSection
 from cluster.network.providers import ProviderRegistration
 from cluster.network.records import NodeRecord
 from cluster.network.registry import NetworkRegistry
 from cluster.network.wallet import ProofError, ProviderChallenge
 from cluster.security.certs import CertKey, self_signed
 from serve_apps.gateway.app import Gateway, ModelCard, create_gateway_app
+from serve_apps.gateway.limits import RequestLimiter
 from serve_apps.gateway.providers import RegistryUnavailable
 from serve_apps.stagehost.registration import (
     GatewayClient,
@@ -303,8 +305,8 @@ def test_too_many_pending_challenges_is_429(http: TestClient, cert: CertKey) -> 
 
 
 def test_rate_limited_client_is_429(fake: InProcessProviders, cert: CertKey) -> None:
-    gateway = Gateway(NoBackend(), [], providers=fake)  # type: ignore[arg-type]
-    gateway.limiter.rate_per_s, gateway.limiter.burst = 0.001, 1
+    auth_once = RateLimitsSection.unlimited().model_copy(update={"auth": RateLimit(requests=1)})
+    gateway = Gateway(NoBackend(), [], limiter=RequestLimiter(auth_once), providers=fake)  # type: ignore[arg-type]
     http = TestClient(create_gateway_app(gateway))
     body = {"wallet": str(Keypair().pubkey()), "endpoint": ENDPOINT, "cert_pem": cert.cert_pem.decode()}
     assert http.post("/v1/providers/challenge", json=body).status_code == 200
