@@ -15,6 +15,7 @@ from cluster.config.payments import PaymentsSection
 from payments.group_commit import GroupCommitter
 from payments.protocol import (
     ApiKey,
+    ApiKeyInfo,
     Balance,
     BatchReport,
     Challenge,
@@ -156,6 +157,9 @@ class PaymentsActor:
 
     async def revoke_key(self, key_id: str, wallet: str) -> None:
         await self._run((await self._svc()).revoke_key, key_id, wallet)
+
+    async def list_keys(self, wallet: str) -> list[ApiKeyInfo]:
+        return await self._run((await self._svc()).list_keys, wallet)
 
     async def deposit(self, req: DepositRequest) -> Deposit:
         return await (await self._svc()).deposit(req)

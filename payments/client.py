@@ -20,6 +20,7 @@ from payments.actor import PaymentsActor
 from payments.errors import PaymentError
 from payments.protocol import (
     ApiKey,
+    ApiKeyInfo,
     Balance,
     BatchReport,
     Challenge,
@@ -137,6 +138,9 @@ class PaymentsClient:
     async def revoke_key(self, key_id: str, wallet: str) -> None:
         await self._call("revoke_key", key_id, wallet)
 
+    async def list_keys(self, wallet: str) -> list[ApiKeyInfo]:
+        return await self._call("list_keys", wallet)
+
     async def settle(self) -> BatchReport:
         return await self._call("settle")
 
@@ -197,6 +201,9 @@ class LocalPaymentsClient:
 
     async def revoke_key(self, key_id: str, wallet: str) -> None:
         self.service.revoke_key(key_id, wallet)
+
+    async def list_keys(self, wallet: str) -> list[ApiKeyInfo]:
+        return self.service.list_keys(wallet)
 
     async def settle(self) -> BatchReport:
         return await self.service.settle()

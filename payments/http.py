@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from payments.errors import InvalidRequest, PaymentError
 from payments.protocol import (
+    ApiKeyInfo,
     DepositRequest,
     PaymentsAPI,
     Receipt,
@@ -28,22 +29,22 @@ from payments.protocol import (
 
 
 class ChallengeBody(BaseModel):
-    wallet: str = Field(
-        description="Base58 wallet address that will sign in.", min_length=32, max_length=44
-    )
+    wallet: str = Field(description="Base58 wallet address that will sign in.", min_length=32, max_length=44)
 
 
 class VerifyBody(BaseModel):
     message: str = Field(description="The challenge message, exactly as issued.", max_length=2_000)
-    signature: str = Field(
-        description="Base58 ed25519 signature of the message bytes.", max_length=100
+    signature: str = Field(description="Base58 ed25519 signature of the message bytes.", max_length=100)
+    ttl_s: int | None = Field(
+        default=None,
+        ge=1,
+        le=400 * 86_400,
+        description="Lifetime of the key, seconds; at most payments.api_key_ttl_s (None: that).",
     )
 
 
 class DepositBody(BaseModel):
-    signature: str | None = Field(
-        default=None, description="Signature of a landed transfer to the treasury."
-    )
+    signature: str | None = Field(default=None, description="Signature of a landed transfer to the treasury.")
     transaction: str | None = Field(
         default=None,
         description="Base64 signed transfer to relay to the chain first (LiteSVM demo).",
@@ -52,9 +53,7 @@ class DepositBody(BaseModel):
 
 def openai_error(exc: PaymentError, param: str | None = None) -> JSONResponse:
     """The OpenAI error JSON for a payments error, with its HTTP status."""
-    body = {
-        "error": {"message": exc.message, "type": exc.error_type, "param": param, "code": exc.code}
-    }
+    body = {"error": {"message": exc.message, "type": exc.error_type, "param": param, "code": exc.code}}
     return JSONResponse(body, status_code=exc.status_code)
 
 
@@ -63,6 +62,18 @@ def bearer_key(authorization: str | None) -> str | None:
         return None
     scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def key_json(key: ApiKeyInfo) -> dict[str, Any]:
+    """One listed key: id and times (Unix seconds), never the secret."""
+    return {
+        "object": "api_key",
+        "id": key.key_id,
+        "wallet": key.wallet,
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+    }
 
 
 def receipt_json(receipt: Receipt) -> dict[str, Any]:
@@ -100,13 +111,24 @@ def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
     @router.post("/v1/auth/verify")
     async def verify(body: VerifyBody) -> Any:
         async def run() -> Any:
-            key = await handle_getter().verify(SignIn(body.message, body.signature))
+            key = await handle_getter().verify(SignIn(body.message, body.signature, body.ttl_s))
             return {
                 "object": "api_key",
                 "id": key.key_id,
                 "wallet": key.wallet,
                 "api_key": key.secret,
+                "created_at": key.created_at,
+                "expires_at": key.expires_at,
             }
+
+        return await guarded(run)
+
+    @router.get("/v1/auth/keys")
+    async def list_keys(authorization: str | None = Header(default=None)) -> Any:
+        async def run() -> Any:
+            who = await caller(authorization)
+            keys = await handle_getter().list_keys(who.wallet)
+            return {"object": "list", "data": [key_json(key) for key in keys]}
 
         return await guarded(run)
 
@@ -156,13 +178,11 @@ def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
     async def receipt(settlement_id: str, authorization: str | None = Header(default=None)) -> Any:
         async def run() -> Any:
             who = await caller(authorization)
-            return receipt_json(
-                await handle_getter().get_receipt(ReceiptQuery(settlement_id, who.wallet))
-            )
+            return receipt_json(await handle_getter().get_receipt(ReceiptQuery(settlement_id, who.wallet)))
 
         return await guarded(run)
 
     return router
 
 
-__all__ = ["bearer_key", "build_router", "openai_error", "receipt_json"]
+__all__ = ["bearer_key", "build_router", "key_json", "openai_error", "receipt_json"]

@@ -215,19 +215,33 @@ class Challenge:
 
 @dataclass(frozen=True, slots=True)
 class SignIn:
-    """A signed SIWS message (signature base58)."""
+    """A signed SIWS message (signature base58); `ttl_s` asks for a key shorter-lived than the default."""
 
     message: str
     signature: str
+    ttl_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
-    """A freshly issued API key; `secret` is shown once and stored only hashed."""
+    """A freshly issued API key; `secret` is shown once and stored only hashed. Times are Unix seconds."""
 
     key_id: str
     wallet: str
     secret: str
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """One of a wallet's API keys as listed to its owner (never the secret)."""
+
+    key_id: str
+    wallet: str
+    created_at: float
+    expires_at: float
+    revoked_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +280,7 @@ class PaymentsAPI(Protocol):
     async def challenge(self, wallet: str) -> Challenge: ...
     async def verify(self, sign_in: SignIn) -> ApiKey: ...
     async def revoke_key(self, key_id: str, wallet: str) -> None: ...
+    async def list_keys(self, wallet: str) -> list[ApiKeyInfo]: ...
     async def settle(self) -> BatchReport: ...
     async def reconcile(self) -> ReconcileReport: ...
     async def pending(self) -> dict[str, object]: ...

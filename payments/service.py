@@ -33,6 +33,7 @@ from payments.ledger.withholding import withhold_payout
 from payments.pricing import Price
 from payments.protocol import (
     ApiKey,
+    ApiKeyInfo,
     Balance,
     BatchReport,
     Challenge,
@@ -118,17 +119,13 @@ class PaymentsService:
             SplitPolicy(section.network_commission_bps, section.proxy_commission_bps),
         )
         auth = WalletAuth(
-            engine, section.siws_domain, section.nonce_ttl_s, section.message_max_age_s
+            engine, section.siws_domain, section.nonce_ttl_s, section.message_max_age_s, section.api_key_ttl_s
         )
-        treasury = load_or_create_keypair(
-            section.treasury_keypair_path or state_dir / "treasury.json"
-        )
+        treasury = load_or_create_keypair(section.treasury_keypair_path or state_dir / "treasury.json")
         if chain is None:
             chain = build_chain(section)
         if isinstance(chain, LiteSVMBackend):
-            asset = bootstrap_litesvm(
-                chain, treasury, section.asset, section.mint, section.mint_decimals, state_dir
-            )
+            asset = bootstrap_litesvm(chain, treasury, section.asset, section.mint, section.mint_decimals, state_dir)
         elif section.asset == "spl":
             if section.mint is None:
                 raise InvalidRequest("payments.mint is required for SPL settlement over RPC")
@@ -152,9 +149,7 @@ class PaymentsService:
             raise result
         return result
 
-    def report_usage_many(
-        self, reports: list[UsageReport]
-    ) -> list[SettlementRecord | PaymentError]:
+    def report_usage_many(self, reports: list[UsageReport]) -> list[SettlementRecord | PaymentError]:
         """Group commit: one durable transaction for many completed requests."""
         return self.ledger.record_usage(reports)
 
@@ -193,19 +188,20 @@ class PaymentsService:
         return Receipt(record, settled, signatures)
 
     def balance(self, wallet: str) -> Balance:
-        return self.ledger.balance(
-            wallet, "SOL" if self.asset.mint is None else str(self.asset.mint)
-        )
+        return self.ledger.balance(wallet, "SOL" if self.asset.mint is None else str(self.asset.mint))
 
     # Sign-in -----------------------------------------------------------------------------------
     def challenge(self, wallet: str) -> Challenge:
         return self.auth.challenge(wallet)
 
     def verify(self, sign_in: SignIn) -> ApiKey:
-        return self.auth.verify(sign_in.message, sign_in.signature)
+        return self.auth.verify(sign_in.message, sign_in.signature, ttl_s=sign_in.ttl_s)
 
     def revoke_key(self, key_id: str, wallet: str) -> None:
         self.auth.revoke(key_id, wallet)
+
+    def list_keys(self, wallet: str) -> list[ApiKeyInfo]:
+        return self.auth.list_keys(wallet)
 
     # Chain ---------------------------------------------------------------------------------------
     async def deposit(self, req: DepositRequest) -> Deposit:

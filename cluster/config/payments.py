@@ -4,10 +4,11 @@ Amounts are in base units of the settlement asset: lamports for SOL, the mint's 
 SPL token. Prices are per 1,000 tokens so small models can still have integer prices.
 """
 
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from cluster.config.base import Section
 
@@ -138,7 +139,17 @@ class PaymentsSection(Section):
     )
 
     # Sign-in
-    siws_domain: str = Field(default="localhost", min_length=1, description="Domain a SIWS message must name.")
+    siws_domain: str = Field(
+        default="localhost",
+        min_length=1,
+        max_length=253,
+        description="Domain a SIWS message must name: the host clients sign in on. A paid deployment refuses"
+        " a loopback name (localhost, 127.0.0.1, ::1) unless siws_allow_local_domain is set.",
+    )
+    siws_allow_local_domain: bool = Field(
+        default=False,
+        description="Accept a loopback siws_domain with payments enabled outside open mode (local tests only).",
+    )
     nonce_ttl_s: int = Field(default=300, ge=10, le=86_400, description="Lifetime of a sign-in nonce.")
     message_max_age_s: int = Field(
         default=600,
@@ -146,6 +157,22 @@ class PaymentsSection(Section):
         le=86_400,
         description="Longest accepted Expiration Time minus Issued At.",
     )
+    api_key_ttl_s: int = Field(
+        default=30 * 86_400,
+        ge=60,
+        le=400 * 86_400,
+        description="Lifetime of an API key from its sign-in; a client may ask for less (verify's ttl_s).",
+    )
+
+    @model_validator(mode="after")
+    def _real_sign_in_domain(self) -> "PaymentsSection":
+        # A wallet shows the domain it signs for; "localhost" matches any page served on the user's machine.
+        if self.enabled and not self.open_mode and not self.siws_allow_local_domain and is_loopback(self.siws_domain):
+            raise ValueError(
+                f"payments.siws_domain is {self.siws_domain!r}, a loopback name: set it to the domain clients sign in"
+                " on (or payments.siws_allow_local_domain: true for a local test deployment)"
+            )
+        return self
 
     # Holds
     hold_max_age_s: float = Field(
@@ -173,3 +200,18 @@ class PaymentsSection(Section):
         if self.database_url is not None:
             return self.database_url.get_secret_value()
         return f"sqlite:///{self.state_dir / 'ledger.sqlite3'}"
+
+
+def is_loopback(domain: str) -> bool:
+    """localhost, *.localhost or a loopback address (with or without a port)."""
+    host = domain.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False

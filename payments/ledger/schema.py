@@ -131,8 +131,11 @@ nonces = Table(
     "siws_nonces",
     metadata,
     Column("nonce", String(64), primary_key=True),
-    Column("expires_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False, index=True),  # rows past it are purged at each challenge
     Column("used", Integer, nullable=False, default=0),
+    # The challenge is bound to its wallet and to the exact text issued (SHA-256 hex): verify needs both equal.
+    Column("wallet", String(64), nullable=False),
+    Column("message_hash", String(64), nullable=False),
 )
 
 api_keys = Table(
@@ -142,6 +145,7 @@ api_keys = Table(
     Column("wallet", String(64), nullable=False, index=True),
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
     Column("revoked_at", Float, nullable=True),
 )
 

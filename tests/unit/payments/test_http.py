@@ -113,3 +113,28 @@ def test_open_mode_needs_no_key_and_charges_nothing(make_service) -> None:  # ty
     record = serve_request(service, "r1", who.wallet, [(str(Keypair().pubkey()), 1)])
     assert record.cost == 0
     assert http.get(f"/v1/receipts/{record.settlement_id}").status_code == 200
+
+
+def test_keys_expire_visibly_and_a_wallet_lists_only_its_own(http: TestClient, service) -> None:  # type: ignore[no-untyped-def]
+    owner, other = Keypair(), Keypair()
+    challenge = http.post("/v1/auth/challenge", json={"wallet": str(owner.pubkey())}).json()
+    signature = str(owner.sign_message(challenge["message"].encode()))
+    verified = http.post(
+        "/v1/auth/verify", json={"message": challenge["message"], "signature": signature, "ttl_s": 60}
+    ).json()
+    assert verified["expires_at"] == pytest.approx(verified["created_at"] + 60)
+    second, theirs = sign_in(http, owner), sign_in(http, other)
+    listed = http.get("/v1/auth/keys", headers=auth(second))
+    assert listed.status_code == 200, listed.text
+    assert {k["id"] for k in listed.json()["data"]} == {verified["id"], service.authenticate(second).key_id}
+    assert second not in listed.text and verified["api_key"] not in listed.text and theirs not in listed.text
+    assert all(
+        set(k) == {"object", "id", "wallet", "created_at", "expires_at", "revoked_at"} for k in listed.json()["data"]
+    )
+    assert http.get("/v1/auth/keys").status_code == 401
+    with service.auth.engine.begin() as conn:  # the 60 s key's time has come
+        conn.exec_driver_sql("UPDATE api_keys SET expires_at = 0 WHERE id = ?", (verified["id"],))
+    expired = http.get("/v1/balance", headers=auth(verified["api_key"]))
+    assert expired.status_code == 401 and expired.json()["error"]["code"] == "expired_api_key"
+    bad = http.post("/v1/auth/verify", json={"message": "x", "signature": "y", "ttl_s": 0})
+    assert bad.status_code == 422
