@@ -128,10 +128,11 @@ def paid(
                 "catalogue": str(repo_root / "configs" / "models.yaml"),
             },
             "pipeline": {"num_stages": 1, "max_num_seqs": 8, "max_queue": 32},
-            "http": {"port": _free_port()},
+            "http": {"port": _free_port(), "rate_limits": RATE_LIMITS},
             "payments": {
                 "enabled": True,
                 "open_mode": False,
+                "siws_allow_local_domain": True,  # a local test deployment: the default localhost domain
                 "state_dir": str(tmp_path_factory.mktemp("paid-payments")),
                 "actor_name": f"solanalm-payments-attacks-{uuid.uuid4().hex[:6]}",
                 "default_price": {"prompt_per_1k": PROMPT_PER_1K, "completion_per_1k": COMPLETION_PER_1K},
@@ -142,3 +143,14 @@ def paid(
     deploy(app, settings)
     yield PaidApp(f"http://127.0.0.1:{settings.http.port}/v1", settings)
     serve.shutdown()
+
+
+# The deployment's rate limits (http.rate_limits), as requests per window: roomy for the other attack
+# tests' traffic from 127.0.0.1, small enough for test_auth_and_limits.py to fill a bucket of its own.
+RATE_LIMITS: dict[str, dict[str, int]] = {
+    "per_address": {"requests": 500, "window_s": 10},
+    "per_wallet": {"requests": 50, "window_s": 30},
+    "auth": {"requests": 200, "window_s": 30},
+    "deposits": {"requests": 200, "window_s": 30},
+    "health": {"requests": 50, "window_s": 30},
+}
