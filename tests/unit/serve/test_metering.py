@@ -182,7 +182,8 @@ async def admitted(gateway: Gateway, prompt: str = "x", stream: bool = True) -> 
 
     body = CompletionRequest(model="m", prompt=prompt, max_tokens=10, stream=stream)
     request = gateway.to_generate_request(body)
-    payer = await gateway.metering.admit("Bearer rich", request, gateway.hold_tokens(body))
+    identity = await gateway.metering.authenticate("Bearer rich")
+    payer = await gateway.metering.admit(identity, request, gateway.hold_tokens(body))
     return request, gateway.metering.closer(request, payer)
 
 
