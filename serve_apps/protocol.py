@@ -26,6 +26,7 @@ class GenerateRequest:
     messages: tuple[ChatTurn, ...] | None = None
     max_tokens_given: bool = True  # False: fill the context (max_tokens was omitted)
     max_tokens_cap: int | None = None  # max_tokens omitted: at most this many (what the gateway held); None: no cap
+    payer: str | None = None  # the paying wallet, set by the gateway once admitted (None: open mode)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

@@ -5,6 +5,7 @@ tests drive it in-process; `OpenAIIngress` is the Serve ingress deployment that 
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -372,6 +373,7 @@ async def _answer(  # type: ignore[no-untyped-def]
     request = gateway.to_generate_request(body)
     REQUEST_ID.set(request.request_id)  # every log line of this request carries its id
     payer = await gateway.metering.admit(identity, request, gateway.hold_tokens(body))
+    request = dataclasses.replace(request, payer=payer)  # per-payer replica state (the proxy's cache) keys on it
     hold = gateway.metering.closer(request, payer)
     try:
         if not body.stream:

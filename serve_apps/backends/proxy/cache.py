@@ -1,7 +1,9 @@
 """Answers of identical deterministic requests (temperature 0, or a fixed seed), kept for a while.
 
 An entry is keyed by everything that decides the answer: the upstream model, the prompt or messages
-and the sampling parameters. Bounded (LRU) and expiring; per replica, in memory.
+and the sampling parameters, and by the payer: a hit is answered at once, so a cache shared across payers
+would tell anyone, by timing, whether someone else sent a given prompt (open mode has no payer: one scope).
+Bounded (LRU) and expiring; per replica, in memory.
 """
 
 import hashlib
@@ -29,6 +31,7 @@ def cacheable(request: GenerateRequest) -> bool:
 def cache_key(request: GenerateRequest, upstream_model: str) -> str:
     turns = [[turn.role, turn.content] for turn in request.messages] if request.messages is not None else None
     material = {
+        "payer": request.payer,
         "model": upstream_model,
         "prompt": request.prompt,
         "messages": turns,

@@ -3,7 +3,8 @@
 Everything a client of the gateway sees stays SolanaLM's: the gateway's OpenAI API, metering and
 settlement. The upstream is reached with the operator's key (an environment variable, as a SecretStr,
 never logged), under a per-replica rate limit and concurrency bound; identical deterministic requests
-may be answered from a cache. The operator's wallet is the request's provider and earns the proxy
+may be answered from a cache, each payer's own. What the upstream says when it fails is logged here and
+replaced by our own message (upstream.py). The operator's wallet is the request's provider and earns the proxy
 commission (`Finished.proxy`).
 """
 
@@ -133,6 +134,7 @@ class ProxyServer:
                 error = self.api.error(
                     response.status_code, await response.aread(), response.headers.get("retry-after")
                 )
+                logger.warning("upstream of %s refused %s: %s", request.model, request.request_id, error.detail)
                 yield Rejected(error.status, error.message, error.param, error.code, error.retry_after_s)
                 return
             # The upstream reports the prompt's tokens at the end: Finished carries them.
@@ -158,9 +160,11 @@ class ProxyServer:
                     yield self._finished(answer)
                     return
         except UpstreamError as exc:
+            logger.warning("upstream of %s failed during %s: %s", request.model, request.request_id, exc.detail)
             yield Finished("error", 0, len(parts), error=exc.message)
         except httpx.HTTPError as exc:
-            yield Finished("error", 0, len(parts), error=f"upstream stream failed: {type(exc).__name__}")
+            logger.warning("upstream stream of %s broke: %s", request.request_id, type(exc).__name__)
+            yield Finished("error", 0, len(parts), error=UpstreamError(502).message)
 
     def _answer(self, request: GenerateRequest, parts: list[str], done: UpstreamDone) -> CachedAnswer:
         # Upstreams that report no usage (some OpenAI-compatible servers) are billed on an estimate.

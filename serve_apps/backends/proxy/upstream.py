@@ -4,10 +4,14 @@ Two flavours: OpenAI-compatible (`/chat/completions`, `/completions`: OpenAI, Ol
 another SolanaLM gateway) and Anthropic's Messages API (`/messages`). Each builds the upstream request
 from a `GenerateRequest` and turns the upstream's SSE stream into `UpstreamText`/`UpstreamDone` items;
 an upstream error (HTTP status or an error event) becomes an `UpstreamError` with the status to answer.
+The client gets our own message for that status, never the upstream's text: an upstream's error can name
+its account, a part of the proxy's key, its hosts or a traceback. Only the upstream's `code` and `param`
+pass, when they are short identifiers; the text is the error's `detail`, which the replica logs.
 Pure functions over bytes and dicts: unit-tested with httpx.MockTransport.
 """
 
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,25 +56,45 @@ class UpstreamDone:
 UpstreamItem = UpstreamText | UpstreamDone
 
 
+# What the client is told for each status it gets (the upstream's own text stays in the replica's log).
+_MESSAGES = {
+    400: "the upstream provider refused the request",
+    404: "the upstream provider does not serve this model",
+    413: "the request is too large for the upstream provider",
+    429: "the upstream provider's rate limit is reached; retry later",
+    502: "the upstream provider failed",
+    503: "the upstream provider is overloaded; retry later",
+}
+_DEFAULT_CODES = {400: "upstream_rejected", 404: "model_not_found", 413: "upstream_rejected"}
+_DEFAULT_CODES |= {429: "rate_limit_exceeded", 502: "upstream_error", 503: "upstream_unavailable"}
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_.\[\]]{0,63}")  # an OpenAI-style code or param: no free text
+DETAIL_CHARS = 500  # of the upstream's text kept for the log
+
+
 class UpstreamError(Exception):
-    """The upstream refused or failed: answer the client with this status (OpenAI error format)."""
+    """The upstream refused or failed: answer the client with this status (OpenAI error format), our own
+    message for it, and log `detail` (what the upstream said)."""
 
     def __init__(
         self,
         status: int,
-        message: str,
+        detail: str = "",
         param: str | None = None,
         code: str | None = None,
         retry_after_s: float | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.retry_after_s = (
-            status,
-            message,
-            param,
-            code,
-            retry_after_s,
-        )
+        self.status = status if status in _MESSAGES else 502
+        self.message = _MESSAGES[self.status]
+        super().__init__(self.message)
+        self.detail = detail[:DETAIL_CHARS]
+        self.param = _identifier(param) if self.status == 400 else None
+        self.code = _identifier(code) if self.status in (400, 404, 413) else None
+        self.code = self.code or _DEFAULT_CODES[self.status]
+        self.retry_after_s = retry_after_s
+
+
+def _identifier(value: object) -> str | None:
+    return value if isinstance(value, str) and _IDENTIFIER.fullmatch(value) else None
 
 
 class UpstreamAPI(Protocol):
@@ -150,7 +174,7 @@ class OpenAIUpstream:
             chunk = _json(data.encode())
             if "error" in chunk:
                 error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-                raise UpstreamError(502, f"upstream error: {error.get('message', 'unknown')}", code="upstream_error")
+                raise UpstreamError(502, f"error event: {error.get('message', 'unknown')}")
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
@@ -159,7 +183,7 @@ class OpenAIUpstream:
                     yield UpstreamText(text)
                 finish = choice.get("finish_reason") or finish
         if finish is None:
-            raise UpstreamError(502, "the upstream stream ended without a finish reason", code="upstream_error")
+            raise UpstreamError(502, "the upstream stream ended without a finish reason")
         yield UpstreamDone(
             "length" if finish == "length" else "stop", usage.get("prompt_tokens"), usage.get("completion_tokens")
         )
@@ -167,10 +191,10 @@ class OpenAIUpstream:
     def error(self, status: int, body: bytes, retry_after: str | None) -> UpstreamError:
         error = _json(body).get("error")
         if not isinstance(error, dict):
-            error = {"message": body.decode(errors="replace")[:500] or f"upstream answered {status}"}
+            error = {}
         return UpstreamError(
             _client_status(status),
-            str(error.get("message") or f"upstream answered {status}"),
+            f"HTTP {status}: {body.decode(errors='replace')}",
             error.get("param"),
             error.get("code") or error.get("type"),
             _retry_after(retry_after),
@@ -234,28 +258,31 @@ class AnthropicUpstream:
             elif kind == "message_stop":
                 break
         if finish is None:
-            raise UpstreamError(502, "the upstream stream ended without a stop reason", code="upstream_error")
+            raise UpstreamError(502, "the upstream stream ended without a stop reason")
         yield UpstreamDone(finish, prompt_tokens, completion_tokens)
 
     def error(self, status: int, body: bytes, retry_after: str | None) -> UpstreamError:
-        error = self._error_of(_json(body), _client_status(status))
+        error = self._error_of(_json(body), _client_status(status), f"HTTP {status}: {body.decode(errors='replace')}")
         error.retry_after_s = _retry_after(retry_after)
         return error
 
     @staticmethod
-    def _error_of(payload: dict[str, Any], status: int | None) -> UpstreamError:
+    def _error_of(payload: dict[str, Any], status: int | None, detail: str | None = None) -> UpstreamError:
         """An Anthropic error body; a mid-stream error event (no HTTP status) gets its type's status."""
         raw = payload.get("error")
         error: dict[str, Any] = raw if isinstance(raw, dict) else {}
         kind = str(error.get("type") or "api_error")
         if status is None:
             status = _client_status(_ANTHROPIC_STATUS.get(kind, 502))
-        return UpstreamError(status, str(error.get("message") or f"upstream {kind}"), code=kind)
+        return UpstreamError(status, detail or f"{kind}: {error.get('message')}", code=kind)
 
 
 def _client_status(status: int) -> int:
-    """The status the proxy's client gets: the upstream's 4xx/5xx, except that the proxy's own
-    credentials failing upstream (401/403) is the proxy's fault, a 502, not the client's."""
-    if status in (401, 403):
-        return 502
-    return status if 400 <= status < 600 else 502
+    """The status the proxy's client gets, by class: the client's own faults (400/422, 404, 413) and the
+    upstream's rate limit (429) keep theirs, an overloaded upstream (503, Anthropic's 529) is a 503, and
+    everything else, the proxy's own credentials refused upstream (401/403) included, is a 502."""
+    if status == 422:
+        return 400
+    if status in (503, 529):
+        return 503
+    return status if status in (400, 404, 413, 429) else 502

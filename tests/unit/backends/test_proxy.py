@@ -124,18 +124,19 @@ def test_openai_completion_without_usage_is_estimated(write_catalogue) -> None: 
             {"retry-after": "7"},
             (429, "rate_limit_exceeded"),
         ),
-        (401, {"error": {"message": "bad key"}}, {}, (502, None)),
-        (500, "<html>oops</html>", {}, (500, None)),
+        (401, {"error": {"message": "bad key"}}, {}, (502, "upstream_error")),
+        (500, "<html>oops</html>", {}, (502, "upstream_error")),
     ],
 )
-def test_openai_upstream_errors_pass_through(write_catalogue, status, body, headers, expected) -> None:  # type: ignore[no-untyped-def]
+def test_openai_upstream_errors_keep_their_class(write_catalogue, status, body, headers, expected) -> None:  # type: ignore[no-untyped-def]
     content = body.encode() if isinstance(body, str) else json.dumps(body).encode()
     replica = proxy(write_catalogue, lambda _: httpx.Response(status, content=content, headers=headers))
     (event,) = run(replica, chat())
     assert isinstance(event, Rejected) and (event.status, event.code) == expected
     assert event.retry_after_s == (7.0 if headers else None)
+    assert event.message.startswith("the upstream provider") and "oops" not in event.message
     if status == 400:
-        assert (event.message, event.param) == ("bad stop", "stop")
+        assert (event.message, event.param) == ("the upstream provider refused the request", "stop")
 
 
 def test_upstream_down_is_503_and_timeout_504(write_catalogue) -> None:  # type: ignore[no-untyped-def]
@@ -157,7 +158,7 @@ def test_mid_stream_error_ends_with_an_error_finish(write_catalogue) -> None:  #
     events = run(proxy(write_catalogue, lambda _: httpx.Response(200, content=content)), chat())
     assert text_of(events) == "Pa"
     assert isinstance(events[-1], Finished) and events[-1].finish_reason == "error"
-    assert "replica lost" in (events[-1].error or "")
+    assert events[-1].error == "the upstream provider failed"  # "replica lost" is logged, not passed on
 
 
 def test_rate_limit_answers_429_with_retry_after(write_catalogue) -> None:  # type: ignore[no-untyped-def]
@@ -262,17 +263,18 @@ def test_anthropic_completion_prompt_becomes_a_user_turn(write_catalogue) -> Non
 @pytest.mark.parametrize(
     ("status", "kind", "expected"),
     [
-        (400, "invalid_request_error", 400),
-        (429, "rate_limit_error", 429),
-        (529, "overloaded_error", 529),
-        (401, "authentication_error", 502),
+        (400, "invalid_request_error", (400, "invalid_request_error")),
+        (429, "rate_limit_error", (429, "rate_limit_exceeded")),
+        (529, "overloaded_error", (503, "upstream_unavailable")),
+        (401, "authentication_error", (502, "upstream_error")),
     ],
 )
-def test_anthropic_errors_map_to_statuses(write_catalogue, status: int, kind: str, expected: int) -> None:  # type: ignore[no-untyped-def]
+def test_anthropic_errors_map_to_statuses(write_catalogue, status: int, kind: str, expected: tuple) -> None:  # type: ignore[no-untyped-def]
     body = json.dumps({"type": "error", "error": {"type": kind, "message": f"{kind}!"}}).encode()
     replica = proxy(write_catalogue, lambda _: httpx.Response(status, content=body), api="anthropic")
     (event,) = run(replica, chat())
-    assert isinstance(event, Rejected) and (event.status, event.code, event.message) == (expected, kind, f"{kind}!")
+    assert isinstance(event, Rejected) and (event.status, event.code) == expected
+    assert event.message.startswith("the upstream provider") and "!" not in event.message
 
 
 def test_anthropic_error_event_mid_stream(write_catalogue) -> None:  # type: ignore[no-untyped-def]
@@ -284,4 +286,4 @@ def test_anthropic_error_event_mid_stream(write_catalogue) -> None:  # type: ign
     )
     events = run(proxy(write_catalogue, lambda _: httpx.Response(200, content=content), api="anthropic"), chat())
     assert text_of(events) == "Pa" and isinstance(events[-1], Finished)
-    assert (events[-1].finish_reason, events[-1].error) == ("error", "Overloaded")
+    assert (events[-1].finish_reason, events[-1].error) == ("error", "the upstream provider is overloaded; retry later")
