@@ -3,7 +3,8 @@
 For single-node CPU providers: no conversion, no stage actors. llama.cpp runs one sequence at a time,
 so requests queue in an `AdmissionGate` (bounded: 503 when full). Each token is produced by one call
 of llama-cpp-python's `Llama.generate` iterator in a worker thread, so the event loop stays free and a
-client that goes away stops generation at the next token. The `Llama` object is injected
+client that goes away stops generation at the next token. Control tokens a client writes in a message
+are tokenized as text (`_chat_ids`), a completion prompt wholly so. The `Llama` object is injected
 (`llama_factory`), which is the unit tests' seam.
 """
 
@@ -114,11 +115,36 @@ class ChatTemplate:
         self.template = env.from_string(source)
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, turns: Sequence[ChatTurn]) -> str:
-        messages = [{"role": turn.role, "content": turn.content} for turn in turns]
+    def render(self, turns: Sequence[ChatTurn], marked: bool = False) -> str:
+        """The chat as text; `marked`: each content between TEXT_START and TEXT_END (see `split_marked`)."""
+        messages = [{"role": turn.role, "content": _marked(turn.content) if marked else turn.content} for turn in turns]
         return self.template.render(
             messages=messages, add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token
         )
+
+
+# Private-use characters around each message's content, so the template's own text can be told apart from
+# the client's after rendering; removed from client text first, so a client cannot forge them.
+TEXT_START, TEXT_END = "\U000f0000", "\U000f0001"
+
+
+def _marked(content: str) -> str:
+    return TEXT_START + content.replace(TEXT_START, "").replace(TEXT_END, "") + TEXT_END
+
+
+def split_marked(text: str) -> list[tuple[str, bool]]:
+    """(piece, is the client's) in order; TemplateError when the template split or dropped a marker."""
+    pieces: list[tuple[str, bool]] = []
+    rest = text
+    while TEXT_START in rest:
+        before, _, after = rest.partition(TEXT_START)
+        inside, found, rest = after.partition(TEXT_END)
+        if not found or TEXT_START in inside or TEXT_END in before:
+            raise TemplateError("the chat template reshapes message contents; control tokens in them are refused")
+        pieces += [(before, False), (inside, True)]
+    if TEXT_END in rest:
+        raise TemplateError("the chat template reshapes message contents; control tokens in them are refused")
+    return [*pieces, (rest, False)]
 
 
 def _raise_template_error(message: str) -> None:
@@ -169,8 +195,7 @@ class LlamaCppServer:
         """Prompt token ids and the completion budget, or a 400 explaining why the request cannot run."""
         try:
             if request.messages is not None:
-                text = self.template.render(request.messages)
-                ids = self.llama.tokenize(text.encode(), add_bos=False, special=True)
+                ids = self._chat_ids(request.messages)
             else:
                 add_bos = self.llama.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
                 ids = self.llama.tokenize((request.prompt or "").encode(), add_bos=add_bos, special=False)
@@ -190,6 +215,23 @@ class LlamaCppServer:
                 "context_length_exceeded",
             )
         return list(ids), max_tokens
+
+    def _chat_ids(self, turns: Sequence[ChatTurn]) -> list[int]:
+        """The rendered chat's ids; control tokens written inside a message's content are plain text (only
+        the template's own markers are parsed as special tokens), so a client cannot open a turn of its own."""
+        if not any(self._holds_control_tokens(turn.content) for turn in turns):
+            return list(self.llama.tokenize(self.template.render(turns).encode(), add_bos=False, special=True))
+        ids: list[int] = []
+        for piece, clients in split_marked(self.template.render(turns, marked=True)):
+            if piece:
+                ids += self.llama.tokenize(piece.encode(), add_bos=False, special=not clients)
+        return ids
+
+    def _holds_control_tokens(self, text: str) -> bool:
+        data = text.encode()
+        return self.llama.tokenize(data, add_bos=False, special=True) != self.llama.tokenize(
+            data, add_bos=False, special=False
+        )
 
     async def _decode(
         self, request: GenerateRequest, prompt_ids: list[int], max_tokens: int

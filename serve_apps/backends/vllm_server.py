@@ -24,6 +24,7 @@ from serve_apps.protocol import (
     Rejected,
     TextDelta,
 )
+from serve_apps.server.tokenization import encode_chat, encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +123,11 @@ class VllmServer:
     async def _prompt_ids(self, request: GenerateRequest) -> tuple[list[int], int] | Rejected:
         tokenizer = await self.engine.get_tokenizer()
         try:
+            # Control tokens the client writes are plain text; only the template's markers are special.
             if request.messages is not None:
-                turns = [{"role": turn.role, "content": turn.content} for turn in request.messages]
-                ids = list(tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=True))
+                ids = encode_chat(tokenizer, request.messages)
             else:
-                ids = list(tokenizer.encode(request.prompt or ""))
+                ids = encode_text(tokenizer, request.prompt or "")
         except (ValueError, TypeError, KeyError) as exc:
             return Rejected(400, f"could not apply the chat template: {exc}", "messages", "invalid_messages")
         room = self.max_model_len - len(ids)

@@ -1,12 +1,22 @@
-"""Prompt preparation for one model: chat templates, token counting, context checks, EOS ids."""
+"""Prompt preparation for one model: chat templates, token counting, context checks, EOS ids.
 
+Everything a client sends is text: a control token of the model (`<|im_start|>`, `<|im_end|>`, ...) written
+inside a message or a completion prompt is encoded as the plain-text tokens of its characters, so a user
+cannot open a system turn of their own; only the markers the chat template writes are special tokens.
+Chats use transformers' `apply_chat_template(..., sanitize_control_tokens=True)`; a tokenizer without it
+refuses (400) a message that holds a control token rather than encoding it as one.
+"""
+
+import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from serve_apps.protocol import GenerateRequest, Rejected
+from serve_apps.protocol import ChatTurn, GenerateRequest, Rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +55,33 @@ class PromptProcessor:
 
     def _encode(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
-            turns = [{"role": turn.role, "content": turn.content} for turn in request.messages]
-            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        return list(self.tokenizer.encode(request.prompt or "", add_special_tokens=True))
+            return encode_chat(self.tokenizer, request.messages)
+        return encode_text(self.tokenizer, request.prompt or "")
+
+
+def encode_chat(tokenizer: Any, turns: Sequence[ChatTurn]) -> list[int]:
+    """The chat template over `turns` with a generation prompt, as token ids; control tokens inside any
+    turn's content (every role's: the client wrote them all) are plain text. ValueError: not encodable."""
+    messages = [{"role": turn.role, "content": turn.content} for turn in turns]
+    if "sanitize_control_tokens" in inspect.signature(tokenizer.apply_chat_template).parameters:
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+    if any(_holds_control_tokens(tokenizer, turn.content) for turn in turns):
+        raise ValueError("a message contains a control token of this model, which this tokenizer cannot encode as text")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """A completion prompt as token ids (BOS as the model adds it): special-token strings in it are text."""
+    return list(tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"])
+
+
+def _holds_control_tokens(tokenizer: Any, text: str) -> bool:
+    parsed = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return bool(parsed != tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def _too_long(prompt_tokens: int, max_tokens: int, limit: int) -> Rejected:
