@@ -28,6 +28,7 @@ from cluster.models import load_catalogue, materialize
 from cluster.models.local import catalogue_with_checkpoint
 from cluster.observability.logs import configure_logging
 from cluster.ray_cluster import ClusterError, connect_existing, ensure_cluster, port_in_use, stop_local_head
+from cluster.security.operator_token import find_operator_token, operator_token_path
 from cluster.security.ray_auth import AUTH_MODE_ENV, TOKEN_PATH_ENV, driver_env, shell_exports
 from cluster.security.ray_tls import certificate_hosts, default_hosts, init_tls, tls_dir, tls_env
 from cluster.serve_wait import DeployFailed, StartupTimeout
@@ -96,6 +97,9 @@ def up(
     console.print(f"[green]ready[/] in {took:.1f} s")
     console.print(f"[bold]OpenAI base URL[/] {base_url}")
     console.print(f"[bold]Ray dashboard[/]   {handle.dashboard_url or 'n/a'}")
+    if settings.http.operator_token is None:
+        where = operator_token_path(_state_dir(settings))
+        console.print(f"[bold]Operator token[/]  in {where} (/healthz?detail=1): `solanalm operator-token`")
     if demo:
         console.print(f"\n[bold]demo[/] > {DEMO_QUESTION}")
         _stream_chat(base_url, settings.model.served[0], DEMO_QUESTION, max_tokens=64)
@@ -165,6 +169,17 @@ def ray_env(
     except RuntimeError as exc:
         _fail(str(exc))
     typer.echo(shell_exports(env))
+
+
+@app.command("operator-token")
+def operator_token() -> None:
+    """Print the gateway's operator token (for `Authorization: Bearer` on /healthz?detail=1 and
+    /v1/network/nodes?detail=1): http.operator_token, else the one `solanalm up` wrote to the state dir."""
+    settings = Settings()
+    token = find_operator_token(settings.http, _state_dir(settings))
+    if token is None:
+        _fail(f"no operator token in {operator_token_path(_state_dir(settings))}; `solanalm up` creates it")
+    typer.echo(token.get_secret_value())
 
 
 @tls_app.command("init")

@@ -84,6 +84,8 @@ def deploy(app: ServeApp, settings: Settings, report: Report = _quiet) -> float:
     deadline = start_serve(app.proxy_location, http_options(settings), timeout_s, report)
     builder = _resolve(app.import_path)
     args = settings.model_dump(mode="json", include={"model", "pipeline", "http", "network", "logging"})
+    if settings.http.operator_token is not None:  # masked by the JSON dump; the builder needs the value
+        args["http"]["operator_token"] = settings.http.operator_token.get_secret_value()
     # Secrets are masked in a JSON dump; payments settings travel as values, unmasked.
     args["payments"] = settings.payments.model_dump(mode="python")
     args["payments"] = {

@@ -17,6 +17,7 @@ from cluster.config.network import RoutingWeights
 from cluster.config.serving import PipelineSection
 from cluster.models import load_catalogue
 from cluster.network.serving_plan import operator_stage_indices
+from cluster.security.operator_token import resolve_operator_token
 from serve_apps.backends.deployments import backend_deployment
 from serve_apps.gateway.app import ModelCard
 from serve_apps.gateway.ingress import OpenAIIngress
@@ -62,6 +63,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         settings.ray.namespace,
         settings.network,
         settings.logging,
+        resolve_operator_token(settings.http, settings.model.cache_dir / "state"),  # the state dir `solanalm up` uses
     )
 
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from cluster.config.base import Section
 from cluster.config.rate_limits import RateLimitsSection
@@ -79,6 +79,14 @@ class HttpSection(Section):
         default=None, description="PEM certificate (chain) of the Serve proxy: HTTPS when set with ssl_keyfile."
     )
     ssl_keyfile: Path | None = Field(default=None, description="PEM private key of the Serve proxy's certificate.")
+    operator_token: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Bearer token of the operator's views (/healthz?detail=1, /v1/network/nodes?detail=1: pids, node "
+            "ids, endpoints, errors); None: <state dir>/operator-token, created 0600 when the app is built "
+            "(`solanalm operator-token` prints it)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _both_tls_files(self) -> "HttpSection":

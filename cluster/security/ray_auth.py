@@ -48,30 +48,31 @@ def token_path(section: RaySection, state_dir: Path) -> Path:
     return (section.auth_token_path or state_dir / TOKEN_FILENAME).expanduser()
 
 
-def ensure_token(path: Path) -> Path:
+def ensure_token(path: Path, what: str = "Ray auth token") -> Path:
     """Create `path` with a fresh random token (mode 0600) unless it exists; return it.
 
     An existing file is kept (every node and tool already holds it), but one readable by group or others
-    is tightened to 0600, and an empty one is an error."""
+    is tightened to 0600, and an empty one is an error. `what` names the token in logs and errors (the
+    gateway's operator token is made the same way)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        _check_existing(path)
+        _check_existing(path, what)
         return path
     with os.fdopen(fd, "w") as handle:
         handle.write(secrets.token_hex(TOKEN_BYTES))
-    logger.info("generated a Ray auth token in %s", path)
+    logger.info("generated a %s in %s", what, path)
     return path
 
 
-def _check_existing(path: Path) -> None:
+def _check_existing(path: Path, what: str) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         logger.warning("%s was readable by others (mode %o); tightening it to 0600", path, mode)
         path.chmod(0o600)
     if not path.read_text().strip():
-        raise RayAuthError(f"the Ray auth token file {path} is empty; delete it and rerun `solanalm up`")
+        raise RayAuthError(f"the {what} file {path} is empty; delete it and rerun `solanalm up`")
 
 
 def find_token(section: RaySection, state_dir: Path, environ: Mapping[str, str] | None = None) -> TokenSource | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import SecretStr
 
 from cluster.observability.logs import REQUEST_ID
 from payments.client import PaymentsUnavailable
@@ -29,6 +30,7 @@ from serve_apps.gateway.errors import OpenAIError, error_body, install_error_han
 from serve_apps.gateway.limits import BodySizeLimit, RateLimitMiddleware, RequestLimiter, retry_after_header
 from serve_apps.gateway.metering import HoldCloser, Metering, abandoned
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serve_apps.gateway.operator import require_operator
 from serve_apps.gateway.providers import ProviderRegistryAPI, build_provider_router, public_nodes
 from serve_apps.protocol import (
     Accepted,
@@ -65,7 +67,9 @@ class Gateway:
         limiter: RequestLimiter | None = None,
         network_nodes: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
         providers: ProviderRegistryAPI | None = None,
+        operator_token: SecretStr | None = None,
     ) -> None:
+        self.operator_token = operator_token  # opens the detail views (operator.py); None: no detail
         self.network_nodes = network_nodes
         self.providers = providers  # out-of-cluster providers register through it (routes in providers.py)
         self.backend = backend
@@ -303,11 +307,20 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
         return await _respond(core(request), body, False, authorization)
 
     @app.get("/healthz")
-    async def healthz(request: Request) -> JSONResponse:
-        return await _health(core(request))
+    async def healthz(
+        request: Request, detail: bool = False, authorization: str | None = Header(default=None)
+    ) -> JSONResponse:
+        gateway = core(request)
+        if detail:  # pids, node ids, errors: the operator's (anyone else gets liveness only)
+            require_operator(gateway.operator_token, authorization)
+        return await _health(gateway, detail)
 
     @app.get("/v1/network/nodes")
-    async def network_nodes(request: Request) -> dict:
+    async def network_nodes(
+        request: Request, detail: bool = False, authorization: str | None = Header(default=None)
+    ) -> dict:
+        if detail:  # node ids, endpoints, labels: the operator's
+            require_operator(core(request).operator_token, authorization)
         source = core(request).network_nodes
         if source is None:
             raise OpenAIError(503, "this gateway has no provider registry", code="registry_unavailable")
@@ -315,7 +328,7 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
             nodes = await source()
         except LookupError as exc:
             raise OpenAIError(503, str(exc), code="registry_unavailable") from None
-        return {"object": "list", "data": public_nodes(nodes)}
+        return {"object": "list", "data": public_nodes(nodes, detail)}
 
     # Wallet sign-in, balance, deposits and receipts: the payments package's routes, over the same
     # payments client the gateway meters with (503 while payments are disabled).
@@ -391,7 +404,9 @@ async def _answer(  # type: ignore[no-untyped-def]
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
 
-async def _health(gateway: Gateway) -> JSONResponse:
+async def _health(gateway: Gateway, detail: bool = False) -> JSONResponse:
+    """Each model's liveness; `detail` (the operator's view) adds its replica, stages (pid, node, memory,
+    busy seconds) and, for a model that cannot answer, the exception."""
     pipelines, healthy = [], True
     for model in gateway.backend.models():
         try:
@@ -409,20 +424,21 @@ async def _health(gateway: Gateway) -> JSONResponse:
                 }
                 for s in info.stages
             ]
-            pipelines.append(
-                {
-                    "model": model,
-                    "status": "ok",
+            shown: dict[str, Any] = {"model": model, "status": "ok"}
+            if detail:
+                shown |= {
                     "replica": info.replica_id,
                     "stages": stages,
                     "queue_depth": info.queue_depth,
                     "running": info.running,
                     "max_inflight_steps": info.max_inflight_steps,
                 }
-            )
+            pipelines.append(shown)
         except Exception as exc:  # noqa: BLE001 - reported, not raised: health must answer
             healthy = False
-            pipelines.append({"model": model, "status": "unavailable", "error": f"{type(exc).__name__}: {exc}"})
+            logger.info("health of %s: %s: %s", model, type(exc).__name__, exc)
+            failed = {"model": model, "status": "unavailable"}
+            pipelines.append(failed | {"error": f"{type(exc).__name__}: {exc}"} if detail else failed)
     return JSONResponse(
         {"status": "ok" if healthy else "degraded", "pipelines": pipelines}, status_code=200 if healthy else 503
     )

@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pydantic import SecretStr
 from ray import serve
 
 from cluster.config.network import NetworkSection
@@ -37,13 +38,15 @@ class OpenAIIngress:
         namespace: str,
         network: NetworkSection,
         logging_section: LoggingSection | None = None,
+        operator_token: SecretStr | None = None,
     ) -> None:
         configure_logging(logging_section or LoggingSection())
         metering = Metering(_payments_client(payments, namespace), payments.operator_wallet)
         limiter = RequestLimiter(rate_limits)
         nodes = registry_nodes_source(network, namespace)
         providers = RegistryProviders(network, namespace)  # out-of-cluster providers register through it
-        gateway = Gateway(ServeHandleBackend(pipelines), cards, request_timeout_s, metering, limiter, nodes, providers)
+        backend = ServeHandleBackend(pipelines)
+        gateway = Gateway(backend, cards, request_timeout_s, metering, limiter, nodes, providers, operator_token)
         set_current(gateway, max_body_bytes)
 
 

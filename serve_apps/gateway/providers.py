@@ -13,7 +13,8 @@ submitted certificate (`providers.probe_timeout_s`), so nobody registers an addr
 refusal is OpenAI error JSON: 400 malformed or unreachable, 401 bad/replayed/forged proof or unknown session,
 409 conflict (wallet limit, endpoint taken), 429 rate limit or too many pending challenges, 503 no registry.
 Nothing here ever answers with another provider's tokens, endpoint or the link-token table (`provider_links`
-is for the operator's coordinators, over Ray only).
+is for the operator's coordinators, over Ray only), and /v1/network/nodes shows anonymous callers only the
+public fields of each record (`public_nodes`).
 """
 
 import asyncio
@@ -231,11 +232,31 @@ async def probe_stage_host(endpoint: str, cert_pem: str, timeout_s: float) -> No
 
 
 SECRET_KEYS = frozenset({"link_token", "session_token", "session_sha256"})
+# What anyone choosing a provider may see: who (wallet), what (models, kind), where roughly (region), and how
+# it does. Node ids, endpoints, certificates, labels (hostnames), hardware and timestamps are the operator's.
+PUBLIC_KEYS = (
+    "wallet",
+    "kind",
+    "region",
+    "models",
+    "health",
+    "draining",
+    "verified",
+    "reputation",
+    "requests_served",
+    "failures",
+    "verifications_passed",
+    "verifications_failed",
+    "latency_ewma_s",
+)
 
 
-def public_nodes(nodes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Node records for /v1/network/nodes, without any secret field (records hold none; this is the guard)."""
-    return [{k: v for k, v in node.items() if k not in SECRET_KEYS} for node in nodes]
+def public_nodes(nodes: Iterable[dict[str, Any]], detail: bool = False) -> list[dict[str, Any]]:
+    """Node records for /v1/network/nodes: the public fields only; `detail` (the operator's view, behind the
+    operator token) every field but the secrets (records hold none; this is the guard)."""
+    if detail:
+        return [{k: v for k, v in node.items() if k not in SECRET_KEYS} for node in nodes]
+    return [{k: node[k] for k in PUBLIC_KEYS if k in node} for node in nodes]
 
 
 class RegistryProviders:

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 from solders.keypair import Keypair
 
 from cluster.config.network import NetworkSection, ProvidersSection
@@ -104,7 +105,12 @@ def app_with(providers: Any, registry: NetworkRegistry | None = None) -> TestCli
         return [r.to_json() for r in registry.list_nodes()] if registry else []
 
     gateway = Gateway(NoBackend(), [ModelCard("tiny-llama", "tests")], network_nodes=nodes, providers=providers)  # type: ignore[arg-type]
+    gateway.operator_token = SecretStr(OPERATOR_TOKEN)
     return TestClient(create_gateway_app(gateway, max_body_bytes=64_000))
+
+
+OPERATOR_TOKEN = "operator-token-for-tests"
+AS_OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
 
 @pytest.fixture()
@@ -171,20 +177,23 @@ def test_register_heartbeat_leave(http: TestClient, cert: CertKey) -> None:
 
 def test_network_nodes_never_show_tokens(http: TestClient, cert: CertKey) -> None:
     body = registered(http, Keypair(), cert)
-    text = http.get("/v1/network/nodes").text
-    nodes = http.get("/v1/network/nodes").json()["data"]
-    assert [n["kind"] for n in nodes] == ["provider"] and nodes[0]["node_id"] == body["provider_id"]
-    assert body["link_token"] not in text and body["session_token"] not in text
-    assert "link_token" not in text and "session" not in text
+    for headers in ({}, AS_OPERATOR):  # the public list, and the operator's detail
+        text = http.get("/v1/network/nodes?detail=1" if headers else "/v1/network/nodes", headers=headers).text
+        assert body["link_token"] not in text and body["session_token"] not in text
+        assert "link_token" not in text and "session" not in text
+    public = http.get("/v1/network/nodes").json()["data"]
+    assert [(n["kind"], n["wallet"]) for n in public] == [("provider", body["wallet"])] and "node_id" not in public[0]
+    nodes = http.get("/v1/network/nodes?detail=1", headers=AS_OPERATOR).json()["data"]
+    assert nodes[0]["node_id"] == body["provider_id"] and nodes[0]["endpoint"] == ENDPOINT
 
 
 def test_a_leaky_nodes_source_is_still_filtered() -> None:
     async def nodes() -> list[dict[str, Any]]:
         return [{"node_id": "provider-x", "link_token": "secret", "session_sha256": "h", "session_token": "t"}]
 
-    gateway = Gateway(NoBackend(), [], network_nodes=nodes)  # type: ignore[arg-type]
-    data = TestClient(create_gateway_app(gateway)).get("/v1/network/nodes").json()["data"]
-    assert data == [{"node_id": "provider-x"}]
+    gateway = Gateway(NoBackend(), [], network_nodes=nodes, operator_token=SecretStr(OPERATOR_TOKEN))  # type: ignore[arg-type]
+    data = TestClient(create_gateway_app(gateway)).get("/v1/network/nodes?detail=1", headers=AS_OPERATOR).json()
+    assert data["data"] == [{"node_id": "provider-x"}]
 
 
 def test_forged_signature_is_401(http: TestClient, cert: CertKey) -> None:
