@@ -179,6 +179,7 @@ def operator_token() -> None:
     token = find_operator_token(settings.http, _state_dir(settings))
     if token is None:
         _fail(f"no operator token in {operator_token_path(_state_dir(settings))}; `solanalm up` creates it")
+        return
     typer.echo(token.get_secret_value())
 
 
