@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark's helpers
 
 from serving_bench import _wait_healthy as wait_healthy  # noqa: E402 - after the path entry
-from serving_bench import percentile  # noqa: E402
+from serving_bench import operator_health, percentile  # noqa: E402
 
 
 @dataclass
@@ -296,7 +296,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    import httpx
     import ray
     from ray import serve
 
@@ -318,7 +317,7 @@ def main() -> None:
         killer.stop.set()
         memory.stop.set()
         killer.join()
-        health = httpx.get(f"{base}/healthz", timeout=60).json()
+        health = operator_health(base, 60).json()
     finally:
         serve.shutdown()
         ray.shutdown()

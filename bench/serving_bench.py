@@ -342,10 +342,9 @@ class ServeProbe:
     def stage_busy_seconds(self) -> dict[str, float]:
         if self.base is None:
             return {}
-        import httpx
 
         try:
-            stages = httpx.get(f"{self.base}/healthz", timeout=30).json()["pipelines"][0]["stages"]
+            stages = operator_health(self.base).json()["pipelines"][0]["stages"]
         except Exception:  # noqa: BLE001 - health unavailable for a moment: no engine figure this phase
             return {}
         return {f"stage{s['index']}.busy": float(s.get("busy_s", 0.0)) for s in stages}
@@ -481,14 +480,25 @@ async def _http_phases(plan: Plan, prompts: list[str], base: str, probe: ServePr
         await client.close()
 
 
-def _wait_healthy(base: str, timeout_s: float) -> dict:
+def operator_health(base: str, timeout_s: float = 30) -> Any:
+    """/healthz?detail=1 (pids, busy_s, steps) with the operator token of this machine's state dir, which the
+    deployment's builder wrote (or SOLANALM_HTTP__OPERATOR_TOKEN)."""
     import httpx
 
+    from cluster.config import Settings
+    from cluster.security.operator_token import operator_headers
+
+    settings = Settings()
+    headers = operator_headers(settings.http, settings.model.cache_dir / "state")
+    return httpx.get(f"{base}/healthz?detail=1", headers=headers, timeout=timeout_s)
+
+
+def _wait_healthy(base: str, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         try:
-            reply = httpx.get(f"{base}/healthz", timeout=30)
+            reply = operator_health(base)
             body = reply.json()
             if reply.status_code == 200 and body.get("pipelines") and body["pipelines"][0].get("stages"):
                 return body

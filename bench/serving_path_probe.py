@@ -43,6 +43,7 @@ from serving_bench import (  # noqa: E402 - after the path entry
     deploy_pipeline,
     init_ray,
     machine_info,
+    operator_health,
     stage_cpus_for,
 )
 
@@ -63,10 +64,8 @@ class PhaseMeter:
         self.probe.processes["client"] = psutil.Process()
 
     def sample(self) -> dict[str, float]:
-        import httpx
-
         values = self.probe.cpu_seconds()
-        stages = httpx.get(f"{self.base}/healthz", timeout=30).json()["pipelines"][0]["stages"]
+        stages = operator_health(self.base).json()["pipelines"][0]["stages"]
         for stage in stages:
             values[f"stage{stage['index']}.busy"] = float(stage.get("busy_s", 0.0))
             values[f"stage{stage['index']}.steps"] = float(stage.get("steps", 0))

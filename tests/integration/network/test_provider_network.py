@@ -44,6 +44,7 @@ from cluster.network.records import NodeCapabilities, NodeRecord
 from cluster.network.registry import call_registry, get_or_create_registry
 from cluster.network.wallet import ProofError, sign_challenge, write_keypair
 from cluster.tui.source import ClusterSource
+from tests.integration.operator_views import detail_health
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "solanalm-test"
@@ -196,10 +197,10 @@ def ask(client: openai.OpenAI) -> str:
     return reply.choices[0].message.content or ""
 
 
-def stage_nodes(base_url: str) -> list[str]:
-    """Where the pipeline's stages run, as the gateway's /healthz reports (describe of the stage actors)."""
+def stage_nodes(base_url: str, settings: Settings) -> list[str]:
+    """Where the pipeline's stages run, as the gateway's /healthz?detail=1 reports (describe of the stage actors)."""
     try:
-        health = httpx.get(base_url.removesuffix("/v1") + "/healthz", timeout=TIMEOUT_S).json()
+        health = detail_health(base_url, settings, TIMEOUT_S).json()
     except httpx.HTTPError:  # the gateway itself is being replaced
         return []
     (pipeline,) = health["pipelines"]
@@ -276,7 +277,7 @@ def test_stages_are_planned_onto_providers_and_move_when_one_leaves(
     client = openai.OpenAI(base_url=base_url, api_key="test", max_retries=0, timeout=REPLACE_TIMEOUT_S)
     controller = start_controller(app, settings, plans, costs)
     try:
-        assert stage_nodes(base_url) == [slow, fast]  # each stage runs on its planned provider node
+        assert stage_nodes(base_url, settings) == [slow, fast]  # each stage runs on its planned provider node
         # The TUI's live source sees the same placement and one earnings row per provider wallet.
         snapshot = ClusterSource(settings).read()
         wallets = {providers.records[n].node_id: providers.records[n].wallet for n in ("fast", "slow")}
@@ -289,7 +290,9 @@ def test_stages_are_planned_onto_providers_and_move_when_one_leaves(
             providers.stop("slow")  # that node's `ray start --block` process group only
             # Generous: a redeploy starts new stage processes, ~30 s here, minutes on a loaded 2-core machine.
             wait_until(
-                lambda: stage_nodes(base_url) == [fast], REPLACE_TIMEOUT_S, "the stages to move to the fast node"
+                lambda: stage_nodes(base_url, settings) == [fast],
+                REPLACE_TIMEOUT_S,
+                "the stages to move to the fast node",
             )
             wait_until(lambda: bool(controller.history), REPLACE_TIMEOUT_S, "the controller's redeploy to finish")
             loop.wait_for(len(loop.outcomes) + 2, TIMEOUT_S)

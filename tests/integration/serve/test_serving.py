@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster.models import load_catalogue, materialize
+from tests.integration.operator_views import detail_health
 from tests.integration.serve.conftest import STAGES, ServedApp
 
 TINY = "tiny-llama"
@@ -125,7 +126,7 @@ def test_concurrent_requests_all_complete_with_their_own_answers(served: ServedA
 
 
 def test_stages_run_in_their_own_processes_and_hold_their_share(served: ServedApp) -> None:
-    health = httpx.get(served.base_url.removesuffix("/v1") + "/healthz", timeout=60).json()
+    health = detail_health(served.base_url, served.settings).json()
     pipelines = {p["model"]: p for p in health["pipelines"]}
     assert health["status"] == "ok"
     stages = pipelines[SMOL]["stages"]
@@ -149,7 +150,7 @@ def test_stage_memory_matches_its_weights(served: ServedApp) -> None:
 
 
 def test_the_pipeline_keeps_in_flight_as_many_steps_as_its_stages_can_compute_at_once(served: ServedApp) -> None:
-    health = httpx.get(served.base_url.removesuffix("/v1") + "/healthz", timeout=60).json()
+    health = detail_health(served.base_url, served.settings).json()
     pipelines = {p["model"]: p for p in health["pipelines"]}
     # Three 1-CPU stages on this one node: as many steps in flight as its cores run stages at once.
     assert pipelines[SMOL]["max_inflight_steps"] == min(STAGES, len(os.sched_getaffinity(0)))
@@ -198,9 +199,10 @@ def test_client_disconnect_frees_the_sequence(served: ServedApp) -> None:
         lines = response.iter_lines()
         next(lines)
         next(lines)
-    health_url = served.base_url.removesuffix("/v1") + "/healthz"
     for _ in range(50):
-        running = {p["model"]: p["running"] for p in httpx.get(health_url, timeout=30).json()["pipelines"]}
+        running = {
+            p["model"]: p["running"] for p in detail_health(served.base_url, served.settings).json()["pipelines"]
+        }
         if running[TINY] == 0:
             break
         import time

@@ -68,6 +68,7 @@ class Operator:
     gcs_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_hex(32))
+    operator_token: str = field(default_factory=lambda: secrets.token_hex(32))  # the gateway's detail views
     processes: list[subprocess.Popen] = field(default_factory=list)
     temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="slm-op-", dir="/tmp"))
 
@@ -91,6 +92,10 @@ class Operator:
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         return httpx.get(f"{self.base_url}{path}", verify=self.verify, timeout=30, **kwargs)  # type: ignore[arg-type]
 
+    def get_detail(self, path: str) -> httpx.Response:
+        """The operator's view of `path` (/healthz, /v1/network/nodes): ?detail=1 with the operator token."""
+        return self.get(f"{path}?detail=1", headers={"Authorization": f"Bearer {self.operator_token}"})
+
     def openai(self, timeout_s: float = 300) -> openai.OpenAI:
         http = httpx.Client(verify=self.verify, timeout=timeout_s)
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="open", max_retries=2, http_client=http)
@@ -108,6 +113,7 @@ class Operator:
                 "RAY_AUTH_TOKEN_PATH": str(self.token_path),
                 "SOLANALM_RAY__ADDRESS": self.address,
                 "SOLANALM_HTTP__PORT": str(self.http_port),
+                "SOLANALM_HTTP__OPERATOR_TOKEN": self.operator_token,
                 **self.overrides,
             }
         )

@@ -52,7 +52,7 @@ def domain(
 
 def _stages(operator: Operator) -> list[dict]:
     try:
-        health = operator.get("/healthz").json()
+        health = operator.get_detail("/healthz").json()
     except (httpx.HTTPError, ValueError):
         return []
     pipelines = health.get("pipelines") or [{}]
@@ -126,10 +126,10 @@ def test_honest_providers_pass_the_audits_of_their_served_traffic(domain: tuple[
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": f"Say {i} twice."}], temperature=0, max_tokens=16
         )
-    nodes = {node["node_id"]: node for node in operator.get("/v1/network/nodes").json()["data"]}
+    nodes = {node["node_id"]: node for node in operator.get_detail("/v1/network/nodes").json()["data"]}
 
     def audited() -> bool:
-        nodes.update({n["node_id"]: n for n in operator.get("/v1/network/nodes").json()["data"]})
+        nodes.update({n["node_id"]: n for n in operator.get_detail("/v1/network/nodes").json()["data"]})
         return all(nodes[p.provider_id]["verifications_passed"] > 0 for p in providers)
 
     wait_until(audited, 300, "an audit of each provider's served work")

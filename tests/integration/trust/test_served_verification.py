@@ -48,14 +48,14 @@ def cheater(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> 
 
 def _hosts(operator: Operator) -> list[str]:
     try:
-        health = operator.get("/healthz").json()
+        health = operator.get_detail("/healthz").json()
     except (httpx.HTTPError, ValueError):
         return []
     return [stage["node_id"] for stage in (health.get("pipelines") or [{}])[0].get("stages") or []]
 
 
 def _record(operator: Operator, provider_id: str) -> dict:
-    nodes = operator.get("/v1/network/nodes").json()
+    nodes = operator.get_detail("/v1/network/nodes").json()
     return next(node for node in nodes["data"] if node["node_id"] == provider_id)
 
 
