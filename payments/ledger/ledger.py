@@ -24,6 +24,7 @@ from payments.ledger.schema import (
     settlement_shares,
     settlements,
 )
+from payments.ledger.upgrade import upgrade_schema
 from payments.pricing import BPS, Price, hold_amount, request_cost, split_cost
 from payments.protocol import (
     Balance,
@@ -81,6 +82,7 @@ class Ledger:
         self.policy = policy
         # Addresses never paid as payees (the treasury); their shares go to the network account.
         self.reserved_payees: frozenset[str] = frozenset()
+        upgrade_schema(engine)  # an older ledger's tables get the columns added since (before create_all's indexes)
         metadata.create_all(engine)
 
     @classmethod
