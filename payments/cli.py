@@ -102,6 +102,9 @@ class _Local:
     async def sweep_holds(self, max_age_s: float | None) -> Any:
         return self.service.sweep_holds(max_age_s)
 
+    async def fund_training_rewards(self, ref: str, amount: int) -> int:
+        return self.service.fund_training_rewards(ref, amount)
+
 
 @app.command()
 def balance(wallet: str, config: Path | None = ConfigOpt, via_actor: bool = ActorOpt) -> None:
@@ -231,6 +234,19 @@ def sweep_holds(
     console.print(f"released {len(result.request_ids)} holds, {result.amount} base units")
     for request_id in result.request_ids:
         console.print(f"  {request_id}")
+
+
+@app.command("fund-rewards")
+def fund_rewards(
+    amount: int = typer.Option(..., min=1, help="Base units set aside for federated-training rewards."),
+    ref: str = typer.Option(..., help="Your reference for this funding (a second call with it does nothing)."),
+    config: Path | None = ConfigOpt,
+    via_actor: bool = ActorOpt,
+) -> None:
+    """Set money aside for training rewards: reward batches beyond what the rewards account holds are refused.
+    Send the same amount to the treasury on chain; `reconcile` checks the treasury covers what is owed."""
+    held = _with_service(config, via_actor, lambda api: api.fund_training_rewards(ref, amount))
+    console.print(f"rewards account holds {held} base units")
 
 
 @app.command()

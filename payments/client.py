@@ -117,6 +117,9 @@ class PaymentsClient:
     async def sweep_holds(self, max_age_s: float | None = None) -> HoldSweep:
         return await self._call("sweep_holds", max_age_s)
 
+    async def fund_training_rewards(self, ref: str, amount: int) -> int:
+        return int(await self._call("fund_training_rewards", ref, amount))
+
     async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
         return await self._call("withhold_payout", req)
 

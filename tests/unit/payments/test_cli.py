@@ -62,3 +62,12 @@ def test_cli_pending_shows_quarantined_payees_and_unquarantine_releases_one(make
     assert runner.invoke(app, ["unquarantine", victim]).exit_code == 0
     assert service.book.blocked_wallets() == set()
     assert runner.invoke(app, ["unquarantine", str(Keypair().pubkey())]).exit_code == 1
+
+
+def test_cli_fund_rewards_once_per_reference(make_service, env) -> None:  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    first = runner.invoke(app, ["fund-rewards", "--amount", "5000", "--ref", "q4"])
+    assert first.exit_code == 0 and "holds 5000" in first.output, first.output
+    assert "holds 5000" in runner.invoke(app, ["fund-rewards", "--amount", "5000", "--ref", "q4"]).output
+    assert "holds 5500" in runner.invoke(app, ["fund-rewards", "--amount", "500", "--ref", "q4-top-up"]).output
+    assert runner.invoke(app, ["fund-rewards", "--amount", "0", "--ref", "x"]).exit_code == 2
