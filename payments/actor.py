@@ -25,6 +25,7 @@ from payments.protocol import (
     Hold,
     HoldRequest,
     HoldSweep,
+    PayoutStatus,
     Receipt,
     ReceiptQuery,
     ReconcileReport,
@@ -172,6 +173,9 @@ class PaymentsActor:
 
     async def faucet(self, wallet: str, amount: int) -> None:
         await (await self._svc()).faucet(wallet, amount)
+
+    async def payouts(self, wallet: str) -> list[PayoutStatus]:
+        return await self._run((await self._svc()).payouts, wallet)
 
     async def settle(self) -> BatchReport:
         service = await self._svc()

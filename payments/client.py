@@ -30,6 +30,7 @@ from payments.protocol import (
     Hold,
     HoldRequest,
     HoldSweep,
+    PayoutStatus,
     Receipt,
     ReceiptQuery,
     ReconcileReport,
@@ -144,6 +145,9 @@ class PaymentsClient:
     async def list_keys(self, wallet: str) -> list[ApiKeyInfo]:
         return await self._call("list_keys", wallet)
 
+    async def payouts(self, wallet: str) -> list[PayoutStatus]:
+        return await self._call("payouts", wallet)
+
     async def settle(self) -> BatchReport:
         return await self._call("settle")
 
@@ -207,6 +211,9 @@ class LocalPaymentsClient:
 
     async def list_keys(self, wallet: str) -> list[ApiKeyInfo]:
         return self.service.list_keys(wallet)
+
+    async def payouts(self, wallet: str) -> list[PayoutStatus]:
+        return self.service.payouts(wallet)
 
     async def settle(self) -> BatchReport:
         return await self.service.settle()

@@ -182,6 +182,15 @@ def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
 
         return await guarded(run)
 
+    @router.get("/v1/payouts")
+    async def payouts(authorization: str | None = Header(default=None)) -> Any:
+        async def run() -> Any:
+            who = await caller(authorization)
+            lines = await handle_getter().payouts(who.wallet)
+            return {"object": "list", "data": [{"object": "payout", **asdict(line)} for line in lines]}
+
+        return await guarded(run)
+
     return router
 
 

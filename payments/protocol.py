@@ -245,6 +245,19 @@ class ApiKeyInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PayoutStatus:
+    """One payout line of a wallet: its amount in a settlement batch, the batch's state and transaction."""
+
+    batch_id: str
+    wallet: str
+    amount: int
+    state: str  # created | signed | sent | confirmed | failed
+    signature: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class BatchReport:
     """Outcome of one settle pass."""
 
@@ -281,6 +294,7 @@ class PaymentsAPI(Protocol):
     async def verify(self, sign_in: SignIn) -> ApiKey: ...
     async def revoke_key(self, key_id: str, wallet: str) -> None: ...
     async def list_keys(self, wallet: str) -> list[ApiKeyInfo]: ...
+    async def payouts(self, wallet: str) -> list[PayoutStatus]: ...
     async def settle(self) -> BatchReport: ...
     async def reconcile(self) -> ReconcileReport: ...
     async def pending(self) -> dict[str, object]: ...

@@ -28,7 +28,7 @@ from payments.errors import Forbidden, InvalidRequest, PaymentError
 from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
 from payments.ledger.payouts import PayoutBook
 from payments.ledger.reconcile import ledger_checks
-from payments.ledger.schema import settlement_shares, settlements
+from payments.ledger.schema import payout_batches, payout_items, settlement_shares, settlements
 from payments.ledger.withholding import withhold_payout
 from payments.pricing import Price
 from payments.protocol import (
@@ -43,6 +43,7 @@ from payments.protocol import (
     Hold,
     HoldRequest,
     HoldSweep,
+    PayoutStatus,
     Receipt,
     ReceiptQuery,
     ReconcileReport,
@@ -285,6 +286,22 @@ class PaymentsService:
             "open_batches": [(b.batch_id, b.state, b.signature) for b in self.book.open_batches()],
             "quarantined": [asdict(q) for q in self.book.quarantined()],
         }
+
+    def payouts(self, wallet: str, limit: int = 100) -> list[PayoutStatus]:
+        """`wallet`'s payout lines, newest batch first, with each batch's state and transaction signature."""
+        query = (
+            select(payout_items.c.batch_id, payout_items.c.amount, payout_batches)
+            .join(payout_batches, payout_items.c.batch_id == payout_batches.c.id)
+            .where(payout_items.c.wallet == wallet)
+            .order_by(payout_batches.c.created_at.desc())
+            .limit(limit)
+        )
+        with self.ledger.transaction() as conn:
+            rows = conn.execute(query).all()
+        return [
+            PayoutStatus(r.batch_id, wallet, int(r.amount), r.state, r.signature, r.created_at, r.updated_at)
+            for r in rows
+        ]
 
     def release_quarantine(self, wallet: str) -> bool:
         """Operator: retry a quarantined payee in the next settle pass; False if it was not quarantined."""
