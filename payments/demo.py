@@ -146,6 +146,7 @@ def demo_overrides(state_dir: Path, provider_wallet: str, port: int | None) -> d
         "payments": {
             "enabled": True,
             "open_mode": False,
+            "siws_allow_local_domain": True,  # the demo gateway listens on 127.0.0.1 only
             "chain_backend": "litesvm",
             "state_dir": str(state_dir),
             "actor_name": f"solanalm-payments-demo-{uuid.uuid4().hex[:6]}",

@@ -98,11 +98,11 @@ class AsyncSolanaLMClient:
             self._oa = (self.api_key, client)
         return self._oa[1]
 
-    async def sign_in(self, keypair: Keypair | str | Path) -> M.ApiKey:
+    async def sign_in(self, keypair: Keypair | str | Path, ttl_s: int | None = None) -> M.ApiKey:
         """SIWS: challenge, sign, verify; the issued key is used from now on."""
         kp = as_keypair(keypair)
         message = await self._do(api.challenge(str(kp.pubkey())))
-        key = await self._do(api.verify(message, sign_message(kp, message)))
+        key = await self._do(api.verify(message, sign_message(kp, message), ttl_s))
         self.api_key, self.keypair, self.wallet = key.secret, kp, key.wallet
         return key
 

@@ -80,8 +80,10 @@ def challenge(wallet: str) -> Call[str]:
     return Call("POST", "/v1/auth/challenge", lambda b: str(b["message"]), {"wallet": wallet}, auth=False)
 
 
-def verify(message: str, signature: str) -> Call[M.ApiKey]:
-    body = {"message": message, "signature": signature}
+def verify(message: str, signature: str, ttl_s: int | None = None) -> Call[M.ApiKey]:
+    body: dict[str, Any] = {"message": message, "signature": signature}
+    if ttl_s is not None:
+        body["ttl_s"] = ttl_s
     return Call("POST", "/v1/auth/verify", M.ApiKey.from_json, body, auth=False, idempotent=False)
 
 

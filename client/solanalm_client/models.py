@@ -19,11 +19,19 @@ class ApiKey:
 
     id: str
     wallet: str
-    secret: str
+    secret: str = field(repr=False)
+    created_at: float | None = None
+    expires_at: float | None = None  # Unix seconds; None: the key does not expire
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ApiKey:
-        return cls(str(body["id"]), str(body["wallet"]), str(body["api_key"]))
+        return cls(
+            str(body["id"]),
+            str(body["wallet"]),
+            str(body["api_key"]),
+            _opt_float(body.get("created_at")),
+            _opt_float(body.get("expires_at")),
+        )
 
 
 @dataclass(frozen=True, slots=True)

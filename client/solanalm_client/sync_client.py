@@ -97,11 +97,11 @@ class SolanaLMClient:
         return self._oa[1]
 
     # Sign-in and keys -----------------------------------------------------------------------------
-    def sign_in(self, keypair: Keypair | str | Path) -> M.ApiKey:
+    def sign_in(self, keypair: Keypair | str | Path, ttl_s: int | None = None) -> M.ApiKey:
         """SIWS: ask a challenge for the keypair's wallet, sign it, get an API key (used from now on)."""
         kp = as_keypair(keypair)
         message = self._do(api.challenge(str(kp.pubkey())))
-        key = self._do(api.verify(message, sign_message(kp, message)))
+        key = self._do(api.verify(message, sign_message(kp, message), ttl_s))
         self.api_key, self.keypair, self.wallet = key.secret, kp, key.wallet
         return key
 

@@ -12,7 +12,14 @@ from ray import serve
 from solders.keypair import Keypair
 
 from cluster.deploy import deploy, read_serve_config, settings_for
-from tests.integration.attacks.conftest import COMPLETION_PER_1K, MODEL, PROMPT_PER_1K, PaidApp, _free_port
+from tests.integration.attacks.conftest import (
+    COMPLETION_PER_1K,
+    MODEL,
+    PROMPT_PER_1K,
+    RATE_LIMITS,
+    PaidApp,
+    _free_port,
+)
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,11 @@ def sdk_paid(
                 "catalogue": str(repo_root / "configs" / "models.yaml"),
             },
             "pipeline": {"num_stages": 1, "max_num_seqs": 8, "max_queue": 32},
-            "http": {"port": _free_port()},
+            "http": {"port": _free_port(), "rate_limits": RATE_LIMITS},
             "payments": {
                 "enabled": True,
                 "open_mode": False,
+                "siws_allow_local_domain": True,  # a local test deployment: the default localhost domain
                 "state_dir": str(tmp_path_factory.mktemp("sdk-payments")),
                 "actor_name": f"solanalm-payments-sdk-{uuid.uuid4().hex[:6]}",
                 "default_price": {"prompt_per_1k": PROMPT_PER_1K, "completion_per_1k": COMPLETION_PER_1K},
