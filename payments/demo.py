@@ -167,6 +167,7 @@ def paid(
     config: Annotated[Path, typer.Option(help="Serve config (its builder and model).")] = Path("configs/serve.yaml"),
     port: Annotated[int | None, typer.Option(help="HTTP port of the demo gateway.")] = None,
     stages: Annotated[int, typer.Option(min=1, help="Pipeline stages.")] = 1,
+    model: Annotated[str | None, typer.Option(help="Catalogue name to serve (default: the config's).")] = None,
 ) -> None:
     """Deploy a paid-mode gateway on LiteSVM, pay for one request end to end, show receipt and payout, stop."""
     from cluster import cli as cluster_cli
@@ -182,10 +183,9 @@ def paid(
     provider = Keypair()
     write_keypair_file(provider, workdir / "provider-wallet.json")
     serve_app = read_serve_config(config)
-    settings = settings_for(
-        serve_app,
-        {"pipeline": {"num_stages": stages}} | demo_overrides(workdir / "payments", str(provider.pubkey()), port),
-    )
+    overrides = demo_overrides(workdir / "payments", str(provider.pubkey()), port)
+    overrides |= {"pipeline": {"num_stages": stages}, "model": {"served": [model] if model else None}}
+    settings = settings_for(serve_app, overrides)
     cluster_cli._materialize_models(settings)
     handle = cluster_cli._start_cluster(settings)
     try:
