@@ -13,7 +13,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import openai
@@ -91,9 +91,17 @@ class AsyncSolanaLMClient:
     def _openai(self) -> openai.AsyncOpenAI:
         # No retries inside openai: a completion spends money, so retrying is this SDK's decision.
         if self._oa is None or self._oa[0] != self.api_key:
-            http = httpx.AsyncClient(timeout=self.timeout_s, transport=self._transport)
+            # A given transport (tests, proxies) reaches openai through an httpx client of ours; openai's own
+            # otherwise (this openai release is built on httpx2, which reads an httpx client by duck typing).
+            http: Any = (
+                httpx.AsyncClient(timeout=self.timeout_s, transport=self._transport) if self._transport else None
+            )
             client = openai.AsyncOpenAI(
-                base_url=self.root + "/v1", api_key=self.api_key or "open", max_retries=0, http_client=http
+                base_url=self.root + "/v1",
+                api_key=self.api_key or "open",
+                max_retries=0,
+                timeout=self.timeout_s,
+                http_client=http,
             )
             self._oa = (self.api_key, client)
         return self._oa[1]
@@ -142,7 +150,7 @@ class AsyncSolanaLMClient:
         async for attempt in AsyncRetrying(**self.retry.tenacity_kwargs(idempotent=False)):
             with attempt, openai_errors():
                 raw = await self._openai().chat.completions.with_raw_response.create(
-                    model=name, messages=body, max_tokens=max_tokens, temperature=temperature, **kwargs
+                    model=name, messages=cast(Any, body), max_tokens=max_tokens, temperature=temperature, **kwargs
                 )
                 parsed = raw.parse()  # the legacy raw response parses synchronously, the newer one awaits
                 return api.result_of(await parsed if inspect.isawaitable(parsed) else parsed, raw.headers)
@@ -164,11 +172,11 @@ class AsyncSolanaLMClient:
         with openai_errors():
             chunks = await self._openai().chat.completions.create(
                 model=name,
-                messages=body,
+                messages=cast(Any, body),
                 max_tokens=max_tokens,
                 temperature=temperature,
                 stream=True,
-                stream_options={"include_usage": True},
+                stream_options=cast(Any, {"include_usage": True}),
                 **kwargs,
             )
         return AsyncInferenceStream(chunks, api.StreamState(name, chunks.response.headers.get("x-request-id")))

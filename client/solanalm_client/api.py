@@ -9,7 +9,7 @@ exponential backoff with jitter.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -177,7 +177,7 @@ def extra_of(obj: Any, name: str) -> Any:
     return extra.get(name)
 
 
-def result_of(completion: Any, headers: httpx.Headers) -> M.InferenceResult:
+def result_of(completion: Any, headers: Mapping[str, str]) -> M.InferenceResult:
     choice = completion.choices[0]
     text = choice.message.content if hasattr(choice, "message") else choice.text
     usage = completion.usage

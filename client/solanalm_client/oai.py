@@ -12,7 +12,7 @@ from solanalm_client.errors import ConnectionFailed, SolanaLMError, error_from_r
 
 def translate(exc: openai.OpenAIError) -> SolanaLMError:
     if isinstance(exc, openai.APIStatusError):
-        return error_from_response(exc.response)
+        return error_from_response(exc.response)  # type: ignore[arg-type]  # httpx2's Response, same API
     if isinstance(exc, openai.APIConnectionError):  # timeouts included
         return ConnectionFailed(f"cannot reach the gateway: {exc}", code="connection_failed")
     if isinstance(exc, openai.APIError):  # an error event inside a stream

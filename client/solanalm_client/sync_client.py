@@ -6,7 +6,7 @@ import base64
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import openai
@@ -89,9 +89,15 @@ class SolanaLMClient:
     def _openai(self) -> openai.OpenAI:
         # No retries inside openai: a completion spends money, so retrying is this SDK's decision.
         if self._oa is None or self._oa[0] != self.api_key:
-            http = httpx.Client(timeout=self.timeout_s, transport=self._transport)
+            # A given transport (tests, proxies) reaches openai through an httpx client of ours; openai's own
+            # otherwise (this openai release is built on httpx2, which reads an httpx client by duck typing).
+            http: Any = httpx.Client(timeout=self.timeout_s, transport=self._transport) if self._transport else None
             client = openai.OpenAI(
-                base_url=self.root + "/v1", api_key=self.api_key or "open", max_retries=0, http_client=http
+                base_url=self.root + "/v1",
+                api_key=self.api_key or "open",
+                max_retries=0,
+                timeout=self.timeout_s,
+                http_client=http,
             )
             self._oa = (self.api_key, client)
         return self._oa[1]
@@ -142,7 +148,7 @@ class SolanaLMClient:
         for attempt in Retrying(**self.retry.tenacity_kwargs(idempotent=False)):
             with attempt, openai_errors():
                 raw = self._openai().chat.completions.with_raw_response.create(
-                    model=name, messages=body, max_tokens=max_tokens, temperature=temperature, **kwargs
+                    model=name, messages=cast(Any, body), max_tokens=max_tokens, temperature=temperature, **kwargs
                 )
                 return api.result_of(raw.parse(), raw.headers)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
@@ -163,11 +169,11 @@ class SolanaLMClient:
         with openai_errors():
             chunks = self._openai().chat.completions.create(
                 model=name,
-                messages=body,
+                messages=cast(Any, body),
                 max_tokens=max_tokens,
                 temperature=temperature,
                 stream=True,
-                stream_options={"include_usage": True},
+                stream_options=cast(Any, {"include_usage": True}),
                 **kwargs,
             )
         return InferenceStream(chunks, api.StreamState(name, chunks.response.headers.get("x-request-id")))
