@@ -32,6 +32,7 @@ from serve_apps.gateway.metering import HoldCloser, Metering, abandoned
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_apps.gateway.operator import require_operator
 from serve_apps.gateway.providers import ProviderRegistryAPI, build_provider_router, public_nodes
+from serve_apps.mcp.http import mount_mcp
 from serve_apps.protocol import (
     Accepted,
     ChatTurn,
@@ -334,6 +335,7 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
     # payments client the gateway meters with (503 while payments are disabled).
     app.include_router(build_router(lambda: _payments_of(app)))
     app.include_router(build_provider_router(core))  # provider registration: challenge, register, heartbeat, leave
+    mount_mcp(app, lambda: app.state.gateway or current_gateway())  # MCP, streamable HTTP (serve_apps/mcp)
     return app
 
 
