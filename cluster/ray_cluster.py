@@ -56,7 +56,7 @@ def ensure_cluster(section: RaySection, num_cpus: int, state_dir: Path) -> Clust
         return _connect(local, section.namespace, started_here, _driver_env(section, state_dir))
     command, env = head_launch(section, num_cpus, state_dir)
     _start_head(section, command, env)
-    handle = _connect(local, section.namespace, True, env)
+    handle = _connect(local, section.namespace, True, {k: v for k, v in env.items() if k != "PATH"})
     _head_marker(state_dir).parent.mkdir(parents=True, exist_ok=True)
     _head_marker(state_dir).write_text(json.dumps({"address": local, "session_dir": _session_dir()}))
     return handle
@@ -95,8 +95,15 @@ def head_command(section: RaySection, num_cpus: int) -> list[str]:
 
 
 def head_launch(section: RaySection, num_cpus: int, state_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The command and the extra environment (token auth, TLS) of a local head `solanalm up` starts."""
-    return head_command(section, num_cpus), _security_env(section, state_dir, head=True)
+    """The command and the extra environment (token auth, TLS, PATH) of a local head `solanalm up` starts."""
+    return head_command(section, num_cpus), {**_security_env(section, state_dir, head=True), "PATH": head_path()}
+
+
+def head_path() -> str:
+    """PATH for the head: this environment's bin first, so a job's `python` (`ray job submit -- python -m
+    ...`) is the interpreter SolanaLM runs in, with Ray and the project, even when `make run` started the
+    head from a shell without the venv activated. Not resolved: a venv's python is a symlink."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def _security_env(section: RaySection, state_dir: Path, head: bool) -> dict[str, str]:
