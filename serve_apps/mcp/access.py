@@ -4,13 +4,13 @@ Both answer the same four calls; errors become `GatewayCallError` with the gatew
 the MCP server turns into a tool error (never a traceback).
 """
 
-import asyncio
 import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import httpx
 from fastapi import Request
+from pydantic import ValidationError
 
 from serve_apps.gateway.errors import OpenAIError
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest
@@ -76,7 +76,8 @@ class HttpGatewayAccess:
 
 class InProcessGatewayAccess:
     """The gateway this app serves: inference goes through the same route code as /v1/chat/completions
-    (rate limit, hold, settlement), so a paid deployment charges a tool call like any request."""
+    (per-wallet rate limit, hold, settlement; the per-address limit is the app's middleware, before /mcp),
+    so a paid deployment charges a tool call like any request; nodes and performance are the public views."""
 
     def __init__(self, core: Callable[[], Any]) -> None:
         self._core = core  # () -> Gateway (the app's current gateway, set when the Serve replica starts)
@@ -85,10 +86,12 @@ class InProcessGatewayAccess:
         from serve_apps.gateway.app import _respond  # the route's own path; imported late (app imports us)
 
         gateway = self._gateway()
-        request = ChatCompletionRequest.model_validate({**body, "stream": False})
-        client = "key:" + authorization if authorization else "mcp"
         try:
-            response = await _respond(gateway, request, True, authorization, client)
+            request = ChatCompletionRequest.model_validate({**body, "stream": False})
+        except ValidationError as exc:
+            raise GatewayCallError(400, f"invalid request: {exc.errors()[0].get('msg')}") from None
+        try:
+            response = await _respond(gateway, request, True, authorization)
         except OpenAIError as exc:
             raise GatewayCallError(exc.status, exc.message) from None
         return dict(json.loads(bytes(response.body)))
@@ -97,38 +100,22 @@ class InProcessGatewayAccess:
         return dict(self._gateway().list_models())
 
     async def nodes(self) -> dict[str, Any]:
+        from serve_apps.gateway.providers import public_nodes
+
         source = self._gateway().network_nodes
         if source is None:
             raise GatewayCallError(503, "this gateway has no provider registry")
         try:
-            return {"object": "list", "data": await source()}
+            return {"object": "list", "data": public_nodes(await source())}  # the public fields, as /v1
         except LookupError as exc:
             raise GatewayCallError(503, str(exc)) from None
 
     async def performance(self) -> dict[str, Any]:
-        gateway = self._gateway()
-        pipelines = []
-        for model in gateway.backend.models():
-            try:
-                info = await asyncio.wait_for(gateway.backend.describe(model), 30)
-            except Exception as exc:  # noqa: BLE001 - reported, not raised: a resource must answer
-                pipelines.append({"model": model, "status": "unavailable", "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            stages = [
-                {"index": s.stage_index, "layers": [s.layer_start, s.layer_end], "busy_s": s.busy_s, "steps": s.steps}
-                for s in info.stages
-            ]
-            pipelines.append(
-                {
-                    "model": model,
-                    "status": "ok",
-                    "queue_depth": info.queue_depth,
-                    "running": info.running,
-                    "max_inflight_steps": info.max_inflight_steps,
-                    "stages": stages,
-                }
-            )
-        return {"pipelines": pipelines}
+        from serve_apps.gateway.app import _health
+
+        # The public view of /healthz; stages, queues and errors are the operator's (/healthz?detail=1).
+        response = await _health(self._gateway())
+        return dict(json.loads(bytes(response.body)))
 
     def _gateway(self) -> Any:
         gateway = self._core()

@@ -21,9 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from payments.errors import PaymentError
-from payments.http import bearer_key
-from serve_apps.gateway.errors import error_body
+from serve_apps.gateway.errors import OpenAIError, error_body
 from serve_apps.mcp.access import InProcessGatewayAccess
 from serve_apps.mcp.jobs import JobsConfig, TrainingJobs
 from serve_apps.mcp.server import build_mcp_server
@@ -66,10 +64,10 @@ class McpEndpoint:
             return None  # open mode: no keys, as /v1/chat/completions
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
         try:
-            await gateway.metering.payments.authenticate(bearer_key(headers.get("authorization")))
-        except PaymentError as exc:
-            body = error_body(exc.status_code, exc.message, code=exc.code)
-            return JSONResponse(body, status_code=exc.status_code, headers={"WWW-Authenticate": "Bearer"})
+            await gateway.metering.authenticate(headers.get("authorization"))
+        except OpenAIError as exc:
+            body = error_body(exc.status, exc.message, code=exc.code)
+            return JSONResponse(body, status_code=exc.status, headers={"WWW-Authenticate": "Bearer", **exc.headers})
         return None
 
     async def _ensure_running(self) -> StreamableHTTPSessionManager:
