@@ -11,8 +11,11 @@ that connects to the shared cluster (`--ray-address`).
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
+
+import ray
 
 from cluster.config import Settings
 from train_jobs.config import FederatedJob, load_job
@@ -41,14 +44,57 @@ def resolve_job(job: FederatedJob, out: Path | None = None) -> FederatedJob:
 
 
 def backend_config(job: FederatedJob) -> dict[str, Any]:
-    """Flower's Ray backend config: per-client resources from the job (they size the pool)."""
+    """Flower's Ray backend config: per-client resources from the job (they size the pool), raised where
+    the connected cluster's free CPUs could not hold the pool Flower would make (`fitting_cpus`)."""
+    cpus = job.client_resources.num_cpus
+    if ray.is_initialized():
+        fitted = fitting_cpus(cpus, cpu_per_node())
+        if fitted != cpus:
+            logger.warning(
+                "client_resources.num_cpus %s -> %s: Flower sizes its actor pool from the cluster's total CPUs,"
+                " and other work (serving replicas) holds some of them now",
+                cpus,
+                fitted,
+            )
+        cpus = fitted
     return {
         "client_resources": {
-            "num_cpus": job.client_resources.num_cpus,
+            "num_cpus": cpus,
             "num_gpus": job.client_resources.num_gpus,
         },  # torch_threads is ours, applied inside the ClientApp
         "init_args": {"include_dashboard": False},
     }
+
+
+def fitting_cpus(wanted: float, nodes: list[tuple[float, float]]) -> float:
+    """CPUs per client with which Flower's actor pool fits the CPUs free now: `wanted`, else the smallest
+    whole number above it that does. Flower makes floor(total / cpus) actors per node, from each node's
+    *total* CPUs, and waits for all of them, so where serving replicas hold CPUs a pool sized by the totals
+    never starts and the run hangs. `nodes`: (total, free) CPUs of each node."""
+    nodes = [(total, free) for total, free in nodes if total > 0]
+
+    def fits(cpus: float) -> bool:
+        actors = [math.floor(total / cpus + 1e-9) for total, _ in nodes]
+        return sum(actors) > 0 and all(n * cpus <= free + 1e-9 for n, (_, free) in zip(actors, nodes, strict=True))
+
+    candidates = [wanted, *range(math.ceil(wanted), int(max((t for t, _ in nodes), default=0)) + 1)]
+    for cpus in candidates:
+        if cpus > 0 and fits(cpus):
+            return cpus
+    free = sum(f for _, f in nodes)
+    raise RuntimeError(f"no CPU is free for a federated client ({free:g} free of the cluster's CPUs)")
+
+
+def cpu_per_node() -> list[tuple[float, float]]:
+    """(total, free) CPUs of each live node of the connected cluster."""
+    from ray._private.state import available_resources_per_node
+
+    free = available_resources_per_node()
+    return [
+        (float(node["Resources"].get("CPU", 0.0)), float(free.get(node["NodeID"], {}).get("CPU", 0.0)))
+        for node in ray.nodes()
+        if node.get("Alive") and node.get("Resources")
+    ]
 
 
 def run_federated(job: FederatedJob, settings: Settings) -> dict[str, Any]:

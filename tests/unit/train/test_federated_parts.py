@@ -1,5 +1,6 @@
 """Federated parts without a simulation: server-side DP, backend config, privacy, pending rewards."""
 
+import pytest
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from train_jobs.config import FederatedJob
@@ -52,3 +53,17 @@ def test_reward_sink_failure_keeps_records(tmp_path: object) -> None:
     strategy = RewardingFedAvg(job, {}, _Broken(), 1, FederatedSummary(job="fl"), [], pending)
     strategy.record_rewards(1, round_rewards("fl", 1, ["A"], {"A": 2}, 1))
     assert '"amount_lamports":2' in pending.read_text()
+
+
+def test_client_cpus_are_raised_until_the_pool_flower_makes_fits_the_free_cpus() -> None:
+    """Flower sizes its pool from each node's total CPUs and waits for every actor: with a serving replica
+    holding 1 of 16 CPUs, 4 clients of 4 CPUs would be a pool of 4 that never starts (the run hung)."""
+    from train_jobs.federated import fitting_cpus
+
+    assert fitting_cpus(4, [(16.0, 16.0)]) == 4  # nothing else runs: as asked
+    assert fitting_cpus(4, [(16.0, 15.0)]) == 5  # 3 actors of 5 = 15 free
+    assert fitting_cpus(1, [(16.0, 12.0)]) == 6  # 16 of 1 .. 5 of 3 all exceed 12 free; 2 of 6 = 12 fit
+    assert fitting_cpus(0.5, [(16.0, 15.0)]) == 3  # a fraction too: 5 actors of 3
+    assert fitting_cpus(4, [(16.0, 15.0), (8.0, 8.0)]) == 5  # every node's share of the pool must fit it
+    with pytest.raises(RuntimeError, match="no CPU is free"):
+        fitting_cpus(4, [(16.0, 0.0)])
