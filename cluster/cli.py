@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +28,14 @@ from cluster.deploy import (
 from cluster.models import load_catalogue, materialize
 from cluster.models.local import catalogue_with_checkpoint
 from cluster.observability.logs import configure_logging
-from cluster.ray_cluster import ClusterError, connect_existing, ensure_cluster, port_in_use, stop_local_head
+from cluster.ray_cluster import (
+    ClusterError,
+    ClusterHandle,
+    connect_existing,
+    ensure_cluster,
+    port_in_use,
+    stop_local_head,
+)
 from cluster.security.operator_token import find_operator_token, operator_token_path
 from cluster.security.ray_auth import AUTH_MODE_ENV, TOKEN_PATH_ENV, driver_env, shell_exports
 from cluster.security.ray_tls import certificate_hosts, default_hosts, init_tls, tls_dir, tls_env
@@ -76,23 +84,8 @@ def up(
     )
     if model:
         _select_models(settings, model)
-    _materialize_models(settings)
-    handle = _start_cluster(settings)
-    console.print(f"[bold]Ray cluster[/] {handle.address}  dashboard: {handle.dashboard_url or 'n/a'}")
-    _print_ray_security(settings.ray, handle.ray_env)
-    try:
-        settings, plans = _plan_placements(settings)
-        took = _deploy_reporting(serve_app, settings)
-    except BaseException as exc:
-        # Nothing is left running when start-up gives up (a deadline, a failed deploy, Ctrl-C): the
-        # application, Serve, and the head this command started.
-        gave_up = isinstance(exc, StartupTimeout | DeployFailed)
-        if gave_up:
-            console.print(f"[red]error:[/] start-up gave up: {exc}")
-        _shutdown(settings, stop_head=handle.started_here)
-        if gave_up:
-            raise typer.Exit(code=1) from None
-        raise
+    started = start_serving(serve_app, settings)
+    settings, plans, handle, took = started.settings, started.plans, started.handle, started.took
     base_url = f"{settings.http.scheme}://{settings.http.host}:{settings.http.port}/v1"
     console.print(f"[green]ready[/] in {took:.1f} s")
     console.print(f"[bold]OpenAI base URL[/] {base_url}")
@@ -269,6 +262,43 @@ def _plan_placements(settings: Settings) -> tuple[Settings, dict]:
     for model, plan in plans.items():
         console.print(f"[bold]placement[/] {model}: {describe_plan(plan)}")
     return (with_plans(settings, plans), plans) if plans else (settings, plans)
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What start_serving started: the settings as placed, the stage plans, the cluster, seconds to ready."""
+
+    settings: Settings
+    plans: dict
+    handle: ClusterHandle
+    took: float
+
+
+def start_serving(serve_app: ServeApp, settings: Settings) -> Serving:
+    """What `up` does before it answers: weights, the cluster (joined or started), placement, the deploy.
+    Nothing is left running when start-up gives up (a deadline, a failed deploy, Ctrl-C): the application,
+    Serve, and the head this call started are stopped (exit 1 with what was still awaited)."""
+    _materialize_models(settings)
+    handle = _start_cluster(settings)
+    console.print(f"[bold]Ray cluster[/] {handle.address}  dashboard: {handle.dashboard_url or 'n/a'}")
+    _print_ray_security(settings.ray, handle.ray_env)
+    try:
+        placed, plans = _plan_placements(settings)
+        took = _deploy_reporting(serve_app, placed)
+    except BaseException as exc:
+        gave_up = isinstance(exc, StartupTimeout | DeployFailed)
+        if gave_up:
+            console.print(f"[red]error:[/] start-up gave up: {exc}")
+        _shutdown(settings, stop_head=handle.started_here)
+        if gave_up:
+            raise typer.Exit(code=1) from None
+        raise
+    return Serving(placed, plans, handle, took)
+
+
+def stop_serving(serving: Serving) -> None:
+    """Drain and remove the application, stop Serve, and stop the head if start_serving started it."""
+    _shutdown(serving.settings, stop_head=serving.handle.started_here)
 
 
 def _deploy_reporting(serve_app: ServeApp, settings: Settings) -> float:

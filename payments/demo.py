@@ -186,11 +186,9 @@ def paid(
     overrides = demo_overrides(workdir / "payments", str(provider.pubkey()), port)
     overrides |= {"pipeline": {"num_stages": stages}, "model": {"served": [model] if model else None}}
     settings = settings_for(serve_app, overrides)
-    cluster_cli._materialize_models(settings)
-    handle = cluster_cli._start_cluster(settings)
+    serving = cluster_cli.start_serving(serve_app, settings)
     try:
-        settings, _ = cluster_cli._plan_placements(settings)
-        cluster_cli._deploy_reporting(serve_app, settings)
+        settings = serving.settings
         base_url = f"{settings.http.scheme}://{settings.http.host}:{settings.http.port}/v1"
         console.print(f"[green]paid demo gateway[/] {base_url} (state in {workdir})")
         operator = get_payments_client(settings.payments, namespace=settings.ray.namespace)
@@ -200,7 +198,7 @@ def paid(
         console.print(f"[red]error:[/] the paid demo failed: {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
     finally:
-        cluster_cli._shutdown(settings, stop_head=handle.started_here)
+        cluster_cli.stop_serving(serving)
 
 
 if __name__ == "__main__":
