@@ -112,12 +112,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# Package scope: the replica and the payments actor are released before other packages' tests run.
-@pytest.fixture(scope="package")
-def paid(
-    ray_cluster: None, repo_root: Path, model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PaidApp]:
-    """configs/serve.yaml's builder in paid mode (prices, sign-in required), tiny Llama, one stage."""
+def deploy_paid(repo_root: Path, model_cache_dir: Path, state_dir: Path, **payments: Any) -> PaidApp:
+    """configs/serve.yaml's builder in paid mode (prices, sign-in required), tiny Llama, one stage, its
+    ledger in `state_dir`; `payments` adds or overrides payments settings (e.g. operator_wallet)."""
     app = read_serve_config(repo_root / "configs" / "serve.yaml")
     settings = settings_for(
         app,
@@ -133,15 +130,25 @@ def paid(
                 "enabled": True,
                 "open_mode": False,
                 "siws_allow_local_domain": True,  # a local test deployment: the default localhost domain
-                "state_dir": str(tmp_path_factory.mktemp("paid-payments")),
-                "actor_name": f"solanalm-payments-attacks-{uuid.uuid4().hex[:6]}",
+                "state_dir": str(state_dir),
+                "actor_name": f"solanalm-payments-{state_dir.name}-{uuid.uuid4().hex[:6]}",
                 "default_price": {"prompt_per_1k": PROMPT_PER_1K, "completion_per_1k": COMPLETION_PER_1K},
                 "settle_interval_s": 3600,  # tests settle explicitly
+                **payments,
             },
         },
     )
     deploy(app, settings)
-    yield PaidApp(f"http://127.0.0.1:{settings.http.port}/v1", settings)
+    return PaidApp(f"http://127.0.0.1:{settings.http.port}/v1", settings)
+
+
+# Package scope: the replica and the payments actor are released before other packages' tests run.
+@pytest.fixture(scope="package")
+def paid(
+    ray_cluster: None, repo_root: Path, model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PaidApp]:
+    """The money-path deployment the attack tests share."""
+    yield deploy_paid(repo_root, model_cache_dir, tmp_path_factory.mktemp("paid-payments"))
     serve.shutdown()
 
 

@@ -2,7 +2,6 @@
 the operator's stage paying a provider wallet the tests hold, so receipts carry a provider share and a
 settlement pass pays it on chain."""
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,15 +10,7 @@ import pytest
 from ray import serve
 from solders.keypair import Keypair
 
-from cluster.deploy import deploy, read_serve_config, settings_for
-from tests.integration.attacks.conftest import (
-    COMPLETION_PER_1K,
-    MODEL,
-    PROMPT_PER_1K,
-    RATE_LIMITS,
-    PaidApp,
-    _free_port,
-)
+from tests.integration.attacks.conftest import PaidApp, deploy_paid
 
 
 @dataclass(frozen=True)
@@ -37,29 +28,8 @@ def sdk_paid(
     ray_cluster: None, repo_root: Path, model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SdkDeployment]:
     provider = Keypair()
-    app = read_serve_config(repo_root / "configs" / "serve.yaml")
-    settings = settings_for(
-        app,
-        {
-            "model": {
-                "served": [MODEL],
-                "cache_dir": str(model_cache_dir),
-                "catalogue": str(repo_root / "configs" / "models.yaml"),
-            },
-            "pipeline": {"num_stages": 1, "max_num_seqs": 8, "max_queue": 32},
-            "http": {"port": _free_port(), "rate_limits": RATE_LIMITS},
-            "payments": {
-                "enabled": True,
-                "open_mode": False,
-                "siws_allow_local_domain": True,  # a local test deployment: the default localhost domain
-                "state_dir": str(tmp_path_factory.mktemp("sdk-payments")),
-                "actor_name": f"solanalm-payments-sdk-{uuid.uuid4().hex[:6]}",
-                "default_price": {"prompt_per_1k": PROMPT_PER_1K, "completion_per_1k": COMPLETION_PER_1K},
-                "operator_wallet": str(provider.pubkey()),
-                "settle_interval_s": 3600,  # tests settle explicitly
-            },
-        },
+    state_dir = tmp_path_factory.mktemp("sdk-payments")
+    yield SdkDeployment(
+        deploy_paid(repo_root, model_cache_dir, state_dir, operator_wallet=str(provider.pubkey())), provider
     )
-    deploy(app, settings)
-    yield SdkDeployment(PaidApp(f"http://127.0.0.1:{settings.http.port}/v1", settings), provider)
     serve.shutdown()
