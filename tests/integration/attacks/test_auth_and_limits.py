@@ -134,11 +134,12 @@ def test_new_keys_and_other_wallets_do_not_reset_a_wallets_bucket(paid: PaidApp)
         paid,
         "POST",
         "/v1/completions",
-        limit["requests"],
+        limit["requests"] * 5 // 4 + 10,  # overflows the sliding window counter even across two windows
         lambda _: headers,
         json={"model": "no-such-model", "prompt": "x", "max_tokens": 1},
     )
-    assert {r.status_code for r in responses} == {404}
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {404, 429} and codes.count(404) >= limit["requests"], codes
     assert_rate_limited(completion(paid, headers, "no-such-model"))
     # A second key of the same wallet, from another address: the same wallet bucket.
     second = sign_in(paid, victim, fake_address())
