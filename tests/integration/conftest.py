@@ -24,3 +24,7 @@ def ray_cluster() -> Iterator[None]:
         )
     yield
     ray.shutdown()
+
+
+# The throwaway PostgreSQL cluster (tests/postgres.py): `postgres_cluster` per session, `postgres_url` per test.
+from tests.postgres import postgres_cluster, postgres_url  # noqa: E402, F401
