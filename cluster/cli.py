@@ -26,7 +26,7 @@ from cluster.deploy import (
     with_plans,
 )
 from cluster.models import load_catalogue, materialize
-from cluster.models.local import catalogue_with_checkpoint
+from cluster.models.local import catalogue_with_local, describe_local
 from cluster.observability.logs import configure_logging
 from cluster.ray_cluster import (
     ClusterError,
@@ -64,7 +64,9 @@ def _state_dir(settings: Settings) -> Path:
 @app.command()
 def up(
     address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of starting a local head.")] = None,
-    model: Annotated[list[str] | None, typer.Option(help="Catalogue name or HF checkpoint dir (repeatable).")] = None,
+    model: Annotated[
+        list[str] | None, typer.Option(help="Catalogue name, .gguf file or HF checkpoint dir (repeatable).")
+    ] = None,
     stages: Annotated[int | None, typer.Option(min=1, help="Pipeline stages per replica.")] = None,
     replicas: Annotated[int | None, typer.Option(min=1, help="Pipelines (Serve replicas) per model.")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port of the OpenAI endpoint.")] = None,
@@ -216,15 +218,20 @@ def _join_existing(address: str | None) -> Settings:
 
 
 def _select_models(settings: Settings, models: list[str]) -> None:
+    """Catalogue names as given; a .gguf file or HF directory is served with the name, context and chat
+    template it carries (cluster.models.local), the catalogue lending only prices and options."""
     catalogue_path = settings.model.catalogue
-    names = []
-    for entry in models:
-        path = Path(entry).expanduser()
-        if path.is_dir():
-            catalogue_path, name = catalogue_with_checkpoint(catalogue_path, path, _state_dir(settings))
-            names.append(name)
-        else:
-            names.append(entry)
+    local = [Path(entry).expanduser() for entry in models if _is_local(entry)]
+    by_path: dict[Path, str] = {}
+    if local:
+        try:
+            catalogue_path, found = catalogue_with_local(catalogue_path, local, _state_dir(settings))
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        for path, found_model in zip(local, found, strict=True):
+            by_path[path] = found_model.name
+            console.print(f"[bold]local model[/] {describe_local(found_model)}")
+    names = [by_path.get(Path(entry).expanduser(), entry) for entry in models]
     settings.model.catalogue = catalogue_path.resolve()
     catalogue = load_catalogue(settings.model.catalogue)
     for name in names:
@@ -232,7 +239,12 @@ def _select_models(settings: Settings, models: list[str]) -> None:
             catalogue.get(name)
         except KeyError as exc:
             _fail(str(exc.args[0]))
-    settings.model.served = names
+    settings.model.served = list(dict.fromkeys(names))
+
+
+def _is_local(entry: str) -> bool:
+    path = Path(entry).expanduser()
+    return path.is_dir() or path.suffix.lower() == ".gguf"
 
 
 def _materialize_models(settings: Settings) -> None:
