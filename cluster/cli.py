@@ -273,7 +273,69 @@ def _plan_placements(settings: Settings) -> tuple[Settings, dict]:
         _fail(f"the provider nodes cannot hold the served models: {exc}")
     for model, plan in plans.items():
         console.print(f"[bold]placement[/] {model}: {describe_plan(plan)}")
-    return (with_plans(settings, plans), plans) if plans else (settings, plans)
+    if plans:
+        return with_plans(settings, plans), plans
+    return _fit_to_memory(settings), plans
+
+
+def _fit_to_memory(settings: Settings) -> Settings:
+    """Without a registry plan: models whose layers do not fit `num_stages` stages' memory get more stages,
+    from the per-layer bytes and each stage's memory (pipeline.stage_resources' `memory`, else the largest
+    node's); a model that even network.placement.max_stages stages cannot hold is refused (exit 1)."""
+    from cluster.network.placement import PlacementError
+    from cluster.network.serving_plan import memory_fitted_layers
+
+    explicit = settings.pipeline.stage_resources.get("memory")
+    stage_memory = int(explicit) if explicit else _largest_node_memory()
+    try:
+        fitted = memory_fitted_layers(
+            _weight_costs(settings),
+            settings.pipeline.num_stages,
+            stage_memory,
+            settings.network.placement,
+            explicit_memory=bool(explicit),
+        )
+    except PlacementError as exc:
+        _fail(f"cannot split the model to fit: {exc}")
+    if not fitted:
+        return settings
+    placed = settings.model_copy(deep=True)
+    placed.pipeline.placements = {  # type: ignore[assignment]  # validated on assignment
+        **{name: p.model_dump() for name, p in settings.pipeline.placements.items()},
+        **{model: {"stage_layers": layers} for model, layers in fitted.items()},
+    }
+    for model, layers in fitted.items():
+        console.print(
+            f"[bold]memory split[/] {model}: {len(layers)} stages of {stage_memory / 2**30:.2f} GiB, layers {layers}"
+        )
+    return placed
+
+
+def _weight_costs(settings: Settings) -> dict:
+    """Per-layer weight bytes (dense + low-bit copies, no KV: the KV cache is sized from what is left) of
+    each model the sharded engine serves."""
+    from cluster.network.model_cost import model_cost_for
+
+    catalogue = load_catalogue(settings.model.catalogue)
+    costs = {}
+    for name in settings.model.served:
+        spec = catalogue.get(name)
+        if spec.backend != "transformers":
+            continue
+        dtype = settings.model.dtype or spec.dtype
+        quant = settings.model.weight_quant or spec.weight_quant
+        costs[name] = model_cost_for(materialize(spec, settings.model.cache_dir, dtype), dtype, weight_quant=quant)
+    return costs
+
+
+def _largest_node_memory() -> int:
+    """The memory Ray may schedule on its roomiest live node (this machine's before a cluster is up)."""
+    import psutil
+    import ray
+
+    nodes = ray.nodes() if ray.is_initialized() else []
+    sizes = [int((n.get("Resources") or {}).get("memory", 0)) for n in nodes if n.get("Alive")]
+    return max(sizes, default=0) or int(psutil.virtual_memory().total)
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,6 +125,60 @@ def plan_stages(
     return best
 
 
+def memory_fitted_split(
+    cost: ModelCost, stage_memory_bytes: int, min_stages: int = 1, max_stages: int = 8, headroom: float = 0.2
+) -> list[int]:
+    """Layers per stage for the fewest stages (at least `min_stages`, at most `max_stages`) whose memory each
+    holds its share: a stage keeps `headroom` of `stage_memory_bytes` free (KV cache, activations), the first
+    also holds the embedding and the last the norm + lm_head. Layers are spread as evenly as those caps allow
+    and no stage gets more than fit; PlacementError says what was needed when even `max_stages` cannot."""
+    if cost.num_layers < 1:
+        raise PlacementError("the model has no layers")
+    if not 1 <= min_stages <= max_stages or not 0 <= headroom < 1:
+        raise PlacementError("need 1 <= min_stages <= max_stages and headroom in [0, 1)")
+    usable = int(stage_memory_bytes * (1 - headroom))
+    for k in range(min_stages, min(max_stages, cost.num_layers) + 1):
+        caps = _layer_caps(cost, usable, k)
+        if min(caps) >= 1 and sum(caps) >= cost.num_layers:
+            return _even_within(cost.num_layers, caps)
+    stages = min(max_stages, cost.num_layers)
+    held = sum(max(0, c) for c in _layer_caps(cost, usable, stages)) if stages > 0 else 0
+    raise PlacementError(
+        f"the model needs {_gib(cost.num_layers * cost.per_layer_bytes + cost.embed_bytes + cost.head_bytes)} GiB "
+        f"({cost.num_layers} layers of {cost.per_layer_bytes / 2**20:.1f} MiB, embedding "
+        f"{cost.embed_bytes / 2**20:.1f} MiB, head {cost.head_bytes / 2**20:.1f} MiB) but {stages} stages of "
+        f"{_gib(stage_memory_bytes)} GiB ({_gib(usable)} GiB after {headroom:.0%} headroom) hold at most {held} "
+        "layers: give each stage more memory (pipeline.stage_resources.memory) or allow more stages "
+        "(network.placement.max_stages)"
+    )
+
+
+def _layer_caps(cost: ModelCost, usable: int, stages: int) -> list[int]:
+    """Decoder layers each of `stages` stages can hold in `usable` bytes beside the ends' extras."""
+    last = stages - 1
+    extras = [(cost.embed_bytes if i == 0 else 0) + (cost.head_bytes if i == last else 0) for i in range(stages)]
+    return [(usable - extra) // cost.per_layer_bytes for extra in extras]
+
+
+def _even_within(num_layers: int, caps: Sequence[int]) -> list[int]:
+    """`num_layers` split as evenly as `caps` allow (a stage that reaches its cap passes the rest on)."""
+    counts = [0] * len(caps)
+    left, open_stages = num_layers, [i for i, cap in enumerate(caps) if cap > 0]
+    while left > 0 and open_stages:
+        share = max(1, left // len(open_stages))
+        for i in list(open_stages):
+            add = min(share, caps[i] - counts[i], left)
+            counts[i] += add
+            left -= add
+            if counts[i] >= caps[i]:
+                open_stages.remove(i)
+    return counts
+
+
+def _gib(value: int) -> str:
+    return f"{value / 2**30:.2f}"
+
+
 def replan_without(
     cost: ModelCost, nodes: Sequence[NodeCapacity], departed: Iterable[str], **options: float
 ) -> StagePlan:

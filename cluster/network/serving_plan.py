@@ -13,8 +13,10 @@ from typing import Any
 from cluster.config.network import PlacementSection
 from cluster.network.placement import (
     ModelCost,
+    PlacementError,
     StagePlan,
     capacities_from_records,
+    memory_fitted_split,
     plan_stages,
     stage_memory_bytes,
 )
@@ -53,6 +55,31 @@ def plan_models(
             free[stage.node_id] -= used
         plans[model] = plan
     return plans
+
+
+def memory_fitted_layers(
+    costs: Mapping[str, ModelCost],
+    num_stages: int,
+    stage_memory_bytes: int,
+    section: PlacementSection,
+    explicit_memory: bool = False,
+) -> dict[str, list[int]]:
+    """Layers per stage of each model that must be split differently from `num_stages` equal shares to fit
+    `stage_memory_bytes` per stage: more stages where the layers do not fit (PlacementError naming the model
+    when even `section.max_stages` cannot hold it). With `explicit_memory` (the bundle's memory was set)
+    every model gets its fitted split, so no stage is given more layers than fit; otherwise models that fit
+    `num_stages` stages keep the engine's own split (absent from the result)."""
+    fitted = {}
+    for model, cost in costs.items():
+        first = min(num_stages, cost.num_layers)
+        limit = max(section.max_stages, first)
+        try:
+            layers = memory_fitted_split(cost, stage_memory_bytes, first, limit, section.memory_headroom)
+        except PlacementError as exc:
+            raise PlacementError(f"{model}: {exc}") from None
+        if explicit_memory or len(layers) != num_stages:
+            fitted[model] = layers
+    return fitted
 
 
 def placements_args(plans: Mapping[str, StagePlan]) -> dict[str, dict[str, Any]]:
