@@ -112,7 +112,7 @@ def status(
 ) -> None:
     """Nodes, deployments, and each pipeline's stages with their layer ranges, process and node."""
     settings = _join_existing(address)
-    render_status(console, settings.network, settings.ray.namespace)
+    render_status(console, settings.network, settings.ray.namespace, settings.http.app_name)
 
 
 @app.command()
