@@ -1,4 +1,5 @@
-"""`solanalm payments ...`: balance, deposit, pending, settle, reconcile, sweep-holds, export.
+"""`solanalm payments ...`: balance, deposit, pending, settle, reconcile, sweep-holds, export, migrate,
+backup, restore.
 
 By default a command opens the ledger and the chain backend directly (`--local`). While a payments
 actor is running with the in-process LiteSVM backend, use `--via-actor` instead: LiteSVM's state
@@ -23,6 +24,7 @@ from cluster.config import load_settings
 from payments.chain.litesvm_backend import LiteSVMBackend
 from payments.deposits import deposit_transaction
 from payments.errors import PaymentError
+from payments.ledger import migrate as migrations
 from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
 from payments.ledger.payouts import PayoutBook
 from payments.pricing import Price
@@ -265,3 +267,31 @@ def export(
     rows = _with_service(config, False, run)  # type: ignore[arg-type]
     if out is not None:
         console.print(f"wrote {rows} rows to {out}")
+
+
+@app.command()
+def migrate(
+    sql: bool = typer.Option(False, "--sql", help="Print the SQL instead of running it (offline, for review)."),
+    from_revision: str | None = typer.Option(
+        None, "--from", help="With --sql: the revision the ledger is at (default: an empty database)."
+    ),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Upgrade the ledger's schema to the newest migration (alembic upgrade head); safe on a live ledger."""
+    section = load_settings(config).payments
+    url = section.resolved_database_url()
+    if sql:
+        typer.echo(migrations.upgrade_sql(url, from_revision=from_revision), nl=False)
+        return
+    section.state_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url, section.sqlite_synchronous)
+    try:
+        result = migrations.migrate(engine)
+    finally:
+        engine.dispose()
+    origin = "pre-Alembic (stamped 0001)" if result.adopted else result.from_revision or "empty"
+    console.print(f"ledger schema {origin} -> {result.to_revision} (head {migrations.head_revision()})")
+    if result.added_columns:
+        console.print(f"  added {', '.join(result.added_columns)}")
+    if not result.changed:
+        console.print("  already at head: nothing to do")

@@ -14,17 +14,16 @@ from sqlalchemy.exc import IntegrityError
 from payments.errors import InsufficientBalance, InvalidRequest, NotFound, PaymentError
 from payments.ledger import accounts as acct
 from payments.ledger.accounts import Posting, apply_postings, balance_of
+from payments.ledger.migrate import migrate
 from payments.ledger.payees import payee_problem
 from payments.ledger.schema import (
     deposits,
     holds,
-    metadata,
     payout_batches,
     postings,
     settlement_shares,
     settlements,
 )
-from payments.ledger.upgrade import upgrade_schema
 from payments.pricing import BPS, Price, hold_amount, request_cost, split_cost
 from payments.protocol import (
     Balance,
@@ -82,8 +81,7 @@ class Ledger:
         self.policy = policy
         # Addresses never paid as payees (the treasury); their shares go to the network account.
         self.reserved_payees: frozenset[str] = frozenset()
-        upgrade_schema(engine)  # an older ledger's tables get the columns added since (before create_all's indexes)
-        metadata.create_all(engine)
+        migrate(engine)  # alembic upgrade head (a pre-Alembic ledger is brought to migration 1 and stamped first)
 
     @classmethod
     def from_url(cls, url: str, price_of: Callable[[str], Price], policy: SplitPolicy) -> "Ledger":
