@@ -21,6 +21,7 @@ from cluster.deploy import (
     drain_and_shutdown,
     plan_deployment,
     read_serve_config,
+    register_local_node,
     settings_for,
     start_controller,
     with_plans,
@@ -357,6 +358,9 @@ def start_serving(serve_app: ServeApp, settings: Settings) -> Serving:
     console.print(f"[bold]Ray cluster[/] {handle.address}  dashboard: {handle.dashboard_url or 'n/a'}")
     _print_ray_security(settings.ray, handle.ray_env)
     try:
+        local = register_local_node(settings, _state_dir(settings))
+        if local is not None:
+            console.print(f"[bold]local node[/]  {local.node_id[:12]} in the registry, wallet {local.wallet}")
         placed, plans = _plan_placements(settings)
         took = _deploy_reporting(serve_app, placed)
     except BaseException as exc:

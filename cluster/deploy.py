@@ -143,7 +143,9 @@ def model_costs(settings: Settings) -> dict[str, ModelCost]:
 
 
 def registry_records(settings: Settings, eligible: bool = True) -> list[NodeRecord] | None:
-    """The registry's (eligible) node records, or None when no registry runs on the cluster."""
+    """The registry's (eligible) provider records, or None when no registry runs on the cluster. The operator's
+    own node (registered by `solanalm up`, see local_node.py) is left out: placement plans it as before."""
+    from cluster.network.local_node import is_operator_record
     from cluster.network.registry import call_registry, get_registry
 
     try:
@@ -152,7 +154,7 @@ def registry_records(settings: Settings, eligible: bool = True) -> list[NodeReco
         return None
     method = "eligible_nodes" if eligible else "list_nodes"
     records: list[NodeRecord] = call_registry(registry, method, timeout_s=settings.network.registry_call_timeout_s)
-    return records
+    return [r for r in records if not is_operator_record(r, settings.network.label_prefix)]
 
 
 def planning_records(settings: Settings, eligible: bool = True) -> list[NodeRecord]:
@@ -184,6 +186,19 @@ def operator_records(settings: Settings, registered: set[str]) -> list[NodeRecor
         )
         records.append(NodeRecord(node_id=node["NodeID"], wallet="", capabilities=capabilities, reputation=1.0))
     return records
+
+
+def register_local_node(settings: Settings, state_dir: Path) -> NodeRecord | None:
+    """Start the registry and register this machine's head as the operator's own node with the local wallet
+    (state_dir/local-wallet.json), so the network shows it; None (logged) when the registry refuses."""
+    from cluster.network import local_node
+
+    gflops = settings.network.placement.operator_throughput_gflops or _local_gflops()
+    try:
+        return local_node.register_local_node(settings, state_dir, gflops)
+    except Exception as exc:  # noqa: BLE001 - the network view must not stop serving from starting
+        logger.warning("could not register the operator's node in the registry: %s", exc)
+        return None
 
 
 @functools.cache

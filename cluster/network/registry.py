@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 RAY_LABEL_PREFIX = "ray.io/"
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource that only the head node has
+OPERATOR_LABEL = "operator"  # <label_prefix>/operator=true: the operator's own node (see register_operator)
 
 
 @dataclass(slots=True)
@@ -96,6 +97,40 @@ class NetworkRegistry:
         )
         self._put(record)
         logger.info("node %s joined for wallet %s (reputation %.2f)", node_id[:12], wallet, record.reputation)
+        return record
+
+    def register_operator(
+        self, proof: JoinProof, capabilities: NodeCapabilities, ray_node: dict[str, Any] | None, now: float
+    ) -> NodeRecord:
+        """The operator's own node (the head, where this registry runs), proved by the operator's local wallet.
+
+        No wallet label is needed (`solanalm up` started the head before any wallet existed): the node must be
+        the live head. Labelled `<prefix>/operator=true`, so placement keeps treating it as the operator's (its
+        stages stay in the operator's placement groups); a re-registration keeps its counters and join time.
+        """
+        wallet = str(self.challenges.verify(proof, now))
+        node_id = proof.challenge.node_id
+        if ray_node is None or not ray_node.get("Alive", False):
+            raise ProofError(f"node {node_id} is not a live Ray node")
+        if HEAD_NODE_RESOURCE not in (ray_node.get("Resources") or {}):
+            raise ProofError(f"node {node_id} is not the head node: only the head is the operator's own node")
+        labels = {**_provider_labels(ray_node), self.label("wallet"): wallet, self.label(OPERATOR_LABEL): "true"}
+        labels.setdefault(self.label("hardware"), "gpu" if capabilities.num_gpus > 0 else "cpu")
+        previous = self.records.get(node_id)
+        base = previous if previous is not None and previous.wallet == wallet else NodeRecord(node_id, wallet)
+        record = replace(
+            base,
+            labels=labels,
+            region=labels.get(self.label("region"), ""),
+            capabilities=_with_ray_resources(capabilities, ray_node),
+            verified=True,
+            health="alive",
+            draining=False,
+            joined_at=base.joined_at or now,
+            reputation=base.reputation if previous is base else 1.0,  # the operator trusts its own machine
+        )
+        self._put(record)
+        logger.info("the operator's node %s registered for wallet %s", node_id[:12], wallet)
         return record
 
     def issue_provider_challenge(
@@ -380,6 +415,12 @@ class RegistryActor:
     ) -> NodeRecord:
         ray_node = next((n for n in ray.nodes() if n["NodeID"] == proof.challenge.node_id), None)
         record = self._registry.register(proof, capabilities, ray_node, time.time(), labels)
+        self._persist(force=True)
+        return record
+
+    def register_operator(self, proof: JoinProof, capabilities: NodeCapabilities) -> NodeRecord:
+        ray_node = next((n for n in ray.nodes() if n["NodeID"] == proof.challenge.node_id), None)
+        record = self._registry.register_operator(proof, capabilities, ray_node, time.time())
         self._persist(force=True)
         return record
 

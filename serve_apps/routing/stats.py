@@ -14,6 +14,7 @@ from typing import Any
 import ray
 
 from cluster.config.network import NetworkSection
+from cluster.network.local_node import is_operator_record
 from cluster.network.records import NodeRecord
 from serve_apps.routing.ranking import ReplicaStats, score_of
 
@@ -52,7 +53,10 @@ class RegistryLink:
             logger.warning("registry unreachable for routing stats: %s", exc)
             self._handle = None
             return None
-        self._records = {record.node_id: record for record in listed}
+        # The operator's own node (registered by `solanalm up`) scores as before, as a node the registry
+        # does not know, so registering it changes no routing.
+        prefix = self.network.label_prefix
+        self._records = {r.node_id: r for r in listed if not is_operator_record(r, prefix)}
         self._fetched_at = time.monotonic()
         return self._records
 
