@@ -10,7 +10,8 @@ from tests.postgres import PostgresCluster, find_bindir
 def test_each_test_gets_a_fresh_database_on_a_real_server(postgres_cluster: PostgresCluster, postgres_url: str) -> None:
     engine = create_engine(postgres_url)
     with engine.begin() as conn:
-        assert conn.execute(text("SELECT current_setting('server_version_num')::int")).scalar() >= 130000
+        version = conn.execute(text("SELECT current_setting('server_version_num')::int")).scalar()
+        assert version is not None and version >= 130000  # DROP DATABASE ... WITH (FORCE)
         assert conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")).scalar() == 0
         conn.execute(text("CREATE TABLE t (x int)"))
     engine.dispose()

@@ -1,8 +1,14 @@
-"""Fixtures of the payments unit tests: a real PaymentsService on SQLite + in-process LiteSVM."""
+"""Fixtures of the payments unit tests: a real PaymentsService on SQLite + in-process LiteSVM.
+
+The ledger database comes from one fixture, `ledger_database_url`: None (SQLite: in memory for a bare
+ledger, a file in the state dir for a service) unless `SOLANALM_TEST_POSTGRES` names a running PostgreSQL
+cluster (tests/postgres.py), in which case each test gets a fresh database on it.
+tests/integration/ledger/test_payments_suite_on_postgres.py re-runs this directory that way.
+"""
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +21,13 @@ from solders.transaction import Transaction, VersionedTransaction
 from spl.token.constants import TOKEN_PROGRAM_ID
 from spl.token.instructions import get_associated_token_address, transfer_checked
 from spl.token.models import TransferCheckedParams
+from sqlalchemy import Engine, create_engine
 
 from cluster.config.payments import PaymentsSection
+from payments.ledger.ledger import make_engine
 from payments.protocol import DepositRequest, HoldRequest, ProviderShare, UsageReport
 from payments.service import PaymentsService
+from tests.postgres import cluster_from_environment
 from tests.unit.payments.forked import is_under, run_forked
 
 
@@ -26,9 +35,43 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    cluster = cluster_from_environment()
+    return f"payments ledger: {'PostgreSQL at ' + cluster.socket_dir if cluster else 'SQLite'}"
+
+
 @pytest.fixture
-def section(tmp_path: Path) -> PaymentsSection:
-    return PaymentsSection(state_dir=tmp_path / "state", siws_domain="solanalm.test")
+def ledger_database_url() -> Iterator[str | None]:
+    """None: SQLite. Else the URL of a fresh PostgreSQL database, dropped after the test."""
+    cluster = cluster_from_environment()
+    if cluster is None:
+        yield None
+        return
+    name = cluster.create_database("unit")
+    try:
+        yield cluster.url(name)
+    finally:
+        cluster.drop_database(name)
+
+
+@pytest.fixture
+def ledger_engine(ledger_database_url: str | None) -> Iterator[Engine]:
+    """The engine of a bare ledger: SQLite in memory, or the test's PostgreSQL database."""
+    engine = create_engine("sqlite://") if ledger_database_url is None else make_engine(ledger_database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def section(tmp_path: Path, ledger_database_url: str | None) -> PaymentsSection:
+    return PaymentsSection(state_dir=tmp_path / "state", siws_domain="solanalm.test", database_url=ledger_database_url)
+
+
+def point_cli_at(section: PaymentsSection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `solanalm payments ...` (settings from the environment) open the test's ledger."""
+    monkeypatch.setenv("SOLANALM_PAYMENTS__STATE_DIR", str(section.state_dir))
+    if section.database_url is not None:
+        monkeypatch.setenv("SOLANALM_PAYMENTS__DATABASE_URL", section.database_url.get_secret_value())
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from solders.keypair import Keypair
-from sqlalchemy import create_engine
+from sqlalchemy import Engine
 
 from cluster.config.payments import PaymentsSection
 from payments.auth import WalletAuth, format_message
@@ -14,8 +14,8 @@ from payments.ledger.schema import metadata, nonces
 
 
 @pytest.fixture
-def auth() -> WalletAuth:
-    engine = create_engine("sqlite://")
+def auth(ledger_engine: Engine) -> WalletAuth:
+    engine = ledger_engine
     metadata.create_all(engine)
     return WalletAuth(engine, "solanalm.test", nonce_ttl_s=300, max_age_s=600, api_key_ttl_s=3_600)
 

@@ -9,12 +9,12 @@ from solders.keypair import Keypair
 from typer.testing import CliRunner
 
 from payments.cli import app
-from tests.unit.payments.conftest import funded_client, run, serve_request
+from tests.unit.payments.conftest import funded_client, point_cli_at, run, serve_request
 
 
 @pytest.fixture
 def env(section, monkeypatch) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("SOLANALM_PAYMENTS__STATE_DIR", str(section.state_dir))
+    point_cli_at(section, monkeypatch)
     return {}
 
 

@@ -4,7 +4,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import Engine, update
 from typer.testing import CliRunner
 
 from cluster.config.payments import PaymentsSection
@@ -16,14 +16,14 @@ from payments.ledger.schema import holds
 from payments.pricing import Price
 from payments.protocol import HoldRequest, ProviderShare, ReleaseHold, UsageReport
 from payments.service import PaymentsService
-from tests.unit.payments.conftest import funded_client
+from tests.unit.payments.conftest import funded_client, point_cli_at
 
 PAYER = "payer1"
 
 
 @pytest.fixture
-def ledger() -> Ledger:
-    ledger = Ledger(create_engine("sqlite://"), lambda model: Price(1_000, 2_000), SplitPolicy(500, 100))
+def ledger(ledger_engine: Engine) -> Ledger:
+    ledger = Ledger(ledger_engine, lambda model: Price(1_000, 2_000), SplitPolicy(500, 100))
     ledger.credit_deposit("sig1", PAYER, 10_000_000, slot=1)
     return ledger
 
@@ -96,7 +96,7 @@ def test_the_service_sweeps_with_the_configured_age(make_service: Callable[..., 
 def test_the_cli_sweeps_orphans_and_reconcile_flags_them_first(
     make_service: Callable[..., PaymentsService], section: PaymentsSection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SOLANALM_PAYMENTS__STATE_DIR", str(section.state_dir))
+    point_cli_at(section, monkeypatch)
     service = make_service()
     payer = str(funded_client(service, 5_000_000).pubkey())
     service.place_hold(HoldRequest("orphan", payer, "m", 100, 10))

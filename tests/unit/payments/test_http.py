@@ -6,10 +6,12 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from solders.keypair import Keypair
+from sqlalchemy import update
 
 from payments.client import LocalPaymentsClient
 from payments.errors import InsufficientBalance
 from payments.http import build_router, openai_error
+from payments.ledger.schema import api_keys
 from payments.protocol import HoldRequest
 from tests.unit.payments.conftest import deposit_tx, funded_client, run, serve_request
 
@@ -133,7 +135,7 @@ def test_keys_expire_visibly_and_a_wallet_lists_only_its_own(http: TestClient, s
     )
     assert http.get("/v1/auth/keys").status_code == 401
     with service.auth.engine.begin() as conn:  # the 60 s key's time has come
-        conn.exec_driver_sql("UPDATE api_keys SET expires_at = 0 WHERE id = ?", (verified["id"],))
+        conn.execute(update(api_keys).where(api_keys.c.id == verified["id"]).values(expires_at=0))
     expired = http.get("/v1/balance", headers=auth(verified["api_key"]))
     assert expired.status_code == 401 and expired.json()["error"]["code"] == "expired_api_key"
     bad = http.post("/v1/auth/verify", json={"message": "x", "signature": "y", "ttl_s": 0})

@@ -4,7 +4,7 @@ import random
 
 import pytest
 from solders.keypair import Keypair
-from sqlalchemy import create_engine
+from sqlalchemy import Engine
 
 from payments.errors import InsufficientBalance, InvalidRequest, NotFound
 from payments.ledger.ledger import Ledger, SplitPolicy
@@ -18,8 +18,8 @@ P1, P2, PROXY = (str(Keypair.from_seed(bytes([i]) * 32).pubkey()) for i in (1, 2
 
 
 @pytest.fixture
-def ledger() -> Ledger:
-    return Ledger(create_engine("sqlite://"), lambda model: Price(1_000, 2_000), SplitPolicy(500, 100))
+def ledger(ledger_engine: Engine) -> Ledger:
+    return Ledger(ledger_engine, lambda model: Price(1_000, 2_000), SplitPolicy(500, 100))
 
 
 def assert_balanced(ledger: Ledger) -> None:

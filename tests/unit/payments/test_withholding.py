@@ -2,7 +2,7 @@
 
 import pytest
 from solders.keypair import Keypair
-from sqlalchemy import create_engine
+from sqlalchemy import Engine
 
 from payments.errors import NotFound
 from payments.ledger.ledger import Ledger, SplitPolicy
@@ -17,8 +17,8 @@ GOOD, BAD = (str(Keypair.from_seed(bytes([i]) * 32).pubkey()) for i in (1, 2))  
 
 
 @pytest.fixture
-def ledger() -> Ledger:
-    ledger = Ledger(create_engine("sqlite://"), lambda model: Price(1_000, 2_000), SplitPolicy(500, 0))
+def ledger(ledger_engine: Engine) -> Ledger:
+    ledger = Ledger(ledger_engine, lambda model: Price(1_000, 2_000), SplitPolicy(500, 0))
     ledger.credit_deposit("sig1", PAYER, 10_000, slot=1)
     for rid in ("r1", "r2"):
         ledger.place_hold(HoldRequest(rid, PAYER, "m", max_tokens=256, prompt_tokens=100))
