@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	# PostgreSQL server binaries for the ledger tests (tests/postgres.py); Debian keeps them in /usr/lib/postgresql/*/bin.
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+	# The dashboard's vendored front end (htmx, its SSE extension, uPlot): check each file's sha256 against
+	# serve_apps/dashboard/static/vendor/manifest.json, re-fetching a missing or changed one with `npm pack`.
+	$(PY) -m serve_apps.dashboard.assets
+	# Debian's chromium for the dashboard's browser tests (Playwright drives /usr/bin/chromium).
+	test -x /usr/bin/chromium || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 	touch $(STAMP)
 
 run: install

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -77,9 +77,20 @@ SPECS: tuple[MetricSpec, ...] = (
 )
 
 
+# In-process listeners of every recording (name, method, value, tags): the dashboard's live figures
+# (serve_apps/dashboard) read the gateway's own requests, tokens and latencies here, without a scrape.
+TAPS: list[Callable[[str, str, float, dict[str, str]], None]] = []
+
+
 class _ServeMetricSet(MetricSet):
     """Serve's metric classes where Serve is loaded (they add the deployment, replica and application tags
     inside a replica); Ray's plain ones elsewhere (stage actors do not import Serve just for metrics)."""
+
+    def _record(self, name: str, method: str, value: float, tags: dict[str, str]) -> None:
+        super()._record(name, method, value, tags)
+        for tap in TAPS:
+            with contextlib.suppress(Exception):  # a listener must not fail a request
+                tap(name, method, value, tags)
 
     def _create(self, name: str) -> Any:
         if self._flavour is None and "ray.serve" in sys.modules:

@@ -22,6 +22,7 @@ from payments.client import PaymentsUnavailable
 from payments.http import build_router
 from payments.protocol import SETTLEMENT_HEADER
 from serve_apps import metrics
+from serve_apps.dashboard.routes import build_dashboard_router
 from serve_apps.engine.messages import SamplingParams
 from serve_apps.gateway import responses as R
 from serve_apps.gateway.backend import PipelineBackend, PipelineLost
@@ -335,6 +336,7 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
     # payments client the gateway meters with (503 while payments are disabled).
     app.include_router(build_router(lambda: _payments_of(app)))
     app.include_router(build_provider_router(core))  # provider registration: challenge, register, heartbeat, leave
+    app.include_router(build_dashboard_router(core))  # the web dashboard at /dashboard (serve_apps/dashboard)
     mount_mcp(app, lambda: app.state.gateway or current_gateway())  # MCP, streamable HTTP (serve_apps/mcp)
     return app
 
