@@ -10,7 +10,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from cluster.config.serving import INT4_GROUP, WeightQuant
 from cluster.network.placement import ModelCost
 
-LowBitKind = Literal["int8", "int4", "fp16"]  # packed copies a stage keeps (serve_apps.engine.quant)
+# Packed copies a stage keeps (serve_apps.engine.quant); int8_g32: a GGUF's Q8_0 blocks, as two int4 planes.
+LowBitKind = Literal["int8", "int4", "fp16", "int8_g32"]
 # FBGEMM packs an fp16 matrix in blocks of 512 inputs, padded: SmolLM2's 49152 x 576 head holds 96 MiB, not
 # 54 (resident memory measured per pack for inputs 64, 500, 576, 1024 and 49152).
 FBGEMM_FP16_K_BLOCK = 512
@@ -33,13 +34,16 @@ def packed_bytes(rows: int, cols: int, kind: WeightQuant | LowBitKind, itemsize:
     """Bytes of the low-bit copy a stage keeps of a [rows, cols] weight beside the dense one (0: none).
 
     int4: two values a byte plus a (scale, zero) pair per group of 32 inputs; int8: a byte a value plus a
-    scale per row; scales in the model's dtype; fp16: two bytes a value, inputs padded to FBGEMM's block.
+    scale per row; int8_g32: two int4 planes; scales in the model's dtype; fp16: two bytes a value, inputs
+    padded to FBGEMM's block.
     A matrix whose inputs are not whole groups gets no int4 copy.
     """
     if kind == "int4":
         return rows * cols // 2 + (cols // INT4_GROUP) * rows * 2 * itemsize if cols % INT4_GROUP == 0 else 0
     if kind == "int8":
         return rows * cols + rows * itemsize
+    if kind == "int8_g32":
+        return 2 * packed_bytes(rows, cols, "int4", itemsize)
     if kind == "fp16":
         return rows * _round_up(cols, FBGEMM_FP16_K_BLOCK) * 2
     return 0

@@ -12,6 +12,12 @@ per output row. fp16 is FBGEMM's packed half-precision GEMM (`linear_dynamic_fp1
 not smaller than bfloat16, but for the lm_head of a few rows it runs at memory speed where the int8
 kernel does not (SmolLM2's 49152 x 576 head, 8 rows, 1 thread: 5.5 ms against 12.8 int8 and 8.8 bfloat16;
 docs/benchmarks.md), and bfloat16 weights convert to it exactly.
+
+A GGUF's own blocks (cluster.models.gguf_file) are packed as they are, not re-derived from values:
+`int4_from_blocks` takes Q4_0 / Q4_1 / Q4_K codes with their per-32 scale and zero, and `int8_g32` holds
+Q8_0 (int8 codes, one scale per 32 inputs) as two int4 planes, q = 16 * hi + lo (hi = q >> 4, lo = q & 15),
+since PyTorch's int8 kernel takes one scale per row only: the two planes read the same bytes as int8 codes
+and, both products being exact, sum to the file's values (float32; a bfloat16 model's scales round).
 """
 
 from dataclasses import dataclass
@@ -37,8 +43,12 @@ class LowBitWeight:
     scales: torch.Tensor  # int8: [N]; int4: [K / group, N, 2] (scale, zero); fp16: none (empty)
     out_features: int
     nbytes: int  # of the packed copy and its scales
+    planes: tuple["LowBitWeight", ...] = ()  # int8_g32: its high and low int4 planes (packed/scales unused)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.planes:
+            high, low = self.planes
+            return high.matmul(x) + low.matmul(x)
         if self.kind == "fp16":
             return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
         packed = cast(torch.Tensor, self.packed)
@@ -90,6 +100,23 @@ def quantize_int4(weight: torch.Tensor) -> LowBitWeight:
     scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(weight.dtype)
     nbytes = packed.numel() * packed.element_size() + scales.numel() * scales.element_size()
     return LowBitWeight("int4", packed, scales, rows, nbytes)
+
+
+def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> LowBitWeight:
+    """Pack codes q [N, K] (0..15) with per-group scale and zero [N, K / 32]: w = (q - 8) * scale + zero."""
+    rows = q.shape[0]
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    scales = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    nbytes = packed.numel() * packed.element_size() + scales.numel() * scales.element_size()
+    return LowBitWeight("int4", packed, scales, rows, nbytes)
+
+
+def int8_g32_from_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> LowBitWeight:
+    """Int8 codes q [N, K] with one scale per 32 inputs [N, K / 32] (w = q * scale), as two int4 planes."""
+    codes = q.to(torch.int32)
+    high = int4_from_blocks((codes >> 4) + 8, 16 * scale, torch.zeros_like(scale), dtype)  # (hi + 8 - 8) * 16s
+    low = int4_from_blocks(codes & 0x0F, scale, 8 * scale, dtype)  # (lo - 8) * s + 8s
+    return LowBitWeight("int8_g32", high.packed, high.scales, q.shape[0], high.nbytes + low.nbytes, (high, low))
 
 
 def dequantize(low: LowBitWeight, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -14,6 +14,7 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
 from cluster.network.model_cost import head_copy_kind
 from serve_apps.engine.decoder import Attention, CausalAttention, DecoderLayer, Rotary, fuse_layer_tensors, rms_norm
+from serve_apps.engine.gguf_source import SourceWeights, layer_parts, weights_summary
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.quant import LowBitWeight, WeightQuant, project, quantize
 
@@ -35,17 +36,39 @@ class StageModel(nn.Module):
             self.rotary = Rotary(config)
         self.lm_head_low_bit: LowBitWeight | None = None
         self.low_bit_max_rows = 0
+        self.source: SourceWeights | None = None  # a GGUF's types and blocks (gguf_source), set by build_stage
+        self.quantized = False
 
     def quantize(self, kind: WeightQuant, max_rows: int) -> None:
         """Packed low-bit copies of the layers' projections (int4 or int8) and of the lm_head (fp16 where
-        FBGEMM runs it, else int8: see head_copy_kind), used for calls of at most `max_rows` tokens."""
+        FBGEMM runs it, else int8: see head_copy_kind), used for calls of at most `max_rows` tokens.
+        A model from a GGUF takes each projection's copy from the file's own blocks instead (gguf_source)."""
         if kind == "none":
             return
         for layer in self._decoder_layers():
-            layer.quantize(kind, max_rows)
+            if self.source is None:
+                layer.quantize(kind, max_rows)
+            else:
+                self._copy_source_blocks(layer, self.source, max_rows)
         if self.lm_head is not None:
             self.lm_head_low_bit = quantize(self.lm_head, head_copy_kind()) or quantize(self.lm_head, "int8")
         self.low_bit_max_rows = max_rows
+        self.quantized = True
+
+    @staticmethod
+    def _copy_source_blocks(layer: DecoderLayer, source: SourceWeights, max_rows: int) -> None:
+        copies = {
+            name: source.copy_for(f"layers.{layer.layer_idx}.{name}", parts, getattr(layer, name).dtype)
+            for name, parts in layer_parts(layer.layer_idx).items()
+        }
+        layer.low_bit = {name: low for name, low in copies.items() if low is not None}
+        layer.low_bit_max_rows = max_rows
+
+    def weights_summary(self) -> dict[str, object]:
+        """Source types, packed copies by kind and dense fallbacks (the `weights` of the stage's description)."""
+        copies = [low for layer in self._decoder_layers() for low in layer.low_bit.values()]
+        copies += [self.lm_head_low_bit] if self.lm_head_low_bit is not None else []
+        return weights_summary(self.source, copies, self.quantized)
 
     def _decoder_layers(self) -> list[DecoderLayer]:
         return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
@@ -92,6 +115,9 @@ def build_stage(model_dir: Path, spec: StageSpec, dtype: torch.dtype) -> StageMo
     state = _fuse(_read_stage_tensors(model_dir, spec, config, dtype), spec)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
+    model.source = SourceWeights.load(model_dir)
+    if model.source is not None:
+        model.source.stage_tensors = sorted(set(stage_tensor_names(spec, config).values()))
     return model
 
 

@@ -4,6 +4,7 @@
 it as the Ray actor placed in the replica's placement-group bundle.
 """
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -129,7 +130,11 @@ class StageWorker:
             torch_threads=torch.get_num_threads(),
             kv_slots=self.cache.num_slots,
             kv_capacity_tokens=self.cache.capacity_tokens(),
-            extra={"weight_quant": self.config.weight_quant, "low_bit_bytes": str(self.model.low_bit_bytes())},
+            extra={
+                "weight_quant": self.config.weight_quant,
+                "low_bit_bytes": str(self.model.low_bit_bytes()),
+                "weights": json.dumps(self.model.weights_summary(), sort_keys=True),  # gguf_source.weights_summary
+            },
             busy_s=round(self.busy_s, 4),
             steps=self.steps,
             cpus=_usable_cpus(),
