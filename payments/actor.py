@@ -4,6 +4,10 @@ Ledger calls run on one worker thread (SQLite has one writer anyway); usage repo
 group-committed; a background loop settles payouts every `settle_interval_s`, another releases
 orphaned holds every `hold_sweep_interval_s`. On start the actor
 first finishes whatever batches a previous incarnation left open (crash recovery).
+
+With `payments.workers > 1` (PostgreSQL only) there are that many of these actors, worker `i` named
+`section.worker_actor_name(i)`, each with its own engine on the shared ledger; every one runs the loops, and
+the settlement lease lets one settle at a time. On the litesvm backend they share one chain actor.
 """
 
 import asyncio
@@ -12,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cluster.config.payments import PaymentsSection
+from payments.chain.base import ChainBackend
 from payments.group_commit import GroupCommitter
 from payments.protocol import (
     ApiKey,
@@ -52,8 +57,10 @@ class PaymentsActor:
         section: PaymentsSection,
         settle_loop: bool = True,
         crash_hook: CrashHook | None = None,
+        worker: int = 0,
     ) -> None:
         self.section = section
+        self.worker = worker
         self._crash_hook = crash_hook
         self._settle_loop_enabled = settle_loop
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="payments-db")
@@ -67,7 +74,9 @@ class PaymentsActor:
     async def _svc(self) -> PaymentsService:
         async with self._ready:
             if self._service is None:
-                service = await PaymentsService.create(self.section, crash_hook=self._crash_hook or _no_crash)
+                service = await PaymentsService.create(
+                    self.section, self._shared_chain(), crash_hook=self._crash_hook or _no_crash, worker=self.worker
+                )
                 report = await service.recover()
                 logger.info("payments actor recovered: %s", report)
                 self._committer = GroupCommitter(service.report_usage_many, self.section.group_commit_max, self._db)
@@ -76,6 +85,24 @@ class PaymentsActor:
                     self._loop_task = asyncio.create_task(self._settle_forever())
                     self._sweep_task = asyncio.create_task(self._sweep_forever())
             return self._service
+
+    def _shared_chain(self) -> ChainBackend | None:
+        """Several workers on litesvm share the chain actor's one LiteSVM; otherwise the service builds its own."""
+        if self.section.workers == 1 or self.section.chain_backend != "litesvm":
+            return None
+        import ray
+
+        from payments.chain.shared import SharedLiteSVMBackend, start_chain_actor
+
+        namespace = ray.get_runtime_context().namespace
+        path = self.section.state_dir / "litesvm.json"
+        return SharedLiteSVMBackend(start_chain_actor(self.section.chain_actor_name, path, namespace))
+
+    async def worker_info(self) -> dict[str, object]:
+        """Which worker this is, and who holds the settlement lease (for tests and `status`)."""
+        service = await self._svc()
+        lease = service.lease.state()
+        return {"worker": self.worker, "holder": service.lease.holder, "lease_holder": lease and lease.holder}
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)

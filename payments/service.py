@@ -5,6 +5,7 @@ Plain Python, no Ray: tests and the CLI use it directly; `payments.actor` serves
 
 import csv
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
@@ -22,9 +23,11 @@ from payments.chain.base import ChainBackend
 from payments.chain.deposits import deposit_of
 from payments.chain.litesvm_backend import LiteSVMBackend
 from payments.chain.lookup import LookupTables
+from payments.chain.shared import SharedLiteSVMBackend
 from payments.chain.treasury import bootstrap_litesvm, faucet, load_or_create_keypair
 from payments.chain.tx import AssetSpec, BudgetSpec
 from payments.errors import Forbidden, InvalidRequest, PaymentError
+from payments.ledger.lease import LeaseLost, SettlementLease
 from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
 from payments.ledger.payouts import PayoutBook
 from payments.ledger.reconcile import ledger_checks
@@ -74,8 +77,12 @@ class PaymentsService:
         treasury: Keypair,
         asset: AssetSpec,
         crash_hook: CrashHook = _no_crash,
+        worker: int = 0,
     ) -> None:
         self.section = section
+        # One settlement runner at a time among the workers sharing this ledger. The holder is the worker's
+        # slot, not its process: Ray restarts a crashed worker under the same name, which resumes at once.
+        self.lease = SettlementLease(ledger.engine, section.worker_actor_name(worker), section.settlement_lease_s)
         self.ledger = ledger
         self.auth = auth
         self.chain = chain
@@ -101,6 +108,7 @@ class PaymentsService:
             ),
             crash_hook,
             LookupTables(ledger.engine, chain, treasury) if section.use_versioned_tx else None,
+            self.lease.ensure,
         )
 
     @classmethod
@@ -109,6 +117,7 @@ class PaymentsService:
         section: PaymentsSection,
         chain: ChainBackend | None = None,
         crash_hook: CrashHook = _no_crash,
+        worker: int = 0,
     ) -> "PaymentsService":
         """Open the ledger, load the treasury and connect the configured chain backend."""
         state_dir = section.state_dir
@@ -127,13 +136,15 @@ class PaymentsService:
             chain = build_chain(section)
         if isinstance(chain, LiteSVMBackend):
             asset = bootstrap_litesvm(chain, treasury, section.asset, section.mint, section.mint_decimals, state_dir)
+        elif isinstance(chain, SharedLiteSVMBackend):
+            asset = await chain.bootstrap(treasury, section.asset, section.mint, section.mint_decimals, state_dir)
         elif section.asset == "spl":
             if section.mint is None:
                 raise InvalidRequest("payments.mint is required for SPL settlement over RPC")
             asset = AssetSpec(Pubkey.from_string(section.mint), section.mint_decimals)
         else:
             asset = AssetSpec(None, 9)
-        return cls(section, ledger, auth, chain, treasury, asset, crash_hook)
+        return cls(section, ledger, auth, chain, treasury, asset, crash_hook, worker)
 
     # Gateway path ---------------------------------------------------------------------------------
     def authenticate(self, api_key: str | None) -> WalletIdentity:
@@ -234,7 +245,7 @@ class PaymentsService:
         LiteSVM only: on a real cluster the client sends its own transaction (no relaying of
         arbitrary transactions through the treasury's RPC endpoint) and gives its signature.
         """
-        if not isinstance(self.chain, LiteSVMBackend):
+        if not isinstance(self.chain, LiteSVMBackend | SharedLiteSVMBackend):
             raise InvalidRequest(
                 f"relaying transactions is for the litesvm backend only; this network settles on"
                 f" {self.section.chain_backend}: send the transfer to the treasury yourself and give its"
@@ -250,15 +261,34 @@ class PaymentsService:
 
     async def faucet(self, wallet: str, amount: int) -> None:
         """LiteSVM only (embedded demo, tests): fund a wallet with SOL and the settlement asset."""
+        if isinstance(self.chain, SharedLiteSVMBackend):
+            await self.chain.faucet(self.treasury, self.asset, Pubkey.from_string(wallet), amount)
+            return
         if not isinstance(self.chain, LiteSVMBackend):
             raise InvalidRequest("the faucet exists only on the litesvm backend")
         faucet(self.chain, self.treasury, self.asset, Pubkey.from_string(wallet), amount)
 
     async def settle(self) -> BatchReport:
-        return await self.settler.settle()
+        """One settle pass, if this worker holds (or takes) the settlement lease; else nothing is done."""
+        return await self._leased(self.settler.settle)
 
     async def recover(self) -> BatchReport:
-        return await self.settler.recover()
+        """Finish the batches a dead runner left open, if this worker holds (or takes) the lease."""
+        return await self._leased(self.settler.recover)
+
+    async def _leased(self, run: Callable[[], Awaitable[BatchReport]]) -> BatchReport:
+        if not self.lease.acquire():
+            state = self.lease.state()
+            logger.info("settlement lease held by %s: not settling", state.holder if state else "?")
+            return self._idle_report()
+        try:
+            return await run()
+        except LeaseLost as exc:  # it expired under this pass and another worker took it: stop, sending nothing
+            logger.warning("stopped settling: %s", exc)
+            return self._idle_report()
+
+    def _idle_report(self) -> BatchReport:
+        return BatchReport(0, 0, 0, len(self.book.open_batches()), 0)
 
     async def treasury_balance(self) -> int:
         if self.asset.mint is None:
@@ -363,6 +393,7 @@ class PaymentsService:
         return count
 
     async def close(self) -> None:
+        self.lease.release()
         await self.chain.close()
         self.ledger.engine.dispose()
 

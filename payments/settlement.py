@@ -62,6 +62,15 @@ def _no_crash(_step: str) -> None:
     return None
 
 
+# Called before every side effect of a pass (a batch created, signed, sent, expired); raises (LeaseLost) when
+# this runner may no longer settle: another worker took the settlement lease over.
+LeaseGuard = Callable[[], None]
+
+
+def _no_guard() -> None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class KillProcessAt:
     """Fault injection: kill this process (os._exit) at `step`, once per `marker` file.
@@ -108,6 +117,7 @@ class Settler:
         config: SettlerConfig,
         crash_hook: CrashHook = _no_crash,
         tables: LookupTables | None = None,
+        guard: LeaseGuard = _no_guard,
     ) -> None:
         if config.versioned and tables is None:
             raise ValueError("versioned payouts need lookup tables")
@@ -118,9 +128,11 @@ class Settler:
         self.asset = asset
         self.config = config
         self.crash_hook = crash_hook
+        self.guard = guard
 
     async def settle(self, max_batches: int = 100) -> BatchReport:
         """Finish open batches, then batch every payable unpaid earning; one pass."""
+        self.guard()
         confirmed = paid = count = 0
         bar = self._progress(max_batches)
         singles: set[str] = set()  # wallets of a failed batch whose failing line was not named
@@ -134,6 +146,7 @@ class Settler:
             lines, held = await self._select_lines(singles)
             if not lines:
                 break
+            self.guard()
             created = self.book.create_batch([str(line.wallet) for line in lines])
             if created is None:
                 break
@@ -161,6 +174,7 @@ class Settler:
 
     async def recover(self) -> BatchReport:
         """Finish only the batches a previous run left open (the restart path)."""
+        self.guard()
         confirmed = paid = count = 0
         for batch in self.book.open_batches():
             c, p = await self._drive(batch)
@@ -260,6 +274,7 @@ class Settler:
         """Advance one batch as far as the chain allows; returns (1, amount) once confirmed."""
         for _ in range(3):  # created -> signed -> sent -> (expired -> created) at most once per pass
             if batch.state == "created":
+                self.guard()
                 await self._sign(batch)
                 self.crash_hook("after_sign")
                 batch = self.book.get(batch.batch_id)
@@ -304,6 +319,7 @@ class Settler:
             if landed is not None and landed != batch.signature:
                 return await self._resolve_attempt(batch, landed)
         if status is None:
+            self.guard()  # the last moment a runner that lost its lease can still stop
             try:
                 await self.chain.send_raw(batch.tx_bytes)
             except ChainError as exc:
@@ -335,6 +351,7 @@ class Settler:
             )
             return await self._resolve_attempt(batch, landed)
         logger.info("batch %s: blockhash expired unconfirmed; re-signing", batch.batch_id)
+        self.guard()
         self.book.mark_expired(batch.batch_id)
         return "expired"
 

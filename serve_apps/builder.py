@@ -47,7 +47,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # A redeploy (re-placement after a node left) replaces the gateway too: the old one finishes its
     # requests, which the new pipeline replicas may answer only after they load, so it may take as long
     # as a request may.
-    options: dict[str, Any] = {"graceful_shutdown_timeout_s": settings.pipeline.request_timeout_s}
+    options: dict[str, Any] = {
+        "graceful_shutdown_timeout_s": settings.pipeline.request_timeout_s,
+        "num_replicas": settings.http.gateway_replicas,
+    }
     if any(p.node_ids for p in settings.pipeline.placements.values()):
         # Stages run on provider nodes that may leave; the gateway (and the payments actor it starts
         # next to itself) stays on the operator's head, which Ray marks with this resource.

@@ -51,6 +51,20 @@ class PaymentsSection(Section):
         default="FULL",
         description="SQLite fsync: FULL survives power loss, NORMAL (WAL) only process crashes.",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Payments actors (each with its own engine on the shared ledger; gateways spread calls over"
+        " them). More than one needs PostgreSQL (database_url): SQLite is one file on one machine, one writer.",
+    )
+    settlement_lease_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=3_600,
+        description="Lifetime of the settlement lease, renewed before every step of a settle pass: one worker"
+        " settles at a time; another takes over this long after its holder stopped renewing (died).",
+    )
     group_commit_max: int = Field(
         default=256,
         ge=1,
@@ -163,6 +177,27 @@ class PaymentsSection(Section):
         le=400 * 86_400,
         description="Lifetime of an API key from its sign-in; a client may ask for less (verify's ttl_s).",
     )
+
+    @model_validator(mode="after")
+    def _several_workers_need_postgres(self) -> "PaymentsSection":
+        if self.workers > 1 and self.resolved_database_url().startswith("sqlite"):
+            raise ValueError(
+                f"payments.workers is {self.workers} but the ledger is SQLite, one file on one machine with one"
+                " writer: set payments.database_url to a PostgreSQL URL (postgresql+psycopg://...) to run more"
+                " than one payments worker, or keep payments.workers at 1"
+            )
+        return self
+
+    def worker_actor_name(self, index: int) -> str:
+        """The named actor of payments worker `index` (worker 0 keeps `actor_name`)."""
+        if not 0 <= index < self.workers:
+            raise ValueError(f"payments worker {index} out of range 0..{self.workers - 1}")
+        return self.actor_name if index == 0 else f"{self.actor_name}-{index}"
+
+    @property
+    def chain_actor_name(self) -> str:
+        """The named actor holding the one LiteSVM chain of a multi-worker litesvm deployment."""
+        return f"{self.actor_name}-chain"
 
     @model_validator(mode="after")
     def _real_sign_in_domain(self) -> "PaymentsSection":

@@ -62,6 +62,13 @@ class HttpSection(Section):
     port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
     app_name: str = Field(default="solanalm", description="Ray Serve application name.")
     route_prefix: str = Field(default="/", description="Route prefix of the application.")
+    gateway_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Replicas of the OpenAI ingress (the gateway), spread by Serve's proxy; they share the payments"
+        " workers and ledger. Rate limits and the response cache are kept per replica.",
+    )
     startup_timeout_s: float = Field(
         default=600.0,
         gt=0,

@@ -5,6 +5,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from payments.ledger.schema import accounts, postings
 
@@ -69,7 +71,8 @@ def apply_postings(conn: Connection, items: list[Posting]) -> None:
             for p in items
         ],
     )
-    changes = [{"n": name, "d": delta} for name, delta in deltas.items() if delta != 0]
+    # Sorted: every transaction locks account rows in the same order, so two writers cannot deadlock.
+    changes = [{"n": name, "d": delta} for name, delta in sorted(deltas.items()) if delta != 0]
     if changes:
         conn.execute(
             update(accounts)
@@ -80,13 +83,31 @@ def apply_postings(conn: Connection, items: list[Posting]) -> None:
 
 
 def ensure_accounts(conn: Connection, names: list[str]) -> None:
-    """Create missing accounts with a zero balance, in the caller's transaction."""
-    existing = set(
-        conn.execute(select(accounts.c.name).where(accounts.c.name.in_(names))).scalars()
-    )
-    new = [n for n in dict.fromkeys(names) if n not in existing]
-    if new:
-        conn.execute(accounts.insert(), [{"name": n, "balance": 0} for n in new])
+    """Create missing accounts with a zero balance, in the caller's transaction.
+
+    INSERT .. ON CONFLICT DO NOTHING: two workers creating the same account at once (a new wallet's first
+    two requests through two gateways) both succeed instead of one failing on the primary key.
+    """
+    wanted = sorted(set(names))
+    existing = set(conn.execute(select(accounts.c.name).where(accounts.c.name.in_(wanted))).scalars())
+    new = [n for n in wanted if n not in existing]
+    if not new:
+        return
+    rows = [{"name": n, "balance": 0} for n in new]
+    if conn.dialect.name == "postgresql":
+        conn.execute(pg_insert(accounts).on_conflict_do_nothing(index_elements=["name"]), rows)
+    elif conn.dialect.name == "sqlite":
+        conn.execute(sqlite_insert(accounts).on_conflict_do_nothing(index_elements=["name"]), rows)
+    else:
+        conn.execute(accounts.insert(), rows)
+
+
+def lock_account(conn: Connection, name: str) -> int:
+    """Create `name` if missing and lock its row until the transaction ends (SELECT .. FOR UPDATE on
+    PostgreSQL; SQLite has one writer, so its write transaction already excludes others); its balance."""
+    ensure_accounts(conn, [name])
+    value = conn.execute(select(accounts.c.balance).where(accounts.c.name == name).with_for_update()).scalar()
+    return int(value or 0)
 
 
 def balance_of(conn: Connection, name: str) -> int:

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, create_engine, event, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from payments.errors import InsufficientBalance, InvalidRequest, NotFound, PaymentError
 from payments.ledger import accounts as acct
@@ -38,6 +39,26 @@ from payments.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+# SQLSTATEs PostgreSQL aborts a transaction with when it met a concurrent writer: serialization_failure,
+# deadlock_detected. The transaction did nothing; running it again is safe.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def is_write_conflict(exc: BaseException) -> bool:
+    """A transaction aborted because of a concurrent writer (PostgreSQL), or SQLite's busy timeout."""
+    if not isinstance(exc, DBAPIError) or isinstance(exc, IntegrityError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate in RETRYABLE_SQLSTATES or "database is locked" in str(exc.orig)
+
+
+# Each public write of the ledger is one transaction: on a write conflict it is rolled back whole and re-run.
+retry_conflicts = retry(
+    retry=retry_if_exception(is_write_conflict),
+    stop=stop_after_attempt(8),
+    wait=wait_random_exponential(multiplier=0.005, max=0.5),
+    reraise=True,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +94,7 @@ def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
 class Ledger:
     """Accounting over SQL. Every public method is one database transaction."""
 
-    def __init__(
-        self, engine: Engine, price_of: Callable[[str], Price], policy: SplitPolicy
-    ) -> None:
+    def __init__(self, engine: Engine, price_of: Callable[[str], Price], policy: SplitPolicy) -> None:
         self.engine = engine
         self.price_of = price_of
         self.policy = policy
@@ -97,16 +116,19 @@ class Ledger:
         apply_postings(conn, items)
 
     # Holds ---------------------------------------------------------------------------------
+    @retry_conflicts
     def place_hold(self, req: HoldRequest) -> Hold:
         """Move (prompt + max_tokens) at the model price from the payer's balance to its hold."""
         amount = hold_amount(self.price_of(req.model), req.prompt_tokens, req.max_tokens)
+        try:
+            return self._place_hold(req, amount)
+        except IntegrityError as exc:  # the same request id held at once through another worker
+            raise InvalidRequest(f"request {req.request_id} already has a hold", code="duplicate_request") from exc
+
+    def _place_hold(self, req: HoldRequest, amount: int) -> Hold:
         with self.transaction() as conn:
-            if conn.execute(
-                select(holds.c.request_id).where(holds.c.request_id == req.request_id)
-            ).first():
-                raise InvalidRequest(
-                    f"request {req.request_id} already has a hold", code="duplicate_request"
-                )
+            if conn.execute(select(holds.c.request_id).where(holds.c.request_id == req.request_id)).first():
+                raise InvalidRequest(f"request {req.request_id} already has a hold", code="duplicate_request")
             acct.ensure_accounts(conn, [acct.client(req.payer)])
             # Conditional debit: concurrent gateways on PostgreSQL cannot overdraw a balance.
             debited = conn.execute(
@@ -158,18 +180,17 @@ class Ledger:
             )
             return Hold(req.request_id, req.payer, amount, balance_of(conn, acct.client(req.payer)))
 
+    @retry_conflicts
     def release_hold(self, request_id: str) -> bool:
         """Return a failed request's whole hold to the payer; False if it was already released."""
         with self.transaction() as conn:
-            row = conn.execute(select(holds).where(holds.c.request_id == request_id)).first()
+            row = conn.execute(select(holds).where(holds.c.request_id == request_id).with_for_update()).first()
             if row is None:
                 raise NotFound(f"no hold for request {request_id}")
             if row.state == "released":
                 return False
             if row.state == "settled":
-                raise InvalidRequest(
-                    f"request {request_id} is already settled", code="already_settled"
-                )
+                raise InvalidRequest(f"request {request_id} is already settled", code="already_settled")
             self.post(
                 conn,
                 [
@@ -182,11 +203,10 @@ class Ledger:
                     )
                 ],
             )
-            conn.execute(
-                update(holds).where(holds.c.request_id == request_id).values(state="released")
-            )
+            conn.execute(update(holds).where(holds.c.request_id == request_id).values(state="released"))
             return True
 
+    @retry_conflicts
     def sweep_holds(self, max_age_s: float, now: float | None = None) -> HoldSweep:
         """Release every hold open for longer than `max_age_s` to its payer: no request lives that long, so
         no gateway will settle it (a place_hold that committed after its caller timed out, a gateway that
@@ -210,6 +230,7 @@ class Ledger:
         return HoldSweep(tuple(row.request_id for row in stale), sum(row.amount for row in stale))
 
     # Settlement records -------------------------------------------------------------------------
+    @retry_conflicts
     def record_usage(self, reports: list[UsageReport]) -> list[SettlementRecord | PaymentError]:
         """Settle completed requests in one transaction (group commit); one result per report.
 
@@ -218,9 +239,12 @@ class Ledger:
         results: list[SettlementRecord | PaymentError] = []
         with self.transaction() as conn:
             ids = [r.request_id for r in reports]
+            # Locked (PostgreSQL): a second worker settling or releasing the same request waits, then sees it settled.
             open_holds = {
                 h.request_id: h
-                for h in conn.execute(select(holds).where(holds.c.request_id.in_(ids)))
+                for h in conn.execute(
+                    select(holds).where(holds.c.request_id.in_(ids)).order_by(holds.c.request_id).with_for_update()
+                )
             }
             rows, share_rows, items, seen = [], [], [], set()
             for report in reports:
@@ -247,12 +271,11 @@ class Ledger:
                 conn.execute(settlement_shares.insert(), share_rows)
                 self.post(conn, _summarise(items, str(rows[0]["id"]) if len(rows) > 1 else None))
                 conn.execute(
-                    update(holds)
-                    .where(holds.c.request_id.in_([r["request_id"] for r in rows]))
-                    .values(state="settled")
+                    update(holds).where(holds.c.request_id.in_([r["request_id"] for r in rows])).values(state="settled")
                 )
         return results
 
+    @retry_conflicts
     def fund_rewards(self, ref: str, amount: int) -> int:
         """Put `amount` of the network's money into the rewards account, once per `ref` (the operator
         sends the same amount to the treasury on chain); returns what the account holds now."""
@@ -260,11 +283,13 @@ class Ledger:
             raise InvalidRequest("funding needs a reference and an amount > 0")
         posting_ref = f"fund:{ref}"[:96]
         with self.transaction() as conn:
+            acct.lock_account(conn, acct.REWARDS)  # two workers funding the same ref: the second sees the first
             done = conn.execute(select(postings.c.id).where(postings.c.ref == posting_ref)).first()
             if done is None:
                 self.post(conn, [Posting(posting_ref, "reward_funding", acct.CHAIN_INFLOW, acct.REWARDS, amount)])
             return balance_of(conn, acct.REWARDS)
 
+    @retry_conflicts
     def record_rewards(self, rewards: list[TrainingReward]) -> list[SettlementRecord]:
         """Credit training rewards as payable earnings, once per (job, round, wallet).
 
@@ -275,15 +300,14 @@ class Ledger:
         results: list[SettlementRecord] = []
         new_total = 0
         with self.transaction() as conn:
+            acct.lock_account(conn, acct.REWARDS)  # one reward batch at a time: no double record, no overdraw
             for reward in rewards:
                 if reward.amount < 0:
                     raise InvalidRequest("a reward must be >= 0")
                 request_id = f"reward:{reward.job}:{reward.round}:{reward.wallet}"
                 if reward.amount == 0:
                     continue
-                existing = conn.execute(
-                    select(settlements.c.id).where(settlements.c.request_id == request_id)
-                ).first()
+                existing = conn.execute(select(settlements.c.id).where(settlements.c.request_id == request_id)).first()
                 if existing is not None:
                     results.append(self._load_record(conn, request_id=request_id))
                     continue
@@ -400,11 +424,7 @@ class Ledger:
     def _load_record(
         self, conn: Connection, *, request_id: str | None = None, settlement_id: str | None = None
     ) -> SettlementRecord:
-        cond = (
-            settlements.c.request_id == request_id
-            if request_id
-            else settlements.c.id == settlement_id
-        )
+        cond = settlements.c.request_id == request_id if request_id else settlements.c.id == settlement_id
         row = conn.execute(select(settlements).where(cond)).first()
         if row is None:
             raise NotFound(f"no settlement {settlement_id or request_id}")
@@ -432,13 +452,9 @@ class Ledger:
         with self.transaction() as conn:
             record = self._load_record(conn, settlement_id=settlement_id)
             batch_rows = conn.execute(
-                select(
-                    settlement_shares.c.batch_id, payout_batches.c.state, payout_batches.c.signature
-                )
+                select(settlement_shares.c.batch_id, payout_batches.c.state, payout_batches.c.signature)
                 .select_from(
-                    settlement_shares.outerjoin(
-                        payout_batches, settlement_shares.c.batch_id == payout_batches.c.id
-                    )
+                    settlement_shares.outerjoin(payout_batches, settlement_shares.c.batch_id == payout_batches.c.id)
                 )
                 .where(
                     settlement_shares.c.settlement_id == settlement_id,
@@ -451,6 +467,7 @@ class Ledger:
         return record, settled, signatures
 
     # Deposits and balances ----------------------------------------------------------------------
+    @retry_conflicts
     def credit_deposit(self, signature: str, wallet: str, amount: int, slot: int) -> Deposit:
         """Credit a verified deposit once; a second call with the same signature changes nothing."""
         if amount <= 0:
@@ -536,10 +553,7 @@ def _summarise(items: list[Posting], group_ref: str | None) -> list[Posting]:
     totals: dict[tuple[str, str, str], int] = defaultdict(int)
     for p in items:
         totals[(p.kind, p.from_account, p.to_account)] += p.amount
-    return [
-        Posting(f"settle-group:{group_ref}", kind, src, dst, amount)
-        for (kind, src, dst), amount in totals.items()
-    ]
+    return [Posting(f"settle-group:{group_ref}", kind, src, dst, amount) for (kind, src, dst), amount in totals.items()]
 
 
 def _settlement_postings(r: SettlementRecord, held_amount: int) -> list[Posting]:

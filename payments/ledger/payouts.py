@@ -52,6 +52,10 @@ class QuarantinedPayee:
     retry_at: float
 
 
+class BatchTaken(RuntimeError):
+    """Another settlement runner moved the batch on first; this one must not send anything for it."""
+
+
 class _NothingToPay(Exception):
     """Raised inside create_batch to roll back an empty batch."""
 
@@ -168,8 +172,10 @@ class PayoutBook:
     ) -> None:
         """Store the signed transaction before it is sent (the idempotency anchor)."""
         with self.ledger.transaction() as conn:
-            attempt = conn.execute(select(payout_batches.c.attempt).where(payout_batches.c.id == batch_id)).scalar_one()
-            conn.execute(
+            attempt = conn.execute(
+                select(payout_batches.c.attempt).where(payout_batches.c.id == batch_id).with_for_update()
+            ).scalar_one()
+            signed = conn.execute(
                 update(payout_batches)
                 .where(payout_batches.c.id == batch_id, payout_batches.c.state == "created")
                 .values(
@@ -181,7 +187,9 @@ class PayoutBook:
                     attempt=attempt + 1,
                     updated_at=time.time(),
                 )
-            )
+            ).rowcount
+            if signed != 1:  # another runner signed it first: sending ours too could pay twice
+                raise BatchTaken(f"batch {batch_id} is no longer created (signed by another settlement runner)")
             conn.execute(
                 batch_attempts.insert(),
                 {

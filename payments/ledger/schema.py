@@ -169,3 +169,14 @@ payee_quarantine = Table(
     Column("quarantined_at", Float, nullable=False),
     Column("retry_at", Float, nullable=False),
 )
+
+settlement_lease = Table(
+    "settlement_lease",
+    metadata,
+    # One row per lease name: the payments worker that may settle (sign and send payouts) until expires_at.
+    # Taken and renewed with a conditional UPDATE (payments.ledger.lease), so two workers never both hold it.
+    Column("name", String(32), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("acquired_at", Float, nullable=False),
+)

@@ -71,7 +71,7 @@ def registry_nodes_source(section: NetworkSection, namespace: str) -> Callable[[
 def _payments_client(section: PaymentsSection, namespace: str) -> Any:
     if not section.enabled:
         return None
-    from payments.client import PaymentsClient, start_payments_actor
+    from payments.client import PaymentsClient, start_payments_workers
 
-    # Named and detached: every gateway replica shares the one payments actor (and its ledger).
-    return PaymentsClient(start_payments_actor(section, namespace=namespace), section.actor_call_timeout_s)
+    # Named and detached: every gateway replica shares the payments workers (and their one ledger).
+    return PaymentsClient(start_payments_workers(section, namespace=namespace), section.actor_call_timeout_s)
