@@ -4,6 +4,7 @@ reader (`serve_apps.mcp.http.replica_jobs`) and the training output directory. E
 explanation on the page, never an exception."""
 
 import asyncio
+import dataclasses
 import json
 import logging
 from dataclasses import asdict
@@ -12,29 +13,38 @@ from typing import Any
 
 from serve_apps.dashboard import views
 from serve_apps.dashboard.live import read_pipelines
+from serve_apps.gateway.providers import public_nodes
 
 logger = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 10.0
 SVG_WIDTH = 600
 
 
-async def network(gateway: Any) -> dict[str, Any]:
-    """Providers (registry records) and each pipeline's stages with their layer bars."""
+async def network(gateway: Any, detail: bool) -> dict[str, Any]:
+    """Providers (registry records) and each pipeline's stages with their layer bars. Without `detail` (the
+    operator's view) the records are cut to what `/v1/network/nodes` shows anyone, and stages name no node."""
     providers: list[dict[str, Any]] = []
+    wallets: dict[str, str] = {}
     note = None
     if gateway.network_nodes is None:
         note = "This gateway has no provider registry (`/v1/network/nodes` answers 503)."
     else:
         try:
-            providers = views.provider_rows(await asyncio.wait_for(gateway.network_nodes(), CALL_TIMEOUT_S))
+            records = await asyncio.wait_for(gateway.network_nodes(), CALL_TIMEOUT_S)
+            wallets = {r.get("node_id"): r.get("wallet", "") for r in records}
+            providers = views.provider_rows(public_nodes(records, detail))
         except (LookupError, TimeoutError) as exc:
             note = f"No provider registry is reachable: {exc or 'timed out'}."
-    wallets = {row["node_id"]: row["wallet"] for row in providers}
+    if not providers and note is None:
+        note = "The registry lists no provider yet."
     pipelines, errors = await read_pipelines(gateway)
     drawn = []
     for p in pipelines:
         num_layers = p.num_layers or max((s["layers"][1] for s in p.stages), default=1)
-        drawn.append({"pipeline": p, "bars": views.layer_bars(p.stages, num_layers, SVG_WIDTH, wallets)})
+        bars = views.layer_bars(p.stages, num_layers, SVG_WIDTH, wallets)
+        if not detail:  # node ids are the operator's; the paid wallet of a stage is public
+            bars = [dataclasses.replace(b, node_id=None) for b in bars]
+        drawn.append({"pipeline": p, "bars": bars})
     return {"providers": providers, "note": note, "pipelines": drawn, "errors": errors, "svg_width": SVG_WIDTH}
 
 
@@ -47,7 +57,7 @@ async def money(gateway: Any, known_wallets: set[str]) -> dict[str, Any]:
     report = await asyncio.wait_for(payments.reconcile(), CALL_TIMEOUT_S)
     info = await asyncio.wait_for(payments.deposit_info(), CALL_TIMEOUT_S)
     unpaid = dict(pending.get("unpaid") or {})
-    providers = [row["wallet"] for row in (await network(gateway))["providers"]]
+    providers = [row["wallet"] for row in (await network(gateway, detail=True))["providers"]]
     operator = getattr(gateway.metering, "_operator_wallet", None)
     wallets = views.money_wallets(unpaid, providers, known_wallets, [operator])
     rows = []

@@ -127,7 +127,7 @@ def build_dashboard_router(core: Callable[[Request], Any]) -> APIRouter:
 
     @router.get("/network", response_class=HTMLResponse)
     async def network_page(request: Request) -> HTMLResponse:
-        return page(request, "network.html", net=await reads.network(core(request)))
+        return page(request, "network.html", net=await reads.network(core(request), is_operator(request)))
 
     @router.get("/money", response_class=HTMLResponse)
     async def money_page(request: Request) -> HTMLResponse:

@@ -180,7 +180,7 @@ def provider_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in records:
         caps = r.get("capabilities") or {}
-        hardware = caps.get("accelerator") or ("gpu" if caps.get("num_gpus") else "cpu")
+        hardware = (caps.get("accelerator") or ("gpu" if caps.get("num_gpus") else "cpu")) if caps else "-"
         rows.append(
             {
                 "node_id": r.get("node_id", ""),

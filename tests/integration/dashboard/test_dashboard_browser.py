@@ -18,9 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
+import ray
 from ray import serve
+from ray.experimental import internal_kv as kv
 from solders.keypair import Keypair
 
+from cluster.deploy import register_local_node
 from cluster.security.operator_token import find_operator_token
 from tests.integration.attacks.conftest import MODEL, PaidApp, Wallet, deploy_paid
 
@@ -42,6 +45,8 @@ class Deployment:
     provider: Keypair  # the wallet the operator's stage pays
     a: Wallet
     b: Wallet
+    node_id: str  # the head, registered as the operator's own node (as `solanalm up` does)
+    node_wallet: str
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +54,28 @@ def deployment(
     ray_cluster: None, repo_root: Path, model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
     provider = Keypair()
-    app = deploy_paid(
-        repo_root, model_cache_dir, tmp_path_factory.mktemp("dash-payments"), operator_wallet=str(provider.pubkey())
-    )
+    state_dir = tmp_path_factory.mktemp("dash-payments")
+    app = deploy_paid(repo_root, model_cache_dir, state_dir, operator_wallet=str(provider.pubkey()))
     token = find_operator_token(app.settings.http, app.settings.model.cache_dir / "state")
     assert token is not None, "the builder wrote no operator token"
-    yield Deployment(
-        app, app.base_url.removesuffix("/v1"), token.get_secret_value(), provider, app.wallet(), app.wallet()
-    )
-    serve.shutdown()
+    record = register_local_node(app.settings, state_dir)  # the registry and the head in it, as `up` starts them
+    assert record is not None, "the registry refused the operator's node"
+    try:
+        yield Deployment(
+            app,
+            app.base_url.removesuffix("/v1"),
+            token.get_secret_value(),
+            provider,
+            app.wallet(),
+            app.wallet(),
+            record.node_id,
+            record.wallet,
+        )
+    finally:
+        serve.shutdown()
+        network = app.settings.network
+        ray.kill(ray.get_actor(network.registry_name, namespace=app.settings.ray.namespace))
+        kv._internal_kv_del(f"{network.registry_name}/", del_by_prefix=True, namespace=network.kv_namespace)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +141,7 @@ def test_every_page_loads_without_console_errors(deployment: Deployment, browser
         for path in PAGES:
             page = tab.open(path)
             page.wait_for_timeout(300)  # the SSE connection and charts start
-            if who == "operator" and path in ("/dashboard/network", "/dashboard/training"):
+            if who == "operator" and path == "/dashboard/training":
                 tab.shot(path.rsplit("/", 1)[-1])
         assert tab.errors == [], (who, tab.errors)
         tab.close()
@@ -175,6 +193,31 @@ def test_operator_settlement_pass_pays_the_provider_on_chain(deployment: Deploym
     assert httpx.get(deployment.root + "/dashboard/api/money", headers=deployment.a.headers).status_code == 401
     refused = httpx.post(deployment.root + "/dashboard/actions/settle", headers=deployment.a.headers)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_operator_token"
+
+
+def test_network_shows_the_provider_and_the_operator_drains_it(deployment: Deployment, browser: Any) -> None:
+    anonymous = Tab(browser, deployment.root)
+    page = anonymous.open("/dashboard/network")
+    assert deployment.node_wallet in page.inner_text("#providers")
+    assert deployment.node_id not in page.content()  # node ids are the operator's
+    assert page.locator(f'.pipeline[data-model="{MODEL}"] rect.stage').count() == 1  # one stage: all the layers
+    anonymous.close()
+    tab = Tab(browser, deployment.root)
+    tab.sign_in_operator(deployment.operator_token)
+    page = tab.open("/dashboard/network")
+    row = f'#providers tr[data-node="{deployment.node_id}"]'
+    assert page.inner_text(f"{row} td.health") == "alive"
+    with page.expect_navigation():
+        page.click(f"{row} button")
+    assert page.inner_text(f"{row} td.health") == "draining"
+    nodes = httpx.get(deployment.app.base_url + "/network/nodes", timeout=30).json()["data"]
+    assert [n["health"] for n in nodes if n["wallet"] == deployment.node_wallet] == ["draining"]
+    with page.expect_navigation():
+        page.click(f"{row} button")  # undrain
+    assert page.inner_text(f"{row} td.health") == "alive"
+    tab.shot("network")
+    assert tab.errors == [], tab.errors
+    tab.close()
 
 
 WALLET_JS = """

@@ -64,6 +64,9 @@ def test_live_page_shows_pipeline_queue_and_the_network_draws_layer_bars(http: T
     network = http.get("/dashboard/network").text
     assert network.count('class="stage s') == 2 and "stage 1: 4–5" in network
     assert "no provider registry" in network  # this gateway has none: the empty state, not an error
+    assert "node-a" not in network  # node ids are the operator's (as in /v1/network/nodes)
+    http.post("/dashboard/operator/login", data={"token": TOKEN})
+    assert "node-a" in http.get("/dashboard/network").text
 
 
 def test_completed_requests_show_in_the_live_figures(http: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
