@@ -148,8 +148,22 @@ def read_runs(output_dir: Path) -> list[dict[str, Any]]:
                 {"name": run.name, "kind": "federated", "rounds": rounds, "rewards": views.rewards_by_wallet(rounds)}
             )
             continue
-        results = sorted(run.glob("**/result.json"))
-        if results:
-            steps = views.train_steps(results[-1].read_text().splitlines())
+        steps = _train_steps(run)
+        if steps is not None:
             runs.append({"name": run.name, "kind": "data-parallel", "steps": steps})
     return runs
+
+
+def _train_steps(run: Path) -> list[tuple[int, float]] | None:
+    """A Ray Train run's (step, loss): its checkpoint snapshot (Train v2), else a result.json (v1); None when
+    the directory is no Ray Train run."""
+    snapshots = sorted(run.glob("**/checkpoint_manager_snapshot.json"))
+    results = sorted(run.glob("**/result.json"))
+    try:
+        if snapshots:
+            return views.checkpoint_steps(json.loads(snapshots[-1].read_text()))
+        if results:
+            return views.train_steps(results[-1].read_text().splitlines())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return None

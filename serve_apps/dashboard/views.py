@@ -254,6 +254,17 @@ def rewards_by_wallet(rounds: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
+def checkpoint_steps(snapshot: Mapping[str, Any]) -> list[tuple[int, float]]:
+    """(step, loss) of each checkpoint in Ray Train's checkpoint_manager_snapshot.json (Train v2 keeps the
+    metrics reported with each checkpoint there), in step order."""
+    points = {}
+    for result in snapshot.get("checkpoint_results") or []:
+        metrics = result.get("metrics") or {}
+        if isinstance(metrics.get("loss"), int | float) and isinstance(metrics.get("step"), int):
+            points[metrics["step"]] = float(metrics["loss"])
+    return sorted(points.items())
+
+
 def train_steps(result_lines: Iterable[str]) -> list[tuple[int, float]]:
     """(step, loss) of a Ray Train run's result.json (one JSON report per line); lines without both skipped."""
     points = []

@@ -2,11 +2,12 @@
 rows, sessions and CSRF tokens."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from serve_apps.dashboard import views
+from serve_apps.dashboard import reads, views
 
 
 class Clock:
@@ -128,3 +129,30 @@ def test_operator_session_and_csrf() -> None:
 
 def test_fmt() -> None:
     assert (views.fmt(None), views.fmt(float("nan")), views.fmt(1.234, 2), views.fmt("x")) == ("-", "-", "1.23", "-")
+
+
+def test_checkpoint_steps_from_ray_train_v2_snapshot() -> None:
+    snapshot = {
+        "checkpoint_results": [
+            {"checkpoint_dir_name": "checkpoint_2", "metrics": {"step": 20, "loss": 2.0, "epoch": 0}},
+            {"checkpoint_dir_name": "checkpoint_1", "metrics": {"step": 10, "loss": 3.5}},
+            {"checkpoint_dir_name": "checkpoint_x", "metrics": {"epoch": 1}},
+        ]
+    }
+    assert views.checkpoint_steps(snapshot) == [(10, 3.5), (20, 2.0)]
+
+
+def test_read_runs_finds_federated_and_ray_train_runs(tmp_path: Path) -> None:
+    fl = tmp_path / "fl-run"
+    fl.mkdir()
+    rounds = [{"round": 1, "train_loss": 11.8, "client_epsilon": {"W": 6.3}, "rewards_lamports": {"W": 15000}}]
+    (fl / "summary.json").write_text(json.dumps({"job": "fl-run", "rounds": rounds}))
+    dp = tmp_path / "dp-run"
+    dp.mkdir()
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "c", "metrics": {"step": 4, "loss": 1.5}}]}
+    (dp / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    (tmp_path / "unrelated").mkdir()
+    runs = {run["name"]: run for run in reads.read_runs(tmp_path)}
+    assert set(runs) == {"fl-run", "dp-run"}
+    assert runs["fl-run"]["rewards"] == {"W": 15000} and runs["dp-run"]["steps"] == [(4, 1.5)]
+    assert reads.read_runs(tmp_path / "missing") == []
