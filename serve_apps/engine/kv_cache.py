@@ -5,13 +5,17 @@ by slot, then multi-token rows) and `SlotKVCache.attend` stores each layer's new
 (slot, position) in preallocated tensors and attends every token to its own sequence's history: all
 single-token rows (decodes) in one attention call, each multi-token row (a prefill chunk) in its own.
 A stage holds the cache only for its own layers; a finished sequence frees its slot without allocation.
+Each layer attends in its own `AttentionForm` (serve_apps.engine.attention): a sliding-window layer keeps
+the whole history in its slot but sees only the last `sliding_window` positions (a mask per window, made
+once per pass), so it stays exact past the window.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
+
+from serve_apps.engine.attention import LLAMA, AttentionForm, attend, window_mask
 
 ZERO_AHEAD = 64  # positions cleared at once ahead of a slot's written prefix (see SlotKVCache._clear_ahead)
 
@@ -98,7 +102,9 @@ class SlotKVCache:
             raise RuntimeError("SlotKVCache.positions read before bind()")
         return self._plan.token_positions
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, form: AttentionForm = LLAMA
+    ) -> torch.Tensor:
         """Store k/v [T, Hkv, D] at each token's (slot, position); return attention output [T, Hq * D]."""
         plan = self._plan
         if plan is None:
@@ -108,12 +114,15 @@ class SlotKVCache:
         values[plan.token_slots, :, plan.token_positions] = v
         parts = []
         if plan.num_single:
-            parts.append(self._attend_singles(plan, q[: plan.num_single], keys, values))
-        for offset, row, mask in plan.multi:
-            parts.append(_attend_row(q[offset : offset + row.length], keys, values, row, mask))
+            parts.append(self._attend_singles(plan, q[: plan.num_single], keys, values, form))
+        masks = plan.multi_masks(form.sliding_window)
+        for (offset, row, _), mask in zip(plan.multi, masks, strict=True):
+            parts.append(_attend_row(q[offset : offset + row.length], keys, values, row, mask, form))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _attend_singles(self, plan: "_Plan", q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _attend_singles(
+        self, plan: "_Plan", q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, form: AttentionForm
+    ) -> torch.Tensor:
         # One query per row: fold the query heads that share a KV head into the query axis (no repeat).
         rows, heads, dim = q.shape
         kv_heads = keys.shape[1]
@@ -125,9 +134,8 @@ class SlotKVCache:
                 keys[plan.single_slots, :, : plan.single_len],
                 values[plan.single_slots, :, : plan.single_len],
             )
-        out = F.scaled_dot_product_attention(
-            q.view(rows, kv_heads, heads // kv_heads, dim), hist_k, hist_v, attn_mask=plan.single_mask
-        )
+        mask = plan.single_mask if form.sliding_window is None else plan.window_single_mask(form.sliding_window)
+        out = attend(q.view(rows, kv_heads, heads // kv_heads, dim), hist_k, hist_v, mask, False, form)
         return out.reshape(rows, heads * dim)
 
     def _clear_ahead(self, slot: int, upto: int) -> None:
@@ -158,6 +166,21 @@ class _Plan:
     single_slots: torch.Tensor
     single_mask: torch.Tensor | None  # [B, 1, 1, L] True = attend; None when every row sees all L keys
     multi: tuple[tuple[int, Row, torch.Tensor | None], ...]  # (token offset, row, causal mask)
+    windowed: dict[int, tuple[torch.Tensor | None, list[torch.Tensor | None]]]  # window -> masks, made on use
+
+    def window_single_mask(self, window: int) -> torch.Tensor | None:
+        return self._windowed(window)[0]
+
+    def multi_masks(self, window: int | None) -> list[torch.Tensor | None]:
+        return [mask for _, _, mask in self.multi] if window is None else self._windowed(window)[1]
+
+    def _windowed(self, window: int) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        if window not in self.windowed:
+            starts = self.token_positions[: self.num_single].tolist()  # single rows come first, one token each
+            single = _decode_mask(starts, self.single_len, window)
+            multi = [_causal_mask(row, window) for _, row, _ in self.multi]
+            self.windowed[window] = (single, multi)
+        return self.windowed[window]
 
     @staticmethod
     def of(view: BatchView) -> "_Plan":
@@ -179,33 +202,40 @@ class _Plan:
             single_slots=torch.tensor(slots, dtype=torch.long),
             single_mask=_decode_mask([r.start for r in singles], single_len),
             multi=tuple(multi),
+            windowed={},
         )
 
 
-def _decode_mask(starts: list[int], kv_len: int) -> torch.Tensor | None:
-    if not starts or all(s == kv_len - 1 for s in starts):
+def _decode_mask(starts: list[int], kv_len: int, window: int | None = None) -> torch.Tensor | None:
+    windowed = window is not None and kv_len > window
+    if not starts or (not windowed and all(s == kv_len - 1 for s in starts)):
         return None  # every row is at the same position: it sees the whole history
-    allowed = torch.arange(kv_len).view(1, -1) <= torch.tensor(starts).view(-1, 1)
-    return allowed.view(len(starts), 1, 1, kv_len)
+    return window_mask(torch.tensor(starts), kv_len, window).view(len(starts), 1, 1, kv_len)
 
 
-def _causal_mask(row: Row) -> torch.Tensor | None:
-    if row.start == 0:
+def _causal_mask(row: Row, window: int | None = None) -> torch.Tensor | None:
+    end = row.start + row.length
+    if row.start == 0 and (window is None or end <= window):
         return None  # a fresh prefill: SDPA's own causal mask is exact
-    query = torch.arange(row.start, row.start + row.length).view(-1, 1)
-    return (torch.arange(row.start + row.length).view(1, -1) <= query).view(1, 1, row.length, -1)
+    return window_mask(torch.arange(row.start, end), end, window).view(1, 1, row.length, -1)
 
 
 def _attend_row(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: Row, mask: torch.Tensor | None
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    row: Row,
+    mask: torch.Tensor | None,
+    form: AttentionForm = LLAMA,
 ) -> torch.Tensor:
     end = row.start + row.length
-    out = F.scaled_dot_product_attention(
+    out = attend(
         q.transpose(0, 1).unsqueeze(0),
         keys[row.slot : row.slot + 1, :, :end],
         values[row.slot : row.slot + 1, :, :end],
-        attn_mask=mask,
-        is_causal=mask is None and row.length > 1,
+        mask,
+        mask is None and row.length > 1,
+        form,
         enable_gqa=True,
     )
     return out[0].transpose(0, 1).reshape(row.length, -1)

@@ -1,7 +1,10 @@
-"""One stage of a Llama-family model: only its decoder layers (plus embedding / norm + lm_head at the ends).
+"""One stage of a decoder-only model: only its decoder layers (plus embedding / norm + lm_head at the ends).
 
-The layers are `serve_apps.engine.decoder.DecoderLayer`s (Llama's math on a flat token batch, fused
-projections); weights are read tensor by tensor from safetensors for this stage only and fused on load.
+The layers are `serve_apps.engine.decoder.DecoderLayer`s (one decoder on a flat token batch, fused
+projections, each family's switches from its `Architecture`); weights are read tensor by tensor from
+safetensors for this stage only, under the family's tensor names, and fused on load. A config of a family
+the decoder does not implement is refused by `load_config`, before any weight is read, naming the
+supported ones (serve_apps.engine.architectures.FAMILIES).
 """
 
 import json
@@ -10,30 +13,48 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from cluster.network.model_cost import head_copy_kind
-from serve_apps.engine.decoder import Attention, CausalAttention, DecoderLayer, Rotary, fuse_layer_tensors, rms_norm
+from serve_apps.engine.architectures import (
+    SUPPORTED_MODEL_TYPES,
+    UnsupportedArchitecture,
+    architecture_of,
+    layer_tensor_names,
+    supported_summary,
+)
+from serve_apps.engine.decoder import (
+    Attention,
+    CausalAttention,
+    DecoderLayer,
+    Rotary,
+    fuse_layer_tensors,
+    gemma_rms_norm,
+    rms_norm,
+)
 from serve_apps.engine.gguf_source import SourceWeights, layer_parts, weights_summary
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.quant import LowBitWeight, WeightQuant, project, quantize
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+__all__ = ["SUPPORTED_MODEL_TYPES", "StageModel", "UnsupportedArchitecture", "build_stage", "load_config"]
 
 
 class StageModel(nn.Module):
-    """Decoder layers [spec.start, spec.end) of a Llama model; embedding if first, norm + lm_head if last."""
+    """Decoder layers [spec.start, spec.end) of a model; embedding if first, norm + lm_head if last."""
 
-    def __init__(self, config: LlamaConfig, spec: StageSpec) -> None:
+    def __init__(self, config: PretrainedConfig, spec: StageSpec) -> None:
         super().__init__()
+        arch = architecture_of(config)
+        self.arch = arch
         self.spec = spec
-        self.eps = config.rms_norm_eps
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if spec.first else None
-        self.layers = nn.ModuleList(DecoderLayer(config, layer_idx=i) for i in range(spec.start, spec.end))
-        self.norm = nn.Parameter(torch.empty(config.hidden_size)) if spec.last else None
-        self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size)) if spec.last else None
+        self.eps = arch.eps
+        self.final_norm = gemma_rms_norm if arch.gemma_norms else rms_norm
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size) if spec.first else None
+        self.layers = nn.ModuleList(DecoderLayer(arch, layer_idx=i) for i in range(spec.start, spec.end))
+        self.norm = nn.Parameter(torch.empty(arch.hidden_size)) if spec.last else None
+        self.lm_head = nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size)) if spec.last else None
         with torch.device("cpu"):  # computed, not loaded: real tensors even when the stage is built on meta
-            self.rotary = Rotary(config)
+            self.rotary = Rotary(config, arch)
         self.lm_head_low_bit: LowBitWeight | None = None
         self.low_bit_max_rows = 0
         self.source: SourceWeights | None = None  # a GGUF's types and blocks (gguf_source), set by build_stage
@@ -81,11 +102,16 @@ class StageModel(nn.Module):
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
         """Token ids [T] (first stage) or hidden states [T, H] in, at `positions` [T]; hidden states [T, H]
         out (final-normed on the last stage)."""
-        hidden = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
-        cos, sin = self.rotary.tables(positions, hidden.dtype)
+        if self.embed_tokens is not None:
+            hidden = self.embed_tokens(inputs)
+            if self.arch.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the weights' dtype first
+                hidden = hidden * torch.tensor(self.arch.embed_scale).to(hidden.dtype)
+        else:
+            hidden = inputs
+        tables = self.rotary.tables(positions, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, attention)
-        return rms_norm(hidden, self.norm, self.eps) if self.norm is not None else hidden
+            hidden = layer(hidden, tables, attention)
+        return self.final_norm(hidden, self.norm, self.eps) if self.norm is not None else hidden
 
     def forward_full(self, inputs: torch.Tensor) -> torch.Tensor:
         """Cache-free causal forward of one whole sequence (token ids [T] or hidden states [T, H])."""
@@ -95,14 +121,23 @@ class StageModel(nn.Module):
         """lm_head over the final-normed hidden states of the rows' last positions: [B, H] -> [B, V] float32."""
         if self.lm_head is None:
             raise RuntimeError("only the last stage computes logits")
-        return project(hidden_last, self.lm_head, self.lm_head_low_bit, self.low_bit_max_rows).float()
+        logits = project(hidden_last, self.lm_head, self.lm_head_low_bit, self.low_bit_max_rows).float()
+        cap = self.arch.final_softcap
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
 
 
-def load_config(model_dir: Path) -> LlamaConfig:
-    """The model's config with SDPA attention, validated to be an architecture the stages implement."""
-    config = AutoConfig.from_pretrained(model_dir)
-    if not isinstance(config, LlamaConfig) or config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {config.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+def load_config(model_dir: Path) -> PretrainedConfig:
+    """The model's config, validated to be an architecture the stages implement (UnsupportedArchitecture,
+    a ValueError naming the supported families, otherwise)."""
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except ValueError as exc:  # a model_type transformers does not know either
+        declared = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        raise UnsupportedArchitecture(
+            f"{model_dir}: model_type {declared!r} is not supported by the sharded engine; supported: "
+            f"{supported_summary()}"
+        ) from exc
+    architecture_of(config)
     config._attn_implementation = "sdpa"
     return config
 
@@ -112,7 +147,7 @@ def build_stage(model_dir: Path, spec: StageSpec, dtype: torch.dtype) -> StageMo
     config = load_config(model_dir)
     with torch.device("meta"):
         model = StageModel(config, spec)
-    state = _fuse(_read_stage_tensors(model_dir, spec, config, dtype), spec)
+    state = _fuse(_read_stage_tensors(model_dir, spec, config, dtype), spec, model)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     model.source = SourceWeights.load(model_dir)
@@ -121,13 +156,13 @@ def build_stage(model_dir: Path, spec: StageSpec, dtype: torch.dtype) -> StageMo
     return model
 
 
-def _fuse(state: dict[str, torch.Tensor], spec: StageSpec) -> dict[str, torch.Tensor]:
+def _fuse(state: dict[str, torch.Tensor], spec: StageSpec, model: StageModel) -> dict[str, torch.Tensor]:
     """Checkpoint-named tensors -> the stage's parameters (fused per layer, plain names at the ends)."""
     fused: dict[str, torch.Tensor] = {}
     for local in range(spec.num_layers):
         prefix = f"layers.{local}."
         layer = {name[len(prefix) :]: state.pop(name) for name in list(state) if name.startswith(prefix)}
-        fused.update({prefix + name: tensor for name, tensor in fuse_layer_tensors(layer).items()})
+        fused.update({prefix + name: tensor for name, tensor in fuse_layer_tensors(layer, model.arch).items()})
     renamed = {"norm.weight": "norm", "lm_head.weight": "lm_head"}
     fused.update({renamed.get(name, name): tensor for name, tensor in state.items()})
     return fused
@@ -138,27 +173,15 @@ def stage_tensor_names(spec: StageSpec, config: PretrainedConfig) -> dict[str, s
     names: dict[str, str] = {}
     if spec.first:
         names["embed_tokens.weight"] = "model.embed_tokens.weight"
+    suffixes = layer_tensor_names(architecture_of(config))
     for local, layer in enumerate(range(spec.start, spec.end)):
-        for suffix in _LAYER_TENSORS:
+        for suffix in suffixes:
             names[f"layers.{local}.{suffix}"] = f"model.layers.{layer}.{suffix}"
     if spec.last:
         names["norm.weight"] = "model.norm.weight"
         tied = getattr(config, "tie_word_embeddings", False)
         names["lm_head.weight"] = "model.embed_tokens.weight" if tied else "lm_head.weight"
     return names
-
-
-_LAYER_TENSORS = (
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-)
 
 
 def _read_stage_tensors(
