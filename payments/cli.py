@@ -24,6 +24,7 @@ from cluster.config import load_settings
 from payments.chain.litesvm_backend import LiteSVMBackend
 from payments.deposits import deposit_transaction
 from payments.errors import PaymentError
+from payments.ledger import backup as backups
 from payments.ledger import migrate as migrations
 from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
 from payments.ledger.payouts import PayoutBook
@@ -295,3 +296,43 @@ def migrate(
         console.print(f"  added {', '.join(result.added_columns)}")
     if not result.changed:
         console.print("  already at head: nothing to do")
+
+
+ForceOpt = typer.Option(False, "--force", help="Overwrite what is there.")
+
+
+def _print_backup(result: backups.BackupResult) -> None:
+    verb = "backed up" if result.action == "backup" else "restored"
+    into = "to" if result.action == "backup" else "from"
+    console.print(f"{verb} {result.database} {into} {result.path} ({result.size_bytes} bytes, {result.method})")
+
+
+@app.command()
+def backup(path: Path, force: bool = ForceOpt, config: Path | None = ConfigOpt) -> None:
+    """Back the ledger up to PATH (SQLite online backup, or pg_dump -Fc); safe while the ledger is written."""
+    section = load_settings(config).payments
+    try:
+        _print_backup(backups.backup(section.resolved_database_url(), path, force))
+    except PaymentError as exc:
+        console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def restore(path: Path, force: bool = ForceOpt, config: Path | None = ConfigOpt) -> None:
+    """Replace the ledger with the backup at PATH (stop the payments actor first), then migrate it to head.
+    Run `reconcile` next: it finds the payouts made since the backup on chain, so none is paid twice."""
+    section = load_settings(config).payments
+    url = section.resolved_database_url()
+    try:
+        _print_backup(backups.restore(url, path, force))
+    except PaymentError as exc:
+        console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+        raise typer.Exit(2) from exc
+    engine = make_engine(url, section.sqlite_synchronous)
+    try:
+        result = migrations.migrate(engine)  # a backup from an older release gets the newer schema
+    finally:
+        engine.dispose()
+    console.print(f"ledger schema {result.from_revision or 'pre-Alembic'} -> {result.to_revision}")
+    console.print("next: solanalm payments reconcile (finds payouts made after the backup on chain)")

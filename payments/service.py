@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from cluster.config.payments import PaymentsSection
 from payments.auth import WalletAuth
+from payments.catchup import catch_up
 from payments.chain.base import ChainBackend
 from payments.chain.deposits import deposit_of
 from payments.chain.litesvm_backend import LiteSVMBackend
@@ -273,8 +274,13 @@ class PaymentsService:
         return await self._leased(self.settler.settle)
 
     async def recover(self) -> BatchReport:
-        """Finish the batches a dead runner left open, if this worker holds (or takes) the lease."""
-        return await self._leased(self.settler.recover)
+        """Finish the batches a dead runner left open, if this worker holds (or takes) the lease; first adopt
+        the payouts the chain made that the ledger lacks (a restored backup: payments/catchup.py)."""
+        return await self._leased(self._catch_up_and_recover)
+
+    async def _catch_up_and_recover(self) -> BatchReport:
+        await catch_up(self.book, self.chain, self.treasury.pubkey(), self.asset, self.section.resign_history_limit)
+        return await self.settler.recover()
 
     async def _leased(self, run: Callable[[], Awaitable[BatchReport]]) -> BatchReport:
         if not self.lease.acquire():

@@ -14,6 +14,9 @@ CHAIN_INFLOW = "chain:inflow"  # source of deposits (money that came in on chain
 CHAIN_OUTFLOW = "chain:outflow"  # sink of confirmed payouts
 CHAIN_FEES = "chain:fees"  # sink of transaction fees (SOL settlement only)
 NETWORK = "network"  # network commission
+# Payouts the chain shows for records a restored (older) ledger lost: see payments/catchup.py.
+UNRECORDED = "unrecorded"
+CHAIN_UNRECORDED = "chain:unrecorded"
 INFLIGHT = "payout:inflight"  # payouts put into a batch, not yet confirmed
 REWARDS = "rewards"  # source of training rewards granted by the network
 

@@ -111,6 +111,8 @@ def ledger_checks(
             v >= 0 for k, v in cached.items() if k.startswith(("client:", "hold:", "payee:"))
         ),
         "no_stale_holds": hold_max_age_s is None or hold_age_s <= hold_max_age_s,
+        # A restored ledger: the chain paid for records the backup did not have yet (payments/catchup.py).
+        "payouts_all_recorded": cached.get(acct.CHAIN_UNRECORDED, 0) == 0,
     }
     figures = {
         "deposits": -cached.get(acct.CHAIN_INFLOW, 0),
@@ -124,5 +126,6 @@ def ledger_checks(
         "unpaid": unpaid_shares,
         "liabilities": liabilities,
         "oldest_open_hold_s": int(hold_age_s),
+        "unrecorded_payouts": cached.get(acct.CHAIN_UNRECORDED, 0),
     }
     return checks, figures
