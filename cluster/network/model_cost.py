@@ -1,10 +1,12 @@
-"""A Llama-family model's per-layer memory and compute, measured on the meta device (no weights)."""
+"""A decoder model's per-layer memory and compute, measured on the meta device (no weights): layer 0 of the
+config's own family (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, ...)."""
 
+import copy
 from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from cluster.config.serving import INT4_GROUP, WeightQuant
@@ -59,8 +61,7 @@ def model_cost_from_config(
     """Bytes of one decoder layer (built on meta), the embedding, norm + lm_head, and `kv_tokens` of KV
     cache per layer. The lm_head is counted even when tied: each stage owns its own tensors. With
     `weight_quant`, the packed copies of the layers' projections and of the lm_head are added."""
-    with torch.device("meta"):
-        layer = LlamaDecoderLayer(config, layer_idx=0)  # type: ignore[arg-type]  # any Llama-shaped config
+    layer = _first_layer(config)
     layer_params = sum(p.numel() for p in layer.parameters())
     itemsize = torch.empty((), dtype=dtype).element_size()
     hidden, vocab = config.hidden_size, config.vocab_size
@@ -78,6 +79,19 @@ def model_cost_from_config(
         layer_flops_per_token=2.0 * layer_params,
         head_layer_equiv=vocab * hidden / layer_params,
     )
+
+
+def _first_layer(config: PretrainedConfig) -> torch.nn.Module:
+    """Decoder layer 0 of the config's own family (its biases, fused projections and extra norms), built on
+    meta from a one-layer copy; a config transformers has no causal LM for is counted as Llama-shaped."""
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(one)
+            return model.model.layers[0]  # type: ignore[no-any-return]
+        except (ValueError, KeyError, AttributeError):
+            return LlamaDecoderLayer(config, layer_idx=0)  # type: ignore[arg-type]
 
 
 def model_cost_for(model_dir: Path, dtype: str, kv_tokens: int = 0, weight_quant: WeightQuant = "none") -> ModelCost:
