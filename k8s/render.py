@@ -46,10 +46,11 @@ class Manifest:
     cluster_field: str  # spec field that receives the RayClusterSpec
     serve_config: bool = False  # whether spec.serveConfigV2 is filled from configs/serve.yaml
     train_storage: bool = False  # whether every pod mounts the shared training volume
+    ledger: bool = False  # whether the head (payments workers) reads the ledger URL from the Secret
 
 
 MANIFESTS: tuple[Manifest, ...] = (
-    Manifest("rayservice.yaml", "rayClusterConfig", serve_config=True),
+    Manifest("rayservice.yaml", "rayClusterConfig", serve_config=True, ledger=True),
     Manifest("rayjob-data-parallel.yaml", "rayClusterSpec", train_storage=True),
     Manifest("rayjob-federated.yaml", "rayClusterSpec", train_storage=True),
 )
@@ -59,6 +60,16 @@ MANIFESTS: tuple[Manifest, ...] = (
 # output directory (cluster/config/training.py, `training.output_dir`).
 TRAIN_CLAIM = "solanalm-train"
 TRAIN_MOUNT_PATH = "/mnt/solanalm-train"
+
+
+# The payments ledger is PostgreSQL, never a file in the head container: its URL comes from this Secret
+# (an in-cluster k8s/postgres/ledger.yaml StatefulSet, or an external server), read by the head only, where
+# the payments workers run. With PostgreSQL there are LEDGER_WORKERS payments workers and GATEWAY_REPLICAS
+# gateway replicas (docs/operations.md, "Scaling out").
+LEDGER_SECRET = "solanalm-ledger"
+LEDGER_SECRET_KEY = "database-url"
+LEDGER_WORKERS = 2
+GATEWAY_REPLICAS = 2
 
 
 class _Dumper(yaml.SafeDumper):
@@ -126,6 +137,21 @@ def with_train_storage(cluster_spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def with_ledger(cluster_spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the cluster spec whose head reads the ledger URL from the Secret (required: without it the
+    pod does not start, rather than opening a SQLite ledger on the container's disk)."""
+    spec = copy.deepcopy(cluster_spec)
+    ray_container = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    secret = {"secretKeyRef": {"name": LEDGER_SECRET, "key": LEDGER_SECRET_KEY, "optional": False}}
+    ray_container["env"] = [  # a new list: the template's env is a YAML anchor the worker groups alias
+        *ray_container.get("env", []),
+        {"name": "SOLANALM_PAYMENTS__DATABASE_URL", "valueFrom": secret},
+        {"name": "SOLANALM_PAYMENTS__WORKERS", "value": str(LEDGER_WORKERS)},
+        {"name": "SOLANALM_HTTP__GATEWAY_REPLICAS", "value": str(GATEWAY_REPLICAS)},
+    ]
+    return spec
+
+
 def with_tls(cluster_spec: dict[str, Any]) -> dict[str, Any]:
     """A copy of the cluster spec with Ray's mutual TLS managed by KubeRay (`tlsOptions`, v1.7.0).
 
@@ -153,6 +179,8 @@ def render_manifest(
         spec["serveConfigV2"] = dump_yaml(k8s_serve_config(serve_config))
     if manifest.train_storage:
         cluster_spec = with_train_storage(cluster_spec)
+    if manifest.ledger:
+        cluster_spec = with_ledger(cluster_spec)
     if tls:
         cluster_spec = with_tls(cluster_spec)
     spec[manifest.cluster_field] = copy.deepcopy(cluster_spec)

@@ -177,7 +177,7 @@ def test_every_group_carries_provider_labels_and_exports_metrics_on_8080() -> No
 
 
 def test_every_resource_shares_one_cluster_spec(cluster_spec: dict[str, Any], render: ModuleType) -> None:
-    assert _cluster("rayservice.yaml") == cluster_spec
+    assert _cluster("rayservice.yaml") == render.with_ledger(cluster_spec)  # the ledger Secret (test_ledger.py)
     for name in ("rayjob-data-parallel.yaml", "rayjob-federated.yaml"):
         assert _cluster(name) == render.with_train_storage(cluster_spec)
 
