@@ -58,9 +58,11 @@ class PaymentsActor:
         settle_loop: bool = True,
         crash_hook: CrashHook | None = None,
         worker: int = 0,
+        namespace: str | None = None,
     ) -> None:
         self.section = section
         self.worker = worker
+        self.namespace = namespace  # the workers' own: the shared chain actor is started there too
         self._crash_hook = crash_hook
         self._settle_loop_enabled = settle_loop
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="payments-db")
@@ -94,7 +96,7 @@ class PaymentsActor:
 
         from payments.chain.shared import SharedLiteSVMBackend, start_chain_actor
 
-        namespace = ray.get_runtime_context().namespace
+        namespace = self.namespace or ray.get_runtime_context().namespace
         path = self.section.state_dir / "litesvm.json"
         return SharedLiteSVMBackend(start_chain_actor(self.section.chain_actor_name, path, namespace))
 

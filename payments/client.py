@@ -118,7 +118,7 @@ def start_payments_workers(
             # must come back on the head, never on a provider node, where it would open an empty ledger.
             resources={"node:__internal_head__": 0.001},
         )
-        handle: Any = remote_cls.remote(section, settle_loop, crash_hook, index)
+        handle: Any = remote_cls.remote(section, settle_loop, crash_hook, index, namespace)
         ray.get(handle.ready.remote(), timeout=max(section.actor_call_timeout_s, 60.0))
         handles.append(handle)
     return handles

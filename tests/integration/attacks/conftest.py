@@ -112,9 +112,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def deploy_paid(repo_root: Path, model_cache_dir: Path, state_dir: Path, **payments: Any) -> PaidApp:
+def deploy_paid(
+    repo_root: Path, model_cache_dir: Path, state_dir: Path, http: dict[str, Any] | None = None, **payments: Any
+) -> PaidApp:
     """configs/serve.yaml's builder in paid mode (prices, sign-in required), tiny Llama, one stage, its
-    ledger in `state_dir`; `payments` adds or overrides payments settings (e.g. operator_wallet)."""
+    ledger in `state_dir`; `payments` adds or overrides payments settings (e.g. operator_wallet), `http` http
+    settings (e.g. gateway_replicas)."""
+    app, settings = paid_settings(repo_root, model_cache_dir, state_dir, http, **payments)
+    deploy(app, settings)
+    return PaidApp(f"http://127.0.0.1:{settings.http.port}/v1", settings)
+
+
+def paid_settings(
+    repo_root: Path, model_cache_dir: Path, state_dir: Path, http: dict[str, Any] | None = None, **payments: Any
+) -> tuple[Any, Settings]:
+    """The serve config and settings `deploy_paid` deploys (to start something before the deployment)."""
     app = read_serve_config(repo_root / "configs" / "serve.yaml")
     settings = settings_for(
         app,
@@ -125,7 +137,7 @@ def deploy_paid(repo_root: Path, model_cache_dir: Path, state_dir: Path, **payme
                 "catalogue": str(repo_root / "configs" / "models.yaml"),
             },
             "pipeline": {"num_stages": 1, "max_num_seqs": 8, "max_queue": 32},
-            "http": {"port": _free_port(), "rate_limits": RATE_LIMITS},
+            "http": {"port": _free_port(), "rate_limits": RATE_LIMITS, **(http or {})},
             "payments": {
                 "enabled": True,
                 "open_mode": False,
@@ -138,8 +150,7 @@ def deploy_paid(repo_root: Path, model_cache_dir: Path, state_dir: Path, **payme
             },
         },
     )
-    deploy(app, settings)
-    return PaidApp(f"http://127.0.0.1:{settings.http.port}/v1", settings)
+    return app, settings
 
 
 # Package scope: the replica and the payments actor are released before other packages' tests run.

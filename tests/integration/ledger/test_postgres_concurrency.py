@@ -3,10 +3,11 @@ connection pool) on the same database, threads hammering the places where writer
 what must hold whatever the interleaving: nothing charged twice, nothing paid twice, nothing lost, and the
 double-entry reconcile checks clean.
 
-Run against the ledger before row locks were added (payments/ledger/ledger.py, accounts.py at e5ac461), the
-deposit test lost credits (an account created by the other writer first failed the insert, which
-credit_deposit took for "already credited"), the same-request test failed with a unique violation on
-settlements.request_id, and the rewards-funding test funded one reference twice.
+Run once against the ledger before row locks were added (payments/ledger/ledger.py and accounts.py of
+e5ac461), four of the five failed: deposits lost (the other writer created the account first, the insert's
+unique violation was taken for "already credited" and the lookup found no deposit: NoResultFound), holds and
+reports and group commits failing with unique violations on accounts_pkey and settlements_request_id_key,
+reward funding failing on accounts_pkey (chain:inflow). Payout claiming was already one atomic UPDATE.
 """
 
 import contextlib
