@@ -177,8 +177,9 @@ class ModelSpec(BaseModel):
     dtype: DType = Field(default="float32", description="Compute dtype of the served weights.")
     weight_quant: WeightQuant = Field(
         default="none",
-        description="Packed low-bit copies of the layer weights for small steps on CPU: int4 (groups of 32, exact "
-        "for a Q4_1 GGUF's layers), int8 (per row), or none.",
+        description="Packed low-bit copies of the layer weights for small steps on CPU: int4 (groups of 32), int8 "
+        "(per row), or none; for a GGUF source any but none lets each tensor's own type decide (exact int4 for "
+        "Q4_0/Q4_1/Q4_K, int8 groups of 32 for Q8_0, dense otherwise: docs/backends.md).",
     )
     owned_by: str = Field(default="solanalm", description="Owner shown in /v1/models.")
     max_model_len: int | None = Field(default=None, ge=16, description="Context limit; None: the model config's.")

@@ -56,17 +56,24 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def model_cost_from_config(
-    config: PretrainedConfig, dtype: torch.dtype = torch.float32, kv_tokens: int = 0, weight_quant: WeightQuant = "none"
+    config: PretrainedConfig,
+    dtype: torch.dtype = torch.float32,
+    kv_tokens: int = 0,
+    weight_quant: WeightQuant = "none",
+    layer_packed_bytes: int | None = None,
 ) -> ModelCost:
     """Bytes of one decoder layer (built on meta), the embedding, norm + lm_head, and `kv_tokens` of KV
     cache per layer. The lm_head is counted even when tied: each stage owns its own tensors. With
-    `weight_quant`, the packed copies of the layers' projections and of the lm_head are added."""
+    `weight_quant`, the packed copies of the layers' projections (`layer_packed_bytes` where known, e.g.
+    from a GGUF's own types) and of the lm_head are added."""
     layer = _first_layer(config)
     layer_params = sum(p.numel() for p in layer.parameters())
     itemsize = torch.empty((), dtype=dtype).element_size()
     hidden, vocab = config.hidden_size, config.vocab_size
     matrices = [tuple(p.shape) for p in layer.parameters() if p.dim() == 2]
     layer_packed = sum(packed_bytes(rows, cols, weight_quant, itemsize) for rows, cols in matrices)
+    if layer_packed_bytes is not None and weight_quant != "none":
+        layer_packed = layer_packed_bytes
     head_packed = packed_bytes(vocab, hidden, head_copy_kind(), itemsize) if weight_quant != "none" else 0
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -95,6 +102,33 @@ def _first_layer(config: PretrainedConfig) -> torch.nn.Module:
 
 
 def model_cost_for(model_dir: Path, dtype: str, kv_tokens: int = 0, weight_quant: WeightQuant = "none") -> ModelCost:
-    """The cost of a materialised Hugging Face directory (its config.json only) in `dtype` ('float32'...)."""
+    """The cost of a materialised Hugging Face directory (its config.json, and a GGUF's gguf/weights.json
+    for the kind of each layer's copies) in `dtype` ('float32'...)."""
     config = AutoConfig.from_pretrained(model_dir)
-    return model_cost_from_config(config, getattr(torch, dtype), kv_tokens, weight_quant)
+    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    packed = gguf_layer_packed_bytes(model_dir, itemsize)
+    return model_cost_from_config(config, getattr(torch, dtype), kv_tokens, weight_quant, packed)
+
+
+def gguf_layer_packed_bytes(model_dir: Path, itemsize: int) -> int | None:
+    """The most bytes of low-bit copies one layer of a GGUF-sourced model holds (each tensor's copy follows
+    its GGUF type, serve_apps.engine.gguf_source); None for a model without gguf/weights.json."""
+    from cluster.models.gguf_weights import read_index
+
+    index = read_index(model_dir)
+    if index is None:
+        return None
+    from safetensors import safe_open
+
+    per_layer: dict[str, int] = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+                kind = index["low_bit"].get(name)
+                if kind is None or not name.startswith("model.layers."):
+                    continue
+                rows, cols = handle.get_slice(name).get_shape()
+                layer = name.split(".")[2]
+                per_layer[layer] = per_layer.get(layer, 0) + packed_bytes(rows, cols, kind, itemsize)  # type: ignore[arg-type]
+    return max(per_layer.values(), default=0)

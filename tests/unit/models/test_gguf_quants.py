@@ -169,3 +169,17 @@ def test_side_files_keep_blocks_only_where_they_match_the_dense_tensor(tmp_path:
     assert reason.startswith("layers.0.gate_up_proj: Q8_0") and "differ" in reason
     assert json.loads(json.dumps(summary)) == summary
     assert weights_summary(None, [], quantized=False)["dense_fallback"]
+
+
+def test_placement_counts_each_layers_copies_by_their_gguf_kind(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from cluster.network.model_cost import gguf_layer_packed_bytes
+
+    assert gguf_layer_packed_bytes(tmp_path, 2) is None  # not from a GGUF: the catalogue's weight_quant counts
+    names = {f"model.layers.{i}.mlp.{p}_proj.weight": torch.zeros(64, 256) for i in (0, 1) for p in ("up", "down")}
+    save_file(names, str(tmp_path / "model.safetensors"))
+    kinds = {"model.layers.0.mlp.up_proj.weight": "int4", "model.layers.1.mlp.up_proj.weight": "int8_g32"}
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "weights.json").write_text(json.dumps({"types": {}, "low_bit": kinds, "dense_fallback": {}}))
+    assert gguf_layer_packed_bytes(tmp_path, 2) == packed_bytes(64, 256, "int8_g32", 2)  # the larger layer's
