@@ -23,6 +23,8 @@ FUSED_PARTS = {
     "gate_up_proj": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "down_proj": ("mlp.down_proj.weight",),
 }
+# Families whose checkpoints hold them fused already (Phi-3): one tensor, one GGUF type.
+FUSED_CHECKPOINT = {"qkv_proj": "self_attn.qkv_proj.weight", "gate_up_proj": "mlp.gate_up_proj.weight"}
 
 
 @dataclass(slots=True)
@@ -57,6 +59,14 @@ class SourceWeights:
         scale = torch.from_numpy(_rows([b.scale for b in blocks]))
         zero = torch.from_numpy(_rows([b.zero for b in blocks]))
         return int4_from_blocks(q, scale, zero, dtype) if kind == "int4" else int8_g32_from_blocks(q, scale, dtype)
+
+    def layer_parts(self, layer: int) -> dict[str, list[str]]:
+        """Fused parameter -> the checkpoint names of decoder layer `layer` it is stacked from."""
+        parts = layer_parts(layer)
+        for fused, name in FUSED_CHECKPOINT.items():
+            if f"model.layers.{layer}.{name}" in self.types:
+                parts[fused] = [f"model.layers.{layer}.{name}"]
+        return parts
 
     def _why(self, name: str) -> str:
         return f"{self.types.get(name, 'unknown')} ({self.fallback.get(name, 'no blocks')})"

@@ -32,7 +32,7 @@ from serve_apps.engine.decoder import (
     gemma_rms_norm,
     rms_norm,
 )
-from serve_apps.engine.gguf_source import SourceWeights, layer_parts, weights_summary
+from serve_apps.engine.gguf_source import SourceWeights, weights_summary
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.quant import LowBitWeight, WeightQuant, project, quantize
 
@@ -80,7 +80,7 @@ class StageModel(nn.Module):
     def _copy_source_blocks(layer: DecoderLayer, source: SourceWeights, max_rows: int) -> None:
         copies = {
             name: source.copy_for(f"layers.{layer.layer_idx}.{name}", parts, getattr(layer, name).dtype)
-            for name, parts in layer_parts(layer.layer_idx).items()
+            for name, parts in source.layer_parts(layer.layer_idx).items()
         }
         layer.low_bit = {name: low for name, low in copies.items() if low is not None}
         layer.low_bit_max_rows = max_rows

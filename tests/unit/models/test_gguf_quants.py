@@ -183,3 +183,14 @@ def test_placement_counts_each_layers_copies_by_their_gguf_kind(tmp_path: Path) 
     (tmp_path / "gguf").mkdir()
     (tmp_path / "gguf" / "weights.json").write_text(json.dumps({"types": {}, "low_bit": kinds, "dense_fallback": {}}))
     assert gguf_layer_packed_bytes(tmp_path, 2) == packed_bytes(64, 256, "int8_g32", 2)  # the larger layer's
+
+
+def test_a_fused_checkpoint_tensor_is_its_own_part(tmp_path: Path) -> None:
+    (tmp_path / "gguf").mkdir()
+    types = {"model.layers.0.self_attn.qkv_proj.weight": "Q8_0", "model.layers.0.mlp.gate_proj.weight": "Q4_K"}
+    (tmp_path / "gguf" / "weights.json").write_text(json.dumps({"types": types, "low_bit": {}, "dense_fallback": {}}))
+    source = SourceWeights.load(tmp_path)
+    assert source is not None
+    parts = source.layer_parts(0)
+    assert parts["qkv_proj"] == ["model.layers.0.self_attn.qkv_proj.weight"]  # Phi-3
+    assert parts["gate_up_proj"] == ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"]
