@@ -38,6 +38,7 @@ from payments.protocol import (
     SettlementRecord,
     SignIn,
     TrainingReward,
+    UsageLine,
     UsageReport,
     WalletIdentity,
     WithheldPayout,
@@ -205,6 +206,9 @@ class PaymentsActor:
 
     async def payouts(self, wallet: str) -> list[PayoutStatus]:
         return await self._run((await self._svc()).payouts, wallet)
+
+    async def usage(self, wallet: str) -> list[UsageLine]:
+        return await self._run((await self._svc()).usage, wallet)
 
     async def settle(self) -> BatchReport:
         service = await self._svc()

@@ -43,6 +43,7 @@ from payments.protocol import (
     ReleaseHold,
     SettlementRecord,
     SignIn,
+    UsageLine,
     UsageReport,
     WalletIdentity,
     WithheldPayout,
@@ -216,6 +217,9 @@ class PaymentsClient:
     async def payouts(self, wallet: str) -> list[PayoutStatus]:
         return await self._call("payouts", wallet)
 
+    async def usage(self, wallet: str) -> list[UsageLine]:
+        return await self._call("usage", wallet)
+
     async def settle(self) -> BatchReport:
         return await self._call("settle")
 
@@ -282,6 +286,9 @@ class LocalPaymentsClient:
 
     async def payouts(self, wallet: str) -> list[PayoutStatus]:
         return self.service.payouts(wallet)
+
+    async def usage(self, wallet: str) -> list[UsageLine]:
+        return self.service.usage(wallet)
 
     async def settle(self) -> BatchReport:
         return await self.service.settle()

@@ -245,6 +245,19 @@ class ApiKeyInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageLine:
+    """One settled request of a payer, as its usage history lists it (the receipt is at its settlement id)."""
+
+    settlement_id: str
+    request_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class PayoutStatus:
     """One payout line of a wallet: its amount in a settlement batch, the batch's state and transaction."""
 
@@ -295,6 +308,7 @@ class PaymentsAPI(Protocol):
     async def revoke_key(self, key_id: str, wallet: str) -> None: ...
     async def list_keys(self, wallet: str) -> list[ApiKeyInfo]: ...
     async def payouts(self, wallet: str) -> list[PayoutStatus]: ...
+    async def usage(self, wallet: str) -> list[UsageLine]: ...  # the payer's settled requests, newest first
     async def settle(self) -> BatchReport: ...
     async def reconcile(self) -> ReconcileReport: ...
     async def pending(self) -> dict[str, object]: ...

@@ -55,6 +55,7 @@ from payments.protocol import (
     SettlementRecord,
     SignIn,
     TrainingReward,
+    UsageLine,
     UsageReport,
     WalletIdentity,
     WithheldPayout,
@@ -336,6 +337,16 @@ class PaymentsService:
             rows = conn.execute(query).all()
         return [
             PayoutStatus(r.batch_id, wallet, int(r.amount), r.state, r.signature, r.created_at, r.updated_at)
+            for r in rows
+        ]
+
+    def usage(self, wallet: str, limit: int = 100) -> list[UsageLine]:
+        """The requests `wallet` paid for, newest first: each one's settlement id (its receipt), tokens, cost."""
+        query = select(settlements).where(settlements.c.payer == wallet).order_by(settlements.c.created_at.desc())
+        with self.ledger.transaction() as conn:
+            rows = conn.execute(query.limit(limit)).all()
+        return [
+            UsageLine(r.id, r.request_id, r.model, r.prompt_tokens, r.completion_tokens, int(r.cost), r.created_at)
             for r in rows
         ]
 

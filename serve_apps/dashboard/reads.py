@@ -95,24 +95,13 @@ async def me(gateway: Any, wallet: str) -> dict[str, Any]:
     balance = await asyncio.wait_for(payments.balance(wallet), CALL_TIMEOUT_S)
     keys = await asyncio.wait_for(payments.list_keys(wallet), CALL_TIMEOUT_S)
     payouts = await asyncio.wait_for(payments.payouts(wallet), CALL_TIMEOUT_S)
-    settlements = views.own_settlements(gateway.metering.recent, wallet)
+    usage = await asyncio.wait_for(payments.usage(wallet), CALL_TIMEOUT_S)  # the ledger's, for this payer only
     return {
         "wallet": wallet,
         "balance": asdict(balance),
         "keys": [asdict(k) for k in keys],
         "payouts": [asdict(p) for p in payouts],
-        "settlements": [
-            {
-                "settlement_id": s.settlement_id,
-                "request_id": s.request_id,
-                "model": s.model,
-                "prompt_tokens": s.prompt_tokens,
-                "completion_tokens": s.completion_tokens,
-                "cost": s.cost,
-                "created_at": s.created_at,
-            }
-            for s in settlements
-        ],
+        "settlements": [asdict(line) for line in usage],
     }
 
 

@@ -219,11 +219,6 @@ def payout_split(payouts: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str
     return pending, paid
 
 
-def own_settlements(records: Iterable[Any], wallet: str) -> list[Any]:
-    """The settlement records a wallet paid (its usage and receipts), newest first; never another's."""
-    return [r for r in reversed(list(records)) if getattr(r, "payer", None) == wallet]
-
-
 # ---- training --------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,6 @@ Either runs in a task of its own (`HoldCloser`), which the request's cancellatio
 import asyncio
 import contextvars
 import logging
-from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
@@ -22,7 +21,6 @@ from payments.protocol import (
     PaymentsAPI,
     ProviderShare,
     ReleaseHold,
-    SettlementRecord,
     UsageReport,
     WalletIdentity,
 )
@@ -32,7 +30,6 @@ from serve_apps.protocol import Accepted, Finished, GenerateRequest, ProviderWor
 logger = logging.getLogger(__name__)
 
 TEMPLATE_TOKENS = 64  # chat-template tokens around the messages, counted into the hold
-RECENT_SETTLEMENTS = 1000  # settlements this gateway keeps in memory for the dashboard's "my usage" view
 
 
 class Metering:
@@ -42,8 +39,6 @@ class Metering:
         self.payments = payments
         self._operator_wallet = operator_wallet
         self._closing: set[asyncio.Task[str | None]] = set()  # settlements and releases under way
-        # The last settlements made here (the dashboard shows each wallet its own; the ledger keeps them all).
-        self.recent: deque[SettlementRecord] = deque(maxlen=RECENT_SETTLEMENTS)
 
     def closer(self, request: GenerateRequest, payer: str | None) -> "HoldCloser":
         """What closes an admitted request's hold, once."""
@@ -114,7 +109,6 @@ class Metering:
         except PaymentError as exc:
             await self.release(request.request_id, "settlement failed")
             raise _as_openai(exc) from None
-        self.recent.append(record)
         return record.settlement_id
 
     async def release(self, request_id: str, reason: str) -> None:

@@ -89,9 +89,6 @@ def test_money_rows() -> None:
     assert views.money_wallets({"B": 3}, ["A", None], {"C"}) == ["A", "B", "C"]
     pending, paid = views.payout_split([{"state": "confirmed", "amount": 1}, {"state": "sent", "amount": 2}])
     assert [p["amount"] for p in pending] == [2] and [p["amount"] for p in paid] == [1]
-    records = [SimpleNamespace(payer="A", settlement_id="1"), SimpleNamespace(payer="B", settlement_id="2")]
-    records.append(SimpleNamespace(payer="A", settlement_id="3"))
-    assert [r.settlement_id for r in views.own_settlements(records, "A")] == ["3", "1"]
 
 
 def test_training_rows_from_a_federated_summary_and_ray_train_results() -> None:
