@@ -163,3 +163,17 @@ def test_unsupported_rope_type_is_refused() -> None:
     config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
     with pytest.raises(UnsupportedArchitecture, match="rope type 'dynamic'"):
         architecture_of(config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planned_layer_bytes_are_what_a_stage_of_the_family_holds(family: str) -> None:
+    """The placement's per-layer bytes (model_cost, from transformers' own layer) equal the fused stage's."""
+    from cluster.network.model_cost import model_cost_from_config
+    from serve_apps.engine.stage_model import StageModel
+
+    config = family_config(family)
+    cost = model_cost_from_config(config, torch.float32)
+    with torch.device("meta"):
+        stage = StageModel(config, split_layers(LAYERS, 1)[0])
+    per_layer = {sum(p.numel() for p in layer.parameters()) * 4 for layer in stage.layers}
+    assert per_layer == {cost.layer_bytes}
