@@ -95,7 +95,8 @@ def _first_layer(config: PretrainedConfig) -> torch.nn.Module:
     one.num_hidden_layers = 1
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(one)
+            # eager: only shapes matter, and some families refuse another attention implementation.
+            model = AutoModelForCausalLM.from_config(one, attn_implementation="eager")
             return model.model.layers[0]  # type: ignore[no-any-return]
         except (ValueError, KeyError, AttributeError):
             return LlamaDecoderLayer(config, layer_idx=0)  # type: ignore[arg-type]

@@ -64,7 +64,7 @@ def served(
                 "cache_dir": str(model_cache_dir),
                 "catalogue": str(catalogue),
             },
-            "pipeline": {"num_stages": 2, "max_num_seqs": 4, "max_queue": 16},
+            "pipeline": {"num_stages": 2, "max_num_seqs": 4, "max_queue": 16, "stage_resources": {"CPU": 0.25}},
             "http": {"port": _free_port(), "app_name": "solanalm-families"},
             "network": {"placement": {"use_registry": False}},
             "payments": {"state_dir": str(tmp_path_factory.mktemp("payments")), "actor_name": "solanalm-pay-families"},

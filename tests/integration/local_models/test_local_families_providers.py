@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 FAMILIES = list(families())
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 MAX_TOKENS = 8
-REPLAN_TIMEOUT_S = 300.0
+REPLAN_TIMEOUT_S = 600.0
 
 
 @pytest.fixture(scope="module")
