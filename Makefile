@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	# Debian's chromium for the dashboard's browser tests (Playwright drives /usr/bin/chromium).
 	test -x /usr/bin/chromium || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+	# tmux for the TUI's over-SSH test (tests/integration/embedded/test_tui_tmux.py).
+	command -v tmux >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends tmux; }
 	touch $(STAMP)
 
 run: install

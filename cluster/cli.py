@@ -120,13 +120,21 @@ def status(
 def tui(
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
     refresh: Annotated[float, typer.Option(min=0.2, help="Seconds between snapshots.")] = 2.0,
+    logs_dir: Annotated[
+        Path | None, typer.Option(help="JSON logs to follow (default: the connected Ray session's logs dir).")
+    ] = None,
 ) -> None:
-    """Live monitor: nodes, pipelines and where their stages run, requests/s and tokens/s, earnings per wallet."""
+    """Live monitor: nodes, pipelines and where their stages run, requests/s and tokens/s, earnings per wallet;
+    the cluster's JSON logs (filter by request id); training jobs, rounds, loss, ε and rewards."""
     from cluster.tui.app import NetworkMonitor
     from cluster.tui.source import ClusterSource
+    from cluster.tui.training import JobsTrainingSource, TailLogSource, session_logs_dir
 
     settings = _join_existing(address)
-    NetworkMonitor(ClusterSource(settings), refresh_s=refresh).run()
+    directory = logs_dir or session_logs_dir()
+    logs = TailLogSource(directory) if directory is not None else None
+    training = JobsTrainingSource(settings.training.output_dir)
+    NetworkMonitor(ClusterSource(settings), refresh_s=refresh, logs=logs, training=training).run()
 
 
 @app.command()

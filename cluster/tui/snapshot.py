@@ -1,14 +1,17 @@
 """What `solanalm tui` shows, as small frozen dataclasses, and the pure maths over them (no Ray, no Textual).
 
 A `SnapshotSource` reads one `Snapshot` of the network (source.py reads a live cluster; tests pass a fake);
-the app renders it. Rates are differences of monotonic counters between two snapshots.
+the app renders it. Rates are differences of monotonic counters between two snapshots. Beside it, a
+`LogSource` (new JSON log entries) and a `TrainingSource` (jobs, rounds, rewards) feed the other two views.
 """
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.observability.logs import LogEntry
 
 # Counters the gateway exports through Ray's Prometheus endpoint (serve_apps/metrics.py); summed over every
 # series and node. Ray prefixes application metrics with "ray_".
@@ -142,3 +145,109 @@ def earnings_by_wallet(nodes: Iterable[NodeView], unpaid: Mapping[str, tuple[int
 
 def format_rate(value: float | None, unit: str) -> str:
     return "n/a" if value is None else f"{value:.2f} {unit}"
+
+
+class LogSource(Protocol):
+    """The cluster's JSON log entries appended since the last call, oldest first (blocking)."""
+
+    def read_new(self) -> list[LogEntry]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """A training job on Ray's job server: its status and the last line of its log that reports progress."""
+
+    job_id: str
+    kind: str
+    status: str
+    duration_s: float | None
+    progress: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundView:
+    """One federated round of a run (its summary.json): clients, losses, the highest client ε, rewards paid."""
+
+    run: str
+    round: int
+    completed: int
+    dropped: int
+    train_loss: float | None
+    eval_loss: float | None
+    epsilon: float | None
+    rewards_lamports: int
+
+
+@dataclass(frozen=True, slots=True)
+class RewardView:
+    """What one client wallet earned over the runs shown: rounds completed and lamports."""
+
+    wallet: str
+    rounds: int
+    lamports: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingSnapshot:
+    jobs: tuple[JobView, ...] = ()
+    rounds: tuple[RoundView, ...] = ()
+    rewards: tuple[RewardView, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+class TrainingSource(Protocol):
+    """Reads training jobs and run summaries once (blocking)."""
+
+    def read(self) -> TrainingSnapshot: ...
+
+
+def rounds_from(summaries: Iterable[Mapping[str, Any]]) -> list[RoundView]:
+    """Every round of every run summary (FederatedSummary as written to summary.json), in order."""
+    rows = []
+    for summary in summaries:
+        run = str(summary.get("run") or summary.get("job") or "?")
+        for r in summary.get("rounds") or []:
+            epsilons = [float(e) for e in (r.get("client_epsilon") or {}).values() if e is not None]
+            rows.append(
+                RoundView(
+                    run,
+                    int(r.get("round", 0)),
+                    len(r.get("completed") or []),
+                    len(r.get("dropped") or []),
+                    _float_or_none(r.get("train_loss")),
+                    _float_or_none(r.get("eval_loss")),
+                    max(epsilons) if epsilons else None,
+                    sum(int(v) for v in (r.get("rewards_lamports") or {}).values()),
+                )
+            )
+    return rows
+
+
+def rewards_from(summaries: Iterable[Mapping[str, Any]]) -> list[RewardView]:
+    """Per wallet: rounds rewarded and lamports, over every round of every summary; largest first."""
+    rounds: dict[str, int] = {}
+    lamports: dict[str, int] = {}
+    for summary in summaries:
+        for r in summary.get("rounds") or []:
+            for wallet, amount in (r.get("rewards_lamports") or {}).items():
+                rounds[wallet] = rounds.get(wallet, 0) + 1
+                lamports[wallet] = lamports.get(wallet, 0) + int(amount)
+    return [RewardView(w, rounds[w], lamports[w]) for w in sorted(lamports, key=lambda w: (-lamports[w], w))]
+
+
+def jobs_from(rows: Iterable[Mapping[str, Any]]) -> list[JobView]:
+    """Job rows as `TrainingJobs.metrics()` returns them (status, duration, progress lines)."""
+    return [
+        JobView(
+            str(row.get("job_id") or "?"),
+            str(row.get("kind") or "-"),
+            str(row.get("status") or "?"),
+            _float_or_none(row.get("duration_s")),
+            (row.get("progress") or [""])[-1],
+        )
+        for row in rows
+    ]
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)

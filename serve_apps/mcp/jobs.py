@@ -117,6 +117,22 @@ class TrainingJobs:
         found = sorted(p for p in root.glob("*/**/checkpoint*") if p.is_dir()) if root.exists() else []
         return [{"run": p.relative_to(root).parts[0], "path": str(p), "mtime": p.stat().st_mtime} for p in found]
 
+    def run_summaries(self) -> list[dict[str, Any]]:
+        """Federated runs' `summary.json` (rounds: loss, ε per client, rewards per wallet) under the training
+        output directory, each with its `run` (directory name), oldest first; unreadable ones are skipped."""
+        root = self.config.output_dir.expanduser()
+        paths = sorted(root.glob("*/summary.json"), key=lambda p: p.stat().st_mtime) if root.exists() else []
+        summaries = []
+        for path in paths:
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:  # a run writing it right now
+                logger.info("skipping %s: %s", path, exc)
+                continue
+            if isinstance(summary, dict):
+                summaries.append({"run": path.parent.name, **summary})
+        return summaries
+
     def data_shards(self) -> list[dict[str, Any]]:
         """Shard sets written by `llm_data_shard` jobs (their manifest.json)."""
         root = self.config.output_dir.expanduser() / "shards"
