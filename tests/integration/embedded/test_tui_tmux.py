@@ -110,6 +110,10 @@ def test_tui_in_tmux_shows_node_logs_of_a_request_and_training(embedded: Embedde
     screen = tmux.wait_for(lambda s: record.wallet[:10] in s, 150, "the local node's wallet")
     assert "1 Network" in screen and "alive" in screen
 
+    tmux("send-keys", "-t", "tui", "3")
+    screen = tmux.wait_for(lambda s: "fl-tmux" in s and "WalletTmux" in s, 30, "the training view")
+    assert "1.125" in screen and "2.2500" in screen and "8,000 lamports" in screen
+
     reply = httpx.post(
         embedded.base_url + "/completions",
         json={"model": MODEL, "prompt": "Hello tmux", "max_tokens": 4, "temperature": 0},
@@ -126,13 +130,12 @@ def test_tui_in_tmux_shows_node_logs_of_a_request_and_training(embedded: Embedde
     # Keys typed before the filter has focus would be taken as commands (1-3 switch views): wait for it.
     tmux.wait_for(lambda s: "typing a request id" in s, 30, "the focused filter")
     tmux("send-keys", "-t", "tui", "-l", request_id)
+    tmux.wait_for(lambda s: f"contains '{request_id}'" in s, 30, "the typed filter")
     tmux("send-keys", "-t", "tui", "Enter")
-    screen = tmux.wait_for(lambda s: request_id[:24] in s and "request ok" in s, 60, "the request's log line")
-    assert "request id contains" in screen
-    lines = [line for line in screen.splitlines() if request_id[:24] in line]
-    assert all("chatcmpl" in line for line in lines)
+    screen = tmux.wait_for(
+        lambda s: request_id[:24] in s and "request ok" in s and "request id contains" in s, 60, "the filtered line"
+    )
+    others = [line for line in screen.splitlines() if "cmpl-" in line and request_id[:24] not in line]
+    assert others == [], screen  # only this request's lines pass the filter
 
-    tmux("send-keys", "-t", "tui", "3")
-    screen = tmux.wait_for(lambda s: "fl-tmux" in s and "WalletTmux" in s, 30, "the training view")
-    assert "1.125" in screen and "2.2500" in screen and "8,000 lamports" in screen
     tmux("send-keys", "-t", "tui", "q")
