@@ -166,7 +166,7 @@ def ray_env(
     """Print the RAY_AUTH_*/RAY_TLS_* exports that let `ray job submit`, `ray status` and scripts reach the cluster.
 
     Use it as `eval "$(solanalm ray-env)"`; it prints nothing when no token is found and TLS is off."""
-    settings = Settings(ray=RaySection(address=address))
+    settings = Settings(ray={"address": address})
     state_dir = _state_dir(settings)
     try:
         env = {**driver_env(settings.ray, state_dir), **tls_env(settings.ray, state_dir)}
@@ -218,7 +218,7 @@ def _print_ray_security(section: RaySection, env: dict[str, str]) -> None:
 
 def _join_existing(address: str | None) -> Settings:
     """Settings for a command on a running cluster; a clear error (exit 1) when none runs."""
-    settings = Settings(ray=RaySection(address=address))
+    settings = Settings(ray={"address": address})
     try:
         connect_existing(settings.ray, _state_dir(settings))
     except ClusterError as exc:

@@ -65,9 +65,19 @@ def ensure_cluster(section: RaySection, num_cpus: int, state_dir: Path) -> Clust
 def connect_existing(section: RaySection, state_dir: Path) -> ClusterHandle:
     """Join a running cluster (for status/down); ClusterError with advice when none runs."""
     address = section.address or f"127.0.0.1:{section.head_port}"
-    if not section.address and not port_in_use("127.0.0.1", section.head_port):
+    gcs = _gcs_host_port(address)
+    if gcs is not None and not port_in_use(*gcs):
         raise ClusterError(f"no Ray cluster is running at {address}; start one with `solanalm up`")
     return _connect(address, section.namespace, False, _driver_env(section, state_dir))
+
+
+def _gcs_host_port(address: str) -> tuple[str, int] | None:
+    """host and port of a plain `host:port` address (checked before ray.init, which waits long on a dead one);
+    None for `auto`, `ray://` client addresses and anything else Ray resolves itself."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return None
+    return host, int(port)
 
 
 def prepare_driver(section: RaySection, state_dir: Path) -> dict[str, str]:

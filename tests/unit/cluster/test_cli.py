@@ -27,3 +27,12 @@ def test_chat_without_a_server_is_a_clear_error() -> None:
 def test_plugins_are_mounted() -> None:
     result = CliRunner().invoke(app, ["--help"])
     assert "up" in result.output and "status" in result.output and "down" in result.output
+
+
+def test_address_option_survives_other_ray_env_overrides(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # An env override of another ray field used to replace the whole section and drop --address.
+    monkeypatch.setenv("SOLANALM_RAY__HEAD_PORT", str(_unused_port()))
+    address = f"127.0.0.1:{_unused_port()}"
+    result = CliRunner().invoke(app, ["status", "--address", address])
+    assert result.exit_code == 1
+    assert f"no Ray cluster is running at {address}" in " ".join(result.output.split())
