@@ -157,6 +157,20 @@ def registry_records(settings: Settings, eligible: bool = True) -> list[NodeReco
     return [r for r in records if not is_operator_record(r, settings.network.label_prefix)]
 
 
+def replan_requests(settings: Settings) -> list[str]:
+    """The models the operator asked to re-plan (the dashboard's action), taken from the registry; [] without one."""
+    from cluster.network.registry import call_registry, get_registry
+
+    try:
+        registry = get_registry(settings.network, settings.ray.namespace)
+    except ValueError:
+        return []
+    requested: list[str] = call_registry(
+        registry, "take_replan_requests", timeout_s=settings.network.registry_call_timeout_s
+    )
+    return requested
+
+
 def planning_records(settings: Settings, eligible: bool = True) -> list[NodeRecord]:
     """What placement plans over: the registry's records, and, once a provider's stage host (outside the
     cluster) is among them, the operator's own Ray nodes that are not registered (the head, its workers),
@@ -247,6 +261,7 @@ def start_controller(
         records,
         redeploy,
         min_reputation=settings.network.reputation.min_eligible,
+        requests=lambda: replan_requests(settings),
     )
     controller.start()
     return controller

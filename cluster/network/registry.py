@@ -46,6 +46,7 @@ class NetworkRegistry:
     challenges: ChallengeBook = field(init=False)
     provider_challenges: ChallengeBook = field(init=False)
     sessions: dict[str, str] = field(init=False)  # session token SHA-256 -> provider id
+    replan_requests: set[str] = field(default_factory=set)  # models the operator asked to re-plan (not persisted)
 
     def __post_init__(self) -> None:
         self.challenges = ChallengeBook(ttl_s=self.settings.challenge_ttl_s)
@@ -221,6 +222,16 @@ class NetworkRegistry:
         updated = replace(record, draining=draining, health=health)
         self._put(updated)
         return updated
+
+    def request_replan(self, models: Sequence[str]) -> list[str]:
+        """Ask the placement controller to re-plan `models` on its next round; every model asked so far."""
+        self.replan_requests.update(models)
+        return sorted(self.replan_requests)
+
+    def take_replan_requests(self) -> list[str]:
+        """The models asked to be re-planned since the last call (the controller takes them once)."""
+        taken, self.replan_requests = sorted(self.replan_requests), set()
+        return taken
 
     def sync_health(self, ray_nodes: Sequence[dict[str, Any]], now: float | None = None) -> list[str]:
         """Ray nodes' health from Ray's node table (ray.nodes()): dead when Ray says so or forgot the node.
@@ -463,6 +474,12 @@ class RegistryActor:
         record = self._registry.set_draining(node_id, draining)
         self._persist(force=True)
         return record
+
+    def request_replan(self, models: list[str]) -> list[str]:
+        return self._registry.request_replan(models)
+
+    def take_replan_requests(self) -> list[str]:
+        return self._registry.take_replan_requests()
 
     def sync_health(self) -> list[str]:
         changed = self._registry.sync_health(ray.nodes(), time.time())

@@ -22,6 +22,7 @@ from cluster.network.serving_plan import affected_models, departed_nodes, placem
 logger = logging.getLogger(__name__)
 
 RecordsSource = Callable[[], list[NodeRecord]]  # every registry record, health synced from Ray
+ReplanRequests = Callable[[], list[str]]  # models the operator asked to re-plan since the last round
 Redeploy = Callable[[dict[str, StagePlan]], None]
 
 
@@ -46,6 +47,7 @@ class PlacementController:
         records: RecordsSource,
         redeploy: Redeploy,
         min_reputation: float = 0.0,
+        requests: ReplanRequests | None = None,
     ) -> None:
         self.costs = dict(costs)
         self.plans = dict(plans)
@@ -53,6 +55,7 @@ class PlacementController:
         self.min_reputation = min_reputation  # the registry's eligibility floor (network.reputation.min_eligible)
         self._records = records
         self._redeploy = redeploy
+        self._requests = requests
         self.history: list[Replacement] = []
         self._planned_over: frozenset[str] | None = None  # the eligible nodes the current plans were made over
         self._stop = threading.Event()
@@ -60,21 +63,32 @@ class PlacementController:
 
     def check(self) -> Replacement | None:
         """Re-plan and redeploy when a planned node has departed (dead, draining, or fallen under the
-        reputation floor: an evicted provider), or when the eligible nodes changed since the last plan (a
-        provider's stage host registered) and the new plan differs; None when nothing changes."""
+        reputation floor: an evicted provider), when the eligible nodes changed since the last plan (a
+        provider's stage host registered), or when the operator asked to re-plan a served model (the nodes'
+        figures may have changed), and the new plan differs; None when nothing changes."""
+        requested = [m for m in (self._requests() if self._requests else []) if m in self.costs]
         records = self._records()
         departed = departed_nodes(self.plans, records, self.min_reputation)
         eligible = [r for r in records if r.node_id not in departed and self._eligible(r)]
         candidates = frozenset(r.node_id for r in eligible)
-        if not departed and candidates == self._planned_over:
+        if not departed and not requested and candidates == self._planned_over:
             return None
         plans = self._replan(eligible)
         self._planned_over = candidates
         if not departed and placements_args(plans) == placements_args(self.plans):
+            if requested:
+                logger.info(
+                    "re-plan of %s asked: the current plans are still the best over %s", requested, sorted(candidates)
+                )
             return None
-        models = affected_models(self.plans, departed) if departed else sorted(plans)
+        models = affected_models(self.plans, departed) if departed else sorted(set(plans) | set(requested))
         logger.warning(
-            "nodes %s left, eligible %s; re-placing %s: %s", sorted(departed), sorted(candidates), models, plans
+            "nodes %s left, eligible %s, re-plan asked for %s; re-placing %s: %s",
+            sorted(departed),
+            sorted(candidates),
+            requested,
+            models,
+            plans,
         )
         started = time.perf_counter()
         self._redeploy(plans)

@@ -215,6 +215,16 @@ def build_dashboard_router(core: Callable[[Request], Any]) -> APIRouter:
         record = await set_draining(core(request), node_id, not undo)
         return _done(f"{node_id}: {record.health}", "/dashboard/network")
 
+    @router.post("/actions/replan")
+    async def replan(request: Request, model: str = Form(max_length=200), csrf: str = Form(default="")) -> Response:
+        operator_action(request, csrf)
+        from serve_apps.dashboard.actions import request_replan
+
+        await request_replan(core(request), model)
+        return _done(
+            f"{model}: re-plan asked; the placement controller takes it on its next round", "/dashboard/network"
+        )
+
     def operator_action(request: Request, csrf: str) -> None:
         if not is_operator(request):
             raise OpenAIError(401, "sign in as the operator first", code="invalid_operator_token")

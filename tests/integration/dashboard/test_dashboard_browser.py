@@ -215,6 +215,13 @@ def test_network_shows_the_provider_and_the_operator_drains_it(deployment: Deplo
     with page.expect_navigation():
         page.click(f"{row} button")  # undrain
     assert page.inner_text(f"{row} td.health") == "alive"
+    with page.expect_navigation():  # re-plan: the request waits in the registry for the placement controller
+        page.click(f'.pipeline[data-model="{MODEL}"] button.replan')
+    assert "re-plan asked" in page.url.replace("%20", " ")
+    registry = ray.get_actor(
+        deployment.app.settings.network.registry_name, namespace=deployment.app.settings.ray.namespace
+    )
+    assert ray.get(registry.take_replan_requests.remote(), timeout=30) == [MODEL]
     tab.shot("network")
     assert tab.errors == [], tab.errors
     tab.close()

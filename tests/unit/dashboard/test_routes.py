@@ -100,6 +100,10 @@ def test_money_and_actions_are_the_operators(http: TestClient) -> None:
     assert forged.status_code == 403 and forged.json()["error"]["code"] == "csrf_failed"
     csrf = csrf_of(http.get("/dashboard/network").text)
     assert http.post("/dashboard/actions/settle", data={"csrf": csrf}).status_code == 503
+    # Re-plan: CSRF first, then only a served model (the registry call itself is the integration test's).
+    assert http.post("/dashboard/actions/replan", data={"csrf": "0" * 64, "model": "fake"}).status_code == 403
+    unknown = http.post("/dashboard/actions/replan", data={"csrf": csrf, "model": "other"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
     assert http.get("/dashboard/api/money", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
 
 

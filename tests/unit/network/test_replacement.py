@@ -118,3 +118,26 @@ def test_node_plan_is_a_dry_run_command() -> None:
 
     result = CliRunner().invoke(app, ["plan", "--help"])
     assert result.exit_code == 0 and "Dry run" in result.output and "--model" in result.output
+
+
+def test_a_replan_asked_by_the_operator_uses_the_nodes_current_figures() -> None:
+    from cluster.config.network import NetworkSection
+    from cluster.network.registry import NetworkRegistry
+
+    registry = NetworkRegistry(NetworkSection())
+    cluster = FakeCluster([node("a", 20), node("b", 20)])
+    plans = plan_models({"m": COST}, cluster.records, SECTION)
+    controller = PlacementController(
+        {"m": COST}, plans, SECTION, lambda: list(cluster.records), cluster.deployed.append,
+        requests=registry.take_replan_requests,
+    )  # fmt: skip
+    assert controller.check() is None
+    cluster.records[1] = node("b", 2)  # b got slower: without a request (same node set) nothing moves
+    assert controller.check() is None and cluster.deployed == []
+    assert registry.request_replan(["m", "not-served"]) == ["m", "not-served"]
+    event = controller.check()
+    assert event is not None and event.models == ("m",) and cluster.deployed == [event.plans]
+    assert event.plans["m"].stages[0].num_layers > plans["m"].stages[0].num_layers  # a carries more now
+    assert registry.take_replan_requests() == [] and controller.check() is None  # taken once
+    registry.request_replan(["m"])
+    assert controller.check() is None and len(cluster.deployed) == 1  # asked again, same figures: no redeploy
