@@ -135,3 +135,13 @@ def test_ray_cluster_values_turn_on_token_auth_from_a_secret() -> None:
         assert by_name["RAY_AUTH_MODE"]["value"] == "token"
         ref = by_name["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "solanalm-cluster-ray-auth", "key": "auth_token"}  # KubeRay's key name
+
+
+def test_ray_cluster_values_give_only_the_head_the_ledger_url_from_the_secret(render: Any) -> None:
+    values = _values("ray-cluster")
+    head = {e["name"]: e for e in values["head"]["containerEnv"]}
+    ref = head["SOLANALM_PAYMENTS__DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": render.LEDGER_SECRET, "key": render.LEDGER_SECRET_KEY, "optional": False}
+    shared = [values["common"]["containerEnv"], values["worker"].get("containerEnv", [])]
+    shared += [g.get("containerEnv", []) for g in values["additionalWorkerGroups"].values()]
+    assert not [e for env in shared for e in env if e["name"].startswith("SOLANALM_PAYMENTS__")]
