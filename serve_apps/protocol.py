@@ -6,13 +6,16 @@ The gateway validates HTTP input and sends a `GenerateRequest`; the replica stre
 
 from dataclasses import dataclass, field
 
-from serve_apps.engine.messages import SamplingParams, StageInfo
+from serve_apps.engine.messages import GrammarSpec, SamplingParams, StageInfo
 
 
 @dataclass(frozen=True, slots=True)
 class ChatTurn:
-    role: str
+    role: str  # system | user | assistant | tool
     content: str
+    tool_calls: str | None = None  # an assistant turn's calls: OpenAI's tool_calls list as JSON text
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None  # a tool turn: the function's name, when the client gave it
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,8 @@ class GenerateRequest:
     max_tokens_given: bool = True  # False: fill the context (max_tokens was omitted)
     max_tokens_cap: int | None = None  # max_tokens omitted: at most this many (what the gateway held); None: no cap
     payer: str | None = None  # the paying wallet, set by the gateway once admitted (None: open mode)
+    grammar: GrammarSpec | None = None  # the output must match it (response_format, or a forced tool call)
+    tools: str | None = None  # the functions the model may call: OpenAI's tools list as JSON text (chat only)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

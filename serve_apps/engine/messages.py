@@ -35,6 +35,18 @@ class SeqChunk:
     token_ids: tuple[int, ...]
     sampling: SamplingParams
     sample: bool = True  # False for a prefill chunk that does not reach the prompt's end
+    # A grammar's allowed next tokens (token_mask.py: packed int32 words, bit i of the vocabulary set when
+    # token i may follow); None: any token. Computed by the coordinator, applied where the token is sampled.
+    token_mask: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """What a request's output must match: `json_object` (any JSON object) or `json_schema` (`schema`, JSON
+    text; strict). Compiled on the replica for its tokenizer (serve_apps.engine.grammar)."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

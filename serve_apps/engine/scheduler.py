@@ -16,12 +16,24 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
 
 
 class QueueFullError(Exception):
     """The waiting queue is at its bound; the caller should answer 503 with Retry-After."""
+
+
+class OutputConstraint(Protocol):
+    """A grammar a sequence's output must follow (serve_apps.engine.grammar.TokenConstraint)."""
+
+    def next_mask(self) -> bytes: ...
+
+    def accept(self, token: int) -> bool: ...
+
+    @property
+    def terminated(self) -> bool: ...
 
 
 class SeqStatus(Enum):
@@ -43,6 +55,12 @@ class Sequence:
     num_cached: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
+    constraint: OutputConstraint | None = None  # a grammar: each sampled token's chunk carries its mask
+    next_mask: bytes | None = field(default=None, init=False)  # the mask of the next token to sample
+
+    def __post_init__(self) -> None:
+        if self.constraint is not None:
+            self.next_mask = self.constraint.next_mask()
 
     @property
     def token_ids(self) -> list[int]:
@@ -147,7 +165,7 @@ class Scheduler:
             if seq.status is SeqStatus.FINISHED or token < 0:
                 continue
             seq.output_ids.append(token)
-            reason = self._finish_reason(seq, token)
+            reason = self._constrained(seq, token) or self._finish_reason(seq, token)
             if reason is not None:
                 self._mark_finished(seq, reason)
             updates.append(TokenUpdate(seq.seq_id, token, reason))
@@ -193,14 +211,15 @@ class Scheduler:
             end = min(target, start + budget)
             tokens = tuple(seq.token_ids[start:end])
             sample = end == target and not seq.output_ids
-            chunks.append((seq, SeqChunk(seq.seq_id, _slot(seq), start, tokens, seq.sampling, sample=sample)))
+            mask = seq.next_mask if sample else None
+            chunks.append((seq, SeqChunk(seq.seq_id, _slot(seq), start, tokens, seq.sampling, sample, mask)))
             seq.num_cached, budget = end, budget - len(tokens)
         return chunks
 
     def _decode_chunk(self, seq: Sequence) -> SeqChunk:
         position = len(seq.token_ids) - 1
         seq.num_cached = position + 1
-        return SeqChunk(seq.seq_id, _slot(seq), position, (seq.token_ids[-1],), seq.sampling)
+        return SeqChunk(seq.seq_id, _slot(seq), position, (seq.token_ids[-1],), seq.sampling, True, seq.next_mask)
 
     def _microbatch_size(self, decoding: int) -> int:
         """Rows of one decode step: the decoding sequences split evenly over the micro-batches."""
@@ -219,6 +238,20 @@ class Scheduler:
     def _take_released(self) -> tuple[tuple[str, int], ...]:
         released, self._released = tuple(self._released), []
         return released
+
+    def _constrained(self, seq: Sequence, token: int) -> str | None:
+        """Advance the sequence's grammar by `token` and compute the next token's mask (here, on the
+        coordinator, while the stages compute the other micro-batches). "stop" once the grammar is complete,
+        "error" when the token broke it (the last stage did not apply the mask)."""
+        if seq.constraint is None:
+            return None
+        if not seq.constraint.accept(token):
+            return "error"
+        if seq.constraint.terminated:
+            return "stop"
+        if len(seq.output_ids) < seq.sampling.max_tokens and len(seq.token_ids) < seq.max_len:
+            seq.next_mask = seq.constraint.next_mask()
+        return None
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.sampling

@@ -20,6 +20,7 @@ from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
 from serve_apps.engine.quant import WeightQuant
 from serve_apps.engine.sampling import Sampler
 from serve_apps.engine.stage_model import build_stage, load_config
+from serve_apps.engine.token_mask import apply_token_masks
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,8 @@ class StageWorker:
             logits = self.model.logits(out[torch.tensor([last for _, last in rows])])
             chunks = [batch.chunks[i] for i, _ in rows]
             positions = [c.start_pos + len(c.token_ids) for c in chunks]
+            if any(c.token_mask is not None for c in chunks):
+                logits = apply_token_masks(logits.float(), [c.token_mask for c in chunks])
             sampled = self.sampler.sample(logits, [c.seq_id for c in chunks], [c.sampling for c in chunks], positions)
             for (i, _), token in zip(rows, sampled, strict=True):
                 tokens[i] = token

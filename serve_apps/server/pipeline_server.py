@@ -5,6 +5,7 @@ replica's `placement_group_bundles` reserve one bundle per stage. The class is p
 it with an injected executor instead of Ray actors.
 """
 
+import asyncio
 import logging
 import os
 import secrets
@@ -28,6 +29,7 @@ from serve_apps import metrics
 from serve_apps.engine.detokenizer import Detokenizer
 from serve_apps.engine.engine import Engine, EngineError
 from serve_apps.engine.executor import StepExecutor
+from serve_apps.engine.grammar import GrammarCompiler, GrammarError, TokenConstraint
 from serve_apps.engine.kv_cache import KVPlan, kv_bytes_per_token, plan_kv_slots
 from serve_apps.engine.layer_split import StageSpec, head_balanced_weights, split_layers
 from serve_apps.engine.messages import SamplingParams
@@ -51,6 +53,7 @@ from serve_apps.server.tokenization import PromptProcessor
 
 logger = logging.getLogger(__name__)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GRAMMAR_BROKEN = "the last stage sampled a token the request's grammar does not allow"
 HEAD_WORK_SHARE = 0.5  # share of a stage's tokens that reach the lm_head (decodes; prompts skip it)
 
 
@@ -152,6 +155,7 @@ class PipelineServer:
         # Routing: this pipeline's nodes, whose registry records rank the replica and record its requests.
         self.registry = RegistryLink(self.settings.network, self.settings.ray.namespace)
         self.gauges = metrics.EngineGauges(model_name, self.engine)  # queue, running, KV slots, steps
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         logger.info("pipeline %s ready: %d stages", model_name, len(self.plan.stages))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
@@ -160,9 +164,13 @@ class PipelineServer:
         if isinstance(prepared, Rejected):
             yield prepared
             return
+        constraint = await self._constraint(request)
+        if isinstance(constraint, Rejected):
+            yield constraint
+            return
         self.gauges.ensure_started()
         sampling = self._checkable(_with_max_tokens(request.sampling, prepared.max_tokens))
-        seq = Sequence(request.request_id, prepared.token_ids, sampling, self.plan.max_model_len)
+        seq = Sequence(request.request_id, prepared.token_ids, sampling, self.plan.max_model_len, constraint=constraint)
         prompt_tokens = len(prepared.token_ids)
         audit = self.pool.audit if isinstance(self.pool, HybridPool) else None
         if audit is not None:
@@ -189,6 +197,21 @@ class PipelineServer:
                 yield event
         finally:
             self._end_audit(seq.seq_id, served=True)  # a client that left still had its tokens computed
+
+    async def _constraint(self, request: GenerateRequest) -> TokenConstraint | Rejected | None:
+        """The request's grammar compiled for this tokenizer (off the event loop), or a 400 naming it."""
+        if request.grammar is None:
+            return None
+        try:
+            if self._grammars is None:
+                vocab = int(load_config(self.plan.model_dir).vocab_size)
+                tokenizer, eos = self.prompts.tokenizer, self.prompts.eos_token_ids
+                self._grammars = await asyncio.to_thread(GrammarCompiler, tokenizer, vocab, eos)
+            compiled = await asyncio.to_thread(self._grammars.compile, request.grammar)
+        except GrammarError as exc:
+            param = "tools" if request.tools else "response_format"
+            return Rejected(400, str(exc), param, "invalid_json_schema")
+        return self._grammars.constraint(compiled)
 
     def _checkable(self, sampling: SamplingParams) -> SamplingParams:
         """A provider's last stage samples: an unseeded draw gets a secret seed, so an audit can redo it
@@ -235,7 +258,8 @@ class PipelineServer:
                     yield TextDelta(pending, count)
                     pending = ""
                 if final:
-                    yield Finished(event.finish_reason, prompt_tokens, count, providers=self.providers())
+                    error = GRAMMAR_BROKEN if event.finish_reason == "error" else None
+                    yield Finished(event.finish_reason, prompt_tokens, count, error=error, providers=self.providers())
                     return
                 event = await anext(events)
         except EngineError as exc:

@@ -17,6 +17,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from serve_apps.protocol import ChatTurn, GenerateRequest, Rejected
+from serve_apps.server.tool_prompt import fallback_messages, template_knows_tools, template_messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,22 +56,29 @@ class PromptProcessor:
 
     def _encode(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
-            return encode_chat(self.tokenizer, request.messages)
+            return encode_chat(self.tokenizer, request.messages, request.tools)
         return encode_text(self.tokenizer, request.prompt or "")
 
 
-def encode_chat(tokenizer: Any, turns: Sequence[ChatTurn]) -> list[int]:
-    """The chat template over `turns` with a generation prompt, as token ids; control tokens inside any
+def encode_chat(tokenizer: Any, turns: Sequence[ChatTurn], tools_json: str | None = None) -> list[int]:
+    """The chat template over `turns` (and `tools`, OpenAI's list as JSON text; tool_prompt.py renders them
+    where the template does not) with a generation prompt, as token ids; control tokens inside any
     turn's content (every role's: the client wrote them all) are plain text. ValueError: not encodable."""
-    messages = [{"role": turn.role, "content": turn.content} for turn in turns]
+    extra: dict[str, Any] = {}
+    if template_knows_tools(tokenizer):
+        messages: list[dict[str, Any]] = template_messages(turns)
+        if tools_json:
+            extra["tools"] = json.loads(tools_json)
+    else:
+        messages = list(fallback_messages(turns, tools_json))
     if "sanitize_control_tokens" in inspect.signature(tokenizer.apply_chat_template).parameters:
         encoded = tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=True
+            messages, tokenize=True, add_generation_prompt=True, sanitize_control_tokens=True, return_dict=True, **extra
         )
         return list(encoded["input_ids"])
     if any(_holds_control_tokens(tokenizer, turn.content) for turn in turns):
         raise ValueError("a message contains a control token of this model, which this tokenizer cannot encode as text")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -35,20 +35,22 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("seq_id", "slot", "start_pos", "token_ids", "sample", "sampling")
+    __slots__ = ("seq_id", "slot", "start_pos", "token_ids", "sample", "sampling", "token_mask")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_MASK_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     slot: int
     start_pos: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
     sampling: Sampling
-    def __init__(self, seq_id: _Optional[str] = ..., slot: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    token_mask: bytes
+    def __init__(self, seq_id: _Optional[str] = ..., slot: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., token_mask: _Optional[bytes] = ...) -> None: ...
 
 class Released(_message.Message):
     __slots__ = ("seq_id", "slot")

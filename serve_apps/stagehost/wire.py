@@ -77,6 +77,7 @@ class FrameLimits:
     max_stop_token_ids: int = 64
     max_error_bytes: int = MAX_ERROR_BYTES
     max_hidden_size: int = 65_536  # bounds the width when hidden_size is None
+    max_mask_bytes: int = 4 * ((1 << 20) // 32)  # a token mask's size when vocab_size is None (1 Mi tokens)
     frame_cap_bytes: int = 1 << 30  # no frame larger than this, whatever the other limits allow
     schema_version: int = SCHEMA_VERSION
 
@@ -97,7 +98,9 @@ class FrameLimits:
         hidden = self.max_step_tokens * width * 4
         tokens = self.max_step_tokens * 6 + self.max_chunks * (self.max_stop_token_ids * 6 + _CHUNK_OVERHEAD)
         ids = (self.max_chunks + self.released_limit) * (self.max_seq_id_bytes + 16)
-        return min(hidden + tokens + ids + self.max_error_bytes + _FRAME_OVERHEAD, self.frame_cap_bytes)
+        vocab = self.vocab_size
+        masks = self.max_chunks * ((4 * ((vocab + 31) // 32) if vocab is not None else self.max_mask_bytes) + 8)
+        return min(hidden + tokens + ids + masks + self.max_error_bytes + _FRAME_OVERHEAD, self.frame_cap_bytes)
 
     @classmethod
     def for_model(
@@ -218,6 +221,8 @@ def _chunk_to_proto(chunk: SeqChunk) -> pb.Chunk:
         seq_id=chunk.seq_id, slot=chunk.slot, start_pos=chunk.start_pos, token_ids=chunk.token_ids, sample=chunk.sample
     )
     msg.sampling.MergeFromString(_sampling_bytes(chunk.sampling))
+    if chunk.token_mask is not None:
+        msg.token_mask = chunk.token_mask
     return msg
 
 
@@ -289,7 +294,25 @@ def _chunk_from_proto(msg: pb.Chunk, limits: FrameLimits) -> SeqChunk:
         tokens,
         _sampling_cached(msg.sampling.SerializeToString(), limits.vocab_size, limits.max_stop_token_ids),
         msg.sample,
+        _token_mask(msg, limits),
     )
+
+
+def _token_mask(msg: pb.Chunk, limits: FrameLimits) -> bytes | None:
+    """A sampling chunk's mask: exactly a word per 32 tokens of the vocabulary (or, vocabulary unknown, at
+    most `max_mask_bytes`), allowing at least one token."""
+    if not msg.token_mask:
+        return None
+    size = len(msg.token_mask)
+    if not msg.sample:
+        raise WireError("a token mask on a chunk that does not sample")
+    if limits.vocab_size is not None and size != 4 * ((limits.vocab_size + 31) // 32):
+        raise WireError(f"a token mask of {size} bytes for a vocabulary of {limits.vocab_size}")
+    if size % 4 or size > limits.max_mask_bytes:
+        raise WireError(f"a token mask of {size} bytes (whole int32 words, at most {limits.max_mask_bytes})")
+    if not any(msg.token_mask):
+        raise WireError("a token mask that allows no token")
+    return bytes(msg.token_mask)
 
 
 @functools.lru_cache(maxsize=1024)
