@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 3): transformers, llama-cpp-python and SolanaLM (1/2/3 stages), same prompts.
+"""Serving benchmark (issue 3): transformers, llama.cpp (python, server) and SolanaLM (1/2/3 stages), same prompts.
 
     .venv/bin/python bench/serving_bench.py --out bench-serving.json
 
@@ -14,8 +14,11 @@ previous one is torn down first), and prints a table plus one JSON object (also 
 
 Systems: `transformers` (`generate` in this process; C streams = one `generate` of batch C, left padded,
 greedy, exactly N new tokens), `llama-cpp` (llama-cpp-python on the SmolLM2 Q4_1 GGUF, 2 threads,
-requests served one at a time as its server does), `solanalm-N` (the Serve application through its
-OpenAI HTTP API, streamed with the `openai` client, `ignore_eos` so every stream has exactly N tokens).
+requests served one at a time as its server does), `llama-server` (llama.cpp's own server, built by
+bench/build_llama_server.sh: continuous batching over `-np` slots, one per stream of the largest phase,
+2 threads, the same GGUF, the same HTTP requests and client as SolanaLM), `solanalm-N` (the Serve
+application through its OpenAI HTTP API, streamed with the `openai` client, `ignore_eos` so every stream
+has exactly N tokens).
 A system that cannot run (llama-cpp-python not installed) is reported as unavailable, with the reason.
 
 `--gguf PATH` benchmarks another model the same way: SolanaLM serves the file as `solanalm up --model
@@ -180,6 +183,7 @@ async def run_phases(plan: Plan, prompts: list[str], single: SingleFn, many: Man
         "ttft_ms": [round(1000 * (t.first - t.submitted), 1) for t in runs],
         **phase.busy(),
     }
+    result["decode"].update(per_token(result["decode"]))
     with _Phase(probe) as phase:
         idle = [await single(prompts[i % len(prompts)], plan.ttft_tokens) for i in range(plan.ttft_requests)]
     ttft = summarize(idle, phase.wall_s)
@@ -192,6 +196,19 @@ async def run_phases(plan: Plan, prompts: list[str], single: SingleFn, many: Man
         result["concurrency"][str(streams)] = {**summarize(timings, phase.wall_s), **phase.busy()}
         print(f"    {streams:>3} streams: {result['concurrency'][str(streams)]['aggregate_tok_s']} tok/s", flush=True)
     return result
+
+
+def per_token(decode: dict[str, Any]) -> dict[str, Any]:
+    """Where a single stream's token goes: its wall ms, and each probed process's CPU ms (or, for a
+    `stageN.busy` entry, the stage's compute ms) per token of the decode phase."""
+    rate = decode.get("decode_tok_s") or 0.0
+    busy = decode.get("cpu_s_per_s") or {}
+    if rate <= 0:
+        return {}
+    return {
+        "wall_ms_per_token": round(1000 / rate, 2),
+        "ms_per_token": {name: round(1000 * value / rate, 2) for name, value in busy.items()},
+    }
 
 
 class _Phase:
@@ -314,6 +331,88 @@ def bench_llama_cpp(plan: Plan, prompts: list[str], threads: int, gguf: Path | N
     result = asyncio.run(run_phases(plan, prompts, single, many))
     result["llama_cpp_version"] = _version("llama_cpp_python")
     return result
+
+
+# -- llama.cpp's own server -------------------------------------------------------------------------
+LLAMA_SERVER_CACHE = Path.home() / ".cache" / "solanalm" / "llama-server"
+
+
+def llama_server_binary(explicit: Path | None = None) -> Path:
+    """The `llama-server` that bench/build_llama_server.sh built (or `explicit`); FileNotFoundError if none."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise FileNotFoundError(f"{explicit} does not exist")
+        return explicit
+    built = sorted(LLAMA_SERVER_CACHE.glob("*/build/bin/llama-server"))
+    if not built:
+        raise FileNotFoundError(f"no llama-server under {LLAMA_SERVER_CACHE}: run bench/build_llama_server.sh first")
+    return built[-1]
+
+
+def bench_llama_server(
+    plan: Plan, prompts: list[str], threads: int, gguf: Path | None = None, binary: Path | None = None
+) -> dict:
+    """llama.cpp's `llama-server` on the same GGUF: continuous batching over `-np` slots (one per stream of
+    the largest phase, each with the context a request needs), `threads` threads, streamed through its
+    OpenAI API with the same client and requests as SolanaLM."""
+    import subprocess
+
+    import httpx
+
+    server = llama_server_binary(binary)
+    slots = max(plan.concurrency)
+    per_slot = plan.prompt_tokens + max(plan.decode_tokens, plan.stream_tokens, plan.ttft_tokens) + 64
+    port = _free_port()
+    command = [
+        str(server), "-m", str(gguf_path(gguf)), "--host", "127.0.0.1", "--port", str(port),
+        "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * per_slot), "-cb",
+        # No weight repacking: on this machine's AMX-capable Xeon the repacked AMX matmul (chosen when the
+        # build has -march=native) crashes at the first decode; Q4_1 has no other repacked CPU kernel.
+        "--no-repack",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited {proc.returncode}: {(proc.stderr.read() or '')[-500:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("llama-server did not become healthy within 300 s")
+            time.sleep(0.5)
+        probe = _ProcessProbe({"llama-server": proc.pid})
+        result = asyncio.run(_http_phases(plan, prompts, f"http://127.0.0.1:{port}", probe, "llama-server"))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    result.update(binary=str(server), parallel_slots=slots, context=slots * per_slot, command=" ".join(command))
+    return result
+
+
+class _ProcessProbe:
+    """CPU seconds of named processes (the ServeProbe interface without stages)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        import psutil
+
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self.processes.items():
+            try:
+                times = proc.cpu_times()
+            except Exception:  # noqa: BLE001 - a process gone mid-run is left out
+                continue
+            out[name] = times.user + times.system
+        return out
 
 
 # -- SolanaLM through its HTTP API -----------------------------------------------------------------
@@ -600,7 +699,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     parser.add_argument(
-        "--systems", default="transformers,llama-cpp,solanalm", help="comma list of transformers, llama-cpp, solanalm"
+        "--systems",
+        default="transformers,llama-cpp,llama-server,solanalm",
+        help="comma list of transformers, llama-cpp, llama-server, solanalm",
+    )
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        default=None,
+        help="the llama-server binary (default: the newest that bench/build_llama_server.sh built)",
     )
     parser.add_argument("--stages", default="1,2,3", help="SolanaLM stage counts")
     parser.add_argument(
@@ -669,6 +776,8 @@ def main() -> None:
             jobs.append((f"transformers-{dtype}", _transformers_job(plan, prompts, model_dir, dtype, args.threads)))
     if "llama-cpp" in wanted:
         jobs.append(("llama-cpp", lambda: bench_llama_cpp(plan, prompts, args.threads, gguf)))
+    if "llama-server" in wanted:
+        jobs.append(("llama-server", lambda: bench_llama_server(plan, prompts, args.threads, gguf, args.llama_server)))
     for name, job in jobs:
         print(f"== {name} (load {os.getloadavg()[0]:.1f})", flush=True)
         load = round(os.getloadavg()[0], 2)

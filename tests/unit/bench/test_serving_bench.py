@@ -63,3 +63,23 @@ def test_targets_are_ratios_and_missing_systems_are_unknown(sb: ModuleType) -> N
     }
     assert rows["3 stages vs 1 stage, single-stream decode"]["met"] is True
     assert rows["64 streams vs llama-cpp-python"]["met"] is None
+
+
+def test_per_token_splits_a_tokens_wall_time_by_process(sb: ModuleType) -> None:
+    decode = {"decode_tok_s": 50.0, "cpu_s_per_s": {"stage0": 0.5, "stage1.busy": 0.4, "replica": 0.05}}
+    out = sb.per_token(decode)
+    assert out["wall_ms_per_token"] == 20.0
+    assert out["ms_per_token"] == {"stage0": 10.0, "stage1.busy": 8.0, "replica": 1.0}
+    assert sb.per_token({"decode_tok_s": 0.0}) == {}
+
+
+def test_llama_server_binary_is_the_built_one_or_a_clear_error(sb: ModuleType, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(sb, "LLAMA_SERVER_CACHE", tmp_path)
+    with pytest.raises(FileNotFoundError, match="build_llama_server.sh"):
+        sb.llama_server_binary()
+    built = tmp_path / "11434.0.0" / "build" / "bin" / "llama-server"
+    built.parent.mkdir(parents=True)
+    built.write_text("")
+    assert sb.llama_server_binary() == built
+    with pytest.raises(FileNotFoundError):
+        sb.llama_server_binary(tmp_path / "missing")
