@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from serve_apps.engine.executor import PipelineRecovery, StageCallError, StepExecutor
-from serve_apps.engine.messages import StepBatch
+from serve_apps.engine.messages import StepBatch, TokenLogprobs
 from serve_apps.engine.scheduler import Scheduler, Sequence
 
 logger = logging.getLogger(__name__)
@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 class TokenEvent:
     token_id: int
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None
 
 
 class EngineError(RuntimeError):
@@ -132,7 +133,7 @@ class Engine:
         for update in self.scheduler.update(result):
             queue = self._queues.get(update.seq_id)
             if queue is not None:
-                queue.put_nowait(TokenEvent(update.token_id, update.finish_reason))
+                queue.put_nowait(TokenEvent(update.token_id, update.finish_reason, update.logprobs))
 
     async def _on_failure(self, batch: StepBatch, exc: StageCallError) -> None:
         """A step failed: every step in flight is void; recover the pipeline and replay, or fail everyone."""

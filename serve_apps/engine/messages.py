@@ -19,10 +19,22 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted by id
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.penalized or bool(self.logit_bias)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +50,7 @@ class SeqChunk:
     # A grammar's allowed next tokens (token_mask.py: packed int32 words, bit i of the vocabulary set when
     # token i may follow); None: any token. Computed by the coordinator, applied where the token is sampled.
     token_mask: bytes | None = None
+    output_start: int = 0  # the prompt's length: tokens at positions from here on were generated (penalties)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +76,22 @@ class StepBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The model's log-probability of a sampled token and of the `top` most likely tokens at its place
+    (raw: log-softmax of the logits, before temperature, penalties and bias, as vLLM reports them)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True, slots=True)
 class StepResult:
-    """What the last stage returns: the sampled token per chunk (-1 where the chunk did not sample)."""
+    """What the last stage returns: the sampled token per chunk (-1 where the chunk did not sample), and
+    per chunk its logprobs where the chunk's sampling asked for them (empty tuple: none asked)."""
 
     step_id: int
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs | None, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
+from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult, TokenLogprobs
 
 
 class QueueFullError(Exception):
@@ -83,6 +83,7 @@ class TokenUpdate:
     seq_id: str
     token_id: int
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,14 +162,15 @@ class Scheduler:
         seqs = self._inflight.pop(result.step_id, [])
         self._inflight_released.pop(result.step_id, None)
         updates: list[TokenUpdate] = []
-        for seq, token in zip(seqs, result.token_ids, strict=True):
+        scores = result.logprobs or (None,) * len(seqs)
+        for seq, token, score in zip(seqs, result.token_ids, scores, strict=True):
             if seq.status is SeqStatus.FINISHED or token < 0:
                 continue
             seq.output_ids.append(token)
             reason = self._constrained(seq, token) or self._finish_reason(seq, token)
             if reason is not None:
                 self._mark_finished(seq, reason)
-            updates.append(TokenUpdate(seq.seq_id, token, reason))
+            updates.append(TokenUpdate(seq.seq_id, token, reason, score))
         return updates
 
     def fail(self, step_id: int) -> list[Sequence]:
@@ -212,14 +214,24 @@ class Scheduler:
             tokens = tuple(seq.token_ids[start:end])
             sample = end == target and not seq.output_ids
             mask = seq.next_mask if sample else None
-            chunks.append((seq, SeqChunk(seq.seq_id, _slot(seq), start, tokens, seq.sampling, sample, mask)))
+            chunk = SeqChunk(seq.seq_id, _slot(seq), start, tokens, seq.sampling, sample, mask, len(seq.prompt_ids))
+            chunks.append((seq, chunk))
             seq.num_cached, budget = end, budget - len(tokens)
         return chunks
 
     def _decode_chunk(self, seq: Sequence) -> SeqChunk:
         position = len(seq.token_ids) - 1
         seq.num_cached = position + 1
-        return SeqChunk(seq.seq_id, _slot(seq), position, (seq.token_ids[-1],), seq.sampling, True, seq.next_mask)
+        return SeqChunk(
+            seq.seq_id,
+            _slot(seq),
+            position,
+            (seq.token_ids[-1],),
+            seq.sampling,
+            True,
+            seq.next_mask,
+            len(seq.prompt_ids),
+        )
 
     def _microbatch_size(self, decoding: int) -> int:
         """Rows of one decode step: the decoding sequences split evenly over the micro-batches."""

@@ -16,7 +16,7 @@ import torch
 
 from serve_apps.engine.kv_cache import BatchView, Row, SlotKVCache
 from serve_apps.engine.layer_split import StageSpec
-from serve_apps.engine.messages import StageInfo, StepBatch, StepResult
+from serve_apps.engine.messages import StageInfo, StepBatch, StepResult, TokenLogprobs
 from serve_apps.engine.quant import WeightQuant
 from serve_apps.engine.sampling import Sampler
 from serve_apps.engine.stage_model import build_stage, load_config
@@ -97,17 +97,20 @@ class StageWorker:
     def _sample(self, batch: StepBatch, view: BatchView, out: torch.Tensor) -> StepResult:
         """Logits and tokens only for the rows that sample (a prefill chunk short of the prompt's end does not)."""
         tokens = [-1] * len(batch.chunks)
+        logprobs: list[TokenLogprobs | None] = [None] * len(batch.chunks)
+        self.sampler.observe(batch.chunks)
         rows = [(i, last) for i, last in zip(view.order, view.last_tokens(), strict=True) if batch.chunks[i].sample]
         if rows:
             logits = self.model.logits(out[torch.tensor([last for _, last in rows])])
             chunks = [batch.chunks[i] for i, _ in rows]
-            positions = [c.start_pos + len(c.token_ids) for c in chunks]
+            raw = logits
             if any(c.token_mask is not None for c in chunks):
                 logits = apply_token_masks(logits.float(), [c.token_mask for c in chunks])
-            sampled = self.sampler.sample(logits, [c.seq_id for c in chunks], [c.sampling for c in chunks], positions)
-            for (i, _), token in zip(rows, sampled, strict=True):
-                tokens[i] = token
-        return StepResult(batch.step_id, tuple(tokens))
+            sampled, scored = self.sampler.step(logits, chunks, raw)
+            for (i, _), token, score in zip(rows, sampled, scored, strict=True):
+                tokens[i], logprobs[i] = token, score
+        asked = any(c.sampling.logprobs is not None for c in batch.chunks)
+        return StepResult(batch.step_id, tuple(tokens), tuple(logprobs) if asked else ())
 
     def _release(self, batch: StepBatch) -> None:
         for seq_id, _slot in batch.released_slots:

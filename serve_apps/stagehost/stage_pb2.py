@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n serve_apps/stagehost/stage.proto\x12\x11solanalm.stage.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x99\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\nmax_tokens\x18\x07 \x01(\x05\x42\x07\n\x05_seed\"\x9e\x01\n\x05\x43hunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\x11\n\tstart_pos\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.solanalm.stage.v1.Sampling\x12\x12\n\ntoken_mask\x18\x07 \x01(\x0c\"(\n\x08Released\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"\xca\x01\n\x0bStepRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12(\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x18.solanalm.stage.v1.Chunk\x12-\n\x08released\x18\x04 \x03(\x0b\x32\x1b.solanalm.stage.v1.Released\x12.\n\x06hidden\x18\x05 \x01(\x0b\x32\x19.solanalm.stage.v1.TensorH\x00\x88\x01\x01\x42\t\n\x07_hidden\"\x1b\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\xa9\x01\n\tStepReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12+\n\x06hidden\x18\x03 \x01(\x0b\x32\x19.solanalm.stage.v1.TensorH\x00\x12+\n\x06tokens\x18\x04 \x01(\x0b\x32\x19.solanalm.stage.v1.TokensH\x00\x12\x0f\n\x05\x65rror\x18\x05 \x01(\tH\x00\x42\x08\n\x06result\"u\n\tLinkFrame\x12\x31\n\x07request\x18\x01 \x01(\x0b\x32\x1e.solanalm.stage.v1.StepRequestH\x00\x12-\n\x05reply\x18\x02 \x01(\x0b\x32\x1c.solanalm.stage.v1.StepReplyH\x00\x42\x06\n\x04\x62ody\"\xc6\x02\n\x0bLoadRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x10\n\x08kv_slots\x18\x07 \x01(\r\x12\x0f\n\x07max_len\x18\x08 \x01(\r\x12\x14\n\x0cweight_quant\x18\t \x01(\t\x12\x1a\n\x12low_bit_max_tokens\x18\n \x01(\r\x12\x15\n\rtorch_threads\x18\x0b \x01(\r\x12\x17\n\x0f\x65xpected_digest\x18\x0c \x01(\t\x12\x17\n\x0fmax_step_tokens\x18\r \x01(\r\x12\x12\n\nmax_chunks\x18\x0e \x01(\r\x12\x13\n\x0bstage_index\x18\x0f \x01(\r\"\x91\x04\n\x10StageDescription\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x15\n\rhas_embedding\x18\x05 \x01(\x08\x12\x13\n\x0bhas_lm_head\x18\x06 \x01(\x08\x12\x13\n\x0bparam_count\x18\x07 \x01(\x04\x12\x13\n\x0bparam_bytes\x18\x08 \x01(\x04\x12\x11\n\trss_bytes\x18\t \x01(\x04\x12\x16\n\x0eload_rss_bytes\x18\n \x01(\x04\x12\x0b\n\x03pid\x18\x0b \x01(\r\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x12\n\nactor_name\x18\r \x01(\t\x12\x15\n\rtorch_threads\x18\x0e \x01(\r\x12\x10\n\x08kv_slots\x18\x0f \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x10 \x01(\x04\x12=\n\x05\x65xtra\x18\x11 \x03(\x0b\x32..solanalm.stage.v1.StageDescription.ExtraEntry\x12\x0e\n\x06\x62usy_s\x18\x12 \x01(\x01\x12\r\n\x05steps\x18\x13 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x14 \x01(\r\x12\x16\n\x0eweights_digest\x18\x15 \x01(\t\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\")\n\x0f\x44\x65scribeRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\"%\n\x0bPingRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\"#\n\tPingReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r2\xbe\x02\n\tStageHost\x12K\n\x04Load\x12\x1e.solanalm.stage.v1.LoadRequest\x1a#.solanalm.stage.v1.StageDescription\x12S\n\x08\x44\x65scribe\x12\".solanalm.stage.v1.DescribeRequest\x1a#.solanalm.stage.v1.StageDescription\x12\x44\n\x04Ping\x12\x1e.solanalm.stage.v1.PingRequest\x1a\x1c.solanalm.stage.v1.PingReply\x12I\n\x05Steps\x12\x1e.solanalm.stage.v1.StepRequest\x1a\x1c.solanalm.stage.v1.StepReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n serve_apps/stagehost/stage.proto\x12\x11solanalm.stage.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9f\x02\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\nmax_tokens\x18\x07 \x01(\x05\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x01\x12\x16\n\x0e\x62ias_token_ids\x18\n \x03(\x05\x12\x13\n\x0b\x62ias_values\x18\x0b \x03(\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xb4\x01\n\x05\x43hunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\x11\n\tstart_pos\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.solanalm.stage.v1.Sampling\x12\x12\n\ntoken_mask\x18\x07 \x01(\x0c\x12\x14\n\x0coutput_start\x18\x08 \x01(\x05\"(\n\x08Released\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"\xca\x01\n\x0bStepRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12(\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x18.solanalm.stage.v1.Chunk\x12-\n\x08released\x18\x04 \x03(\x0b\x32\x1b.solanalm.stage.v1.Released\x12.\n\x06hidden\x18\x05 \x01(\x0b\x32\x19.solanalm.stage.v1.TensorH\x00\x88\x01\x01\x42\t\n\x07_hidden\"S\n\x08Logprobs\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x01\"J\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.solanalm.stage.v1.Logprobs\"\xa9\x01\n\tStepReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12+\n\x06hidden\x18\x03 \x01(\x0b\x32\x19.solanalm.stage.v1.TensorH\x00\x12+\n\x06tokens\x18\x04 \x01(\x0b\x32\x19.solanalm.stage.v1.TokensH\x00\x12\x0f\n\x05\x65rror\x18\x05 \x01(\tH\x00\x42\x08\n\x06result\"u\n\tLinkFrame\x12\x31\n\x07request\x18\x01 \x01(\x0b\x32\x1e.solanalm.stage.v1.StepRequestH\x00\x12-\n\x05reply\x18\x02 \x01(\x0b\x32\x1c.solanalm.stage.v1.StepReplyH\x00\x42\x06\n\x04\x62ody\"\xc6\x02\n\x0bLoadRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x10\n\x08kv_slots\x18\x07 \x01(\r\x12\x0f\n\x07max_len\x18\x08 \x01(\r\x12\x14\n\x0cweight_quant\x18\t \x01(\t\x12\x1a\n\x12low_bit_max_tokens\x18\n \x01(\r\x12\x15\n\rtorch_threads\x18\x0b \x01(\r\x12\x17\n\x0f\x65xpected_digest\x18\x0c \x01(\t\x12\x17\n\x0fmax_step_tokens\x18\r \x01(\r\x12\x12\n\nmax_chunks\x18\x0e \x01(\r\x12\x13\n\x0bstage_index\x18\x0f \x01(\r\"\x91\x04\n\x10StageDescription\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x15\n\rhas_embedding\x18\x05 \x01(\x08\x12\x13\n\x0bhas_lm_head\x18\x06 \x01(\x08\x12\x13\n\x0bparam_count\x18\x07 \x01(\x04\x12\x13\n\x0bparam_bytes\x18\x08 \x01(\x04\x12\x11\n\trss_bytes\x18\t \x01(\x04\x12\x16\n\x0eload_rss_bytes\x18\n \x01(\x04\x12\x0b\n\x03pid\x18\x0b \x01(\r\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x12\n\nactor_name\x18\r \x01(\t\x12\x15\n\rtorch_threads\x18\x0e \x01(\r\x12\x10\n\x08kv_slots\x18\x0f \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x10 \x01(\x04\x12=\n\x05\x65xtra\x18\x11 \x03(\x0b\x32..solanalm.stage.v1.StageDescription.ExtraEntry\x12\x0e\n\x06\x62usy_s\x18\x12 \x01(\x01\x12\r\n\x05steps\x18\x13 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x14 \x01(\r\x12\x16\n\x0eweights_digest\x18\x15 \x01(\t\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\")\n\x0f\x44\x65scribeRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\"%\n\x0bPingRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\"#\n\tPingReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r2\xbe\x02\n\tStageHost\x12K\n\x04Load\x12\x1e.solanalm.stage.v1.LoadRequest\x1a#.solanalm.stage.v1.StageDescription\x12S\n\x08\x44\x65scribe\x12\".solanalm.stage.v1.DescribeRequest\x1a#.solanalm.stage.v1.StageDescription\x12\x44\n\x04Ping\x12\x1e.solanalm.stage.v1.PingRequest\x1a\x1c.solanalm.stage.v1.PingReply\x12I\n\x05Steps\x12\x1e.solanalm.stage.v1.StepRequest\x1a\x1c.solanalm.stage.v1.StepReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=55
   _globals['_TENSOR']._serialized_end=107
   _globals['_SAMPLING']._serialized_start=110
-  _globals['_SAMPLING']._serialized_end=263
-  _globals['_CHUNK']._serialized_start=266
-  _globals['_CHUNK']._serialized_end=424
-  _globals['_RELEASED']._serialized_start=426
-  _globals['_RELEASED']._serialized_end=466
-  _globals['_STEPREQUEST']._serialized_start=469
-  _globals['_STEPREQUEST']._serialized_end=671
-  _globals['_TOKENS']._serialized_start=673
-  _globals['_TOKENS']._serialized_end=700
-  _globals['_STEPREPLY']._serialized_start=703
-  _globals['_STEPREPLY']._serialized_end=872
-  _globals['_LINKFRAME']._serialized_start=874
-  _globals['_LINKFRAME']._serialized_end=991
-  _globals['_LOADREQUEST']._serialized_start=994
-  _globals['_LOADREQUEST']._serialized_end=1320
-  _globals['_STAGEDESCRIPTION']._serialized_start=1323
-  _globals['_STAGEDESCRIPTION']._serialized_end=1852
-  _globals['_STAGEDESCRIPTION_EXTRAENTRY']._serialized_start=1808
-  _globals['_STAGEDESCRIPTION_EXTRAENTRY']._serialized_end=1852
-  _globals['_DESCRIBEREQUEST']._serialized_start=1854
-  _globals['_DESCRIBEREQUEST']._serialized_end=1895
-  _globals['_PINGREQUEST']._serialized_start=1897
-  _globals['_PINGREQUEST']._serialized_end=1934
-  _globals['_PINGREPLY']._serialized_start=1936
-  _globals['_PINGREPLY']._serialized_end=1971
-  _globals['_STAGEHOST']._serialized_start=1974
-  _globals['_STAGEHOST']._serialized_end=2292
+  _globals['_SAMPLING']._serialized_end=397
+  _globals['_CHUNK']._serialized_start=400
+  _globals['_CHUNK']._serialized_end=580
+  _globals['_RELEASED']._serialized_start=582
+  _globals['_RELEASED']._serialized_end=622
+  _globals['_STEPREQUEST']._serialized_start=625
+  _globals['_STEPREQUEST']._serialized_end=827
+  _globals['_LOGPROBS']._serialized_start=829
+  _globals['_LOGPROBS']._serialized_end=912
+  _globals['_TOKENS']._serialized_start=914
+  _globals['_TOKENS']._serialized_end=988
+  _globals['_STEPREPLY']._serialized_start=991
+  _globals['_STEPREPLY']._serialized_end=1160
+  _globals['_LINKFRAME']._serialized_start=1162
+  _globals['_LINKFRAME']._serialized_end=1279
+  _globals['_LOADREQUEST']._serialized_start=1282
+  _globals['_LOADREQUEST']._serialized_end=1608
+  _globals['_STAGEDESCRIPTION']._serialized_start=1611
+  _globals['_STAGEDESCRIPTION']._serialized_end=2140
+  _globals['_STAGEDESCRIPTION_EXTRAENTRY']._serialized_start=2096
+  _globals['_STAGEDESCRIPTION_EXTRAENTRY']._serialized_end=2140
+  _globals['_DESCRIBEREQUEST']._serialized_start=2142
+  _globals['_DESCRIBEREQUEST']._serialized_end=2183
+  _globals['_PINGREQUEST']._serialized_start=2185
+  _globals['_PINGREQUEST']._serialized_end=2222
+  _globals['_PINGREPLY']._serialized_start=2224
+  _globals['_PINGREPLY']._serialized_end=2259
+  _globals['_STAGEHOST']._serialized_start=2262
+  _globals['_STAGEHOST']._serialized_end=2580
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from serve_apps.engine.layer_split import StageSpec
-from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
+from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult, TokenLogprobs
 from serve_apps.stagehost import stage_pb2 as pb
 
 SCHEMA_VERSION = 1
@@ -36,7 +36,12 @@ MAX_TEMPERATURE = 1000.0
 MAX_SEED = 2**63 - 1
 MAX_ERROR_BYTES = 4096  # an error message is cut to this when sent
 _FRAME_OVERHEAD = 1 << 16  # bytes of a step's fixed fields and tags, generously
-_CHUNK_OVERHEAD = 96  # bytes per chunk besides its seq_id and token ids (sampling, tags, varints)
+_CHUNK_OVERHEAD = 128  # bytes per chunk besides its seq_id and token ids (sampling, tags, varints)
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias (OpenAI's bound)
+MAX_TOP_LOGPROBS = 20  # most likely tokens reported per sampled token (OpenAI's bound)
+MAX_PENALTY = 2.0
+MAX_BIAS = 100.0
+_ENTRY_BYTES = 16  # one (token id, float64) entry of a bias or a logprobs list, with its tags, at most
 
 if sys.byteorder != "little":  # pragma: no cover - every platform the project runs on is little-endian
     raise ImportError("the stage protocol's tensor encoding assumes a little-endian host")
@@ -96,7 +101,10 @@ class FrameLimits:
         """Upper bound of one serialized step or reply within these limits (what a reader may allocate)."""
         width = self.hidden_size or self.max_hidden_size
         hidden = self.max_step_tokens * width * 4
-        tokens = self.max_step_tokens * 6 + self.max_chunks * (self.max_stop_token_ids * 6 + _CHUNK_OVERHEAD)
+        per_chunk = (
+            self.max_stop_token_ids * 6 + _CHUNK_OVERHEAD + (MAX_LOGIT_BIAS + MAX_TOP_LOGPROBS + 1) * _ENTRY_BYTES
+        )
+        tokens = self.max_step_tokens * 6 + self.max_chunks * per_chunk
         ids = (self.max_chunks + self.released_limit) * (self.max_seq_id_bytes + 16)
         vocab = self.vocab_size
         masks = self.max_chunks * ((4 * ((vocab + 31) // 32) if vocab is not None else self.max_mask_bytes) + 8)
@@ -218,7 +226,12 @@ def request_to_proto(batch: StepBatch, hidden: torch.Tensor | None) -> pb.StepRe
 
 def _chunk_to_proto(chunk: SeqChunk) -> pb.Chunk:
     msg = pb.Chunk(
-        seq_id=chunk.seq_id, slot=chunk.slot, start_pos=chunk.start_pos, token_ids=chunk.token_ids, sample=chunk.sample
+        seq_id=chunk.seq_id,
+        slot=chunk.slot,
+        start_pos=chunk.start_pos,
+        token_ids=chunk.token_ids,
+        sample=chunk.sample,
+        output_start=chunk.output_start,
     )
     msg.sampling.MergeFromString(_sampling_bytes(chunk.sampling))
     if chunk.token_mask is not None:
@@ -236,9 +249,15 @@ def _sampling_bytes(s: SamplingParams) -> bytes:
         stop_token_ids=s.stop_token_ids,
         ignore_eos=s.ignore_eos,
         max_tokens=s.max_tokens,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        bias_token_ids=[t for t, _ in s.logit_bias],
+        bias_values=[b for _, b in s.logit_bias],
     )
     if s.seed is not None:
         sampling.seed = s.seed
+    if s.logprobs is not None:
+        sampling.logprobs = s.logprobs
     return sampling.SerializeToString()
 
 
@@ -287,6 +306,8 @@ def _chunk_from_proto(msg: pb.Chunk, limits: FrameLimits) -> SeqChunk:
     if msg.start_pos < 0 or msg.start_pos + len(tokens) > limits.max_len:
         raise WireError(f"a chunk at positions {msg.start_pos}..{msg.start_pos + len(tokens)} past {limits.max_len}")
     _check_tokens(tokens, limits, "input")
+    if not 0 <= msg.output_start <= limits.max_len:
+        raise WireError(f"output_start {msg.output_start} outside [0, {limits.max_len}]")
     return SeqChunk(
         _seq_id(msg.seq_id, limits),
         _slot(msg.slot, limits),
@@ -295,6 +316,7 @@ def _chunk_from_proto(msg: pb.Chunk, limits: FrameLimits) -> SeqChunk:
         _sampling_cached(msg.sampling.SerializeToString(), limits.vocab_size, limits.max_stop_token_ids),
         msg.sample,
         _token_mask(msg, limits),
+        msg.output_start,
     )
 
 
@@ -336,6 +358,20 @@ def _sampling_from_proto(msg: pb.Sampling, limits: FrameLimits) -> SamplingParam
     if len(stop) > limits.max_stop_token_ids:
         raise WireError(f"{len(stop)} stop token ids, at most {limits.max_stop_token_ids}")
     _check_tokens(stop, limits, "stop")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(msg, name)
+        if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+            raise WireError(f"{name} {value} outside [-{MAX_PENALTY}, {MAX_PENALTY}]")
+    bias_ids, bias_values = tuple(msg.bias_token_ids), tuple(msg.bias_values)
+    if len(bias_ids) != len(bias_values) or len(bias_ids) > MAX_LOGIT_BIAS:
+        raise WireError(f"a logit bias of {len(bias_ids)} ids and {len(bias_values)} values (at most {MAX_LOGIT_BIAS})")
+    if any(b <= a for a, b in zip(bias_ids, bias_ids[1:], strict=False)):
+        raise WireError("logit bias token ids must ascend")
+    _check_tokens(bias_ids, limits, "logit bias")
+    if not all(math.isfinite(v) and -MAX_BIAS <= v <= MAX_BIAS for v in bias_values):
+        raise WireError(f"a logit bias value outside [-{MAX_BIAS}, {MAX_BIAS}]")
+    if msg.HasField("logprobs") and not 0 <= msg.logprobs <= MAX_TOP_LOGPROBS:
+        raise WireError(f"logprobs {msg.logprobs} outside [0, {MAX_TOP_LOGPROBS}]")
     return SamplingParams(
         max_tokens=msg.max_tokens,
         temperature=msg.temperature,
@@ -344,6 +380,10 @@ def _sampling_from_proto(msg: pb.Sampling, limits: FrameLimits) -> SamplingParam
         seed=msg.seed if msg.HasField("seed") else None,
         stop_token_ids=stop,
         ignore_eos=msg.ignore_eos,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        logit_bias=tuple(zip(bias_ids, bias_values, strict=True)),
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
@@ -371,6 +411,12 @@ def reply_to_proto(step_id: int, out: torch.Tensor | StepResult | LinkError) -> 
     msg = pb.StepReply(schema_version=SCHEMA_VERSION, step_id=step_id)
     if isinstance(out, StepResult):
         msg.tokens.token_ids.extend(out.token_ids)
+        for scored in out.logprobs:
+            entry = msg.tokens.logprobs.add()
+            if scored is not None:
+                entry.present, entry.logprob = True, scored.logprob
+                entry.top_ids.extend(t for t, _ in scored.top)
+                entry.top_logprobs.extend(v for _, v in scored.top)
     elif isinstance(out, LinkError):
         msg.error = out.message.encode()[:MAX_ERROR_BYTES].decode(errors="ignore")
     else:
@@ -403,7 +449,8 @@ def reply_from_proto(
     if kind is None or (expect.last is not None and expect.last != (kind == "tokens")):
         raise WireError(f"a reply of {kind or 'nothing'} from a stage that is {'' if expect.last else 'not '}the last")
     if kind == "tokens":
-        return StepResult(msg.step_id, _sampled(tuple(msg.tokens.token_ids), limits, batch))
+        tokens = _sampled(tuple(msg.tokens.token_ids), limits, batch)
+        return StepResult(msg.step_id, tokens, _logprobs_from_proto(msg.tokens.logprobs, tokens, limits, batch))
     num_tokens = batch.num_tokens if batch is not None else msg.hidden.shape[0] if msg.hidden.shape else 0
     if num_tokens > limits.max_step_tokens:
         raise WireError(f"a reply of {num_tokens} rows, at most {limits.max_step_tokens}")
@@ -415,6 +462,40 @@ def check_result(result: StepResult, batch: StepBatch, limits: FrameLimits) -> N
     if result.step_id != batch.step_id:
         raise WireError(f"a result for step {result.step_id} where step {batch.step_id} was expected")
     _sampled(result.token_ids, limits, batch)
+    if result.logprobs:
+        _logprobs_from_proto(reply_to_proto(result.step_id, result).tokens.logprobs, result.token_ids, limits, batch)
+
+
+def _logprobs_from_proto(
+    entries: Sequence[pb.Logprobs], tokens: tuple[int, ...], limits: FrameLimits, batch: StepBatch | None
+) -> tuple[TokenLogprobs | None, ...]:
+    """One entry per chunk (or none): present exactly where the chunk sampled and asked for logprobs,
+    with at most the asked number of alternatives, each a finite logprob <= 0 of a token in the vocabulary."""
+    if not entries:
+        if batch is not None and any(c.sample and c.sampling.logprobs is not None for c in batch.chunks):
+            raise WireError("no logprobs for a step that asked for them")
+        return ()
+    if len(entries) != len(tokens):
+        raise WireError(f"{len(entries)} logprobs entries for {len(tokens)} chunks")
+    out: list[TokenLogprobs | None] = []
+    for index, entry in enumerate(entries):
+        asked = None if batch is None else batch.chunks[index].sampling.logprobs
+        wanted = batch is None or (batch.chunks[index].sample and asked is not None)
+        if not entry.present:
+            if batch is not None and wanted:
+                raise WireError(f"no logprobs for chunk {index}, which asked for them")
+            out.append(None)
+            continue
+        top_ids, top_values = tuple(entry.top_ids), tuple(entry.top_logprobs)
+        bound = MAX_TOP_LOGPROBS if asked is None else asked
+        if not wanted or len(top_ids) != len(top_values) or len(top_ids) > bound:
+            raise WireError(f"logprobs for chunk {index} that it did not ask for")
+        values = (entry.logprob, *top_values)
+        if not all(math.isfinite(v) and v <= 0.0 for v in values):
+            raise WireError("a logprob that is not a finite number <= 0")
+        _check_tokens(top_ids, limits, "top logprob")
+        out.append(TokenLogprobs(entry.logprob, tuple(zip(top_ids, top_values, strict=True))))
+    return tuple(out)
 
 
 def _sampled(tokens: tuple[int, ...], limits: FrameLimits, batch: StepBatch | None) -> tuple[int, ...]:

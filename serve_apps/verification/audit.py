@@ -24,6 +24,7 @@ tests/unit/verification/test_audit.py and the commitments module.
 import contextlib
 import functools
 import secrets
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from torch.nn import functional as F
 from serve_apps.engine.decoder import DecoderLayer
 from serve_apps.engine.kv_cache import BatchView, Row
 from serve_apps.engine.messages import SamplingParams, StepBatch, StepResult
-from serve_apps.engine.sampling import draw_seed, filtered_probs
+from serve_apps.engine.sampling import adjust_logits, draw_seed, filtered_probs
 from serve_apps.engine.stage_model import StageModel
 from serve_apps.engine.stage_worker import StageConfig
 from serve_apps.verification.commitments import (
@@ -425,6 +426,8 @@ def check_tokens(job: AuditJob, logits: torch.Tensor) -> CheckResult:
     tokens = torch.tensor([t for _, t in job.sampled], dtype=torch.long)
     if bool((tokens >= logits.shape[1]).any()):
         return CheckResult(False, "a sampled token is outside the vocabulary", None)
+    if params.adjusts_logits:
+        logits = _adjusted(logits, job.sampled, params)
     chosen = logits.gather(1, tokens.view(-1, 1)).squeeze(1)
     gap = logits.max(dim=1).values - chosen
     stats = {"tokens": float(tokens.numel()), "max_logit_gap": float(gap.max())}
@@ -441,6 +444,16 @@ def check_tokens(job: AuditJob, logits: torch.Tensor) -> CheckResult:
     unlikely = tuple(int(job.sampled[i][0]) for i in torch.nonzero(probs < tol.min_prob).flatten())
     reason = f"{len(unlikely)} tokens below probability {tol.min_prob}" if unlikely else "agrees"
     return CheckResult(not unlikely, reason, unlikely[0] if unlikely else worst, unlikely, stats)
+
+
+def _adjusted(logits: torch.Tensor, sampled: tuple[tuple[int, int], ...], params: SamplingParams) -> torch.Tensor:
+    """The reference logits after the request's penalties and bias, as `Sampler` adjusted them: the
+    tokens generated before each row are the sampled tokens at earlier positions."""
+    rows, generated = [], Counter[int]()
+    for row, (_, token) in enumerate(sampled):
+        rows.append(adjust_logits(logits[row], params, generated))
+        generated[token] += 1
+    return torch.stack(rows)
 
 
 def _check_seeded(

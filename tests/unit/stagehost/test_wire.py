@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from serve_apps.engine.layer_split import split_layers
-from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult
+from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, StepResult, TokenLogprobs
 from serve_apps.stagehost import stage_pb2 as pb
 from serve_apps.stagehost.wire import (
     DTYPES,
@@ -274,3 +274,50 @@ def test_any_structured_step_is_either_within_the_limits_or_refused(msg: pb.Step
     except WireError:
         return
     assert_within(step, hidden)
+
+
+SCORED = SamplingParams(
+    temperature=0.0, presence_penalty=0.5, frequency_penalty=-1.5, logit_bias=((2, 10.0), (50, -100.0)), logprobs=2
+)
+
+
+def scored_batch() -> StepBatch:
+    return StepBatch(1, (SeqChunk("a", 0, 0, (1, 2, 3), SCORED, output_start=2), SeqChunk("b", 1, 5, (7,), SAMPLED)))
+
+
+def test_penalties_bias_logprobs_and_output_start_round_trip() -> None:
+    step, _ = decode_request(encode_request(scored_batch(), None), LIMITS, Expect(first=True))
+    assert step == scored_batch()
+    result = StepResult(1, (4, 9), (TokenLogprobs(-0.25, ((4, -0.25), (8, -2.0))), None))
+    assert decode_reply(encode_reply(1, result), LIMITS, scored_batch()) == result
+
+
+@pytest.mark.parametrize(
+    ("sampling", "message"),
+    [
+        (SamplingParams(presence_penalty=2.5), "presence_penalty"),
+        (SamplingParams(logit_bias=((100, 1.0),)), "logit bias token ids"),
+        (SamplingParams(logit_bias=((5, 1.0), (2, 1.0))), "ascend"),
+        (SamplingParams(logit_bias=((5, 101.0),)), "logit bias value"),
+        (SamplingParams(logprobs=21), "logprobs 21"),
+    ],
+)
+def test_bad_sampling_fields_are_refused(sampling: SamplingParams, message: str) -> None:
+    bad = StepBatch(1, (SeqChunk("a", 0, 0, (1,), sampling),))
+    with pytest.raises(WireError, match=message):
+        decode_request(encode_request(bad, None), LIMITS, Expect(first=True))
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (StepResult(1, (4, 9)), "no logprobs for a step"),
+        (StepResult(1, (4, 9), (TokenLogprobs(-0.1, ((1, -0.1),) * 3), None)), "did not ask"),
+        (StepResult(1, (4, 9), (TokenLogprobs(0.5), None)), "finite number <= 0"),
+        (StepResult(1, (4, 9), (TokenLogprobs(-0.1), TokenLogprobs(-0.1))), "did not ask"),
+        (StepResult(1, (4, 9), (TokenLogprobs(-0.1, ((100, -1.0),)), None)), "top logprob token ids"),
+    ],
+)
+def test_a_last_stage_cannot_send_logprobs_out_of_bounds(result: StepResult, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        decode_reply(encode_reply(1, result), LIMITS, scored_batch())
