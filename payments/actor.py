@@ -11,47 +11,41 @@ the settlement lease lets one settle at a time. On the litesvm backend they shar
 """
 
 import asyncio
+import inspect
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cluster.config.payments import PaymentsSection
 from payments.chain.base import ChainBackend
+from payments.forwarding import AsyncCall, forward_missing
 from payments.group_commit import GroupCommitter
-from payments.protocol import (
-    ApiKey,
-    ApiKeyInfo,
-    Balance,
-    BatchReport,
-    Challenge,
-    Deposit,
-    DepositInfo,
-    DepositRequest,
-    Hold,
-    HoldRequest,
-    HoldSweep,
-    PayoutStatus,
-    Receipt,
-    ReceiptQuery,
-    ReconcileReport,
-    ReleaseHold,
-    SettlementRecord,
-    SignIn,
-    TrainingReward,
-    UsageLine,
-    UsageReport,
-    WalletIdentity,
-    WithheldPayout,
-    WithholdPayout,
-)
+from payments.protocol import BatchReport, ReconcileReport, SettlementRecord, TrainingReward, UsageReport
 from payments.service import PaymentsService
 from payments.settlement import CrashHook, _no_crash
 
 logger = logging.getLogger(__name__)
 
 
+def _served(name: str) -> AsyncCall:
+    """The actor's method for the PaymentsAPI call `name`: a synchronous service call runs on the ledger's
+    one thread, an asynchronous one (chain, settlement) on the actor's event loop."""
+
+    async def call(self: "PaymentsActor", *args: Any) -> Any:
+        method = getattr(await self._svc(), name)
+        if inspect.iscoroutinefunction(method):
+            return await method(*args)
+        return await self._run(method, *args)
+
+    return call
+
+
+@forward_missing(_served)
 class PaymentsActor:
-    """Ray actor class (wrapped with `ray.remote` in `payments.client.start_payments_actor`)."""
+    """Ray actor class (wrapped with `ray.remote` in `payments.client.start_payments_actor`).
+
+    Every PaymentsAPI call it does not define below is served from the service by `_served`.
+    """
 
     def __init__(
         self,
@@ -123,19 +117,13 @@ class PaymentsActor:
         while True:
             await asyncio.sleep(self.section.hold_sweep_interval_s)
             try:
-                await self.sweep_holds()
+                await self._run((await self._svc()).sweep_holds)
             except Exception:  # keep the loop alive; the next pass finds the same holds
                 logger.exception("hold sweep failed")
 
     async def ready(self) -> bool:
         await self._svc()
         return True
-
-    async def authenticate(self, api_key: str | None) -> WalletIdentity:
-        return await self._run((await self._svc()).authenticate, api_key)
-
-    async def place_hold(self, req: HoldRequest) -> Hold:
-        return await self._run((await self._svc()).place_hold, req)
 
     async def report_usage(self, report: UsageReport) -> SettlementRecord:
         await self._svc()
@@ -161,55 +149,6 @@ class PaymentsActor:
         records = await self._run((await self._svc()).record_training_rewards, parsed)
         return [record.settlement_id for record in records]
 
-    async def fund_training_rewards(self, ref: str, amount: int) -> int:
-        """Operator: fund the rewards account (once per `ref`); a reward batch beyond it is refused."""
-        return int(await self._run((await self._svc()).fund_training_rewards, ref, amount))
-
-    async def release_hold(self, release: ReleaseHold) -> None:
-        await self._run((await self._svc()).release_hold, release)
-
-    async def sweep_holds(self, max_age_s: float | None = None) -> HoldSweep:
-        return await self._run((await self._svc()).sweep_holds, max_age_s)
-
-    async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
-        return await self._run((await self._svc()).withhold_payout, req)
-
-    async def get_receipt(self, query: ReceiptQuery) -> Receipt:
-        return await self._run((await self._svc()).get_receipt, query)
-
-    async def balance(self, wallet: str) -> Balance:
-        return await self._run((await self._svc()).balance, wallet)
-
-    async def challenge(self, wallet: str) -> Challenge:
-        return await self._run((await self._svc()).challenge, wallet)
-
-    async def verify(self, sign_in: SignIn) -> ApiKey:
-        return await self._run((await self._svc()).verify, sign_in)
-
-    async def revoke_key(self, key_id: str, wallet: str) -> None:
-        await self._run((await self._svc()).revoke_key, key_id, wallet)
-
-    async def list_keys(self, wallet: str) -> list[ApiKeyInfo]:
-        return await self._run((await self._svc()).list_keys, wallet)
-
-    async def deposit(self, req: DepositRequest) -> Deposit:
-        return await (await self._svc()).deposit(req)
-
-    async def deposit_info(self) -> DepositInfo:
-        return await (await self._svc()).deposit_info()
-
-    async def submit_transaction(self, tx_bytes: bytes) -> str:
-        return await (await self._svc()).submit_transaction(tx_bytes)
-
-    async def faucet(self, wallet: str, amount: int) -> None:
-        await (await self._svc()).faucet(wallet, amount)
-
-    async def payouts(self, wallet: str) -> list[PayoutStatus]:
-        return await self._run((await self._svc()).payouts, wallet)
-
-    async def usage(self, wallet: str) -> list[UsageLine]:
-        return await self._run((await self._svc()).usage, wallet)
-
     async def settle(self) -> BatchReport:
         service = await self._svc()
         async with self._settle_lock:  # one settle pass at a time (loop and CLI)
@@ -219,6 +158,3 @@ class PaymentsActor:
         service = await self._svc()
         async with self._settle_lock:
             return await service.reconcile()
-
-    async def pending(self) -> dict[str, object]:
-        return await self._run((await self._svc()).pending)

@@ -24,12 +24,13 @@ from cluster.config import load_settings
 from payments.chain.litesvm_backend import LiteSVMBackend
 from payments.deposits import deposit_transaction
 from payments.errors import PaymentError
+from payments.forwarding import AsyncCall, service_call
 from payments.ledger import backup as backups
 from payments.ledger import migrate as migrations
 from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
 from payments.ledger.payouts import PayoutBook
 from payments.pricing import Price
-from payments.protocol import DepositRequest
+from payments.protocol import PAYMENTS_METHODS, DepositRequest
 from payments.service import PaymentsService
 
 app = typer.Typer(help="Payments: balances, deposits, settlement and the ledger.", no_args_is_help=True)
@@ -74,16 +75,15 @@ def _with_service(config: Path | None, via_actor: bool, fn: Callable[[Any], Awai
 
 
 class _Local:
-    """The subset of PaymentsAPI the CLI uses, over a local service (plus its direct extras)."""
+    """PaymentsAPI over a local service, forwarded by name, but for the two calls the CLI does its own way."""
 
     def __init__(self, service: PaymentsService) -> None:
         self.service = service
 
-    async def balance(self, wallet: str) -> Any:
-        return self.service.balance(wallet)
-
-    async def deposit(self, req: DepositRequest) -> Any:
-        return await self.service.deposit(req)
+    def __getattr__(self, name: str) -> AsyncCall:
+        if name not in PAYMENTS_METHODS:
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+        return service_call(self.service, name)
 
     async def submit_transaction(self, raw: bytes) -> str:
         """The CLI's own transfer: relayed on LiteSVM, sent directly to a real cluster (no relay there)."""
@@ -92,21 +92,9 @@ class _Local:
         await self.service.chain.send_raw(raw)
         return str(VersionedTransaction.from_bytes(raw).signatures[0])
 
-    async def pending(self) -> dict[str, object]:
-        return self.service.pending()
-
-    async def settle(self) -> Any:
-        return await self.service.settle()
-
     async def reconcile(self) -> Any:
         await self.service.recover()
         return await self.service.reconcile()
-
-    async def sweep_holds(self, max_age_s: float | None) -> Any:
-        return self.service.sweep_holds(max_age_s)
-
-    async def fund_training_rewards(self, ref: str, amount: int) -> int:
-        return self.service.fund_training_rewards(ref, amount)
 
 
 @app.command()

@@ -5,7 +5,8 @@
     hold = await client.place_hold(HoldRequest(...))     # raises InsufficientBalance -> HTTP 402
 
 Errors raised in the actor come back as the same PaymentError subclass; a dead or slow actor becomes
-PaymentsUnavailable (HTTP 503). Every call has the section's timeout.
+PaymentsUnavailable (HTTP 503). Every call has the section's timeout. The client restates no call: each
+`PaymentsAPI` method is forwarded by name (`PaymentsClient.__getattr__`).
 
 With `payments.workers > 1` the client holds every worker's handle and spreads calls round-robin; a worker
 whose actor died is skipped for `DEAD_WORKER_SKIP_S`, and a call that cannot have charged anyone twice
@@ -24,32 +25,8 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 from cluster.config.payments import PaymentsSection
 from payments.actor import PaymentsActor
 from payments.errors import PaymentError
-from payments.protocol import (
-    ApiKey,
-    ApiKeyInfo,
-    Balance,
-    BatchReport,
-    Challenge,
-    Deposit,
-    DepositInfo,
-    DepositRequest,
-    Hold,
-    HoldRequest,
-    HoldSweep,
-    PayoutStatus,
-    Receipt,
-    ReceiptQuery,
-    ReconcileReport,
-    ReleaseHold,
-    SettlementRecord,
-    SignIn,
-    UsageLine,
-    UsageReport,
-    WalletIdentity,
-    WithheldPayout,
-    WithholdPayout,
-)
-from payments.service import PaymentsService
+from payments.forwarding import AsyncCall
+from payments.protocol import PAYMENTS_METHODS
 from payments.settlement import CrashHook
 
 logger = logging.getLogger(__name__)
@@ -172,138 +149,13 @@ class PaymentsClient:
                 raise PaymentsUnavailable(f"payments actor call {method} failed: {exc}") from exc
         raise AssertionError("unreachable")
 
-    async def authenticate(self, api_key: str | None) -> WalletIdentity:
-        return await self._call("authenticate", api_key)
+    def __getattr__(self, name: str) -> AsyncCall:
+        """Every PaymentsAPI call, forwarded by name to a worker (`_call`); nothing else."""
+        if name not in PAYMENTS_METHODS:
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
-    async def place_hold(self, req: HoldRequest) -> Hold:
-        return await self._call("place_hold", req)
+        async def call(*args: Any) -> Any:
+            return await self._call(name, *args)
 
-    async def report_usage(self, report: UsageReport) -> SettlementRecord:
-        return await self._call("report_usage", report)
-
-    async def release_hold(self, release: ReleaseHold) -> None:
-        await self._call("release_hold", release)
-
-    async def sweep_holds(self, max_age_s: float | None = None) -> HoldSweep:
-        return await self._call("sweep_holds", max_age_s)
-
-    async def fund_training_rewards(self, ref: str, amount: int) -> int:
-        return int(await self._call("fund_training_rewards", ref, amount))
-
-    async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
-        return await self._call("withhold_payout", req)
-
-    async def get_receipt(self, query: ReceiptQuery) -> Receipt:
-        return await self._call("get_receipt", query)
-
-    async def balance(self, wallet: str) -> Balance:
-        return await self._call("balance", wallet)
-
-    async def deposit(self, req: DepositRequest) -> Deposit:
-        return await self._call("deposit", req)
-
-    async def challenge(self, wallet: str) -> Challenge:
-        return await self._call("challenge", wallet)
-
-    async def verify(self, sign_in: SignIn) -> ApiKey:
-        return await self._call("verify", sign_in)
-
-    async def revoke_key(self, key_id: str, wallet: str) -> None:
-        await self._call("revoke_key", key_id, wallet)
-
-    async def list_keys(self, wallet: str) -> list[ApiKeyInfo]:
-        return await self._call("list_keys", wallet)
-
-    async def payouts(self, wallet: str) -> list[PayoutStatus]:
-        return await self._call("payouts", wallet)
-
-    async def usage(self, wallet: str) -> list[UsageLine]:
-        return await self._call("usage", wallet)
-
-    async def settle(self) -> BatchReport:
-        return await self._call("settle")
-
-    async def reconcile(self) -> ReconcileReport:
-        return await self._call("reconcile")
-
-    async def pending(self) -> dict[str, object]:
-        return await self._call("pending")
-
-    async def deposit_info(self) -> DepositInfo:
-        return await self._call("deposit_info")
-
-    async def submit_transaction(self, tx_bytes: bytes) -> str:
-        return await self._call("submit_transaction", tx_bytes)
-
-    async def faucet(self, wallet: str, amount: int) -> None:
-        await self._call("faucet", wallet, amount)
-
-
-class LocalPaymentsClient:
-    """PaymentsAPI over an in-process PaymentsService (embedded mode, tests, the CLI)."""
-
-    def __init__(self, service: PaymentsService) -> None:
-        self.service = service
-
-    async def authenticate(self, api_key: str | None) -> WalletIdentity:
-        return self.service.authenticate(api_key)
-
-    async def place_hold(self, req: HoldRequest) -> Hold:
-        return self.service.place_hold(req)
-
-    async def report_usage(self, report: UsageReport) -> SettlementRecord:
-        return self.service.report_usage(report)
-
-    async def release_hold(self, release: ReleaseHold) -> None:
-        self.service.release_hold(release)
-
-    async def sweep_holds(self, max_age_s: float | None = None) -> HoldSweep:
-        return self.service.sweep_holds(max_age_s)
-
-    async def withhold_payout(self, req: WithholdPayout) -> WithheldPayout:
-        return self.service.withhold_payout(req)
-
-    async def get_receipt(self, query: ReceiptQuery) -> Receipt:
-        return self.service.get_receipt(query)
-
-    async def balance(self, wallet: str) -> Balance:
-        return self.service.balance(wallet)
-
-    async def deposit(self, req: DepositRequest) -> Deposit:
-        return await self.service.deposit(req)
-
-    async def challenge(self, wallet: str) -> Challenge:
-        return self.service.challenge(wallet)
-
-    async def verify(self, sign_in: SignIn) -> ApiKey:
-        return self.service.verify(sign_in)
-
-    async def revoke_key(self, key_id: str, wallet: str) -> None:
-        self.service.revoke_key(key_id, wallet)
-
-    async def list_keys(self, wallet: str) -> list[ApiKeyInfo]:
-        return self.service.list_keys(wallet)
-
-    async def payouts(self, wallet: str) -> list[PayoutStatus]:
-        return self.service.payouts(wallet)
-
-    async def usage(self, wallet: str) -> list[UsageLine]:
-        return self.service.usage(wallet)
-
-    async def settle(self) -> BatchReport:
-        return await self.service.settle()
-
-    async def reconcile(self) -> ReconcileReport:
-        return await self.service.reconcile()
-
-    async def pending(self) -> dict[str, object]:
-        return self.service.pending()
-
-    async def deposit_info(self) -> DepositInfo:
-        return await self.service.deposit_info()
-
-    async def submit_transaction(self, tx_bytes: bytes) -> str:
-        return await self.service.submit_transaction(tx_bytes)
-
-    async def faucet(self, wallet: str, amount: int) -> None:
-        await self.service.faucet(wallet, amount)
+        call.__name__ = name
+        return call

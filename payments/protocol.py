@@ -14,6 +14,7 @@ Request lifecycle, as the gateway sees it:
 4. `get_receipt(ReceiptQuery) -> Receipt`            (403 unless the reader is the payer or a payee)
 """
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -291,7 +292,11 @@ class ReconcileReport:
 
 
 class PaymentsAPI(Protocol):
-    """What the gateway holds: `payments.client.PaymentsClient` (actor) or `LocalPaymentsClient`."""
+    """What the gateway holds: `payments.client.PaymentsClient` (the actor's workers).
+
+    The one list of payments calls: the actor serves each of them from its service, the client and the
+    tests' in-process fake forward them by name (`PAYMENTS_METHODS`), so a call added here is added everywhere.
+    """
 
     async def authenticate(self, api_key: str | None) -> WalletIdentity: ...
     async def place_hold(self, req: HoldRequest) -> Hold: ...
@@ -314,3 +319,9 @@ class PaymentsAPI(Protocol):
     async def pending(self) -> dict[str, object]: ...
     async def submit_transaction(self, tx_bytes: bytes) -> str: ...
     async def faucet(self, wallet: str, amount: int) -> None: ...  # litesvm backend only
+    async def fund_training_rewards(self, ref: str, amount: int) -> int: ...  # operator: once per `ref`
+
+
+PAYMENTS_METHODS: frozenset[str] = frozenset(
+    name for name, member in vars(PaymentsAPI).items() if inspect.iscoroutinefunction(member)
+)

@@ -8,11 +8,11 @@ from fastapi.testclient import TestClient
 from solders.keypair import Keypair
 from sqlalchemy import update
 
-from payments.client import LocalPaymentsClient
 from payments.errors import InsufficientBalance
 from payments.http import build_router, openai_error
 from payments.ledger.schema import api_keys
 from payments.protocol import HoldRequest
+from tests.fakes.payments import LocalPaymentsClient
 from tests.unit.payments.conftest import deposit_tx, funded_client, run, serve_request
 
 

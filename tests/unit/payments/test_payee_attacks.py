@@ -27,11 +27,11 @@ from spl.token.instructions import get_associated_token_address
 
 from payments.chain.base import SignatureStatus
 from payments.chain.litesvm_backend import LiteSVMBackend
-from payments.client import LocalPaymentsClient
 from payments.errors import DepositRejected, InvalidRequest
 from payments.http import build_router
 from payments.pricing import Price, request_cost
 from payments.protocol import DepositRequest
+from tests.fakes.payments import LocalPaymentsClient
 from tests.unit.payments.conftest import deposit_tx, funded_client, onchain_amount, run, serve_request
 from tests.unit.payments.test_crash_recovery import SimulatedCrash, crash_at
 

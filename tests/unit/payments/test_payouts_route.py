@@ -4,8 +4,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from solders.keypair import Keypair
 
-from payments.client import LocalPaymentsClient
 from payments.http import build_router
+from tests.fakes.payments import LocalPaymentsClient
 from tests.unit.payments.conftest import funded_client, onchain_amount, run, serve_request
 from tests.unit.payments.test_http import auth, sign_in
 

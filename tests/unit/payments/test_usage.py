@@ -3,7 +3,7 @@ first, and nothing of another payer's."""
 
 from solders.keypair import Keypair
 
-from payments.client import LocalPaymentsClient
+from tests.fakes.payments import LocalPaymentsClient
 from tests.unit.payments.conftest import funded_client, run, serve_request
 
 
