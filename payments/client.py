@@ -56,7 +56,6 @@ class PaymentsUnavailable(PaymentError):
     """The payments actor is dead, restarting or too slow (HTTP 503)."""
 
     status_code = 503
-    error_type = "api_error"
     code = "payments_unavailable"
 
 

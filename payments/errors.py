@@ -1,25 +1,22 @@
-"""Payments errors; each carries the HTTP status and OpenAI error type used at the HTTP border."""
+"""Payments errors; each carries the HTTP status and the code used at the HTTP border.
+
+Their OpenAI error type comes from the status, in the one table of `cluster.openai_errors` (401 is an
+`authentication_error` here as in the gateway), and the gateway's error handler renders them.
+"""
+
+from cluster.openai_errors import BorderError
 
 
-class PaymentError(Exception):
+class PaymentError(BorderError):
     """Base of every payments error (chain transport errors are wrapped into it `from exc`)."""
 
     status_code = 500
-    error_type = "payments_error"
-    code: str | None = None
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
 
 
 class InsufficientBalance(PaymentError):
     """The payer's balance does not cover the hold (HTTP 402)."""
 
     status_code = 402
-    error_type = "insufficient_quota"
     code = "insufficient_balance"
 
 
@@ -27,7 +24,6 @@ class AuthenticationFailed(PaymentError):
     """Missing, forged, expired or replayed credentials (HTTP 401)."""
 
     status_code = 401
-    error_type = "invalid_request_error"
     code = "invalid_api_key"
 
 
@@ -35,7 +31,6 @@ class Forbidden(PaymentError):
     """Authenticated, but not allowed to read or change this object (HTTP 403)."""
 
     status_code = 403
-    error_type = "invalid_request_error"
     code = "forbidden"
 
 
@@ -43,7 +38,6 @@ class NotFound(PaymentError):
     """No such receipt, key or hold (HTTP 404)."""
 
     status_code = 404
-    error_type = "invalid_request_error"
     code = "not_found"
 
 
@@ -51,7 +45,6 @@ class InvalidRequest(PaymentError):
     """A malformed or inconsistent request (HTTP 400)."""
 
     status_code = 400
-    error_type = "invalid_request_error"
     code = "invalid_request"
 
 
@@ -65,5 +58,4 @@ class ChainError(PaymentError):
     """The chain backend failed (transport error, unexpected response)."""
 
     status_code = 502
-    error_type = "api_error"
     code = "chain_error"

@@ -3,20 +3,23 @@
     from payments.http import build_router
     app.include_router(build_router(lambda: payments_client))
 
-Errors use the OpenAI error format {"error": {"message", "type", "param", "code"}}.
+Routes raise `PaymentError`; the app's error handler renders it as OpenAI error JSON
+{"error": {"message", "type", "param", "code"}} (the gateway's `install_error_handlers`, or
+`cluster.openai_errors.install_border_errors` on a bare app). The caller's API key is the bearer token
+(`HTTPBearer`); without one, `authenticate(None)` answers (the open wallet in open mode, else 401).
 """
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from payments.errors import InvalidRequest, PaymentError
+from payments.errors import InvalidRequest
 from payments.protocol import (
     ApiKeyInfo,
     DepositRequest,
@@ -26,6 +29,10 @@ from payments.protocol import (
     SignIn,
     WalletIdentity,
 )
+
+Payments = Callable[[], PaymentsAPI]  # the router's handle on payments, called per request
+# The request's bearer token (None without one: `authenticate` decides, so open mode needs no key).
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
 
 class ChallengeBody(BaseModel):
@@ -49,12 +56,6 @@ class DepositBody(BaseModel):
         default=None,
         description="Base64 signed transfer to relay to the chain first (LiteSVM demo).",
     )
-
-
-def openai_error(exc: PaymentError, param: str | None = None) -> JSONResponse:
-    """The OpenAI error JSON for a payments error, with its HTTP status."""
-    body = {"error": {"message": exc.message, "type": exc.error_type, "param": param, "code": exc.code}}
-    return JSONResponse(body, status_code=exc.status_code)
 
 
 def bearer_key(authorization: str | None) -> str | None:
@@ -86,112 +87,96 @@ def receipt_json(receipt: Receipt) -> dict[str, Any]:
     }
 
 
-def build_router(handle_getter: Callable[[], PaymentsAPI]) -> APIRouter:
-    """Routes for sign-in, API keys, balance, deposits and receipts over `handle_getter()`."""
+def build_router(handle_getter: Payments) -> APIRouter:
+    """Routes for sign-in, API keys, balance, deposits, receipts and payouts over `handle_getter()`."""
     router = APIRouter(tags=["payments"])
 
-    async def guarded(call: Callable[[], Awaitable[Any]]) -> Any:
-        try:
-            return await call()
-        except PaymentError as exc:
-            return openai_error(exc)
+    async def caller(credentials: Bearer) -> WalletIdentity:
+        return await handle_getter().authenticate(credentials.credentials if credentials else None)
 
-    async def caller(authorization: str | None) -> WalletIdentity:
-        key = bearer_key(authorization)
-        api = handle_getter()
-        return await api.authenticate(key)
-
-    @router.post("/v1/auth/challenge")
-    async def challenge(body: ChallengeBody) -> Any:
-        async def run() -> Any:
-            return asdict(await handle_getter().challenge(body.wallet))
-
-        return await guarded(run)
-
-    @router.post("/v1/auth/verify")
-    async def verify(body: VerifyBody) -> Any:
-        async def run() -> Any:
-            key = await handle_getter().verify(SignIn(body.message, body.signature, body.ttl_s))
-            return {
-                "object": "api_key",
-                "id": key.key_id,
-                "wallet": key.wallet,
-                "api_key": key.secret,
-                "created_at": key.created_at,
-                "expires_at": key.expires_at,
-            }
-
-        return await guarded(run)
-
-    @router.get("/v1/auth/keys")
-    async def list_keys(authorization: str | None = Header(default=None)) -> Any:
-        async def run() -> Any:
-            who = await caller(authorization)
-            keys = await handle_getter().list_keys(who.wallet)
-            return {"object": "list", "data": [key_json(key) for key in keys]}
-
-        return await guarded(run)
-
-    @router.delete("/v1/auth/keys/{key_id}")
-    async def revoke(key_id: str, authorization: str | None = Header(default=None)) -> Any:
-        async def run() -> Any:
-            who = await caller(authorization)
-            await handle_getter().revoke_key(key_id, who.wallet)
-            return {"object": "api_key", "id": key_id, "revoked": True}
-
-        return await guarded(run)
-
-    @router.get("/v1/balance")
-    async def balance(authorization: str | None = Header(default=None)) -> Any:
-        async def run() -> Any:
-            who = await caller(authorization)
-            return {"object": "balance", **asdict(await handle_getter().balance(who.wallet))}
-
-        return await guarded(run)
-
-    @router.post("/v1/deposits")
-    async def deposit(body: DepositBody, authorization: str | None = Header(default=None)) -> Any:
-        async def run() -> Any:
-            await caller(authorization)
-            api = handle_getter()
-            signature = body.signature
-            if body.transaction is not None:
-                try:
-                    raw = base64.b64decode(body.transaction, validate=True)
-                except (binascii.Error, ValueError) as exc:
-                    raise InvalidRequest("transaction must be base64") from exc
-                signature = await api.submit_transaction(raw)
-            if signature is None:
-                raise InvalidRequest("give a signature or a transaction")
-            return {"object": "deposit", **asdict(await api.deposit(DepositRequest(signature)))}
-
-        return await guarded(run)
-
-    @router.get("/v1/deposits/info")
-    async def deposit_info() -> Any:
-        async def run() -> Any:
-            return {"object": "deposit.info", **asdict(await handle_getter().deposit_info())}
-
-        return await guarded(run)
-
-    @router.get("/v1/receipts/{settlement_id}")
-    async def receipt(settlement_id: str, authorization: str | None = Header(default=None)) -> Any:
-        async def run() -> Any:
-            who = await caller(authorization)
-            return receipt_json(await handle_getter().get_receipt(ReceiptQuery(settlement_id, who.wallet)))
-
-        return await guarded(run)
-
-    @router.get("/v1/payouts")
-    async def payouts(authorization: str | None = Header(default=None)) -> Any:
-        async def run() -> Any:
-            who = await caller(authorization)
-            lines = await handle_getter().payouts(who.wallet)
-            return {"object": "list", "data": [{"object": "payout", **asdict(line)} for line in lines]}
-
-        return await guarded(run)
-
+    add_sign_in_routes(router, handle_getter)
+    add_key_routes(router, handle_getter, caller)
+    add_account_routes(router, handle_getter, caller)
     return router
 
 
-__all__ = ["bearer_key", "build_router", "key_json", "openai_error", "receipt_json"]
+Caller = Callable[..., Any]  # the dependency that authenticates the request's bearer key
+
+
+def add_sign_in_routes(router: APIRouter, payments: Payments) -> None:
+    """Sign-In-With-Solana: a challenge for a wallet, and an API key for its signature."""
+
+    @router.post("/v1/auth/challenge")
+    async def challenge(body: ChallengeBody) -> Any:
+        return asdict(await payments().challenge(body.wallet))
+
+    @router.post("/v1/auth/verify")
+    async def verify(body: VerifyBody) -> Any:
+        key = await payments().verify(SignIn(body.message, body.signature, body.ttl_s))
+        return {
+            "object": "api_key",
+            "id": key.key_id,
+            "wallet": key.wallet,
+            "api_key": key.secret,
+            "created_at": key.created_at,
+            "expires_at": key.expires_at,
+        }
+
+
+def add_key_routes(router: APIRouter, payments: Payments, caller: Caller) -> None:
+    """The caller's own API keys: list them (never the secrets), revoke one."""
+    Who = Annotated[WalletIdentity, Depends(caller)]
+
+    @router.get("/v1/auth/keys")
+    async def list_keys(who: Who) -> Any:
+        keys = await payments().list_keys(who.wallet)
+        return {"object": "list", "data": [key_json(key) for key in keys]}
+
+    @router.delete("/v1/auth/keys/{key_id}")
+    async def revoke(key_id: str, who: Who) -> Any:
+        await payments().revoke_key(key_id, who.wallet)
+        return {"object": "api_key", "id": key_id, "revoked": True}
+
+
+def add_account_routes(router: APIRouter, payments: Payments, caller: Caller) -> None:
+    """The caller's money: balance, deposits (and where to send them), receipts, payouts."""
+    Who = Annotated[WalletIdentity, Depends(caller)]
+
+    @router.get("/v1/balance")
+    async def balance(who: Who) -> Any:
+        return {"object": "balance", **asdict(await payments().balance(who.wallet))}
+
+    @router.post("/v1/deposits", dependencies=[Depends(caller)])
+    async def deposit(body: DepositBody) -> Any:
+        signature = await deposit_signature(payments(), body)
+        return {"object": "deposit", **asdict(await payments().deposit(DepositRequest(signature)))}
+
+    @router.get("/v1/deposits/info")
+    async def deposit_info() -> Any:
+        return {"object": "deposit.info", **asdict(await payments().deposit_info())}
+
+    @router.get("/v1/receipts/{settlement_id}")
+    async def receipt(settlement_id: str, who: Who) -> Any:
+        return receipt_json(await payments().get_receipt(ReceiptQuery(settlement_id, who.wallet)))
+
+    @router.get("/v1/payouts")
+    async def payouts(who: Who) -> Any:
+        lines = await payments().payouts(who.wallet)
+        return {"object": "list", "data": [{"object": "payout", **asdict(line)} for line in lines]}
+
+
+async def deposit_signature(api: PaymentsAPI, body: DepositBody) -> str:
+    """The deposit's signature: given, or that of the signed transfer relayed to the chain first."""
+    signature = body.signature
+    if body.transaction is not None:
+        try:
+            raw = base64.b64decode(body.transaction, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequest("transaction must be base64") from exc
+        signature = await api.submit_transaction(raw)
+    if signature is None:
+        raise InvalidRequest("give a signature or a transaction")
+    return signature
+
+
+__all__ = ["bearer_key", "build_router", "key_json", "receipt_json"]

@@ -10,25 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.openai_errors import BorderError, error_body, error_response, install_border_errors
+
 logger = logging.getLogger(__name__)
-
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "insufficient_quota",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-    504: "timeout",
-}
+__all__ = ["OpenAIError", "error_body", "error_response", "install_error_handlers", "validation_error"]
 
 
-class OpenAIError(Exception):
+class OpenAIError(BorderError):
     """Raise anywhere in the gateway to answer with this status and OpenAI error body."""
 
     def __init__(
@@ -39,25 +27,14 @@ class OpenAIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
-
-
-def error_response(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
+        super().__init__(message, code=code, param=param, headers=headers)
+        self.status = self.status_code = status
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map OpenAIError, validation errors, HTTP errors and anything unexpected to OpenAI error JSON."""
-
-    @app.exception_handler(OpenAIError)
-    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc)
+    """Map OpenAIError and PaymentError (both BorderError), validation errors, HTTP errors and anything
+    unexpected to OpenAI error JSON."""
+    install_border_errors(app)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,8 +8,9 @@ from fastapi.testclient import TestClient
 from solders.keypair import Keypair
 from sqlalchemy import update
 
+from cluster.openai_errors import error_response, install_border_errors
 from payments.errors import InsufficientBalance
-from payments.http import build_router, openai_error
+from payments.http import build_router
 from payments.ledger.schema import api_keys
 from payments.protocol import HoldRequest
 from tests.fakes.payments import LocalPaymentsClient
@@ -25,6 +26,7 @@ def service(make_service):  # type: ignore[no-untyped-def]
 def http(service) -> TestClient:  # type: ignore[no-untyped-def]
     app = FastAPI()
     client = LocalPaymentsClient(service)
+    install_border_errors(app)
     app.include_router(build_router(lambda: client))
     return TestClient(app)
 
@@ -100,7 +102,7 @@ def test_revoked_key_gets_401(http: TestClient) -> None:
 def test_insufficient_balance_maps_to_402_openai_error(service) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InsufficientBalance) as info:
         service.place_hold(HoldRequest("r1", str(Keypair().pubkey()), "m", max_tokens=10))
-    response = openai_error(info.value)
+    response = error_response(info.value)
     assert response.status_code == 402
     assert b'"type":"insufficient_quota"' in response.body
 
@@ -109,6 +111,7 @@ def test_open_mode_needs_no_key_and_charges_nothing(make_service) -> None:  # ty
     service = make_service(section={"open_mode": True})
     app = FastAPI()
     client = LocalPaymentsClient(service)
+    install_border_errors(app)
     app.include_router(build_router(lambda: client))
     http = TestClient(app)
     who = service.authenticate(None)

@@ -25,6 +25,7 @@ from solders.transaction import Transaction
 from spl.token.constants import TOKEN_PROGRAM_ID
 from spl.token.instructions import get_associated_token_address
 
+from cluster.openai_errors import install_border_errors
 from payments.chain.base import SignatureStatus
 from payments.chain.litesvm_backend import LiteSVMBackend
 from payments.errors import DepositRejected, InvalidRequest
@@ -188,6 +189,7 @@ def test_relay_is_refused_on_the_rpc_backend(make_service) -> None:  # type: ign
     )
     app = FastAPI()
     api = LocalPaymentsClient(service)
+    install_border_errors(app)
     app.include_router(build_router(lambda: api))
     payer = Keypair()
     ix = transfer(TransferParams(from_pubkey=payer.pubkey(), to_pubkey=service.treasury.pubkey(), lamports=1))

@@ -4,6 +4,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from solders.keypair import Keypair
 
+from cluster.openai_errors import install_border_errors
 from payments.http import build_router
 from tests.fakes.payments import LocalPaymentsClient
 from tests.unit.payments.conftest import funded_client, onchain_amount, run, serve_request
@@ -14,6 +15,7 @@ def test_a_provider_lists_its_confirmed_payout_and_others_see_none(make_service)
     service = make_service()
     app = FastAPI()
     client = LocalPaymentsClient(service)
+    install_border_errors(app)
     app.include_router(build_router(lambda: client))
     http = TestClient(app)
     payer, provider = funded_client(service, 1_000_000), Keypair()
