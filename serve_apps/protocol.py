@@ -4,6 +4,7 @@ The gateway validates HTTP input and sends a `GenerateRequest`; the replica stre
 `Accepted` (or `Rejected` with an HTTP status), then `TextDelta`s, then exactly one `Finished`.
 """
 
+import json
 from dataclasses import dataclass, field
 
 from serve_apps.engine.messages import GrammarSpec, SamplingParams, StageInfo
@@ -32,6 +33,11 @@ class GenerateRequest:
     payer: str | None = None  # the paying wallet, set by the gateway once admitted (None: open mode)
     grammar: GrammarSpec | None = None  # the output must match it (response_format, or a forced tool call)
     tools: str | None = None  # the functions the model may call: OpenAI's tools list as JSON text (chat only)
+    parallel_tool_calls: bool = True  # False: at most one call is returned
+
+    def tool_names(self) -> set[str]:
+        """Names of the functions offered (empty without tools)."""
+        return {tool["function"]["name"] for tool in json.loads(self.tools)} if self.tools else set()
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

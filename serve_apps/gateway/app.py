@@ -6,6 +6,7 @@ tests drive it in-process; `OpenAIIngress` is the Serve ingress deployment that 
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -33,6 +34,8 @@ from serve_apps.gateway.metering import HoldCloser, Metering, abandoned
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_apps.gateway.operator import require_operator
 from serve_apps.gateway.providers import ProviderRegistryAPI, build_provider_router, public_nodes
+from serve_apps.gateway.structured import grammar_for
+from serve_apps.gateway.tool_calls import ToolCallStream, parse_tool_calls
 from serve_apps.mcp.http import mount_mcp
 from serve_apps.protocol import (
     Accepted,
@@ -103,10 +106,14 @@ class Gateway:
             ignore_eos=body.ignore_eos,
         )
         if isinstance(body, ChatCompletionRequest):
-            request_id = f"chatcmpl-{uuid.uuid4().hex}"
-            turns = tuple(ChatTurn(m.role if m.role != "developer" else "system", m.text()) for m in body.messages)
             return GenerateRequest(
-                request_id, body.model, sampling, messages=turns, max_tokens_given=limit is not None, max_tokens_cap=cap
+                f"chatcmpl-{uuid.uuid4().hex}",
+                body.model,
+                sampling,
+                messages=tuple(_turn(m) for m in body.messages),
+                max_tokens_given=limit is not None,
+                max_tokens_cap=cap,
+                **self._structured(body),
             )
         return GenerateRequest(
             f"cmpl-{uuid.uuid4().hex}",
@@ -116,6 +123,23 @@ class Gateway:
             max_tokens_given=limit is not None,
             max_tokens_cap=cap,
         )
+
+    def _structured(self, body: ChatCompletionRequest) -> dict[str, Any]:
+        """GenerateRequest's grammar and tools fields; a 400 naming the backend where they cannot be served."""
+        grammar = grammar_for(body.response_format, body.tools, body.tool_choice)
+        tools = json.dumps([t.model_dump(exclude_none=True) for t in body.tools or []]) if body.tools_active() else None
+        backend = self.cards[body.model].backend
+        if (grammar is not None or tools is not None) and backend != "transformers":
+            param = "tools" if tools is not None else "response_format"
+            raise OpenAIError(
+                400,
+                f"{param} is not supported by the {backend} backend serving `{body.model}` "
+                "(tools and structured outputs run on SolanaLM's own pipeline backend only)",
+                param,
+                "unsupported_on_backend",
+            )
+        parallel = body.parallel_tool_calls is not False
+        return {"grammar": grammar, "tools": tools, "parallel_tool_calls": parallel}
 
     async def open_stream(self, request: GenerateRequest) -> tuple[Accepted, AsyncIterator[GenerateEvent]]:
         """Start generation and wait for the replica to accept it (a Rejected becomes an OpenAIError)."""
@@ -188,9 +212,15 @@ class Gateway:
         if finished is None or finished.finish_reason == "error":
             reason = finished.error if finished else "stream ended early"
             raise OpenAIError(503, f"generation failed: {reason}", code="pipeline_unavailable")
-        # Finished's counts are final (a proxy learns the prompt's tokens only from its upstream's last chunk).
+        # Finished's counts are final (a proxy learns the prompt's tokens only from its upstream's last chunk);
+        # tool-call tokens are completion tokens like any other, so they are metered with the rest.
+        text: str | None = "".join(parts)
+        calls: list[dict] = []
+        if chat and request.tools:
+            content, parsed = parse_tool_calls(text or "", request.tool_names(), request.parallel_tool_calls)
+            text, calls = content, [call.as_openai() for call in parsed]
         body = R.full_response(
-            meta, "".join(parts), finished.finish_reason, finished.prompt_tokens, finished.completion_tokens
+            meta, text, finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, calls
         )
         settlement_id = await asyncio.shield(hold.settle(finished))
         if settlement_id is not None:
@@ -216,6 +246,7 @@ class Gateway:
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
         sent = 0  # completion tokens handed to the client
         deadline = asyncio.get_running_loop().time() + self.request_timeout_s
+        tools = ToolCallStream(request.tool_names(), request.parallel_tool_calls) if chat and request.tools else None
         try:
             if chat:
                 yield R.sse(R.chunk(meta, None, None, first=True))
@@ -226,7 +257,9 @@ class Gateway:
                     break
                 if isinstance(event, TextDelta):
                     sent = event.completion_tokens
-                    yield R.sse(R.chunk(meta, event.text, None))
+                    text = tools.feed(event.text) if tools is not None else event.text
+                    if text:
+                        yield R.sse(R.chunk(meta, text, None))
                 elif isinstance(event, Finished):
                     if event.finish_reason == "error":
                         hold.release("generation failed")
@@ -237,7 +270,15 @@ class Gateway:
                     except OpenAIError as exc:  # settlement failed (its hold was released): say so, in band
                         yield R.sse(error_body(exc.status, exc.message, exc.param, exc.code))
                         break
-                    final = R.chunk(meta, None, event.finish_reason)
+                    finish_reason = event.finish_reason
+                    if tools is not None:
+                        content, calls = tools.finish()
+                        if content:
+                            yield R.sse(R.chunk(meta, content, None))
+                        for part in R.tool_call_chunks(meta, [call.as_openai() for call in calls]):
+                            yield R.sse(part)
+                        finish_reason = "tool_calls" if calls else finish_reason
+                    final = R.chunk(meta, None, finish_reason)
                     if settlement_id is not None:
                         final["settlement_id"] = settlement_id
                     yield R.sse(final)
@@ -254,6 +295,18 @@ class Gateway:
             raise
         finally:
             hold.release("not completed")  # nothing if closed above; else the stream broke on our side
+
+
+def _turn(message: Any) -> ChatTurn:
+    """A validated chat message as the replica's turn (developer is system; tool calls as JSON text)."""
+    calls = json.dumps([call.model_dump() for call in message.tool_calls]) if message.tool_calls else None
+    return ChatTurn(
+        "system" if message.role == "developer" else message.role,
+        message.text(),
+        tool_calls=calls,
+        tool_call_id=message.tool_call_id,
+        name=message.name if message.role == "tool" else None,
+    )
 
 
 async def _before(deadline: float, events: AsyncIterator[GenerateEvent]) -> AsyncIterator[GenerateEvent]:

@@ -1,7 +1,8 @@
 """OpenAI request schemas, validated strictly: a bad field is a 400 naming the field, never a 500.
 
 Fields OpenAI defines but SolanaLM does not implement are accepted only at their neutral value and
-otherwise rejected with a clear message (e.g. logprobs, n > 1, tools); unknown fields are rejected.
+otherwise rejected with a clear message (e.g. logprobs, n > 1); unknown fields are rejected. Tools and
+response_format are defined in structured.py.
 """
 
 from typing import Annotated, Literal
@@ -13,8 +14,19 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
+    ValidationInfo,
     field_validator,
     model_validator,
+)
+
+from serve_apps.gateway.structured import (
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    NamedToolChoice,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+    ToolChoice,
 )
 
 MAX_STOP_SEQUENCES = 4
@@ -59,16 +71,39 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Before content: its check reads them (fields are validated in this order).
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
+    tool_call_id: Text | None = Field(default=None, min_length=1, max_length=128)
+    content: str | list[TextPart] | None = Field(
+        default=None,
+        validate_default=True,
+        description="Text, or a list of text parts; may be null on an assistant message with tool_calls.",
+    )
     name: Text | None = Field(default=None, max_length=64)
 
     @field_validator("content")
     @classmethod
-    def _content_encodable(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+    def _content_encodable(
+        cls, value: str | list[TextPart] | None, info: ValidationInfo
+    ) -> str | list[TextPart] | None:
+        if value is None:
+            if not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+                raise ValueError("content is required (null only on an assistant message with tool_calls)")
+            return None
         return _encodable_parts(value)  # type: ignore[return-value]
 
+    @model_validator(mode="after")
+    def _roles(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -128,21 +163,35 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> "ChatCompletionRequest":
         if self.logprobs or self.top_logprobs is not None:
             raise ValueError("logprobs are not supported")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise ValueError("tools and tool_choice are not supported")
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("response_format other than {'type': 'text'} is not supported")
+        self._check_tools()
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
         return self
+
+    def _check_tools(self) -> None:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two functions share a name")
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice 'required' or a named function needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        forced = self.tool_choice not in (None, "none", "auto")
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("a forced tool call (tool_choice) and a JSON response_format exclude each other")
+
+    def tools_active(self) -> bool:
+        """Tools are offered to the model (and its output parsed for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -32,15 +32,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def full_response(
-    meta: ResponseMeta, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    meta: ResponseMeta,
+    text: str | None,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
+    """The whole answer; with `tool_calls` (OpenAI's shape) the message carries them, finish_reason is
+    "tool_calls" and content is the text beside them (null when there is none)."""
     if meta.chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
+        message: dict = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+            finish_reason = "tool_calls"
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     return {
@@ -64,6 +70,34 @@ def chunk(meta: ResponseMeta, text: str | None, finish_reason: str | None, first
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": meta.request_id, "object": obj, "created": meta.created, "model": meta.model, "choices": [choice]}
+
+
+def tool_call_chunks(meta: ResponseMeta, calls: list[dict]) -> list[dict]:
+    """OpenAI's streamed tool calls: per call, a delta with its index, id, type and name (arguments ""),
+    then one with its arguments."""
+    chunks = []
+    for index, call in enumerate(calls):
+        head = {
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""},
+        }
+        arguments = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
+        for part in (head, arguments):
+            chunks.append(_delta_chunk(meta, {"tool_calls": [part]}))
+    return chunks
+
+
+def _delta_chunk(meta: ResponseMeta, delta: dict, finish_reason: str | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": meta.request_id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+    }
 
 
 def usage_chunk(meta: ResponseMeta, prompt_tokens: int, completion_tokens: int) -> dict:

@@ -140,7 +140,6 @@ def test_invalid_fields_are_400_naming_the_field(http: TestClient, body: dict, p
     "extra",
     [
         {"logprobs": True},
-        {"tools": [{"type": "function"}]},
         {"presence_penalty": 1},
         {"stream_options": {"include_usage": True}},
     ],

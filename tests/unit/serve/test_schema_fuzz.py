@@ -36,12 +36,46 @@ CHAT_FIELDS = [
     "tools",
     "tool_choice",
     "response_format",
+    "parallel_tool_calls",
     "ignore_eos",
 ]
-MESSAGE = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "wizard"]) | JSON, "content": st.text(max_size=30) | JSON}
+NAME = st.sampled_from(["get_weather", "f", "bad name", "x" * 65, ""]) | st.text(max_size=8)
+SCHEMA = JSON | st.fixed_dictionaries(
+    {"type": st.sampled_from(["object", "string", "nope"]) | JSON},
+    optional={"properties": st.dictionaries(st.text(max_size=5), JSON, max_size=3), "required": JSON},
 )
-VALUES = {"model": st.sampled_from(["fake", "nope"]) | JSON, "messages": st.lists(MESSAGE, max_size=3) | JSON}
+FUNCTION = st.fixed_dictionaries(
+    {"name": NAME | JSON}, optional={"parameters": SCHEMA, "description": JSON, "strict": JSON}
+)
+TOOL = st.fixed_dictionaries({"type": st.just("function") | JSON, "function": FUNCTION | JSON})
+TOOL_CHOICE = st.sampled_from(["none", "auto", "required", "maybe"]) | st.fixed_dictionaries(
+    {"type": st.just("function") | JSON, "function": st.fixed_dictionaries({"name": NAME})}
+)
+RESPONSE_FORMAT = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"]) | JSON},
+    optional={"json_schema": st.fixed_dictionaries({"name": NAME, "schema": SCHEMA}, optional={"strict": JSON})},
+)
+CALL = st.fixed_dictionaries(
+    {
+        "id": st.text(max_size=8) | JSON,
+        "type": st.just("function") | JSON,
+        "function": st.fixed_dictionaries({"name": NAME, "arguments": st.text(max_size=20) | JSON}),
+    }
+)
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "system", "assistant", "tool", "wizard"]) | JSON,
+        "content": st.none() | st.text(max_size=30) | JSON,
+    },
+    optional={"tool_calls": st.lists(CALL, max_size=2) | JSON, "tool_call_id": st.text(max_size=8) | JSON},
+)
+VALUES = {
+    "model": st.sampled_from(["fake", "nope"]) | JSON,
+    "messages": st.lists(MESSAGE, max_size=3) | JSON,
+    "tools": st.lists(TOOL, max_size=3) | JSON,
+    "tool_choice": TOOL_CHOICE | JSON,
+    "response_format": RESPONSE_FORMAT | JSON,
+}
 BODY = st.dictionaries(
     st.sampled_from(CHAT_FIELDS + ["prompt", "echo", "suffix", "best_of", "bogus"]), JSON, max_size=8
 ).flatmap(lambda extra: st.fixed_dictionaries({k: VALUES.get(k, JSON) for k in extra}))
