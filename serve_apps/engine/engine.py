@@ -18,6 +18,7 @@ class TokenEvent:
     token_id: int
     finish_reason: str | None
     logprobs: TokenLogprobs | None = None
+    embedding: tuple[float, ...] | None = None  # an embedding sequence's pooled result (token_id -1)
 
 
 class EngineError(RuntimeError):
@@ -133,7 +134,7 @@ class Engine:
         for update in self.scheduler.update(result):
             queue = self._queues.get(update.seq_id)
             if queue is not None:
-                queue.put_nowait(TokenEvent(update.token_id, update.finish_reason, update.logprobs))
+                queue.put_nowait(TokenEvent(update.token_id, update.finish_reason, update.logprobs, update.embedding))
 
     async def _on_failure(self, batch: StepBatch, exc: StageCallError) -> None:
         """A step failed: every step in flight is void; recover the pipeline and replay, or fail everyone."""

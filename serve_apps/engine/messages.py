@@ -23,6 +23,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted by id
     logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
+    # An embedding: nothing is sampled; the last stage returns the mean of the prompt's final-normed hidden
+    # states, L2-normalised (StepResult.pooled), and the sequence ends with that one step.
+    embed: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -87,11 +90,14 @@ class TokenLogprobs:
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """What the last stage returns: the sampled token per chunk (-1 where the chunk did not sample), and
-    per chunk its logprobs where the chunk's sampling asked for them (empty tuple: none asked)."""
+    per chunk its logprobs where the chunk's sampling asked for them (empty tuple: none asked), and per
+    chunk the pooled embedding of an embedding sequence's last chunk (None elsewhere; empty tuple: no chunk
+    of the step pooled)."""
 
     step_id: int
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs | None, ...] = ()
+    pooled: tuple[tuple[float, ...] | None, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

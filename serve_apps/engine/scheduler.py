@@ -84,6 +84,7 @@ class TokenUpdate:
     token_id: int
     finish_reason: str | None
     logprobs: TokenLogprobs | None = None
+    embedding: tuple[float, ...] | None = None  # an embedding sequence's result (token_id -1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +164,15 @@ class Scheduler:
         self._inflight_released.pop(result.step_id, None)
         updates: list[TokenUpdate] = []
         scores = result.logprobs or (None,) * len(seqs)
-        for seq, token, score in zip(seqs, result.token_ids, scores, strict=True):
-            if seq.status is SeqStatus.FINISHED or token < 0:
+        pooled = result.pooled or (None,) * len(seqs)
+        for seq, token, score, embedding in zip(seqs, result.token_ids, scores, pooled, strict=True):
+            if seq.status is SeqStatus.FINISHED:
+                continue
+            if embedding is not None and seq.sampling.embed:  # its one result: the sequence is done
+                self._mark_finished(seq, "stop")
+                updates.append(TokenUpdate(seq.seq_id, -1, "stop", embedding=embedding))
+                continue
+            if token < 0:
                 continue
             seq.output_ids.append(token)
             reason = self._constrained(seq, token) or self._finish_reason(seq, token)

@@ -59,6 +59,7 @@ class StageWorker:
             range(config.spec.start, config.spec.end), config.kv_slots, config.max_len, num_kv_heads, head_dim, dtype
         )
         self.sampler = Sampler()
+        self.pooling = Pooling()
         self.dtype = dtype
         self.busy_s = 0.0  # compute seconds (the busy fraction of a stage = busy_s / wall seconds)
         self.steps = 0
@@ -95,11 +96,17 @@ class StageWorker:
         return hidden
 
     def _sample(self, batch: StepBatch, view: BatchView, out: torch.Tensor) -> StepResult:
-        """Logits and tokens only for the rows that sample (a prefill chunk short of the prompt's end does not)."""
+        """Logits and tokens only for the rows that sample (a prefill chunk short of the prompt's end does not);
+        an embedding sequence's chunks are pooled instead, and its last chunk returns the embedding."""
         tokens = [-1] * len(batch.chunks)
         logprobs: list[TokenLogprobs | None] = [None] * len(batch.chunks)
+        pooled = self.pooling.add(batch, view, out)
         self.sampler.observe(batch.chunks)
-        rows = [(i, last) for i, last in zip(view.order, view.last_tokens(), strict=True) if batch.chunks[i].sample]
+        rows = [
+            (i, last)
+            for i, last in zip(view.order, view.last_tokens(), strict=True)
+            if batch.chunks[i].sample and not batch.chunks[i].sampling.embed
+        ]
         if rows:
             logits = self.model.logits(out[torch.tensor([last for _, last in rows])])
             chunks = [batch.chunks[i] for i, _ in rows]
@@ -110,11 +117,12 @@ class StageWorker:
             for (i, _), token, score in zip(rows, sampled, scored, strict=True):
                 tokens[i], logprobs[i] = token, score
         asked = any(c.sampling.logprobs is not None for c in batch.chunks)
-        return StepResult(batch.step_id, tuple(tokens), tuple(logprobs) if asked else ())
+        return StepResult(batch.step_id, tuple(tokens), tuple(logprobs) if asked else (), pooled)
 
     def _release(self, batch: StepBatch) -> None:
         for seq_id, _slot in batch.released_slots:
             self.sampler.release(seq_id)
+            self.pooling.release(seq_id)
 
     def describe(self) -> StageInfo:
         """Which layers this process holds, how many parameters, and its resident memory."""
@@ -145,6 +153,40 @@ class StageWorker:
             steps=self.steps,
             cpus=_usable_cpus(),
         )
+
+
+class Pooling:
+    """Mean pooling of embedding sequences on the last stage, over chunked prefills.
+
+    Each chunk of an embedding sequence adds the sum of its final-normed hidden states (float32) to the
+    sequence's running sum; a chunk at position 0 starts it again (a replay after a stage was lost sends
+    the prompt again from the start). The last chunk (`sample`) returns the mean, L2-normalised.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def add(self, batch: StepBatch, view: BatchView, out: torch.Tensor) -> tuple[tuple[float, ...] | None, ...]:
+        """The step's pooled embeddings per chunk (None where a chunk ends no embedding; () when none does)."""
+        pooled: list[tuple[float, ...] | None] = [None] * len(batch.chunks)
+        end = 0
+        for i, row in zip(view.order, view.rows, strict=True):
+            start, end = end, end + row.length
+            chunk = batch.chunks[i]
+            if not chunk.sampling.embed:
+                continue
+            total, count = (None, 0) if chunk.start_pos == 0 else self._sums.pop(chunk.seq_id, (None, 0))
+            part = out[start:end].float().sum(dim=0)
+            total, count = (part if total is None else total + part), count + row.length
+            if not chunk.sample:
+                self._sums[chunk.seq_id] = (total, count)
+                continue
+            mean = total / count
+            pooled[i] = tuple(torch.nn.functional.normalize(mean, dim=0).tolist())
+        return tuple(pooled) if any(p is not None for p in pooled) else ()
+
+    def release(self, seq_id: str) -> None:
+        self._sums.pop(seq_id, None)
 
 
 def _usable_cpus() -> int:

@@ -14,6 +14,7 @@ serialization does on x86 and ARM).
 import asyncio
 import dataclasses
 import functools
+import itertools
 import math
 import socket
 import struct
@@ -100,7 +101,7 @@ class FrameLimits:
     def max_frame_bytes(self) -> int:
         """Upper bound of one serialized step or reply within these limits (what a reader may allocate)."""
         width = self.hidden_size or self.max_hidden_size
-        hidden = self.max_step_tokens * width * 4
+        hidden = (self.max_step_tokens + self.max_chunks) * width * 4  # the step's states, or its embeddings
         per_chunk = (
             self.max_stop_token_ids * 6 + _CHUNK_OVERHEAD + (MAX_LOGIT_BIAS + MAX_TOP_LOGPROBS + 1) * _ENTRY_BYTES
         )
@@ -253,6 +254,7 @@ def _sampling_bytes(s: SamplingParams) -> bytes:
         frequency_penalty=s.frequency_penalty,
         bias_token_ids=[t for t, _ in s.logit_bias],
         bias_values=[b for _, b in s.logit_bias],
+        embed=s.embed,
     )
     if s.seed is not None:
         sampling.seed = s.seed
@@ -384,6 +386,7 @@ def _sampling_from_proto(msg: pb.Sampling, limits: FrameLimits) -> SamplingParam
         frequency_penalty=msg.frequency_penalty,
         logit_bias=tuple(zip(bias_ids, bias_values, strict=True)),
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        embed=msg.embed,
     )
 
 
@@ -417,6 +420,10 @@ def reply_to_proto(step_id: int, out: torch.Tensor | StepResult | LinkError) -> 
                 entry.present, entry.logprob = True, scored.logprob
                 entry.top_ids.extend(t for t, _ in scored.top)
                 entry.top_logprobs.extend(v for _, v in scored.top)
+        rows = [(i, vector) for i, vector in enumerate(out.pooled) if vector is not None]
+        if rows:
+            msg.tokens.pooled_index.extend(i for i, _ in rows)
+            msg.tokens.pooled.CopyFrom(tensor_to_proto(torch.tensor([v for _, v in rows], dtype=torch.float32)))
     elif isinstance(out, LinkError):
         msg.error = out.message.encode()[:MAX_ERROR_BYTES].decode(errors="ignore")
     else:
@@ -450,7 +457,11 @@ def reply_from_proto(
         raise WireError(f"a reply of {kind or 'nothing'} from a stage that is {'' if expect.last else 'not '}the last")
     if kind == "tokens":
         tokens = _sampled(tuple(msg.tokens.token_ids), limits, batch)
-        return StepResult(msg.step_id, tokens, _logprobs_from_proto(msg.tokens.logprobs, tokens, limits, batch))
+        logprobs = _logprobs_from_proto(msg.tokens.logprobs, tokens, limits, batch)
+        result = StepResult(msg.step_id, tokens, logprobs, _pooled(msg.tokens, limits, len(tokens)))
+        if batch is not None:
+            _check_pooled(result, batch)
+        return result
     num_tokens = batch.num_tokens if batch is not None else msg.hidden.shape[0] if msg.hidden.shape else 0
     if num_tokens > limits.max_step_tokens:
         raise WireError(f"a reply of {num_tokens} rows, at most {limits.max_step_tokens}")
@@ -464,6 +475,7 @@ def check_result(result: StepResult, batch: StepBatch, limits: FrameLimits) -> N
     _sampled(result.token_ids, limits, batch)
     if result.logprobs:
         _logprobs_from_proto(reply_to_proto(result.step_id, result).tokens.logprobs, result.token_ids, limits, batch)
+    _check_pooled(result, batch)
 
 
 def _logprobs_from_proto(
@@ -498,6 +510,35 @@ def _logprobs_from_proto(
     return tuple(out)
 
 
+def _pooled(msg: pb.Tokens, limits: FrameLimits, num_chunks: int) -> tuple[tuple[float, ...] | None, ...]:
+    """The embeddings of a reply, per chunk: rows of float32 at strictly increasing chunk indexes."""
+    index = list(msg.pooled_index)
+    if not index:
+        if msg.HasField("pooled"):
+            raise WireError("pooled embeddings without their chunk indexes")
+        return ()
+    if any(b <= a for a, b in itertools.pairwise(index)) or index[0] < 0 or index[-1] >= num_chunks:
+        raise WireError(f"pooled chunk indexes {index[:8]} not increasing within {num_chunks} chunks")
+    if not msg.HasField("pooled") or msg.pooled.dtype != "float32":
+        raise WireError("pooled embeddings must be a float32 tensor")
+    rows = tensor_from_proto(msg.pooled, limits, len(index), "float32")
+    if not bool(torch.isfinite(rows).all()):
+        raise WireError("pooled embeddings that are not finite")
+    pooled: list[tuple[float, ...] | None] = [None] * num_chunks
+    for i, row in zip(index, rows.tolist(), strict=True):
+        pooled[i] = tuple(row)
+    return tuple(pooled)
+
+
+def _check_pooled(result: StepResult, batch: StepBatch) -> None:
+    """An embedding exactly for each chunk that ends an embedding sequence's prompt."""
+    given = result.pooled or (None,) * len(batch.chunks)
+    for vector, chunk in zip(given, batch.chunks, strict=True):
+        if (vector is not None) != (chunk.sample and chunk.sampling.embed):
+            wrong = "no embedding where one was asked" if vector is None else "an embedding where none was asked"
+            raise WireError(f"chunk {chunk.seq_id!r}: {wrong}")
+
+
 def _sampled(tokens: tuple[int, ...], limits: FrameLimits, batch: StepBatch | None) -> tuple[int, ...]:
     """One token per chunk: in [0, vocab) where the chunk samples, -1 where it does not."""
     if batch is None:
@@ -508,9 +549,10 @@ def _sampled(tokens: tuple[int, ...], limits: FrameLimits, batch: StepBatch | No
     if len(tokens) != len(batch.chunks):
         raise WireError(f"{len(tokens)} sampled tokens for {len(batch.chunks)} chunks")
     for token, chunk in zip(tokens, batch.chunks, strict=True):
-        if not chunk.sample and token != -1:
+        if (not chunk.sample or chunk.sampling.embed) and token != -1:
             raise WireError(f"a token for chunk {chunk.seq_id!r}, which does not sample")
-        if chunk.sample and not (token >= 0 and (limits.vocab_size is None or token < limits.vocab_size)):
+        in_vocab = token >= 0 and (limits.vocab_size is None or token < limits.vocab_size)
+        if chunk.sample and not chunk.sampling.embed and not in_vocab:
             raise WireError(f"sampled token {token} outside [0, {limits.vocab_size})")
     return tokens
 
