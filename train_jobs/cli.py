@@ -138,3 +138,98 @@ def export(
         console.print(f"registered [bold]{entry_name}[/] in {catalogue}")
     console.print(yaml.safe_dump({entry_name: catalogue_entry(served)}, sort_keys=False))
     console.print(f"serve it: solanalm up --model {entry_name}")
+
+
+FlwrHomeOpt = Annotated[
+    Path, typer.Option("--flwr-home", help="The operator's Flower state: SuperLink connection, admitted nodes.")
+]
+DEFAULT_FLWR_HOME = Path("~/.local/state/solanalm/flwr")
+
+
+@app.command("fl-superlink")
+def fl_superlink(
+    tls_dir: Annotated[Path, typer.Option(help="ca.pem, superlink.pem, superlink.key (made here when absent).")],
+    host_name: Annotated[
+        list[str], typer.Option("--name", help="Host name / IP providers dial (in the certificate; repeatable).")
+    ],
+    bind: Annotated[str, typer.Option(help="Address the SuperLink binds.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="SuperLink port (Fleet + Control APIs).")] = 9092,
+    flwr_home: FlwrHomeOpt = DEFAULT_FLWR_HOME,
+) -> None:
+    """Run Flower's SuperLink for providers' SuperNodes (TLS, SuperNode authentication) until Ctrl-C."""
+    import subprocess
+
+    from cluster.security.certs import create_ca, issue
+    from train_jobs.fl_deploy import LinkTls, flower_env, superlink_command, write_connection
+
+    tls_dir = tls_dir.expanduser()
+    tls = LinkTls(tls_dir / "ca.pem", tls_dir / "superlink.pem", tls_dir / "superlink.key")
+    if not tls.cert.exists():
+        tls_dir.mkdir(parents=True, exist_ok=True)
+        ca = create_ca("solanalm-superlink-ca")
+        server = issue(ca, host_name, "solanalm-superlink")
+        tls.ca_cert.write_bytes(ca.cert_pem)
+        tls.cert.write_bytes(server.cert_pem)
+        tls.key.touch(mode=0o600)
+        tls.key.write_bytes(server.key_pem)
+        console.print(f"made a CA and certificate in {tls_dir}: give providers {tls.ca_cert}")
+    home = flwr_home.expanduser()
+    write_connection(home, f"{host_name[0]}:{port}", tls.ca_cert)
+    proc = subprocess.Popen(superlink_command(tls, bind, port, home / "superlink.db"), env=flower_env(home))
+    try:
+        raise typer.Exit(proc.wait())
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@app.command("fl-admit")
+def fl_admit(
+    binding_file: Annotated[Path, typer.Argument(exists=True, help="A provider's node-binding.json.")],
+    flwr_home: FlwrHomeOpt = DEFAULT_FLWR_HOME,
+    settings_path: SettingsOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Admit a provider's SuperNode: its key binding must verify for a wallet the registry has proven."""
+    import ray
+
+    from cluster.network.cli import network_section
+    from cluster.network.wallet import ProofError
+    from train_jobs.fl_deploy import FlowerCommandError, admit_node
+    from train_jobs.node_keys import NodeKeyBinding, registry_proven_wallets
+    from train_jobs.ray_connect import connect
+
+    settings = _settings(settings_path, address)
+    connect(settings.ray, log_to_driver=False)
+    try:
+        proven = registry_proven_wallets(network_section(settings), settings.ray.namespace)
+        binding = NodeKeyBinding.from_json(binding_file.read_text())
+        node_id, wallet = admit_node(flwr_home.expanduser(), binding, proven.__contains__)
+    except (ProofError, FlowerCommandError) as exc:
+        console.print(f"[red]not admitted:[/] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        ray.shutdown()
+    console.print(f"[green]admitted[/] SuperNode {node_id} for wallet {wallet}")
+
+
+@app.command("fl-submit")
+def fl_submit(
+    config: ConfigOpt,
+    flwr_home: FlwrHomeOpt = DEFAULT_FLWR_HOME,
+    settings_path: SettingsOpt = None,
+) -> None:
+    """Run a federated job on the admitted providers' SuperNodes (`flwr run` against the SuperLink)."""
+    from train_jobs.config import FederatedJob, load_job
+    from train_jobs.federated import run_dir
+    from train_jobs.fl_deploy import FlowerCommandError, submit_run
+
+    settings = _settings(settings_path, None)
+    job = load_job(config, FederatedJob)
+    out = run_dir(job, settings)
+    try:
+        run_id = submit_run(flwr_home.expanduser(), job, out)
+    except FlowerCommandError as exc:
+        console.print(f"[red]not submitted:[/] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"run {run_id}: {job.name}, outputs in {out} (summary.json when it ends)")

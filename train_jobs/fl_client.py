@@ -4,10 +4,16 @@ Each client answers the server's registration (query) with its reward wallet and
 the server's nonce (`train_jobs.wallets`), trains the partition the server assigned it, with DP-SGD
 when the job asks for it, and keeps its privacy accountant in the node's persistent `context.state`,
 so the epsilon it reports is cumulative over every round it took part in.
+
+The same ClientApp runs in Flower's simulation (virtual clients share the job's dataset, each trains
+the partition the server assigns) and on a provider's own SuperNode (`solanalm provider train`): there
+the node config names the provider's data directory (`data-dir`, its `*.jsonl` / `*.txt` files, all used
+for training; they never leave the machine) and its wallet keypair (`wallet`).
 """
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +23,7 @@ from solders.keypair import Keypair
 
 from cluster.network.wallet import load_keypair
 from train_jobs.config import FederatedJob
-from train_jobs.data import TokenizedSet, load_examples, shard_indices
+from train_jobs.data import TokenizedSet, format_record, load_examples, load_records, shard_indices, tokenize
 from train_jobs.privacy import AccountantState
 from train_jobs.task import (
     add_lora,
@@ -70,6 +76,42 @@ def partition_sizes(job: FederatedJob) -> list[int]:
 def held_out_set(job: FederatedJob) -> TokenizedSet:
     """The held-out examples the server evaluates the global model on."""
     return _partitions(job.model_dump_json())[1]
+
+
+DATA_DIR_KEY = "data-dir"  # node config of a provider's SuperNode: its own data directory
+WALLET_KEY = "wallet"  # ... and its wallet keypair file
+
+
+@lru_cache(maxsize=4)
+def _local_examples(job_json: str, data_dir: str) -> TokenizedSet:
+    job = FederatedJob.model_validate_json(job_json)
+    files = sorted(p for p in Path(data_dir).expanduser().iterdir() if p.suffix in (".jsonl", ".txt"))
+    if not files:
+        raise FileNotFoundError(f"no *.jsonl or *.txt examples in {data_dir}")
+    records = [record for path in files for record in load_records(path)]
+    _, tokenizer = load_model(base_model_dir(job.model))
+    texts = [format_record(record, tokenizer, job.data.prompt_format) for record in records]
+    return tokenize(texts, tokenizer, job.data.max_length)
+
+
+def local_examples(job: FederatedJob, data_dir: str | Path) -> TokenizedSet:
+    """A provider's own training examples: every `*.jsonl` / `*.txt` in `data_dir` (cached per process)."""
+    return _local_examples(job.model_dump_json(), str(data_dir))
+
+
+def node_examples(job: FederatedJob, context: Context, partition: int) -> TokenizedSet:
+    """What this node trains on: its own data directory on a SuperNode, else the assigned partition."""
+    data_dir = context.node_config.get(DATA_DIR_KEY)
+    return local_examples(job, str(data_dir)) if data_dir else client_partition(job, partition)
+
+
+def node_keypair(job: FederatedJob, context: Context) -> Keypair:
+    """This node's reward wallet: the SuperNode's `wallet` file, else the simulated client's own."""
+    wallet = context.node_config.get(WALLET_KEY)
+    if wallet:
+        return load_keypair(Path(str(wallet)).expanduser())
+    # client-N: the simulated client's own number (its data partition is whatever the server assigns)
+    return client_keypair_for(job, int(context.node_config["partition-id"]))
 
 
 def build_lora_model(job: FederatedJob) -> Any:
@@ -131,51 +173,59 @@ def challenge_from_record(record: ConfigRecord) -> RewardWalletChallenge:
     )
 
 
+def identify(job: FederatedJob, message: Message, context: Context) -> Message:
+    """Registration: sign the server's nonce with this node's reward wallet."""
+    challenge = challenge_from_record(message.content["challenge"])  # type: ignore[arg-type]
+    if challenge.job != job.name:
+        raise ValueError(f"registration for job {challenge.job!r}, this client runs {job.name!r}")
+    wallet, signature = sign_challenge(node_keypair(job, context), challenge)
+    identity = ConfigRecord({"wallet": wallet, "signature": signature})
+    return Message(RecordDict({"identity": identity}), reply_to=message)
+
+
+def train_round(job: FederatedJob, message: Message, context: Context) -> Message:
+    """One round: load the global adapter, train on this node's examples (DP-SGD if asked), reply."""
+    config = message.content["config"]
+    partition = int(config["partition-id"])  # type: ignore[arg-type,index]  # the server assigns it
+    server_round = int(config["server-round"])  # type: ignore[arg-type,index]
+    if job.client_resources.torch_threads is not None:
+        torch.set_num_threads(job.client_resources.torch_threads)
+    model = build_lora_model(job)
+    load_trainable_state(model, message.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
+    drops = job.simulate_drops.get(server_round, [])
+    result = train(
+        model,
+        node_examples(job, context, partition),
+        job.optim,
+        privacy=job.privacy,
+        accountant=_load_accountant(context),
+        stop_after=job.optim.max_steps // 2 if partition in drops else None,
+        seed=job.optim.seed + 1000 * server_round + partition,
+    )
+    if result.accountant is not None:
+        _store_accountant(context, result.accountant)
+    metrics: dict[str, Any] = {
+        "num-examples": result.examples,
+        "train-loss": sum(result.losses[-3:]) / max(len(result.losses[-3:]), 1),
+        "train-time-s": result.seconds,
+        "partition-id": partition,
+        "epsilon": result.epsilon or 0.0,
+        "round-epsilon": result.round_epsilon or 0.0,
+    }
+    content = RecordDict({"arrays": ArrayRecord(trainable_state(model)), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=message)
+
+
 def build_client_app(job: FederatedJob) -> ClientApp:
     """A ClientApp bound to `job` (picklable closure: Flower ships it to its Ray actors)."""
     app = ClientApp()
 
     @app.query()
-    def identify(message: Message, context: Context) -> Message:
-        challenge = challenge_from_record(message.content["challenge"])  # type: ignore[arg-type]
-        if challenge.job != job.name:
-            raise ValueError(f"registration for job {challenge.job!r}, this client runs {job.name!r}")
-        # client-N: the simulated client's own number (its data partition is whatever the server assigns)
-        keypair = client_keypair_for(job, int(context.node_config["partition-id"]))
-        wallet, signature = sign_challenge(keypair, challenge)
-        identity = ConfigRecord({"wallet": wallet, "signature": signature})
-        return Message(RecordDict({"identity": identity}), reply_to=message)
+    def query(message: Message, context: Context) -> Message:
+        return identify(job, message, context)
 
     @app.train()
-    def train_round(message: Message, context: Context) -> Message:
-        config = message.content["config"]
-        partition = int(config["partition-id"])  # type: ignore[arg-type,index]  # the server assigns it
-        server_round = int(config["server-round"])  # type: ignore[arg-type,index]
-        if job.client_resources.torch_threads is not None:
-            torch.set_num_threads(job.client_resources.torch_threads)
-        model = build_lora_model(job)
-        load_trainable_state(model, message.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
-        drops = job.simulate_drops.get(server_round, [])
-        result = train(
-            model,
-            client_partition(job, partition),
-            job.optim,
-            privacy=job.privacy,
-            accountant=_load_accountant(context),
-            stop_after=job.optim.max_steps // 2 if partition in drops else None,
-            seed=job.optim.seed + 1000 * server_round + partition,
-        )
-        if result.accountant is not None:
-            _store_accountant(context, result.accountant)
-        metrics: dict[str, Any] = {
-            "num-examples": result.examples,
-            "train-loss": sum(result.losses[-3:]) / max(len(result.losses[-3:]), 1),
-            "train-time-s": result.seconds,
-            "partition-id": partition,
-            "epsilon": result.epsilon or 0.0,
-            "round-epsilon": result.round_epsilon or 0.0,
-        }
-        content = RecordDict({"arrays": ArrayRecord(trainable_state(model)), "metrics": MetricRecord(metrics)})
-        return Message(content, reply_to=message)
+    def train_message(message: Message, context: Context) -> Message:
+        return train_round(job, message, context)
 
     return app

@@ -330,57 +330,85 @@ def _wrap_server_dp(job: FederatedJob, strategy: Strategy, sampled: int) -> Stra
     )
 
 
+def bind_to_key(registration: Registration, node_wallets: dict[int, str] | None) -> Registration:
+    """On SuperNodes, a node is paid only to the wallet its authentication key is bound to."""
+    if node_wallets is None or registration.wallet is None:
+        return registration
+    bound = node_wallets.get(registration.node_id)
+    if bound == registration.wallet:
+        return registration
+    reason = f"wallet differs from the one the node's key is bound to ({bound})" if bound else "node key not bound"
+    return Registration(registration.node_id, registration.partition, None, registration.claimed_wallet, reason)
+
+
+def run_server(
+    grid: Grid,
+    job: FederatedJob,
+    sink: RewardSink,
+    lamports_per_example: int,
+    out_dir: Path,
+    node_wallets: dict[int, str] | None = None,
+) -> FederatedSummary:
+    """All rounds of `job` over the nodes `grid` reaches; writes adapter/, privacy.json, summary.json.
+
+    `node_wallets` (Flower node id -> wallet bound to its auth key) is given on SuperNodes, whose data
+    the server never sees: each node is credited at most `max_steps x batch_size` examples per round.
+    Without it (simulation) nodes train the job's partitions and are credited at most their size.
+    """
+    summary = FederatedSummary(job=job.name, privacy=privacy_report(job))
+    logger.info("privacy parameters: %s", json.dumps(summary.privacy))
+    _wait_for_nodes(grid, job.min_available_clients, job.round_timeout_s)
+    registrations = {
+        node: bind_to_key(registration, node_wallets)
+        for node, registration in register_clients(grid, job, job.round_timeout_s).items()
+    }
+    summary.unproven = [
+        {"node": r.node_id, "claimed_wallet": r.claimed_wallet, "reason": r.unproven_reason}
+        for r in registrations.values()
+        if r.wallet is None
+    ]
+    model = build_lora_model(job)
+    held_out = held_out_set(job)
+
+    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_trainable_state(model, arrays.to_torch_state_dict())
+        loss = evaluate(model, held_out)
+        if server_round == 0:
+            summary.eval_loss_before = loss
+        elif summary.rounds:
+            summary.rounds[-1].eval_loss = loss
+        return MetricRecord({"eval-loss": loss})
+
+    cap = job.optim.max_steps * job.optim.batch_size
+    sizes = partition_sizes(job) if node_wallets is None else [cap] * job.num_clients
+    fedavg = RewardingFedAvg(
+        job, registrations, sink, lamports_per_example, summary, sizes, out_dir / "rewards.pending.jsonl"
+    )
+    sampled = max(int(job.num_clients * job.fraction_train), job.min_train_clients)
+    strategy = _wrap_server_dp(job, fedavg, sampled)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(trainable_state(model)),
+        num_rounds=job.num_rounds,
+        timeout=job.round_timeout_s,
+        evaluate_fn=central_eval,
+    )
+    load_trainable_state(model, result.arrays.to_torch_state_dict())
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    write_privacy(adapter_dir, {**summary.privacy, "spent": _spent(summary)})
+    summary.adapter_dir = str(adapter_dir)
+    summary.write(out_dir)
+    return summary
+
+
 def build_server_app(job: FederatedJob, sink: RewardSink, lamports_per_example: int, out_dir: Path) -> ServerApp:
-    """A ServerApp bound to `job`; writes adapter/, privacy.json and summary.json to `out_dir`."""
+    """A ServerApp bound to `job` (the simulation's); writes adapter/, privacy.json and summary.json."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = FederatedSummary(job=job.name, privacy=privacy_report(job))
-        logger.info("privacy parameters: %s", json.dumps(summary.privacy))
-        _wait_for_nodes(grid, job.min_available_clients, job.round_timeout_s)
-        registrations = register_clients(grid, job, job.round_timeout_s)
-        summary.unproven = [
-            {"node": r.node_id, "claimed_wallet": r.claimed_wallet, "reason": r.unproven_reason}
-            for r in registrations.values()
-            if r.wallet is None
-        ]
-        model = build_lora_model(job)
-        held_out = held_out_set(job)
-
-        def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            load_trainable_state(model, arrays.to_torch_state_dict())
-            loss = evaluate(model, held_out)
-            if server_round == 0:
-                summary.eval_loss_before = loss
-            elif summary.rounds:
-                summary.rounds[-1].eval_loss = loss
-            return MetricRecord({"eval-loss": loss})
-
-        fedavg = RewardingFedAvg(
-            job,
-            registrations,
-            sink,
-            lamports_per_example,
-            summary,
-            partition_sizes(job),
-            out_dir / "rewards.pending.jsonl",
-        )
-        sampled = max(int(job.num_clients * job.fraction_train), job.min_train_clients)
-        strategy = _wrap_server_dp(job, fedavg, sampled)
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(trainable_state(model)),
-            num_rounds=job.num_rounds,
-            timeout=job.round_timeout_s,
-            evaluate_fn=central_eval,
-        )
-        load_trainable_state(model, result.arrays.to_torch_state_dict())
-        adapter_dir = out_dir / "adapter"
-        model.save_pretrained(adapter_dir)
-        write_privacy(adapter_dir, {**summary.privacy, "spent": _spent(summary)})
-        summary.adapter_dir = str(adapter_dir)
-        summary.write(out_dir)
+        run_server(grid, job, sink, lamports_per_example, out_dir)
 
     return app
 

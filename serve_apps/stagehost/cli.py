@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -259,3 +260,16 @@ def keygen_command(
     keypair = Keypair()
     write_keypair(keypair, target)
     console.print(f"wrote {target} for wallet {keypair.pubkey()}")
+
+
+def _register_plugins() -> None:
+    # `solanalm provider train` and other commands of packages above this one join through entry points
+    # (group solanalm.provider_commands), keeping imports one-way; a broken one is skipped, not fatal.
+    for entry in entry_points(group="solanalm.provider_commands"):
+        try:
+            app.command(entry.name)(entry.load())
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break `provider serve`
+            logging.getLogger(__name__).debug("provider command %s unavailable: %s", entry.name, exc)
+
+
+_register_plugins()
