@@ -101,7 +101,8 @@ class LocalStage:
 
 class ProviderStage:
     """A provider's stage host over the stage protocol. The gRPC client is bound to the event loop that
-    uses it, so it is made lazily per loop (the replica's constructor and its serving loop differ)."""
+    uses it, so it is made lazily per loop (the replica's constructor and its serving loop differ); the
+    host's name for the stage loaded (`stage_id`, one host may hold several) passes to each new client."""
 
     def __init__(self, name: str, link: ProviderLink, spec: StageSpec, client_factory: ClientFactory) -> None:
         self.name = name
@@ -112,12 +113,15 @@ class ProviderStage:
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failed: str | None = None  # why a step failed here: the pool replaces it as if it were dead
+        self.stage_id = ""  # set by the loader from the client that loaded the stage
 
     def client(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             self.close()
             self._client, self._loop = self._factory(self.link, self.spec), loop
+            if self.stage_id:
+                self._client.stage_id = self.stage_id
         return self._client
 
     async def forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> StageOutput:

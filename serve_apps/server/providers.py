@@ -75,7 +75,9 @@ def build_hybrid_pool(plan: Any, settings: Settings, node_ids: list[str]) -> Hyb
 
     async def load(endpoint: ProviderStage, stage: HybridStage) -> StageInfo:
         digest = weights_digest(plan.model_dir, stage.spec)
-        info: StageInfo = await endpoint.client().load(plan.name, stage.recipe.config, digest)
+        client = endpoint.client()
+        info: StageInfo = await client.load(plan.name, stage.recipe.config, digest)
+        endpoint.stage_id = client.stage_id  # the serving loop's own client addresses the same stage
         logger.info("provider %s loaded layers %d-%d", endpoint.name, info.layer_start, info.layer_end)
         return info
 

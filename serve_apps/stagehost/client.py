@@ -1,14 +1,15 @@
 """The coordinator's end of the stage protocol: one provider stage host over gRPC + TLS (grpc.aio).
 
-The channel trusts exactly the provider's registered certificate (its self-signed PEM is the only root),
-and every call carries the provider's link token. Steps go over ONE persistent bidirectional stream per
-`RemoteStage`, opened on first use: several may be in flight, and the host answers them in order, so the
-i-th reply belongs to the i-th step sent. Every reply is parsed and checked against the step it answers
-and the pipeline's `FrameLimits` (hidden states [tokens, hidden] of the stage's dtype from a stage that is
-not the last, one in-vocabulary token per sampling chunk from the last). A reply that breaks them, a
-stream that ends or fails, or a step that times out fails every step in flight with `StageProtocolError`
-/ `StageCallError`; the next step opens a new stream. A step the host could not compute (an error reply)
-fails only that step.
+The channel trusts exactly the provider's registered certificate (its self-signed PEM is the only root), and
+every call carries the provider's link token. Steps go over ONE persistent bidirectional stream per
+`RemoteStage`, opened on first use, for the stage its `load` got (the host may hold other stages, of other
+models or coordinators, beside it: the stream names its stage_id): several may be in flight, and the host
+answers them in order, so the i-th reply belongs to the i-th step sent. Every reply is parsed and checked
+against the step it answers and the pipeline's `FrameLimits` (hidden states [tokens, hidden] of the stage's
+dtype from a stage that is not the last, one in-vocabulary token per sampling chunk from the last). A reply
+that breaks them, a stream that ends or fails, or a step that times out fails every step in flight with
+`StageProtocolError` / `StageCallError`; the next step opens a new stream. A step the host could not compute
+(an error reply) fails only that step.
 """
 
 import asyncio
@@ -40,6 +41,7 @@ from serve_apps.stagehost.wire import (
 logger = logging.getLogger(__name__)
 
 SERVICE = "/solanalm.stage.v1.StageHost/"
+STAGE_METADATA = "solanalm-stage"  # names the loaded stage a Steps call is for (server.STAGE_METADATA)
 DEFAULT_LOAD_TIMEOUT_S = 600.0
 KEEPALIVE_MS = 20_000
 
@@ -59,10 +61,11 @@ class _Stream:
 class RemoteStage:
     """One provider stage, as the coordinator's hub executor calls it (`forward`, `ping`, `describe`).
 
-    `stage` / `dtype` say what replies to expect (a hidden-states reply of that dtype, or tokens); `load`
-    sets them too. Without them a reply of either kind is accepted if it is well-formed for the step (the
-    hub executor checks the kind), and a first stage's hidden states may have any allowed dtype.
-    Bound to the event loop it is first used on (grpc.aio).
+    `stage_id` names the host's stage its steps go to (`load` sets it; another client of the same stage, e.g.
+    on another event loop, is given it). `stage` / `dtype` say what replies to expect (a hidden-states reply
+    of that dtype, or tokens); `load` sets them too. Without them a reply of either kind is accepted if it is
+    well-formed for the step (the hub executor checks the kind), and a first stage's hidden states may have
+    any allowed dtype. Bound to the event loop it is first used on (grpc.aio).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class RemoteStage:
         stage: StageSpec | None = None,
         dtype: str | None = None,
         server_name: str | None = None,
+        stage_id: str = "",
     ) -> None:
         self.endpoint = endpoint
         self.limits = limits
@@ -96,6 +100,7 @@ class RemoteStage:
         credentials = grpc.ssl_channel_credentials(root_certificates=cert_pem)
         self._channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
         self._stream: _Stream | None = None
+        self.stage_id = stage_id  # the host's name for the stage (set by `load`; empty: none yet)
         self._write_lock = asyncio.Lock()
         self._steps = self._channel.stream_stream(SERVICE + "Steps")
 
@@ -122,15 +127,20 @@ class RemoteStage:
             max_step_tokens=self.limits.max_step_tokens,
             max_chunks=self.limits.max_chunks,
             stage_index=spec.index,
+            replaces=self.stage_id,
         )
         raw = await self._unary("Load", request, timeout_s or max(self.timeout_s, DEFAULT_LOAD_TIMEOUT_S))
-        info = self._stage_info(raw, spec)
-        self.stage, self.dtype = spec, config.dtype
+        description = self._parse_description(raw)
+        info = self._stage_info(description, spec)
+        if not description.stage_id:
+            raise StageProtocolError(f"{self.endpoint} loaded layers {spec} but named no stage")
+        self.stage, self.dtype, self.stage_id = spec, config.dtype, description.stage_id
         await self._reset("a new stage was loaded")
         return info
 
     async def describe(self) -> StageInfo:
-        return self._stage_info(await self._unary("Describe", pb.DescribeRequest(schema_version=SCHEMA_VERSION)))
+        request = pb.DescribeRequest(schema_version=SCHEMA_VERSION, stage_id=self.stage_id)
+        return self._stage_info(self._parse_description(await self._unary("Describe", request)))
 
     async def ping(self) -> bool:
         """True when the host answers an authenticated ping within the timeout; False on any failure."""
@@ -151,11 +161,13 @@ class RemoteStage:
             raise StageCallError(f"{self.endpoint} {method}: {exc.code().name}: {exc.details()}") from exc
         return raw
 
-    def _stage_info(self, raw: bytes, spec: StageSpec | None = None) -> StageInfo:
+    def _parse_description(self, raw: bytes) -> Any:
         try:
-            d = pb.StageDescription.FromString(raw)
+            return pb.StageDescription.FromString(raw)
         except Exception as exc:  # noqa: BLE001 - protobuf's parse errors
             raise StageProtocolError(f"{self.endpoint}: not a StageDescription: {exc}") from exc
+
+    def _stage_info(self, d: Any, spec: StageSpec | None = None) -> StageInfo:
         if d.schema_version != SCHEMA_VERSION:
             raise StageProtocolError(f"{self.endpoint}: schema version {d.schema_version}")
         if spec is not None and (d.layer_start, d.layer_end) != (spec.start, spec.end):
@@ -234,7 +246,7 @@ class RemoteStage:
     def _open(self) -> _Stream:
         stream = self._stream
         if stream is None or stream.broken:
-            stream = _Stream(self._steps(metadata=self._metadata))
+            stream = _Stream(self._steps(metadata=(*self._metadata, (STAGE_METADATA, self.stage_id))))
             stream.reader = asyncio.get_running_loop().create_task(self._read(stream), name="stage-replies")
             self._stream = stream
         return stream

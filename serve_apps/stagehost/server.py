@@ -7,6 +7,13 @@ loaded stage's limits; a message that does not parse or breaks them ends that ca
 (the server and other streams keep running). gRPC itself refuses a message larger than the biggest step
 the host's `HostLimits` allow (RESOURCE_EXHAUSTED) before allocating it.
 
+A host holds several loaded stages at once (a stage of each model it serves, or of several coordinators),
+each with its own weights and KV cache, named by the `stage_id` its Load answered: Describe names it in the
+request, a Steps call in its metadata (`solanalm-stage`). A Load over `HostLimits.max_stages` drops the stage
+used least recently (its streams end ABORTED), and a Load naming the stage its coordinator held before
+(`replaces`) drops that one first. (A host that held one stage and let a later Load replace it computed a
+stream opened after that with the last model loaded: other families' answers, issue 19.)
+
 Every torch computation (loading, steps of every stream, describe) runs on one compute thread, for the
 reason StageActor's docstring gives (one OpenMP team per process keeps the stage at full speed).
 """
@@ -14,7 +21,9 @@ reason StageActor's docstring gives (one OpenMP team per process keeps the stage
 import hmac
 import logging
 import os
+import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -46,6 +55,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SERVICE = "solanalm.stage.v1.StageHost"
+STAGE_METADATA = "solanalm-stage"  # a Steps call's metadata: the stage_id it is for
 WEIGHT_QUANTS = ("none", "int8", "int4")
 
 
@@ -60,6 +70,7 @@ class HostLimits:
     max_torch_threads: int = 0  # 0: the CPUs this process may use
     max_streams: int = 16  # concurrent calls
     max_workers: int = 32  # gRPC handler threads (each open stream holds one)
+    max_stages: int = 8  # stages loaded at once (each its own weights and KV cache); more: least recent goes
 
     def threads(self, requested: int) -> int:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -77,6 +88,7 @@ class LoadedStage:
     expect: Expect
     digest: str
     generation: int
+    stage_id: str = ""
 
 
 class StageHostServer:
@@ -97,7 +109,8 @@ class StageHostServer:
         self.limits = limits or HostLimits()
         self._token = link_token
         self._compute = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
-        self._stage: LoadedStage | None = None
+        self._stages: OrderedDict[str, LoadedStage] = OrderedDict()  # least recently used first
+        self._stages_lock = threading.Lock()  # the handler threads reorder it, Load adds and drops
         self._loading = threading.Lock()
         self._generation = 0
         self._digests: dict[tuple[str, int, int], str] = {}
@@ -110,7 +123,30 @@ class StageHostServer:
 
     @property
     def stage(self) -> LoadedStage | None:
-        return self._stage
+        """The stage loaded last (None: none loaded)."""
+        return max(self._stages.values(), key=lambda stage: stage.generation, default=None)
+
+    @property
+    def stages(self) -> dict[str, LoadedStage]:
+        """Every loaded stage by its stage_id."""
+        return dict(self._stages)
+
+    def _use(self, stage_id: str) -> LoadedStage | None:
+        """The stage named `stage_id`, now the most recently used (None: not loaded here)."""
+        with self._stages_lock:
+            stage = self._stages.get(stage_id)
+            if stage is not None:
+                self._stages.move_to_end(stage_id)
+            return stage
+
+    def _drop(self, stage_id: str | None, why: str) -> None:
+        """Drop `stage_id` (None: the least recently used stage)."""
+        with self._stages_lock:
+            if stage_id is None:
+                stage_id = next(iter(self._stages), "")
+            stage = self._stages.pop(stage_id, None)
+        if stage is not None:
+            logger.info("dropped %s layers %s (%s)", stage.model, stage.worker.spec, why)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> int:
@@ -173,7 +209,11 @@ class StageHostServer:
                     f"layers {config.spec.start}-{config.spec.end} of {request.model!r} here have digest {digest}, "
                     f"not {request.expected_digest}: other weights",
                 )
-            self._stage = None  # the previous stage's memory goes before the new one is built
+            # Memory of stages that go is freed before the new one is built.
+            if request.replaces:
+                self._drop(request.replaces, "its coordinator loaded another")
+            while len(self._stages) >= self.limits.max_stages:
+                self._drop(None, f"least recently used of {self.limits.max_stages}")
             try:
                 worker = self._on_compute(StageWorker, config)
             except Exception as exc:  # noqa: BLE001 - reported to the coordinator, the host keeps serving
@@ -181,9 +221,15 @@ class StageHostServer:
                 context.abort(grpc.StatusCode.INTERNAL, f"loading failed: {type(exc).__name__}: {exc}")
             self._generation += 1
             expect = Expect(first=config.spec.first, last=config.spec.last, dtype=config.dtype)
-            self._stage = LoadedStage(request.model, worker, limits, expect, digest, self._generation)
-        logger.info("loaded %s layers %d-%d (digest %s)", request.model, config.spec.start, config.spec.end, digest)
-        return self._description(self._stage).SerializeToString()
+            stage_id = f"{self._generation}-{secrets.token_hex(8)}"
+            stage = LoadedStage(request.model, worker, limits, expect, digest, self._generation, stage_id)
+            with self._stages_lock:
+                self._stages[stage_id] = stage
+        logger.info(
+            "loaded %s layers %d-%d as stage %s (digest %s; %d stages here)",
+            request.model, config.spec.start, config.spec.end, stage_id, digest, len(self._stages),
+        )  # fmt: skip
+        return self._description(stage).SerializeToString()
 
     def _plan_load(self, request: Any, context: grpc.ServicerContext) -> tuple[StageConfig, FrameLimits, Path]:
         """The stage a LoadRequest asks for, within this host's models and limits (else the call aborts)."""
@@ -232,10 +278,10 @@ class StageHostServer:
         return self._digests[key]
 
     def _describe(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        _parse(pb.DescribeRequest, raw, context)
-        stage = self._stage
+        request = _parse(pb.DescribeRequest, raw, context)
+        stage = self._stages.get(request.stage_id)
         if stage is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no stage loaded")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"no stage {request.stage_id!r} loaded here")
         assert stage is not None
         return self._description(stage).SerializeToString()
 
@@ -268,19 +314,23 @@ class StageHostServer:
             steps=info.steps,
             cpus=info.cpus,
             weights_digest=stage.digest,
+            stage_id=stage.stage_id,
         )
 
     # -- steps -------------------------------------------------------------------------------------------
     def _steps(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Each step parsed against the loaded stage's limits, computed, answered in order."""
-        stage = self._stage
+        """Each step parsed against the named stage's limits, computed, answered in order."""
+        stage_id = dict(context.invocation_metadata() or ()).get(STAGE_METADATA, "")
+        stage = self._use(stage_id)
         if stage is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no stage loaded")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"no stage {stage_id!r} loaded here ({STAGE_METADATA} metadata)"
+            )
         assert stage is not None
         last_step: int | None = None
         for raw in requests:
-            if self._stage is not stage:
-                context.abort(grpc.StatusCode.ABORTED, "the stage was replaced by a later Load")
+            if self._use(stage_id) is not stage:
+                context.abort(grpc.StatusCode.ABORTED, f"stage {stage_id} was dropped by a later Load")
             try:
                 batch, hidden = decode_request(raw, stage.limits, stage.expect, last_step)
             except WireError as exc:

@@ -135,7 +135,7 @@ class LinkFrame(_message.Message):
     def __init__(self, request: _Optional[_Union[StepRequest, _Mapping]] = ..., reply: _Optional[_Union[StepReply, _Mapping]] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("schema_version", "model", "layer_start", "layer_end", "num_layers", "dtype", "kv_slots", "max_len", "weight_quant", "low_bit_max_tokens", "torch_threads", "expected_digest", "max_step_tokens", "max_chunks", "stage_index")
+    __slots__ = ("schema_version", "model", "layer_start", "layer_end", "num_layers", "dtype", "kv_slots", "max_len", "weight_quant", "low_bit_max_tokens", "torch_threads", "expected_digest", "max_step_tokens", "max_chunks", "stage_index", "replaces")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class LoadRequest(_message.Message):
     MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     model: str
     layer_start: int
@@ -166,10 +167,11 @@ class LoadRequest(_message.Message):
     max_step_tokens: int
     max_chunks: int
     stage_index: int
-    def __init__(self, schema_version: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., kv_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., weight_quant: _Optional[str] = ..., low_bit_max_tokens: _Optional[int] = ..., torch_threads: _Optional[int] = ..., expected_digest: _Optional[str] = ..., max_step_tokens: _Optional[int] = ..., max_chunks: _Optional[int] = ..., stage_index: _Optional[int] = ...) -> None: ...
+    replaces: str
+    def __init__(self, schema_version: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., kv_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., weight_quant: _Optional[str] = ..., low_bit_max_tokens: _Optional[int] = ..., torch_threads: _Optional[int] = ..., expected_digest: _Optional[str] = ..., max_step_tokens: _Optional[int] = ..., max_chunks: _Optional[int] = ..., stage_index: _Optional[int] = ..., replaces: _Optional[str] = ...) -> None: ...
 
 class StageDescription(_message.Message):
-    __slots__ = ("schema_version", "stage_index", "layer_start", "layer_end", "has_embedding", "has_lm_head", "param_count", "param_bytes", "rss_bytes", "load_rss_bytes", "pid", "node_id", "actor_name", "torch_threads", "kv_slots", "kv_capacity_tokens", "extra", "busy_s", "steps", "cpus", "weights_digest")
+    __slots__ = ("schema_version", "stage_index", "layer_start", "layer_end", "has_embedding", "has_lm_head", "param_count", "param_bytes", "rss_bytes", "load_rss_bytes", "pid", "node_id", "actor_name", "torch_threads", "kv_slots", "kv_capacity_tokens", "extra", "busy_s", "steps", "cpus", "weights_digest", "stage_id")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +200,7 @@ class StageDescription(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     stage_index: int
     layer_start: int
@@ -219,13 +222,16 @@ class StageDescription(_message.Message):
     steps: int
     cpus: int
     weights_digest: str
-    def __init__(self, schema_version: _Optional[int] = ..., stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., has_embedding: _Optional[bool] = ..., has_lm_head: _Optional[bool] = ..., param_count: _Optional[int] = ..., param_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., load_rss_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., node_id: _Optional[str] = ..., actor_name: _Optional[str] = ..., torch_threads: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ..., busy_s: _Optional[float] = ..., steps: _Optional[int] = ..., cpus: _Optional[int] = ..., weights_digest: _Optional[str] = ...) -> None: ...
+    stage_id: str
+    def __init__(self, schema_version: _Optional[int] = ..., stage_index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., has_embedding: _Optional[bool] = ..., has_lm_head: _Optional[bool] = ..., param_count: _Optional[int] = ..., param_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., load_rss_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., node_id: _Optional[str] = ..., actor_name: _Optional[str] = ..., torch_threads: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ..., busy_s: _Optional[float] = ..., steps: _Optional[int] = ..., cpus: _Optional[int] = ..., weights_digest: _Optional[str] = ..., stage_id: _Optional[str] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
-    __slots__ = ("schema_version",)
+    __slots__ = ("schema_version", "stage_id")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
-    def __init__(self, schema_version: _Optional[int] = ...) -> None: ...
+    stage_id: str
+    def __init__(self, schema_version: _Optional[int] = ..., stage_id: _Optional[str] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("schema_version",)

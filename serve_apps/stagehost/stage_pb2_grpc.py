@@ -78,7 +78,8 @@ class StageHostServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Steps(self, request_iterator, context):
-        """Steps in, replies out, in the same order; one stream per coordinator connection.
+        """Steps in, replies out, in the same order; one stream per coordinator connection, for the loaded stage
+        its call metadata names (solanalm-stage: a stage_id from Load).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,9 +53,9 @@ def cheating_server(mode: str) -> type:
     class CheatingStageHost(stage_server.StageHostServer):
         def _load(self, raw: bytes, context: Any) -> bytes:
             answer = super()._load(raw, context)
-            stage = self._stage
-            if stage is not None and not isinstance(stage.worker, CheatingWorker):
-                stage.worker = CheatingWorker(stage.worker, mode)  # type: ignore[assignment]
+            for stage in self.stages.values():
+                if not isinstance(stage.worker, CheatingWorker):
+                    stage.worker = CheatingWorker(stage.worker, mode)  # type: ignore[assignment]
             return answer
 
     return CheatingStageHost

@@ -18,7 +18,7 @@ from serve_apps.engine.messages import SamplingParams, SeqChunk, StepBatch, Step
 from serve_apps.engine.stage_worker import StageConfig, StageWorker
 from serve_apps.stagehost import stage_pb2 as pb
 from serve_apps.stagehost.client import RemoteStage
-from serve_apps.stagehost.server import HostLimits, StageHostServer
+from serve_apps.stagehost.server import STAGE_METADATA, HostLimits, StageHostServer
 from serve_apps.stagehost.wire import SCHEMA_VERSION, FrameLimits, request_to_proto, weights_digest
 
 from .conftest import HOST, TINY_HIDDEN, TINY_LAYERS
@@ -162,10 +162,13 @@ def raw_channel(port: int, cert_pem: bytes) -> grpc.Channel:
 
 
 def raw_steps(
-    channel: grpc.Channel, token: str | None, messages: list[bytes]
+    channel: grpc.Channel, token: str | None, messages: list[bytes], host: StageHostServer | None = None
 ) -> tuple[list[bytes], grpc.StatusCode, str]:
-    """Send raw bytes on a Steps stream; (the replies, the status it ended with, its details)."""
-    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    """Send raw bytes on a Steps stream for `host`'s last loaded stage; (the replies, the status it ended
+    with, its details)."""
+    metadata: tuple[tuple[str, str], ...] = () if token is None else (("authorization", f"Bearer {token}"),)
+    if host is not None and host.stage is not None:
+        metadata += ((STAGE_METADATA, host.stage.stage_id),)
     call = channel.stream_stream(STEPS)(iter(messages), metadata=metadata, timeout=30)
     replies: list[bytes] = []
     try:
@@ -211,7 +214,7 @@ def test_a_call_without_the_link_token_is_refused_unread(
     host = middle_stage(tiny_dir, start_host, cert, token)
     with raw_channel(host.port, cert.cert_pem) as channel:
         assert raw_ping(channel, presented) == grpc.StatusCode.UNAUTHENTICATED
-        replies, code, _ = raw_steps(channel, presented, [good_request().SerializeToString()])
+        replies, code, _ = raw_steps(channel, presented, [good_request().SerializeToString()], host)
         assert (replies, code) == ([], grpc.StatusCode.UNAUTHENTICATED)
         assert raw_ping(channel, token) == grpc.StatusCode.OK
     assert host.stage is not None and host.stage.worker.steps == 0
@@ -300,11 +303,11 @@ def test_a_malformed_step_closes_that_stream_only(
     host = middle_stage(tiny_dir, start_host, cert, token)
     with raw_channel(host.port, cert.cert_pem) as channel:
         ok, after = good_request(0).SerializeToString(), good_request(2).SerializeToString()
-        replies, code, details = raw_steps(channel, token, [ok, BAD_REQUESTS[name], after])
+        replies, code, details = raw_steps(channel, token, [ok, BAD_REQUESTS[name], after], host)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
         assert len(replies) == 1  # the good step before it was answered; nothing after it
         assert raw_ping(channel, token) == grpc.StatusCode.OK
-        replies, code, _ = raw_steps(channel, token, [good_request(5).SerializeToString()])  # a fresh stream
+        replies, code, _ = raw_steps(channel, token, [good_request(5).SerializeToString()], host)  # a fresh stream
         assert code == grpc.StatusCode.OK and len(replies) == 1
     assert host.stage is not None and host.stage.worker.steps == 2
 
@@ -315,7 +318,7 @@ def test_a_replayed_or_reordered_step_closes_the_stream(
     host = middle_stage(tiny_dir, start_host, cert, token)
     with raw_channel(host.port, cert.cert_pem) as channel:
         step = good_request(3).SerializeToString()
-        replies, code, details = raw_steps(channel, token, [step, step])
+        replies, code, details = raw_steps(channel, token, [step, step], host)
         assert (len(replies), code) == (1, grpc.StatusCode.INVALID_ARGUMENT) and "increasing" in details
         assert raw_ping(channel, token) == grpc.StatusCode.OK
 
@@ -325,10 +328,10 @@ def test_a_message_over_the_hosts_size_limit_is_refused_by_grpc(
 ) -> None:
     host = middle_stage(tiny_dir, start_host, cert, token)
     with raw_channel(host.port, cert.cert_pem) as channel:
-        replies, code, _ = raw_steps(channel, token, [b"\x00" * (host.max_message_bytes + 1)])
+        replies, code, _ = raw_steps(channel, token, [b"\x00" * (host.max_message_bytes + 1)], host)
         assert (replies, code) == ([], grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert raw_ping(channel, token) == grpc.StatusCode.OK
-        replies, code, _ = raw_steps(channel, token, [good_request().SerializeToString()])
+        replies, code, _ = raw_steps(channel, token, [good_request().SerializeToString()], host)
         assert code == grpc.StatusCode.OK and len(replies) == 1
 
 
@@ -337,7 +340,7 @@ def test_steps_before_any_load_are_refused(
 ) -> None:
     host = start_host()
     with raw_channel(host.port, cert.cert_pem) as channel:
-        _, code, _ = raw_steps(channel, token, [good_request().SerializeToString()])
+        _, code, _ = raw_steps(channel, token, [good_request().SerializeToString()], host)
         assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -396,7 +399,7 @@ def test_a_stage_outside_the_hosts_models_is_refused(
     assert host.stage is None
 
 
-def test_a_new_load_replaces_the_stage_and_ends_streams_of_the_old_one(
+def test_a_coordinators_new_load_replaces_its_own_stage(
     tiny_dir: Path, start_host: Callable[..., StageHostServer], cert: CertKey, token: str
 ) -> None:
     host = start_host()
@@ -408,7 +411,9 @@ def test_a_new_load_replaces_the_stage_and_ends_streams_of_the_old_one(
             await remote.load("tiny", first)
             assert isinstance(await remote.forward(StepBatch(0, (SeqChunk("a", 0, 0, (5,), GREEDY),)), None),
                               torch.Tensor)  # fmt: skip
+            old = remote.stage_id
             await remote.load("tiny", second)
+            assert remote.stage_id != old and list(host.stages) == [remote.stage_id]
             out = await remote.forward(StepBatch(1, (SeqChunk("a", 0, 0, (5,), GREEDY),)), torch.randn(1, TINY_HIDDEN))
             assert isinstance(out, StepResult)
         finally:
@@ -418,6 +423,58 @@ def test_a_new_load_replaces_the_stage_and_ends_streams_of_the_old_one(
     assert host.stage is not None and (host.stage.worker.spec.start, host.stage.generation) == (3, 2)
 
 
+def test_stages_of_several_coordinators_live_side_by_side_up_to_the_hosts_limit(
+    tiny_dir: Path, start_host: Callable[..., StageHostServer], cert: CertKey, token: str
+) -> None:
+    """Each coordinator's stream reaches its own stage; a Load past max_stages drops the least recently
+    used one, whose open stream then ends ABORTED (and a step naming it is refused)."""
+    host = start_host(limits=HostLimits(max_stages=2))
+    first, second = configs(tiny_dir, 2)
+    local = {0: StageWorker(first), 1: StageWorker(second)}
+
+    async def main() -> None:
+        remotes = [RemoteStage(f"{HOST}:{host.port}", cert.cert_pem, token, limits(tiny_dir), timeout_s=30)
+                   for _ in range(3)]  # fmt: skip
+        try:
+            await remotes[0].load("tiny", first)
+            await remotes[1].load("tiny", second)
+            step = StepBatch(0, (SeqChunk("a", 0, 0, (5, 6), GREEDY),))
+            hidden = await remotes[0].forward(step, None)  # the first stage, although the second came later
+            assert isinstance(hidden, torch.Tensor) and torch.equal(hidden, local[0].forward(step))
+            assert await remotes[1].forward(step, hidden) == local[1].forward(step, hidden)
+            await remotes[1].describe()  # remotes[0]'s stage is now the least recently used
+            await remotes[2].load("tiny", first)
+            assert set(host.stages) == {remotes[1].stage_id, remotes[2].stage_id}
+            with pytest.raises(StageCallError, match="ABORTED|FAILED_PRECONDITION"):
+                await remotes[0].forward(StepBatch(1, (SeqChunk("a", 0, 2, (7,), GREEDY),)), None)
+            with pytest.raises(StageCallError, match="FAILED_PRECONDITION"):
+                await remotes[0].forward(StepBatch(2, (SeqChunk("a", 0, 2, (7,), GREEDY),)), None)
+            with pytest.raises(StageCallError, match="FAILED_PRECONDITION"):
+                await remotes[0].describe()
+        finally:
+            for remote in remotes:
+                await remote.close()
+
+    asyncio.run(main())
+
+
+def test_a_steps_call_naming_no_loaded_stage_is_refused(
+    tiny_dir: Path, start_host: Callable[..., StageHostServer], cert: CertKey, token: str
+) -> None:
+    host = middle_stage(tiny_dir, start_host, cert, token)
+    with raw_channel(host.port, cert.cert_pem) as channel:
+        for metadata in ((), ((STAGE_METADATA, "1-feedface"),)):
+            call = channel.stream_stream(STEPS)(
+                iter([good_request().SerializeToString()]),
+                metadata=(("authorization", f"Bearer {token}"), *metadata),
+                timeout=30,
+            )
+            with pytest.raises(grpc.RpcError) as raised:
+                list(call)
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert host.stage is not None and host.stage.worker.steps == 0
+
+
 def test_a_malformed_stream_does_not_disturb_another_open_stream(
     tiny_dir: Path, start_host: Callable[..., StageHostServer], cert: CertKey, token: str
 ) -> None:
@@ -425,12 +482,13 @@ def test_a_malformed_stream_does_not_disturb_another_open_stream(
 
     async def main() -> None:
         remote = RemoteStage(f"{HOST}:{host.port}", cert.cert_pem, token, limits(tiny_dir), timeout_s=30)
+        remote.stage_id = host.stage.stage_id if host.stage else ""  # the stage another client loaded
         try:
             step = StepBatch(0, (SeqChunk("a", 0, 0, (5, 6), GREEDY),))
             assert isinstance(await remote.forward(step, torch.randn(2, TINY_HIDDEN)), torch.Tensor)
             stream = remote._stream
             with raw_channel(host.port, cert.cert_pem) as channel:  # an attacker's stream, beside it
-                _, code, _ = await asyncio.to_thread(raw_steps, channel, token, [BAD_REQUESTS["garbage"]])
+                _, code, _ = await asyncio.to_thread(raw_steps, channel, token, [BAD_REQUESTS["garbage"]], host)
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             step = StepBatch(1, (SeqChunk("a", 0, 2, (7,), GREEDY),))
             assert isinstance(await remote.forward(step, torch.randn(1, TINY_HIDDEN)), torch.Tensor)
