@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from delay_proxy import DelayProxy  # noqa: E402 - after the path entries
 
-SMOLLM2_DIR = Path.home() / ".cache" / "solanalm" / "models" / "smollm2-135m-instruct" / "bfloat16"
 HOST = "127.0.0.1"
 ROWS = (1, 16)
 
@@ -50,7 +49,13 @@ def model_dir(name: str, scratch: Path) -> Path:
         torch.manual_seed(0)
         LlamaForCausalLM(tiny_llama_config(vocab_size=512, num_layers=6)).save_pretrained(scratch / "tiny")
         return scratch / "tiny"
-    return SMOLLM2_DIR if name == "smollm2" else Path(name)
+    if name == "smollm2":
+        from cluster.models.catalogue import load_catalogue
+        from cluster.models.materialize import materialize
+
+        spec = load_catalogue(REPO_ROOT / "configs" / "models.yaml").get("smollm2-135m-instruct")
+        return materialize(spec, Path.home() / ".cache" / "solanalm", "bfloat16")
+    return Path(name)
 
 
 def steps(rows: int, prompt: int, step_id: int, slots: int, offset: int = 0) -> Any:

@@ -4,11 +4,15 @@ A GGUF is de-quantized by transformers (any type gguf-py reads: Q4_0, Q4_1, Q4_K
 BF16, ...); its tensors' own types and exact low-bit blocks go beside it in `gguf/` (gguf_weights), and its
 chat template and end-of-turn ids into the tokenizer and generation_config.json (gguf_file.chat_metadata).
 
-GGUF de-quantisation takes ~20 s for SmolLM2; the result is cached per (model, dtype) so later starts
-only memory-map safetensors. Writes go to a temporary directory renamed into place under a file lock,
+GGUF de-quantisation takes ~20 s for SmolLM2; the result is cached per (model, dtype, GGUF file) so later
+starts only memory-map safetensors. The file is told by its resolved path, size and modification time
+(`source_key`: a stat, where a digest of a multi-GB file would cost every start seconds), so two GGUFs that
+carry the same `general.name` (served under the same model id from two places, or a file replaced in
+place) never share a cache. Writes go to a temporary directory renamed into place under a file lock,
 so concurrent processes (several replicas starting together) convert once and never see half a cache.
 """
 
+import hashlib
 import json
 import logging
 import shutil
@@ -42,9 +46,20 @@ def materialize(spec: ModelSpec, cache_dir: Path, dtype: str | None = None) -> P
             raise FileNotFoundError(f"{path} has no config.json")
         return path
     target = cache_dir.expanduser() / "models" / spec.name / dtype
+    if spec.source.kind in ("gguf", "gguf_package"):
+        target = target.with_name(f"{dtype}-{source_key(spec.source.gguf_file())}")
     # A GGUF's cache needs its gguf/ side files (gguf_weights): one converted before they existed is redone.
     marker = _COMPLETE_GGUF if spec.source.kind in ("gguf", "gguf_package") else _COMPLETE
     return _cached(target, lambda out: _build(spec, dtype, cache_dir, out), marker)
+
+
+def source_key(gguf: Path) -> str:
+    """The cache key of a GGUF file: a hash of its resolved path, size and modification time."""
+    path = gguf.expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    stat = path.stat()
+    return hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def tokenizer_dir(cache_dir: Path, source: ModelSource = _DEFAULT_TOKENIZER) -> Path:
