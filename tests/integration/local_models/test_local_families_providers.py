@@ -1,7 +1,7 @@
-"""Every family's tiny local model through a provider's stage host (the trust-domains path): an operator head
+"""Families' tiny local models through a provider's stage host (the trust-domains path): an operator head
 with `solanalm up --address` serving the families' directories (the derived catalogue `up --model DIR`
-writes), one `solanalm provider serve` process outside the cluster holding a stage of each, and the answers
-over the OpenAI API equal to transformers' under each family's own chat template."""
+writes), one `solanalm provider serve` process outside the cluster holding a stage of each at once, and the
+answers over the OpenAI API equal to transformers' under each family's own chat template."""
 
 import json
 from collections.abc import Iterator
