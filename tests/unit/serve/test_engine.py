@@ -197,3 +197,18 @@ def test_fallback_transport_switches_to_actor_calls_after_the_first_failure() ->
     asyncio.run(main())
     assert fast.closed and executor.transport == "actor_calls"
     assert [b.step_id for b in fast.batches] == [0, 1] and [b.step_id for b in robust.batches] == [2]
+
+
+def test_the_next_step_is_submitted_before_the_reader_sees_the_token() -> None:
+    """A single stream's stages compute its next token while its reader detokenizes and streams this one."""
+
+    async def main() -> list[tuple[int, int]]:
+        executor = CountingExecutor()
+        e = engine(executor)
+        seen = []  # (token, steps the executor had been given when the reader got it)
+        async for event in e.stream(sequence("a", [1], 4)):
+            seen.append((event.token_id, len(executor.batches)))
+        return seen
+
+    # Token k + 1 (from step k - 1) reaches the reader once step k is out (after the last: the step releasing its slot).
+    assert asyncio.run(main()) == [(2, 2), (3, 3), (4, 4), (5, 5)]
