@@ -403,6 +403,7 @@ class _ProcessProbe:
         import psutil
 
         self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.processes["client"] = psutil.Process()
 
     def cpu_seconds(self) -> dict[str, float]:
         out = {}
@@ -426,9 +427,11 @@ class ServeProbe:
 
         self.base = base
         self.processes = {f"stage{i}": psutil.Process(pid) for i, pid in enumerate(stage_pids)}
+        self.processes["client"] = psutil.Process()  # this process: the openai client parsing the SSE
         markers = {"replica": f"pipeline-{model}", "gateway": ":gateway", "proxy": "ProxyActor"}
-        # The newest match: a previous system's replica or gateway may still be exiting.
-        for proc in sorted(psutil.process_iter(["cmdline", "create_time"]), key=lambda p: -p.info["create_time"]):
+        # Only this run's cluster (the Ray processes this process started; another job's Serve application on
+        # the same machine has the same process names), newest first: a previous system's may still be exiting.
+        for proc in sorted(_own_processes(), key=lambda p: -p.info["create_time"]):
             line = " ".join(proc.info.get("cmdline") or [])
             for key, marker in markers.items():
                 if marker in line:
@@ -454,6 +457,23 @@ class ServeProbe:
         except Exception:  # noqa: BLE001 - health unavailable for a moment: no engine figure this phase
             return {}
         return {f"stage{s['index']}.busy": float(s.get("busy_s", 0.0)) for s in stages}
+
+
+def _own_processes() -> list[Any]:
+    """This process's descendants (its local Ray cluster) with `cmdline` and `create_time` in `.info`; all
+    processes when it has none (connected to a cluster started elsewhere)."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    procs = children or list(psutil.process_iter())
+    out = []
+    for proc in procs:
+        try:
+            proc.info = {"cmdline": proc.cmdline(), "create_time": proc.create_time()}
+        except psutil.Error:
+            continue
+        out.append(proc)
+    return out
 
 
 def stage_cpus_for(stages: int, requested: str, cores: int) -> int:
