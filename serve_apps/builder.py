@@ -43,7 +43,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             pipelines[name] = backend_deployment(spec, settings)
         if spec.price is not None and name not in settings.payments.prices:
             settings.payments.prices = {**settings.payments.prices, name: spec.price}
-        cards.append(ModelCard(id=name, owned_by=spec.owned_by, max_model_len=spec.max_model_len, backend=spec.backend))
+        card = ModelCard(name, spec.owned_by, spec.max_model_len, spec.backend, embeddings=spec.embeddings)
+        cards.append(card)
     # A redeploy (re-placement after a node left) replaces the gateway too: the old one finishes its
     # requests, which the new pipeline replicas may answer only after they load, so it may take as long
     # as a request may.

@@ -110,6 +110,30 @@ GenerateEvent = Accepted | Rejected | TextDelta | Finished
 
 
 @dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """A validated embeddings request: each input a text or token ids; all go through the scheduler together."""
+
+    request_id: str
+    model: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    dimensions: int | None = None  # None: the model's own; anything else must equal it
+    payer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("an embeddings request needs at least one input")
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """The answer to an EmbedRequest: one unit-length vector per input, in order, and who computed them."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+    providers: tuple[ProviderWork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineInfo:
     """One replica's pipeline: which model, and each stage's layers, process and memory."""
 

@@ -184,6 +184,11 @@ class ModelSpec(BaseModel):
     owned_by: str = Field(default="solanalm", description="Owner shown in /v1/models.")
     max_model_len: int | None = Field(default=None, ge=16, description="Context limit; None: the model config's.")
     tiny_layers: int = Field(default=6, ge=1, le=64, description="Layers of the tiny model (tiny source only).")
+    embeddings: bool = Field(
+        default=False,
+        description="Serve /v1/embeddings: the mean of the prompt's final-normed hidden states, L2-normalised, "
+        "computed through the same stages (transformers backend only).",
+    )
     price: ModelPrice | None = Field(default=None, description="Price; None: payments.prices or default_price.")
     llamacpp: LlamaCppOptions | None = Field(default=None, description="Options of the llamacpp backend.")
     vllm: VllmOptions | None = Field(default=None, description="Options of the vllm backend.")
@@ -194,6 +199,10 @@ class ModelSpec(BaseModel):
         given = [key for key in _OPTIONS if getattr(self, key) is not None and key != self.backend]
         if given:
             raise ValueError(f"model {self.name!r}: `{given[0]}` options given but backend is {self.backend!r}")
+        if self.embeddings and self.backend != "transformers":
+            raise ValueError(
+                f"model {self.name!r}: embeddings are served by the transformers backend only, not {self.backend!r}"
+            )
         if self.backend == "proxy" and self.proxy is None:
             raise ValueError(f"model {self.name!r}: backend 'proxy' needs `proxy: {{base_url, upstream_model}}`")
         if self.source.kind not in _SOURCES[self.backend]:

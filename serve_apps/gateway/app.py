@@ -21,13 +21,14 @@ from pydantic import SecretStr
 from cluster.observability.logs import REQUEST_ID
 from payments.client import PaymentsUnavailable
 from payments.http import build_router
-from payments.protocol import SETTLEMENT_HEADER
+from payments.protocol import SETTLEMENT_HEADER, WalletIdentity
 from serve_apps import metrics
 from serve_apps.dashboard.routes import build_dashboard_router
 from serve_apps.engine.messages import SamplingParams
 from serve_apps.gateway import responses as R
 from serve_apps.gateway.backend import PipelineBackend, PipelineLost
 from serve_apps.gateway.current import current_gateway
+from serve_apps.gateway.embeddings import EmbeddingRequest, create_embeddings
 from serve_apps.gateway.errors import OpenAIError, error_body, install_error_handlers
 from serve_apps.gateway.limits import BodySizeLimit, RateLimitMiddleware, RequestLimiter, retry_after_header
 from serve_apps.gateway.metering import HoldCloser, Metering, abandoned
@@ -58,6 +59,7 @@ class ModelCard:
     owned_by: str
     max_model_len: int | None = None
     backend: str = "transformers"  # shown in /v1/models: transformers | llamacpp | vllm | proxy
+    embeddings: bool = False  # the catalogue marks it embedding-capable (/v1/embeddings)
 
 
 class Gateway:
@@ -90,6 +92,21 @@ class Gateway:
             for c in self.cards.values()
         ]
         return {"object": "list", "data": data}
+
+    async def caller(self, authorization: str | None) -> WalletIdentity | None:
+        """Who is calling (401 when payments are on and the key is bad); a signed-in wallet's rate-limit
+        bucket is taken here, whichever key or address it uses (the address's was taken by the middleware)."""
+        identity = await self.metering.authenticate(authorization)
+        if identity is not None and identity.key_id is not None and self.limiter is not None:
+            wait_s = self.limiter.check_wallet(identity.wallet)
+            if wait_s > 0:
+                raise OpenAIError(
+                    429,
+                    "rate limit reached for this wallet; retry later",
+                    code="rate_limit_exceeded",
+                    headers=retry_after_header(wait_s),
+                )
+        return identity
 
     def to_generate_request(self, body: ChatCompletionRequest | CompletionRequest) -> GenerateRequest:
         if body.model not in self.cards or body.model not in self.backend.models():
@@ -361,6 +378,12 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
     ) -> JSONResponse | StreamingResponse:
         return await _respond(core(request), body, False, authorization)
 
+    @app.post("/v1/embeddings", response_model=None)
+    async def embeddings(
+        body: EmbeddingRequest, request: Request, authorization: str | None = Header(default=None)
+    ) -> JSONResponse:
+        return await create_embeddings(core(request), body, authorization)
+
     @app.get("/healthz")
     async def healthz(
         request: Request, detail: bool = False, authorization: str | None = Header(default=None)
@@ -428,18 +451,7 @@ async def _answer(  # type: ignore[no-untyped-def]
     chat: bool,
     authorization: str | None,
 ):
-    # The address's bucket was taken by RateLimitMiddleware; a signed-in wallet's is taken here, whichever
-    # key or address it uses.
-    identity = await gateway.metering.authenticate(authorization)
-    if identity is not None and identity.key_id is not None and gateway.limiter is not None:
-        wait_s = gateway.limiter.check_wallet(identity.wallet)
-        if wait_s > 0:
-            raise OpenAIError(
-                429,
-                "rate limit reached for this wallet; retry later",
-                code="rate_limit_exceeded",
-                headers=retry_after_header(wait_s),
-            )
+    identity = await gateway.caller(authorization)
     request = gateway.to_generate_request(body)
     REQUEST_ID.set(request.request_id)  # every log line of this request carries its id
     payer = await gateway.metering.admit(identity, request, gateway.hold_tokens(body))

@@ -3,7 +3,7 @@
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from serve_apps.protocol import GenerateEvent, GenerateRequest, PipelineInfo
+from serve_apps.protocol import Embedded, EmbedRequest, GenerateEvent, GenerateRequest, PipelineInfo, Rejected
 
 
 class PipelineLost(RuntimeError):
@@ -16,6 +16,8 @@ class PipelineBackend(Protocol):
     def models(self) -> list[str]: ...
 
     def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
+
+    async def embed(self, request: EmbedRequest) -> Embedded | Rejected: ...
 
     async def describe(self, model: str) -> PipelineInfo: ...
 
@@ -39,6 +41,14 @@ class ServeHandleBackend:
         except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the replica is gone
             raise PipelineLost(str(exc)) from exc
 
+    async def embed(self, request: EmbedRequest) -> Embedded | Rejected:
+        from ray.exceptions import RayActorError
+
+        try:
+            return await self._handles[request.model].embed.remote(request)
+        except RayActorError as exc:
+            raise PipelineLost(str(exc)) from exc
+
     async def describe(self, model: str) -> PipelineInfo:
         return await self._handles[model].describe.remote()
 
@@ -55,6 +65,9 @@ class InProcessBackend:
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         async for event in self._servers[request.model].generate(request):
             yield event
+
+    async def embed(self, request: EmbedRequest) -> Embedded | Rejected:
+        return await self._servers[request.model].embed(request)  # type: ignore[no-any-return]
 
     async def describe(self, model: str) -> PipelineInfo:
         return await self._servers[model].describe()

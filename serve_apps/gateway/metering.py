@@ -25,7 +25,9 @@ from payments.protocol import (
     WalletIdentity,
 )
 from serve_apps.gateway.errors import OpenAIError
-from serve_apps.protocol import Accepted, Finished, GenerateRequest, ProviderWork
+from serve_apps.protocol import Accepted, EmbedRequest, Finished, GenerateRequest, ProviderWork
+
+Metered = GenerateRequest | EmbedRequest  # what is held for and settled (embeddings: prompt tokens only)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class Metering:
         self._operator_wallet = operator_wallet
         self._closing: set[asyncio.Task[str | None]] = set()  # settlements and releases under way
 
-    def closer(self, request: GenerateRequest, payer: str | None) -> "HoldCloser":
+    def closer(self, request: Metered, payer: str | None) -> "HoldCloser":
         """What closes an admitted request's hold, once."""
         return HoldCloser(self, request, payer)
 
@@ -75,7 +77,7 @@ class Metering:
         except PaymentError as exc:
             raise _as_openai(exc) from None
 
-    async def admit(self, identity: WalletIdentity | None, request: GenerateRequest, max_tokens: int) -> str | None:
+    async def admit(self, identity: WalletIdentity | None, request: Metered, max_tokens: int) -> str | None:
         """The paying wallet, after a hold for the request's largest cost (402 as an OpenAI error)."""
         if self.payments is None or identity is None:
             return None
@@ -86,7 +88,7 @@ class Metering:
             raise _as_openai(exc) from None
         return identity.wallet
 
-    async def settle(self, request: GenerateRequest, payer: str | None, finished: Finished) -> str | None:
+    async def settle(self, request: Metered, payer: str | None, finished: Finished) -> str | None:
         """Record the finished request's settlement; its id goes back to the client."""
         if self.payments is None or payer is None:
             return None
@@ -137,7 +139,7 @@ class HoldCloser:
     through `asyncio.shield`. Calls after the first return the first one's task.
     """
 
-    def __init__(self, metering: Metering, request: GenerateRequest, payer: str | None) -> None:
+    def __init__(self, metering: Metering, request: Metered, payer: str | None) -> None:
         self._metering, self._request, self._payer = metering, request, payer
         self._task: asyncio.Task[str | None] | None = None
 
@@ -181,8 +183,10 @@ def abandoned(accepted: Accepted, completion_tokens: int) -> Finished:
     )
 
 
-def prompt_bound(request: GenerateRequest) -> int:
+def prompt_bound(request: Metered) -> int:
     """An upper bound of the prompt's tokens: a byte-level BPE token is at least one byte."""
+    if isinstance(request, EmbedRequest):  # a text as a completion prompt; token ids as given
+        return sum(len(item.encode()) + 1 if isinstance(item, str) else len(item) for item in request.inputs)
     if request.prompt is not None:
         return len(request.prompt.encode()) + TEMPLATE_TOKENS
     return sum(len(turn.content.encode()) + 8 for turn in request.messages or ()) + TEMPLATE_TOKENS

@@ -37,6 +37,8 @@ from serve_apps.engine.scheduler import QueueFullError, Scheduler, SchedulerLimi
 from serve_apps.engine.stage_model import load_config
 from serve_apps.protocol import (
     Accepted,
+    Embedded,
+    EmbedRequest,
     Finished,
     GenerateEvent,
     GenerateRequest,
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GRAMMAR_BROKEN = "the last stage sampled a token the request's grammar does not allow"
 HEAD_WORK_SHARE = 0.5  # share of a stage's tokens that reach the lm_head (decodes; prompts skip it)
+EMBED = SamplingParams(max_tokens=1, temperature=0.0, embed=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,8 @@ class PipelineServer:
         self.plan = plan_model(model_name, self.settings)
         self.replica_id = _replica_id()
         self.prompts = PromptProcessor.from_model_dir(self.plan.model_dir, self.plan.max_model_len)
+        model_config = load_config(self.plan.model_dir)
+        self.hidden_size, self.vocab_size = int(model_config.hidden_size), int(model_config.vocab_size)
         factory = executor_factory or _ray_executor
         executor, self.pool = factory(self.plan, self.settings)
         pipeline = self.settings.pipeline
@@ -212,6 +217,49 @@ class PipelineServer:
             param = "tools" if request.tools else "response_format"
             return Rejected(400, str(exc), param, "invalid_json_schema")
         return self._grammars.constraint(compiled)
+
+    async def embed(self, request: EmbedRequest) -> Embedded | Rejected:
+        """Pooled embeddings of every input: one embedding sequence per input, all queued at once, so the
+        scheduler puts their prompts into the same steps (at most as many at a time as there are KV slots)."""
+        if request.dimensions is not None and request.dimensions != self.hidden_size:
+            return Rejected(
+                400,
+                f"dimensions={request.dimensions} is not supported by {self.plan.name}: its embeddings have "
+                f"{self.hidden_size} dimensions (omit dimensions, or give {self.hidden_size})",
+                "dimensions",
+                "unsupported_dimensions",
+            )
+        encoded = self.prompts.embedding_inputs(request.inputs, self.vocab_size)
+        if isinstance(encoded, Rejected):
+            return encoded
+        self.gauges.ensure_started()
+        REQUEST_ID.set(request.request_id)
+        wave = asyncio.Semaphore(self.plan.kv.slots)  # more inputs than slots would overflow the queue
+
+        async def pooled(index: int, ids: list[int]) -> tuple[float, ...]:
+            async with wave:
+                seq = Sequence(f"{request.request_id}-{index}", ids, EMBED, self.plan.max_model_len)
+                events = self.engine.stream(seq)
+                try:
+                    event = await anext(events)
+                finally:
+                    await events.aclose()
+                if event.embedding is None:
+                    raise EngineError(f"input {index} ended without its embedding ({event.finish_reason})")
+                return event.embedding
+
+        try:
+            async with asyncio.TaskGroup() as group:  # one failing input cancels (and frees) the others
+                tasks = [group.create_task(pooled(i, ids)) for i, ids in enumerate(encoded)]
+        except ExceptionGroup as group_error:
+            first = group_error.exceptions[0]
+            if isinstance(first, QueueFullError):
+                return Rejected(503, f"server overloaded: {first}", code="overloaded", retry_after_s=1.0)
+            if isinstance(first, EngineError):
+                return Rejected(503, str(first), code="pipeline_unavailable", retry_after_s=1.0)
+            raise
+        vectors = tuple(task.result() for task in tasks)
+        return Embedded(vectors, sum(len(ids) for ids in encoded), providers=self.providers())
 
     def _checkable(self, sampling: SamplingParams) -> SamplingParams:
         """A provider's last stage samples: an unseeded draw gets a secret seed, so an audit can redo it

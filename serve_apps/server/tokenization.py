@@ -54,6 +54,28 @@ class PromptProcessor:
             return _too_long(len(ids), max_tokens, self.max_model_len)
         return PreparedPrompt(ids, max_tokens)
 
+    def embedding_inputs(self, inputs: Sequence[str | tuple[int, ...]], vocab_size: int) -> list[list[int]] | Rejected:
+        """Token ids of each embeddings input (a text as a completion prompt is encoded; token ids as given,
+        checked against the vocabulary), or a Rejected naming the input that is empty, unknown or too long."""
+        encoded: list[list[int]] = []
+        for index, item in enumerate(inputs):
+            ids = encode_text(self.tokenizer, item) if isinstance(item, str) else list(item)
+            if not ids:
+                return Rejected(400, f"input {index} is empty", "input", "invalid_input")
+            if min(ids) < 0 or max(ids) >= vocab_size:
+                outside = f"input {index} holds token ids outside [0, {vocab_size})"
+                return Rejected(400, outside, "input", "invalid_input")
+            if len(ids) > self.max_model_len:
+                return Rejected(
+                    400,
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, input {index} "
+                    f"has {len(ids)} tokens. Please reduce the length of the input.",
+                    "input",
+                    "context_length_exceeded",
+                )
+            encoded.append(ids)
+        return encoded
+
     def _encode(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
             return encode_chat(self.tokenizer, request.messages, request.tools)
