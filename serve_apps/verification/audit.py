@@ -38,6 +38,7 @@ from serve_apps.engine.messages import SamplingParams, StepBatch, StepResult
 from serve_apps.engine.sampling import adjust_logits, draw_seed, filtered_probs
 from serve_apps.engine.stage_model import StageModel
 from serve_apps.engine.stage_worker import StageConfig
+from serve_apps.engine.token_mask import apply_token_masks
 from serve_apps.verification.commitments import (
     CheckResult,
     Commitment,
@@ -113,6 +114,9 @@ class AuditJob:
     sampled: tuple[tuple[int, int], ...] = ()
     sampling: SamplingParams | None = None
     token_tolerance: "TokenTolerance" = field(default_factory=lambda: TokenTolerance())
+    # The grammar's token mask each sampled token was drawn under (None: none), in `sampled`'s order; ()
+    # when no chunk carried one. The reference applies them as the last stage did (token_mask.py).
+    masks: tuple[bytes | None, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -167,6 +171,7 @@ class _StageRecord:
     low_bit: dict[int, bool] = field(default_factory=dict)
     width: int = 0  # of the committed rows (the hidden size)
     sampled: dict[int, int] = field(default_factory=dict)  # last stage: new token's position -> token id
+    masks: dict[int, bytes] = field(default_factory=dict)  # last stage: new token's position -> its grammar mask
     sampling: SamplingParams | None = None
 
 
@@ -277,6 +282,8 @@ class ServedAudit:
             if isinstance(outputs, StepResult):
                 self._keep_sampled(record, chunk.start_pos, chunk_inputs, outputs.token_ids[index], low_bit)
                 record.sampling = chunk.sampling
+                if chunk.token_mask is not None and outputs.token_ids[index] >= 0:
+                    record.masks[chunk.start_pos + len(chunk.token_ids)] = chunk.token_mask
             else:
                 self._keep(record, chunk.start_pos, chunk_inputs, outputs[rows], low_bit)
 
@@ -319,8 +326,11 @@ class ServedAudit:
             self.stats.incomplete += 1  # positions after a gap cannot be re-executed: audit the prefix
         positions = range(length)
         sampled: tuple[tuple[int, int], ...] = ()
+        masks: tuple[bytes | None, ...] = ()
         if record.stage.config.spec.last:
             sampled = tuple(sorted((p, t) for p, t in record.sampled.items() if p <= length))
+            if record.masks:
+                masks = tuple(record.masks.get(p) for p, _ in sampled)
             commitment = b""
         else:
             indices = torch.stack([record.topk[p][0] for p in positions])
@@ -336,6 +346,7 @@ class ServedAudit:
             self.limits.tolerance or tolerance_for(record.stage.config.dtype),
             sampled,
             record.sampling,
+            masks=masks,
         )
 
 
@@ -426,6 +437,8 @@ def check_tokens(job: AuditJob, logits: torch.Tensor) -> CheckResult:
     tokens = torch.tensor([t for _, t in job.sampled], dtype=torch.long)
     if bool((tokens >= logits.shape[1]).any()):
         return CheckResult(False, "a sampled token is outside the vocabulary", None)
+    if any(mask is not None for mask in job.masks):
+        logits = apply_token_masks(logits.clone(), list(job.masks))  # as the last stage sampled under them
     if params.adjusts_logits:
         logits = _adjusted(logits, job.sampled, params)
     chosen = logits.gather(1, tokens.view(-1, 1)).squeeze(1)

@@ -45,6 +45,7 @@ def serve(
     prefill_chunk: int = 16,
     request_prefix: str = "req",
     sampling: SamplingParams = GREEDY,
+    token_mask: bytes | None = None,
 ) -> Served:
     """Serve every prompt to `decode_tokens` new tokens; slots are the prompts' order."""
     slots = {seq_id: i for i, seq_id in enumerate(prompts)}
@@ -57,13 +58,24 @@ def serve(
         for seq_id in prompts:
             audit.admit(seq_id, f"{request_prefix}-{seq_id}")
     while pending or decoding:
-        chunks = [SeqChunk(s, slots[s], len(histories[s]) - 1, (histories[s][-1],), sampling) for s in decoding]
+        chunks = [
+            SeqChunk(s, slots[s], len(histories[s]) - 1, (histories[s][-1],), sampling, True, token_mask)
+            for s in decoding
+        ]
         if pending:
             s = pending[0]
             n = min(prefill_chunk, len(histories[s]) - cached[s])
             done = cached[s] + n == len(histories[s])
             chunks.append(
-                SeqChunk(s, slots[s], cached[s], tuple(histories[s][cached[s] : cached[s] + n]), sampling, done)
+                SeqChunk(
+                    s,
+                    slots[s],
+                    cached[s],
+                    tuple(histories[s][cached[s] : cached[s] + n]),
+                    sampling,
+                    done,
+                    token_mask if done else None,
+                )
             )
         batch = StepBatch(served.steps, tuple(chunks), tuple(released))
         released = []

@@ -352,6 +352,26 @@ def test_an_honest_last_stage_passes_its_token_audit(tiny_dir: Path, sampling: S
     assert all(v.passed for v in results.values()), {k: v.reason for k, v in results.items()}
 
 
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_last_stage_sampling_under_a_grammar_mask_passes_with_the_mask(
+    tiny_dir: Path, sampling: SamplingParams
+) -> None:
+    """The reference applies each token's mask as the last stage did; without it an honest stage would fail."""
+    words = torch.zeros(512 // 32, dtype=torch.int32)
+    words[3:5] = -1  # tokens 96..159 only
+    mask = words.numpy().tobytes()
+    audit = all_audited()
+    pipeline = chain(configs(tiny_dir), audit, ("p0", "p1", "p2"))
+    served = serve(pipeline, PROMPTS, DECODE, audit, sampling=sampling, token_mask=mask)
+    last = [j for j in served.jobs if j.stage.provider_id == "p2"]
+    assert all(96 <= t < 160 for j in last for _, t in j.sampled)
+    assert all(len(j.masks) == len(j.sampled) and set(j.masks) == {mask} for j in last)
+    results = verdicts(served.jobs)
+    assert all(v.passed for v in results.values()), {k: v.reason for k, v in results.items()}
+    unmasked = [replace(j, masks=()) for j in last]
+    assert not all(judge(j, reexecute(reference(j), j)).passed for j in unmasked)
+
+
 def swap_tokens(every: int):  # type: ignore[no-untyped-def]
     """A last stage that answers a different token every `every` steps."""
 
