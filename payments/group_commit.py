@@ -39,12 +39,8 @@ class GroupCommitter:
         while self._queue:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._commit, [r for r, _ in batch]
-                )
-            except (
-                Exception
-            ) as exc:  # the whole transaction rolled back: every caller sees the error
+                results = await loop.run_in_executor(self._executor, self._commit, [r for r, _ in batch])
+            except Exception as exc:  # the whole transaction rolled back: every caller sees the error
                 logger.exception("group commit of %d records failed", len(batch))
                 for _, future in batch:
                     if not future.done():

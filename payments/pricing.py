@@ -23,9 +23,7 @@ def request_cost(price: Price, prompt_tokens: int, completion_tokens: int) -> in
     """Cost of a request, rounded up to a whole base unit."""
     if prompt_tokens < 0 or completion_tokens < 0:
         raise InvalidRequest("token counts must be >= 0")
-    return _ceil_div(
-        prompt_tokens * price.prompt_per_1k + completion_tokens * price.completion_per_1k, 1000
-    )
+    return _ceil_div(prompt_tokens * price.prompt_per_1k + completion_tokens * price.completion_per_1k, 1000)
 
 
 def hold_amount(price: Price, prompt_tokens: int, max_tokens: int) -> int:
@@ -56,9 +54,7 @@ class Split:
     providers: list[int]
 
 
-def split_cost(
-    cost: int, layers: list[int], network_bps: int, proxy_bps: int, has_proxy: bool
-) -> Split:
+def split_cost(cost: int, layers: list[int], network_bps: int, proxy_bps: int, has_proxy: bool) -> Split:
     """Commission first (rounded down), the rest to providers by layers served."""
     network = cost * network_bps // BPS
     proxy = cost * proxy_bps // BPS if has_proxy else 0

@@ -71,11 +71,7 @@ class LookupTables:
 
     async def _load(self) -> list[AddressLookupTableAccount]:
         with self.engine.begin() as conn:
-            keys = (
-                conn.execute(select(lookup_tables.c.address).order_by(lookup_tables.c.created_at))
-                .scalars()
-                .all()
-            )
+            keys = conn.execute(select(lookup_tables.c.address).order_by(lookup_tables.c.created_at)).scalars().all()
         tables = []
         for key in keys:
             pubkey = Pubkey.from_string(key)
@@ -84,9 +80,7 @@ class LookupTables:
                 with self.engine.begin() as conn:
                     conn.execute(delete(lookup_tables).where(lookup_tables.c.address == key))
                 continue
-            tables.append(
-                AddressLookupTableAccount(pubkey, AddressLookupTable.deserialize(data).addresses)
-            )
+            tables.append(AddressLookupTableAccount(pubkey, AddressLookupTable.deserialize(data).addresses))
         return tables
 
     async def _create(self) -> AddressLookupTableAccount:
@@ -99,15 +93,8 @@ class LookupTables:
             }
         )
         with self.engine.begin() as conn:
-            if (
-                conn.execute(
-                    select(lookup_tables).where(lookup_tables.c.address == str(address))
-                ).first()
-                is None
-            ):
-                conn.execute(
-                    lookup_tables.insert(), {"address": str(address), "created_at": time.time()}
-                )
+            if conn.execute(select(lookup_tables).where(lookup_tables.c.address == str(address))).first() is None:
+                conn.execute(lookup_tables.insert(), {"address": str(address), "created_at": time.time()})
         if await self.chain.account_data(address) is None:
             await self._send([ix])
         # A second table needs a different recent slot (the address derives from it).
@@ -139,6 +126,4 @@ class LookupTables:
                 break
             await self.chain.wait_for_slot_after(await self.chain.slot())
         if status is None or status.err is not None:
-            raise ChainError(
-                f"lookup table transaction failed: {status.err if status else 'not landed'}"
-            )
+            raise ChainError(f"lookup table transaction failed: {status.err if status else 'not landed'}")

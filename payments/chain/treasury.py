@@ -67,27 +67,19 @@ def bootstrap_litesvm(
         backend.airdrop(treasury.pubkey(), TREASURY_FLOAT_LAMPORTS)
     if asset == "sol":
         return AssetSpec(mint=None, decimals=9)
-    mint_pubkey = (
-        Pubkey.from_string(mint) if mint else _default_mint(backend, treasury, decimals, state_dir)
-    )
+    mint_pubkey = Pubkey.from_string(mint) if mint else _default_mint(backend, treasury, decimals, state_dir)
     ata = get_associated_token_address(treasury.pubkey(), mint_pubkey)
     if backend.svm.get_account(ata) is None:
         send_signed(
             backend,
             treasury,
-            [
-                create_idempotent_associated_token_account(
-                    treasury.pubkey(), treasury.pubkey(), mint_pubkey
-                )
-            ],
+            [create_idempotent_associated_token_account(treasury.pubkey(), treasury.pubkey(), mint_pubkey)],
             [treasury],
         )
     return AssetSpec(mint=mint_pubkey, decimals=decimals)
 
 
-def _default_mint(
-    backend: LiteSVMBackend, treasury: Keypair, decimals: int, state_dir: Path
-) -> Pubkey:
+def _default_mint(backend: LiteSVMBackend, treasury: Keypair, decimals: int, state_dir: Path) -> Pubkey:
     mint_file = state_dir / "mint.json"
     if mint_file.exists():
         mint_pubkey = Pubkey.from_string(json.loads(mint_file.read_text())["mint"])
@@ -125,9 +117,7 @@ def _default_mint(
     return mint.pubkey()
 
 
-def faucet(
-    backend: LiteSVMBackend, treasury: Keypair, asset: AssetSpec, owner: Pubkey, amount: int
-) -> None:
+def faucet(backend: LiteSVMBackend, treasury: Keypair, asset: AssetSpec, owner: Pubkey, amount: int) -> None:
     """LiteSVM demo faucet: give `owner` SOL for fees and `amount` of the asset."""
     backend.airdrop(owner, 10**9 + (amount if asset.mint is None else 0))
     if asset.mint is None:
