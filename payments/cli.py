@@ -24,13 +24,13 @@ from cluster.config import load_settings
 from payments.chain.litesvm_backend import LiteSVMBackend
 from payments.deposits import deposit_transaction
 from payments.errors import PaymentError
-from payments.forwarding import AsyncCall, service_call
+from payments.forwarding import ServiceForwarder
 from payments.ledger import backup as backups
 from payments.ledger import migrate as migrations
 from payments.ledger.ledger import Ledger, SplitPolicy, make_engine
 from payments.ledger.payouts import PayoutBook
 from payments.pricing import Price
-from payments.protocol import PAYMENTS_METHODS, DepositRequest
+from payments.protocol import DepositRequest
 from payments.service import PaymentsService
 
 app = typer.Typer(help="Payments: balances, deposits, settlement and the ledger.", no_args_is_help=True)
@@ -74,16 +74,8 @@ def _with_service(config: Path | None, via_actor: bool, fn: Callable[[Any], Awai
         raise typer.Exit(2) from exc
 
 
-class _Local:
+class _Local(ServiceForwarder):
     """PaymentsAPI over a local service, forwarded by name, but for the two calls the CLI does its own way."""
-
-    def __init__(self, service: PaymentsService) -> None:
-        self.service = service
-
-    def __getattr__(self, name: str) -> AsyncCall:
-        if name not in PAYMENTS_METHODS:
-            raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
-        return service_call(self.service, name)
 
     async def submit_transaction(self, raw: bytes) -> str:
         """The CLI's own transfer: relayed on LiteSVM, sent directly to a real cluster (no relay there)."""

@@ -3,14 +3,17 @@
 The Protocol in `payments.protocol` is the one list of calls (`PAYMENTS_METHODS`). The actor gets a real
 method per call (Ray serves only methods defined on the class) from `forward_missing`; a proxy in the same
 process (the client over the actor's handles, the CLI's and the tests' in-process service) forwards in
-`__getattr__`, with `service_call` when the target is a `PaymentsService`.
+`__getattr__`; `ServiceForwarder` is that proxy over an in-process `PaymentsService`.
 """
 
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from payments.protocol import PAYMENTS_METHODS, PaymentsAPI
+
+if TYPE_CHECKING:
+    from payments.service import PaymentsService
 
 T = TypeVar("T")
 AsyncCall = Callable[..., Coroutine[Any, Any, Any]]
@@ -41,3 +44,16 @@ def service_call(service: object, name: str) -> AsyncCall:
         return await result if inspect.isawaitable(result) else result
 
     return call
+
+
+class ServiceForwarder:
+    """PaymentsAPI without Ray: every call the class does not define, forwarded by name to an in-process
+    service (the CLI's local commands subclass it; so does the tests' LocalPaymentsClient)."""
+
+    def __init__(self, service: "PaymentsService") -> None:
+        self.service = service
+
+    def __getattr__(self, name: str) -> AsyncCall:
+        if name not in PAYMENTS_METHODS:
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+        return service_call(self.service, name)
