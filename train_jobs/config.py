@@ -78,6 +78,13 @@ class PrivacySpec(_Strict):
     noise_multiplier: float = Field(default=1.0, ge=0, le=100, description="Noise std / clipping norm.")
     max_grad_norm: float = Field(default=1.0, gt=0, le=1e6, description="Per-example gradient clipping norm.")
     delta: float = Field(default=1e-5, gt=0, lt=1, description="Target delta of the reported (epsilon, delta).")
+    max_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e6,
+        description="Each client's epsilon budget over the job (at delta); None: unlimited. A client whose "
+        "spend plus one more round would exceed it is not selected, and its own node refuses to train past it.",
+    )
 
 
 class ServerDPSpec(_Strict):

@@ -24,7 +24,7 @@ from solders.keypair import Keypair
 from cluster.network.wallet import load_keypair
 from train_jobs.config import FederatedJob
 from train_jobs.data import TokenizedSet, format_record, load_examples, load_records, shard_indices, tokenize
-from train_jobs.privacy import AccountantState
+from train_jobs.privacy import AccountantState, check_budget, poisson_sample_rate
 from train_jobs.task import (
     add_lora,
     base_model_dir,
@@ -193,12 +193,15 @@ def train_round(job: FederatedJob, message: Message, context: Context) -> Messag
     model = build_lora_model(job)
     load_trainable_state(model, message.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     drops = job.simulate_drops.get(server_round, [])
+    examples, spent = node_examples(job, context, partition), _load_accountant(context)
+    # the data owner's own guard: never train past its budget, whatever the server asks
+    check_budget(spent, job.privacy, poisson_sample_rate(len(examples), job.optim.batch_size), job.optim.max_steps)
     result = train(
         model,
-        node_examples(job, context, partition),
+        examples,
         job.optim,
         privacy=job.privacy,
-        accountant=_load_accountant(context),
+        accountant=spent,
         stop_after=job.optim.max_steps // 2 if partition in drops else None,
         seed=job.optim.seed + 1000 * server_round + partition,
     )

@@ -36,6 +36,7 @@ from train_jobs import metrics as train_metrics
 from train_jobs.checkpoint import write_privacy
 from train_jobs.config import FederatedJob
 from train_jobs.fl_client import build_lora_model, challenge_to_record, held_out_set, partition_sizes
+from train_jobs.privacy import central_epsilon as central_dp_epsilon
 from train_jobs.protocol import (
     JsonlRewardSink,
     RewardSink,
@@ -71,6 +72,8 @@ class RoundStats:
     reported_examples: dict[str, int] = field(default_factory=dict)  # what the clients said
     rewards_lamports: dict[str, int] = field(default_factory=dict)
     unpaid: list[str] = field(default_factory=list)  # completed, but the wallet is not proven
+    over_budget: list[str] = field(default_factory=list)  # not selected: one more round would pass max_epsilon
+    central_epsilon: float | None = None  # server-side DP (server_dp) spent after this round, client level
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,14 @@ class RewardingFedAvg(FedAvg):
         self.fallback_sink = JsonlRewardSink(fallback_path or Path("rewards.pending.jsonl"))
         self._selected: dict[int, list[int]] = {}
         self._started: dict[int, float] = {}
+        self._over_budget: dict[int, list[str]] = {}
+        self._epsilon: dict[int, tuple[float, float]] = {}  # node -> (cumulative, last round), as reported
+
+    def within_budget(self, node: int) -> bool:
+        """False when the node's reported spend plus one more round like its last would pass the budget."""
+        budget = self.job.privacy.max_epsilon if self.job.privacy.enabled else None
+        spent, last = self._epsilon.get(node, (0.0, 0.0))
+        return budget is None or spent + last <= budget
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -151,6 +162,9 @@ class RewardingFedAvg(FedAvg):
         for message in super().configure_train(server_round, arrays, config, grid):
             registration = self.registrations.get(message.metadata.dst_node_id)
             if registration is None:  # joined after registration: it has no partition to train
+                continue
+            if not self.within_budget(registration.node_id):
+                self._over_budget.setdefault(server_round, []).append(registration.label)
                 continue
             node_config = ConfigRecord({**dict(config), "partition-id": registration.partition})
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
@@ -167,6 +181,9 @@ class RewardingFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics and "train-loss" in metrics:
             stats.train_loss = _number(metrics, "train-loss")
+        stats.over_budget = self._over_budget.get(server_round, [])
+        if self.job.server_dp.enabled:
+            stats.central_epsilon = central_dp_epsilon(self.job.server_dp, server_round, self.job.privacy.delta)
         self.run_summary.rounds.append(stats)
         rewards = self._rewards(server_round, stats)
         stats.rewards_lamports = {reward.wallet: reward.amount_lamports for reward in rewards}
@@ -223,6 +240,7 @@ class RewardingFedAvg(FedAvg):
             times[label] = _number(record, "train-time-s")
             eps[label] = _number(record, "epsilon")
             round_eps[label] = _number(record, "round-epsilon")
+            self._epsilon[registration.node_id] = (eps[label], round_eps[label])
         return RoundStats(
             round=server_round,
             selected=selected,

@@ -5,6 +5,7 @@ client's persistent state after each round and restored before the next: epsilon
 all rounds a client took part in, never re-started at zero.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 
-from train_jobs.config import PrivacySpec
+from train_jobs.config import PrivacySpec, ServerDPSpec
 
 # (noise_multiplier, sample_rate, num_steps) per run of identical steps, as Opacus' RDP keeps it.
 HistoryEntry = tuple[float, float, int]
@@ -48,6 +49,39 @@ def epsilon(history: list[HistoryEntry], delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """A round would take a client past its epsilon budget (`PrivacySpec.max_epsilon`)."""
+
+
+def poisson_sample_rate(examples: int, batch_size: int) -> float:
+    """The sample rate Opacus' Poisson loader uses for `examples` in batches of `batch_size`."""
+    return 1.0 / max(math.ceil(examples / batch_size), 1)
+
+
+def projected_epsilon(previous: AccountantState | None, spec: PrivacySpec, sample_rate: float, steps: int) -> float:
+    """Epsilon a client would have spent after `steps` more DP-SGD steps at `sample_rate`."""
+    history = (previous.history() if previous is not None else []) + [(spec.noise_multiplier, sample_rate, steps)]
+    return epsilon(history, spec.delta)
+
+
+def check_budget(previous: AccountantState | None, spec: PrivacySpec, sample_rate: float, steps: int) -> None:
+    """PrivacyBudgetExceeded when the next round would take the client past `spec.max_epsilon`."""
+    if not spec.enabled or spec.max_epsilon is None:
+        return
+    projected = projected_epsilon(previous, spec, sample_rate, steps)
+    if projected > spec.max_epsilon:
+        raise PrivacyBudgetExceeded(f"this round would spend epsilon to {projected:.3f} > budget {spec.max_epsilon}")
+
+
+def central_epsilon(spec: ServerDPSpec, rounds: int, delta: float) -> float:
+    """Client-level epsilon of server-side fixed-clipping DP after `rounds` releases (RDP of the Gaussian
+    mechanism, noise `noise_multiplier` x the clipping norm on the sum). No amplification by sampling is
+    claimed, as Flower's own accountant for this wrapper does not: the server chooses who takes part."""
+    if spec.noise_multiplier == 0:
+        return math.inf
+    return epsilon([(spec.noise_multiplier, 1.0, rounds)], delta)
 
 
 @dataclass

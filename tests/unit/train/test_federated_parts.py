@@ -35,6 +35,7 @@ def test_client_resources_and_privacy_come_from_the_job() -> None:
         "noise_multiplier": 1.3,
         "max_grad_norm": 0.7,
         "delta": 1e-6,
+        "max_epsilon": None,
     }
 
 
@@ -67,3 +68,42 @@ def test_client_cpus_are_raised_until_the_pool_flower_makes_fits_the_free_cpus()
     assert fitting_cpus(4, [(16.0, 15.0), (8.0, 8.0)]) == 5  # every node's share of the pool must fit it
     with pytest.raises(RuntimeError, match="no CPU is free"):
         fitting_cpus(4, [(16.0, 0.0)])
+
+
+def test_a_client_over_its_epsilon_budget_is_not_selected_and_central_dp_is_accounted(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import math
+    from pathlib import Path
+
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from train_jobs.fl_server import FederatedSummary, Registration
+
+    job = FederatedJob(
+        name="fl",
+        num_clients=2,
+        min_train_clients=1,
+        privacy={"enabled": True, "max_epsilon": 5.0},
+        server_dp={"enabled": True, "noise_multiplier": 1.0},
+    )
+    registrations = {n: Registration(n, n - 1, f"W{n}", f"W{n}") for n in (1, 2)}
+    sink = JsonlRewardSink(Path(str(tmp_path)) / "r.jsonl")
+    strategy = RewardingFedAvg(job, registrations, sink, 1, FederatedSummary(job="fl"), [10, 10])
+    strategy._epsilon = {1: (3.0, 1.5), 2: (3.0, 2.5)}  # node 2: 3.0 + 2.5 would pass 5.0
+    assert strategy.within_budget(1) and not strategy.within_budget(2) and strategy.within_budget(3)
+
+    class _Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)  # what a ServerApp process has set
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    sent = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), _Grid()))  # type: ignore[arg-type]
+    assert [m.metadata.dst_node_id for m in sent] == [1] and strategy._over_budget[2] == ["W2"]
+    strategy.aggregate_train(2, [])
+    stats = strategy.run_summary.rounds[-1]
+    assert stats.over_budget == ["W2"] and stats.dropped == ["W1"] and stats.central_epsilon is not None
+    assert 0 < stats.central_epsilon < math.inf

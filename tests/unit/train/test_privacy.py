@@ -37,3 +37,33 @@ def test_dp_training_accumulates_epsilon_across_rounds(tiny_dir: Path) -> None:
     assert abs((second.round_epsilon or 0) - first.epsilon) < 1e-9
     sample_rate = first.accountant.sample_rates[0]
     assert abs(second.epsilon - epsilon([(1.0, sample_rate, 6)], 1e-5)) < 1e-9
+
+
+def test_the_budget_refuses_a_round_that_would_pass_it_and_central_dp_grows_with_rounds() -> None:
+    import math
+
+    import pytest
+
+    from train_jobs.config import PrivacySpec, ServerDPSpec
+    from train_jobs.privacy import (
+        AccountantState,
+        PrivacyBudgetExceeded,
+        central_epsilon,
+        check_budget,
+        poisson_sample_rate,
+        projected_epsilon,
+    )
+
+    spec = PrivacySpec(enabled=True, noise_multiplier=0.8, max_epsilon=8.0)
+    rate = poisson_sample_rate(40, 8)
+    assert rate == 0.2
+    one = projected_epsilon(None, spec, rate, 3)
+    spent = AccountantState([0.8], [rate], [3])
+    assert projected_epsilon(spent, spec, rate, 3) > one > 0
+    check_budget(None, spec, rate, 3)  # one round fits
+    with pytest.raises(PrivacyBudgetExceeded):
+        check_budget(AccountantState([0.8], [rate], [300]), spec, rate, 3)
+    check_budget(AccountantState([0.8], [rate], [300]), PrivacySpec(enabled=True), rate, 3)  # no budget
+    server = ServerDPSpec(enabled=True, noise_multiplier=1.0)
+    assert central_epsilon(server, 2, 1e-5) > central_epsilon(server, 1, 1e-5) > 0
+    assert central_epsilon(ServerDPSpec(enabled=True, noise_multiplier=0.0), 1, 1e-5) == math.inf
