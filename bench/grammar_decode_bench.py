@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 
 
 def digits_schema(count: int) -> dict[str, Any]:
-    array = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}}
+    array: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}}
     array |= {"minItems": count, "maxItems": count}
     return {"type": "object", "properties": {"digits": array}, "required": ["digits"], "additionalProperties": False}
 
@@ -45,9 +45,9 @@ def run_round(worker: Any, prompt: list[int], batch: int, tokens: int, grammar: 
     first = scheduler.schedule()
     scheduler.update(worker.forward(first))
     timer.reset()
-    masks = [s.constraint for s in scheduler.running.values() if s.constraint is not None]
-    for constraint in masks:
-        constraint.seconds = 0.0
+    masks: list[Any] = [s.constraint for s in scheduler.running.values() if s.constraint is not None]
+    for timed in masks:
+        timed.seconds = 0.0
     generated, started = 0, time.perf_counter()
     while scheduler.running:
         step = scheduler.schedule()
@@ -137,8 +137,8 @@ def main() -> None:
     compiler = GrammarCompiler(tokenizer, int(config.vocab_size), (2,))
     grammar = compiler.compile(GrammarSpec("json_schema", json.dumps(digits_schema(args.digits))))
     message = [{"role": "user", "content": "List thirty digits as JSON."}]
-    prompt = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=True)
-    prompt = list(prompt["input_ids"])
+    encoded: Any = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = [int(t) for t in encoded["input_ids"]]
     # The grammar's answer is exactly this many tokens: `{"digits": [d, d, ...]}` + EOS.
     probe = run_round(worker, prompt, 1, 4 * args.digits + 16, grammar, compiler)
     tokens = probe["tokens"] - 1  # the free run samples one token in the prefill, like the grammar run

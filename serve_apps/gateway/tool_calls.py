@@ -84,29 +84,45 @@ def _calls(block: str, names: set[str]) -> list[ParsedCall]:
 
 
 class ToolCallStream:
-    """Streams an answer that may be tool calls: text goes out as it comes once it cannot be a call;
-    an answer that begins like a call is held, and parsed when it ends."""
+    """Streams an answer that may hold tool calls: text goes out as it comes once it cannot be a call; an
+    answer that begins like a call is held, and so is everything from a `<tool_call>` written after some
+    text; what is held is parsed when the answer ends."""
 
     def __init__(self, names: set[str], parallel: bool = True) -> None:
         self.names, self.parallel = names, parallel
-        self.buffer = ""
+        self.buffer = ""  # held: the answer so far (undecided) or everything from a <tool_call> on
+        self.tail = ""  # text mode: the end of the text so far that may be the start of "<tool_call>"
         self.text_mode = False
 
     def feed(self, text: str) -> str:
         """The content to send now ("" while holding)."""
         if self.text_mode:
-            return text
+            return self._text(text)
         self.buffer += text
         head = self.buffer.lstrip()
         if not head or any(m.startswith(head) or head.startswith(m) for m in MARKERS):
             return ""
         self.text_mode = True
         held, self.buffer = self.buffer, ""
-        return held
+        return self._text(held)
+
+    def _text(self, text: str) -> str:
+        if self.buffer:  # a call began after some text: hold the rest
+            self.buffer += text
+            return ""
+        text, self.tail = self.tail + text, ""
+        if "<tool_call>" in text:
+            at = text.index("<tool_call>")
+            self.buffer = text[at:]
+            return text[:at]
+        keep = next((n for n in range(min(len(text), 10), 0, -1) if "<tool_call>".startswith(text[-n:])), 0)
+        if keep:
+            text, self.tail = text[:-keep], text[-keep:]
+        return text
 
     def finish(self) -> tuple[str | None, list[ParsedCall]]:
         """What is left at the end: (content not yet sent, calls)."""
-        if self.text_mode or not self.buffer:
-            return None, []
+        if not self.buffer:
+            return self.tail or None, []
         content, calls = parse_tool_calls(self.buffer, self.names, self.parallel)
-        return content, calls
+        return (self.tail + content if content else self.tail or None), calls

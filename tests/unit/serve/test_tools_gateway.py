@@ -241,3 +241,15 @@ def test_the_stream_holds_what_may_be_a_call_and_passes_text() -> None:
     assert content is None and calls[0].name == "get_weather"
     text = ToolCallStream({"get_weather"})
     assert text.feed("Hel") == "Hel" and text.feed("lo") == "lo" and text.finish() == (None, [])
+
+
+def test_a_call_after_some_text_is_held_from_its_tag_on() -> None:
+    stream = ToolCallStream({"get_weather"})
+    sent = [stream.feed(part) for part in ["Let me look ", "that up. <tool", "_call>\n", CALL[12:]]]
+    assert "".join(sent) == "Let me look that up. "
+    content, calls = stream.finish()
+    assert content is None and [c.name for c in calls] == ["get_weather"]
+    partial = ToolCallStream({"get_weather"})
+    assert partial.feed("a <") == "a " and partial.feed("b") == "<b" and partial.finish() == (None, [])
+    unparsed = ToolCallStream({"get_weather"})
+    assert unparsed.feed("x <tool_call>nope") == "x " and unparsed.finish() == ("<tool_call>nope", [])
