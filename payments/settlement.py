@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.signature import Signature
-from solders.transaction import VersionedTransaction
 from spl.token.instructions import get_associated_token_address
 from tqdm import tqdm
 
@@ -397,8 +396,3 @@ class Settler:
         self.book.fail(batch.batch_id, status.fee_lamports or 0, status.err, signature)
         logger.error("batch %s failed on chain: %s", batch.batch_id, status.err)
         return "failed"
-
-
-def signed_transaction(batch: BatchRow) -> VersionedTransaction | None:
-    """The stored signed transaction of a batch (legacy or v0), for inspection."""
-    return VersionedTransaction.from_bytes(batch.tx_bytes) if batch.tx_bytes else None

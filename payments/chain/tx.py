@@ -38,10 +38,6 @@ class AssetSpec:
     mint: Pubkey | None
     decimals: int = 9
 
-    @property
-    def is_sol(self) -> bool:
-        return self.mint is None
-
 
 @dataclass(frozen=True, slots=True)
 class PayoutLine:

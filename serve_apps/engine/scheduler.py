@@ -132,10 +132,6 @@ class Scheduler:
         return self._mark_finished(running, reason) if running is not None else None
 
     @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._released)
-
-    @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 
@@ -180,15 +176,6 @@ class Scheduler:
                 self._mark_finished(seq, reason)
             updates.append(TokenUpdate(seq.seq_id, token, reason, score))
         return updates
-
-    def fail(self, step_id: int) -> list[Sequence]:
-        """Forget an in-flight step that raised; its sequences are returned for the caller to handle."""
-        self._requeue_released(step_id)
-        return self._inflight.pop(step_id, [])
-
-    @property
-    def num_inflight(self) -> int:
-        return len(self._inflight)
 
     def replay_all(self) -> int:
         """After stages lost their KV caches: re-prefill every resident sequence from its token history.

@@ -1,6 +1,5 @@
 """The one HTTP error border: every failure leaves as OpenAI error JSON with a 4xx/5xx status."""
 
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -63,7 +62,3 @@ def validation_error(errors: Sequence[Any]) -> OpenAIError:
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))
     return OpenAIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
-
-
-def json_error_text(exc: json.JSONDecodeError) -> str:
-    return f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}"

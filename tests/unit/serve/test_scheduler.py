@@ -148,13 +148,6 @@ def test_context_limit_finishes_with_length() -> None:
     assert updates[0].finish_reason == "length"
 
 
-def test_failed_step_returns_its_sequences() -> None:
-    s = sched()
-    s.add(seq("a"))
-    batch = s.schedule()
-    assert [q.seq_id for q in s.fail(batch.step_id)] == ["a"]
-
-
 def test_replay_recomputes_history_without_sampling_again() -> None:
     s = sched(chunk=4)
     s.add(seq("a", prompt=3, max_tokens=10))
