@@ -5,12 +5,13 @@ tests drive it in-process; `OpenAIIngress` is the Serve ingress deployment that 
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from serve_apps.gateway.metering import HoldCloser, Metering, abandoned
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serve_apps.gateway.operator import require_operator
 from serve_apps.gateway.providers import ProviderRegistryAPI, build_provider_router, public_nodes
+from serve_apps.gateway.responses_api import ResponsesRequest, create_response
 from serve_apps.gateway.structured import grammar_for
 from serve_apps.gateway.tool_calls import ToolCallStream, parse_tool_calls
 from serve_apps.mcp.http import mount_mcp
@@ -158,6 +160,20 @@ class Gateway:
         parallel = body.parallel_tool_calls is not False
         return {"grammar": grammar, "tools": tools, "parallel_tool_calls": parallel}
 
+    async def admit(
+        self, body: ChatCompletionRequest | CompletionRequest, authorization: str | None, request_id: str | None = None
+    ) -> tuple[GenerateRequest, HoldCloser]:
+        """Authenticate, translate and hold for `body` (401/402/404/429 as OpenAIError): the request to run and
+        what closes its hold. `request_id` replaces the generated id (the Responses API's `resp_...`)."""
+        identity = await self.caller(authorization)
+        request = self.to_generate_request(body)
+        if request_id is not None:
+            request = dataclasses.replace(request, request_id=request_id)
+        REQUEST_ID.set(request.request_id)  # every log line of this request carries its id
+        payer = await self.metering.admit(identity, request, self.hold_tokens(body))
+        request = dataclasses.replace(request, payer=payer)  # per-payer replica state (the proxy's cache) keys on it
+        return request, self.metering.closer(request, payer)
+
     async def open_stream(self, request: GenerateRequest) -> tuple[Accepted, AsyncIterator[GenerateEvent]]:
         """Start generation and wait for the replica to accept it (a Rejected becomes an OpenAIError)."""
         started = time.perf_counter()
@@ -253,7 +269,23 @@ class Gateway:
         include_usage: bool,
         hold: HoldCloser | None = None,
     ) -> AsyncIterator[str]:
-        """SSE chunks; the final chunk carries the settlement id (headers are gone by then).
+        """chunk_events as SSE `data:` lines; closing this closes them (a client that left pays, see there)."""
+        chunks = self.chunk_events(request, events, accepted, chat, include_usage, hold)
+        async with contextlib.aclosing(chunks):
+            async for item in chunks:
+                yield R.sse(item)
+
+    async def chunk_events(
+        self,
+        request: GenerateRequest,
+        events: AsyncIterator[GenerateEvent],
+        accepted: Accepted,
+        chat: bool,
+        include_usage: bool,
+        hold: HoldCloser | None = None,
+    ) -> AsyncGenerator[dict | str, None]:
+        """The stream's chunks (dicts, OpenAI error bodies, "[DONE]"); the final chunk carries the settlement
+        id (headers are gone by then). The Responses API (responses_api.py) reads them as they come.
 
         A stream that ends without its Finished: a client that went away (this generator is cancelled or
         closed) or outlived the request timeout (it may read slowly) pays for the prompt and the tokens it
@@ -266,47 +298,47 @@ class Gateway:
         tools = ToolCallStream(request.tool_names(), request.parallel_tool_calls) if chat and request.tools else None
         try:
             if chat:
-                yield R.sse(R.chunk(meta, None, None, first=True))
+                yield R.chunk(meta, None, None, first=True)
             async for event in _until_lost(_before(deadline, events)):
                 if isinstance(event, PipelineLost):
                     hold.release("pipeline lost")
-                    yield R.sse(error_body(503, f"the pipeline replica was lost: {event}", code="pipeline_unavailable"))
+                    yield error_body(503, f"the pipeline replica was lost: {event}", code="pipeline_unavailable")
                     break
                 if isinstance(event, TextDelta):
                     sent = event.completion_tokens
                     text = tools.feed(event.text) if tools is not None else event.text
                     if text:
-                        yield R.sse(R.chunk(meta, text, None))
+                        yield R.chunk(meta, text, None)
                 elif isinstance(event, Finished):
                     if event.finish_reason == "error":
                         hold.release("generation failed")
-                        yield R.sse(error_body(503, f"generation failed: {event.error}", code="pipeline_unavailable"))
+                        yield error_body(503, f"generation failed: {event.error}", code="pipeline_unavailable")
                         break
                     try:
                         settlement_id = await asyncio.shield(hold.settle(event))
                     except OpenAIError as exc:  # settlement failed (its hold was released): say so, in band
-                        yield R.sse(error_body(exc.status, exc.message, exc.param, exc.code))
+                        yield error_body(exc.status, exc.message, exc.param, exc.code)
                         break
                     finish_reason = event.finish_reason
                     if tools is not None:
                         content, calls = tools.finish()
                         if content:
-                            yield R.sse(R.chunk(meta, content, None))
+                            yield R.chunk(meta, content, None)
                         for part in R.tool_call_chunks(meta, [call.as_openai() for call in calls]):
-                            yield R.sse(part)
+                            yield part
                         finish_reason = "tool_calls" if calls else finish_reason
                     final = R.chunk(meta, None, finish_reason)
                     if settlement_id is not None:
                         final["settlement_id"] = settlement_id
-                    yield R.sse(final)
+                    yield final
                     if include_usage:
-                        yield R.sse(R.usage_chunk(meta, event.prompt_tokens, event.completion_tokens))
+                        yield R.usage_chunk(meta, event.prompt_tokens, event.completion_tokens)
                     break
-            yield R.sse("[DONE]")
+            yield "[DONE]"
         except TimeoutError:
             hold.settle(abandoned(accepted, sent))
-            yield R.sse(error_body(504, "the request timed out", code="timeout"))
-            yield R.sse("[DONE]")
+            yield error_body(504, "the request timed out", code="timeout")
+            yield "[DONE]"
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             hold.settle(abandoned(accepted, sent))
             raise
@@ -377,6 +409,12 @@ def create_gateway_app(gateway: Gateway | None = None, max_body_bytes: int = 1_0
         body: CompletionRequest, request: Request, authorization: str | None = Header(default=None)
     ) -> JSONResponse | StreamingResponse:
         return await _respond(core(request), body, False, authorization)
+
+    @app.post("/v1/responses", response_model=None)
+    async def responses(
+        body: ResponsesRequest, request: Request, authorization: str | None = Header(default=None)
+    ) -> JSONResponse | StreamingResponse:
+        return await create_response(core(request), body, authorization)
 
     @app.post("/v1/embeddings", response_model=None)
     async def embeddings(
@@ -451,12 +489,7 @@ async def _answer(  # type: ignore[no-untyped-def]
     chat: bool,
     authorization: str | None,
 ):
-    identity = await gateway.caller(authorization)
-    request = gateway.to_generate_request(body)
-    REQUEST_ID.set(request.request_id)  # every log line of this request carries its id
-    payer = await gateway.metering.admit(identity, request, gateway.hold_tokens(body))
-    request = dataclasses.replace(request, payer=payer)  # per-payer replica state (the proxy's cache) keys on it
-    hold = gateway.metering.closer(request, payer)
+    request, hold = await gateway.admit(body, authorization)
     try:
         if not body.stream:
             result = await gateway.complete(request, chat, hold)
