@@ -143,3 +143,63 @@ def test_openapi_schema_declares_the_strict_request_models() -> None:
     assert not chat.is_valid({**good, "bogus": 1})  # unknown fields are rejected, and declared so
     assert not chat.is_valid({**good, "temperature": 7})
     assert client.post("/v1/chat/completions", json=good).status_code == 200
+
+
+ITEM = st.fixed_dictionaries(
+    {"type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning"]) | JSON},
+    optional={
+        "role": st.sampled_from(["user", "assistant", "developer", "tool"]) | JSON,
+        "content": st.text(max_size=20)
+        | st.lists(st.fixed_dictionaries({"type": st.just("input_text"), "text": JSON})),
+        "call_id": st.text(max_size=8) | JSON,
+        "name": NAME,
+        "arguments": st.text(max_size=20) | JSON,
+        "output": st.text(max_size=20) | JSON,
+    },
+)
+FLAT_TOOL = st.fixed_dictionaries(
+    {"type": st.just("function") | JSON, "name": NAME | JSON}, optional={"parameters": SCHEMA, "strict": JSON}
+)
+RESPONSES_VALUES = {
+    "model": st.sampled_from(["fake", "nope"]) | JSON,
+    "input": st.text(max_size=20) | st.lists(ITEM, max_size=3) | JSON,
+    "tools": st.lists(FLAT_TOOL, max_size=3) | JSON,
+    "tool_choice": st.sampled_from(["none", "auto", "required"])
+    | st.fixed_dictionaries({"type": st.just("function"), "name": NAME})
+    | JSON,
+    "text": st.fixed_dictionaries({"format": RESPONSE_FORMAT | JSON}) | JSON,
+}
+RESPONSES_FIELDS = [
+    "model",
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "text",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "stream",
+    "metadata",
+    "user",
+    "store",
+    "include",
+    "previous_response_id",
+    "background",
+    "reasoning",
+    "truncation",
+    "bogus",
+]
+RESPONSES_BODY = st.dictionaries(st.sampled_from(RESPONSES_FIELDS), JSON, max_size=8).flatmap(
+    lambda extra: st.fixed_dictionaries({k: RESPONSES_VALUES.get(k, JSON) for k in extra})
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=RESPONSES_BODY)
+def test_no_responses_body_gets_a_server_error(body: dict) -> None:
+    response = client.post("/v1/responses", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code < 500, (response.status_code, response.text)
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
