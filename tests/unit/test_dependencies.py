@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 FIRST_PARTY = {"cluster", "serve_apps", "train_jobs", "payments", "tests", "bench", "solanalm_client"}
 # Import names of optional backends that are not installed here (CI has neither), as their distributions.
-NOT_INSTALLED = {"vllm": "vllm", "llama_cpp": "llama-cpp-python"}
+NOT_INSTALLED = {"llama_cpp": "llama-cpp-python"}
 
 
 def _import_statements(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:

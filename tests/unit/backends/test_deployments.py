@@ -9,7 +9,7 @@ from serve_apps.backends.deployments import llamacpp_deployment, proxy_deploymen
 GGUF = {"kind": "gguf", "path": "/m.gguf"}
 
 
-def test_vllm_replica_reserves_one_bundle_per_worker() -> None:
+def test_vllm_replica_holds_its_process_resources() -> None:
     spec = ModelSpec(
         name="q",
         backend="vllm",
@@ -17,9 +17,13 @@ def test_vllm_replica_reserves_one_bundle_per_worker() -> None:
         vllm={"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "gpus_per_worker": 0.5},
     )
     deployment = vllm_deployment(spec)
-    assert deployment.name == "vllm-q" and deployment.ray_actor_options["num_cpus"] == 0
-    assert deployment.ray_actor_options["runtime_env"] == {"env_vars": {"VLLM_RAY_PER_WORKER_GPUS": "0.5"}}
-    assert deployment._replica_config.placement_group_bundles == [{"GPU": 0.5, "CPU": 1.0}] * 4
+    # One node: the replica takes the GPUs its `vllm serve` child uses, so Ray sets CUDA_VISIBLE_DEVICES.
+    assert deployment.name == "vllm-q" and deployment.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 2.0}
+    assert deployment._replica_config.placement_group_bundles is None
+    cpu = vllm_deployment(
+        ModelSpec(name="c", backend="vllm", source={"kind": "tiny"}, vllm={"device": "cpu", "cpus_per_worker": 2})
+    )
+    assert cpu.ray_actor_options == {"num_cpus": 2.0}
 
 
 def test_llamacpp_and_proxy_replicas() -> None:
