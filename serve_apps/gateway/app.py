@@ -123,7 +123,15 @@ class Gateway:
             seed=body.seed,
             stop=body.stop_list(),
             ignore_eos=body.ignore_eos,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=body.bias_pairs(),
+            logprobs=body.logprobs_k(),
         )
+        self._check_sampling(body)
+        if body.logprobs_k() is not None or body.choices() > 1:
+            param = "n" if body.choices() > 1 else "logprobs"
+            raise OpenAIError(400, f"{param} is not supported yet", param, "unsupported_value")
         if isinstance(body, ChatCompletionRequest):
             return GenerateRequest(
                 f"chatcmpl-{uuid.uuid4().hex}",
@@ -142,6 +150,29 @@ class Gateway:
             max_tokens_given=limit is not None,
             max_tokens_cap=cap,
         )
+
+    def _check_sampling(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        """A 400 naming the backend for sampling fields only SolanaLM's own pipeline honours (llama.cpp's,
+        vLLM's and a proxy's adapters do not forward them; they would be silently ignored)."""
+        backend = self.cards[body.model].backend
+        if backend == "transformers":
+            return
+        asked = {
+            "presence_penalty": bool(body.presence_penalty),
+            "frequency_penalty": bool(body.frequency_penalty),
+            "logit_bias": bool(body.logit_bias),
+            "logprobs": body.logprobs_k() is not None,
+            "n": body.choices() > 1,
+        }
+        for param, given in asked.items():
+            if given:
+                raise OpenAIError(
+                    400,
+                    f"{param} is not supported by the {backend} backend serving `{body.model}` "
+                    "(penalties, logit_bias, logprobs and n > 1 run on SolanaLM's own pipeline backend only)",
+                    param,
+                    "unsupported_on_backend",
+                )
 
     def _structured(self, body: ChatCompletionRequest) -> dict[str, Any]:
         """GenerateRequest's grammar and tools fields; a 400 naming the backend where they cannot be served."""
@@ -170,7 +201,8 @@ class Gateway:
         if request_id is not None:
             request = dataclasses.replace(request, request_id=request_id)
         REQUEST_ID.set(request.request_id)  # every log line of this request carries its id
-        payer = await self.metering.admit(identity, request, self.hold_tokens(body))
+        # n choices may each produce the per-choice limit: all of them are held (the prompt once).
+        payer = await self.metering.admit(identity, request, self.hold_tokens(body) * body.choices())
         request = dataclasses.replace(request, payer=payer)  # per-payer replica state (the proxy's cache) keys on it
         return request, self.metering.closer(request, payer)
 
@@ -295,10 +327,16 @@ class Gateway:
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
         sent = 0  # completion tokens handed to the client
         deadline = asyncio.get_running_loop().time() + self.request_timeout_s
+
+        def out(body: dict) -> dict:  # with include_usage every chunk but the last has "usage": null (OpenAI's)
+            if include_usage:
+                body.setdefault("usage", None)
+            return body
+
         tools = ToolCallStream(request.tool_names(), request.parallel_tool_calls) if chat and request.tools else None
         try:
             if chat:
-                yield R.chunk(meta, None, None, first=True)
+                yield out(R.chunk(meta, None, None, first=True))
             async for event in _until_lost(_before(deadline, events)):
                 if isinstance(event, PipelineLost):
                     hold.release("pipeline lost")
@@ -308,7 +346,7 @@ class Gateway:
                     sent = event.completion_tokens
                     text = tools.feed(event.text) if tools is not None else event.text
                     if text:
-                        yield R.chunk(meta, text, None)
+                        yield out(R.chunk(meta, text, None))
                 elif isinstance(event, Finished):
                     if event.finish_reason == "error":
                         hold.release("generation failed")
@@ -323,14 +361,14 @@ class Gateway:
                     if tools is not None:
                         content, calls = tools.finish()
                         if content:
-                            yield R.chunk(meta, content, None)
+                            yield out(R.chunk(meta, content, None))
                         for part in R.tool_call_chunks(meta, [call.as_openai() for call in calls]):
-                            yield part
+                            yield out(part)
                         finish_reason = "tool_calls" if calls else finish_reason
                     final = R.chunk(meta, None, finish_reason)
                     if settlement_id is not None:
                         final["settlement_id"] = settlement_id
-                    yield final
+                    yield out(final)
                     if include_usage:
                         yield R.usage_chunk(meta, event.prompt_tokens, event.completion_tokens)
                     break

@@ -1,8 +1,9 @@
 """OpenAI request schemas, validated strictly: a bad field is a 400 naming the field, never a 500.
 
 Fields OpenAI defines but SolanaLM does not implement are accepted only at their neutral value and
-otherwise rejected with a clear message (e.g. logprobs, n > 1); unknown fields are rejected. Tools and
-response_format are defined in structured.py.
+otherwise rejected with a clear message (e.g. echo, suffix, best_of > 1); unknown fields are rejected. Tools
+and response_format are defined in structured.py. Sampling fields a backend cannot honour (penalties,
+logit_bias, logprobs, n > 1 off SolanaLM's own pipeline) are refused by the gateway naming the backend.
 """
 
 from typing import Annotated, Literal
@@ -30,6 +31,10 @@ from serve_apps.gateway.structured import (
 )
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # n
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's own bound)
+MAX_TOP_LOGPROBS = 20  # chat top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # completions logprobs
 
 
 def _encodable(value: str) -> str:
@@ -54,7 +59,7 @@ def _encodable_parts(value: object) -> object:
 Text = Annotated[str, AfterValidator(_encodable)]  # for plain string fields; unions use _encodable_parts
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=True)]
 
 
 class StreamOptions(BaseModel):
@@ -119,14 +124,18 @@ class _SamplingFields(BaseModel):
     temperature: Temperature | None = 1.0
     top_p: TopP | None = 1.0
     top_k: StrictInt | None = Field(default=None, ge=-1, le=100_000, description="SolanaLM extension; -1/0: off.")
-    n: StrictInt | None = Field(default=1, ge=1, le=1)
+    n: StrictInt | None = Field(default=1, ge=1, le=MAX_CHOICES, description="Choices, sharing the prompt's KV cache.")
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, strict=True)]] | None = Field(
+        default=None,
+        max_length=MAX_LOGIT_BIAS,
+        description="Token id (a decimal string) -> bias added to its logit; ids are checked against the vocabulary.",
+    )
     user: Text | None = Field(default=None, max_length=256)
     ignore_eos: StrictBool = Field(default=False, description="SolanaLM extension for benchmarks.")
 
@@ -141,12 +150,16 @@ class _SamplingFields(BaseModel):
         _encodable_parts(stops)
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not (key.isascii() and key.isdecimal()) or len(key) > 9:
+                raise ValueError(f"keys must be token ids (decimal strings of at most 9 digits), got {key[:20]!r}")
+        return value
+
     @model_validator(mode="after")
     def _unsupported(self) -> "_SamplingFields":
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -157,12 +170,20 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) sorted by id (a key repeated as "7" and "07" keeps its last value)."""
+        merged = {int(key): float(bias) for key, bias in (self.logit_bias or {}).items()}
+        return tuple(sorted(merged.items()))
+
+    def choices(self) -> int:
+        return self.n or 1
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     logprobs: StrictBool | None = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
@@ -170,12 +191,17 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> "ChatCompletionRequest":
-        if self.logprobs or self.top_logprobs is not None:
-            raise ValueError("logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         self._check_tools()
-        if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ (give one; they are the same limit)")
         return self
+
+    def logprobs_k(self) -> int | None:
+        """None: no logprobs; k: the sampled token's logprob and its k most likely alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def _check_tools(self) -> None:
         names = [tool.function.name for tool in self.tools or []]
@@ -201,7 +227,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] = Field(description="A string (or a one-element list of strings).")
     max_tokens: StrictInt | None = Field(default=16, ge=1, le=1_000_000)
     echo: StrictBool | None = False
-    logprobs: StrictInt | None = None
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: StrictInt | None = Field(default=None, ge=1, le=1)
     suffix: Text | None = None
 
@@ -215,13 +241,14 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _completion_unsupported(self) -> "CompletionRequest":
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported")
         if self.echo:
             raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -169,6 +169,15 @@ class PipelineServer:
         if isinstance(prepared, Rejected):
             yield prepared
             return
+        outside = [t for t, _ in request.sampling.logit_bias if t >= self.vocab_size]
+        if outside:
+            yield Rejected(
+                400,
+                f"logit_bias names token {outside[0]}, outside {self.plan.name}'s vocabulary of {self.vocab_size}",
+                "logit_bias",
+                "invalid_value",
+            )
+            return
         constraint = await self._constraint(request)
         if isinstance(constraint, Rejected):
             yield constraint

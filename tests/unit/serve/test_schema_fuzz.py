@@ -69,7 +69,12 @@ MESSAGE = st.fixed_dictionaries(
     },
     optional={"tool_calls": st.lists(CALL, max_size=2) | JSON, "tool_call_id": st.text(max_size=8) | JSON},
 )
+BIAS_KEY = st.integers(-5, 10**10).map(str) | st.sampled_from(["", "1e3", "٣", " 7", "0x10"]) | st.text(max_size=4)
 VALUES = {
+    "logit_bias": st.dictionaries(BIAS_KEY, st.floats(-150, 150) | JSON, max_size=4) | JSON,
+    "n": st.integers(-1, 20) | JSON,
+    "top_logprobs": st.integers(-1, 25) | JSON,
+    "logprobs": st.integers(-1, 8) | st.booleans() | JSON,
     "model": st.sampled_from(["fake", "nope"]) | JSON,
     "messages": st.lists(MESSAGE, max_size=3) | JSON,
     "tools": st.lists(TOOL, max_size=3) | JSON,
