@@ -11,7 +11,9 @@ the node config names the provider's data directory (`data-dir`, its `*.jsonl` /
 for training; they never leave the machine) and its wallet keypair (`wallet`).
 """
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -188,8 +190,36 @@ def train_round(job: FederatedJob, message: Message, context: Context) -> Messag
     config = message.content["config"]
     partition = int(config["partition-id"])  # type: ignore[arg-type,index]  # the server assigns it
     server_round = int(config["server-round"])  # type: ignore[arg-type,index]
-    if job.client_resources.torch_threads is not None:
-        torch.set_num_threads(job.client_resources.torch_threads)
+    threads = _threads(job.client_resources.torch_threads, context.node_config.get("torch-threads"))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    round_file = context.node_config.get("round-file")
+    with _holding(Path(str(round_file)) if round_file else None):
+        return _train_round(job, message, context, partition, server_round)
+
+
+def _threads(job_threads: int | None, node_cap: object) -> int | None:
+    """The job's torch threads under the node's own cap (a hybrid provider keeps the rest for serving)."""
+    if not isinstance(node_cap, int | float | str) or node_cap == "":
+        return job_threads
+    cap = max(1, int(node_cap))
+    return cap if job_threads is None else min(job_threads, cap)
+
+
+@contextlib.contextmanager
+def _holding(path: Path | None) -> Iterator[None]:
+    """`path` exists while the block runs: the node's mode switch waits for the round to end."""
+    if path is None:
+        yield
+        return
+    path.touch()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _train_round(job: FederatedJob, message: Message, context: Context, partition: int, server_round: int) -> Message:
     model = build_lora_model(job)
     load_trainable_state(model, message.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     drops = job.simulate_drops.get(server_round, [])

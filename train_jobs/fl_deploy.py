@@ -91,10 +91,17 @@ def supernode_command(
     wallet: Path,
     runtime_port: int,
     max_retries: int | None = None,
+    torch_threads: int | None = None,
+    round_file: Path | None = None,
 ) -> list[str]:
     """`flower-supernode` dialling `superlink` (host:port) over TLS, signing with `auth_key`; the
-    ClientApp finds its data directory and wallet in the node config."""
+    ClientApp finds its data directory and wallet in the node config, and, on a hybrid provider node, its
+    cap on torch threads and the file it holds while it trains a round (the node's mode switch waits on it)."""
     node_config = f'data-dir="{data_dir.resolve()}" wallet="{wallet.resolve()}"'
+    if torch_threads is not None:
+        node_config += f" torch-threads={int(torch_threads)}"
+    if round_file is not None:
+        node_config += f' round-file="{round_file.resolve()}"'
     command = [
         str(FLOWER_BIN / "flower-supernode"),
         "--superlink",

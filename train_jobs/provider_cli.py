@@ -19,6 +19,7 @@ from train_jobs.node_keys import bind_node_key, ensure_node_key
 console = Console(stderr=True)
 DEFAULT_STATE_DIR = Path("~/.local/state/solanalm/fl-node")
 BINDING_FILE = "node-binding.json"
+ROUND_FILE = "round-in-progress"  # serve_apps.stagehost.node_sides.ROUND_FILE
 
 
 def train_command(
@@ -29,6 +30,9 @@ def train_command(
     state_dir: Annotated[Path, typer.Option(help="Where the SuperNode key and its binding live.")] = DEFAULT_STATE_DIR,
     runtime_port: Annotated[int, typer.Option(min=1, max=65535, help="Local port of the node's runtime API.")] = 9094,
     bind_only: Annotated[bool, typer.Option(help="Write and print the key binding, do not start the node.")] = False,
+    torch_threads: Annotated[
+        int | None, typer.Option(min=1, help="Cap on the ClientApp's torch threads (a hybrid node's training share).")
+    ] = None,
 ) -> None:
     """Bind this machine's SuperNode key to WALLET (the operator admits it) and run the SuperNode."""
     state = state_dir.expanduser()
@@ -48,7 +52,14 @@ def train_command(
     if bind_only:
         return
     command = supernode_command(
-        superlink, ca_cert.expanduser(), private, data.expanduser(), wallet.expanduser(), runtime_port
+        superlink,
+        ca_cert.expanduser(),
+        private,
+        data.expanduser(),
+        wallet.expanduser(),
+        runtime_port,
+        torch_threads=torch_threads,
+        round_file=state / ROUND_FILE,  # held while a round trains: `provider mode` waits for it
     )
     proc = subprocess.Popen(command, env=flower_env(state / "flwr"))
     try:

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cluster.config.network import NetworkSection
 from cluster.config.observability import LoggingSection
 from cluster.config.payments import PaymentsSection
+from cluster.config.provider import ProviderSection
 from cluster.config.serving import HttpSection, ModelSection, PipelineSection, RaySection
 from cluster.config.training import TrainingSection
 
@@ -29,6 +30,9 @@ class Settings(BaseSettings):
     training: TrainingSection = Field(default_factory=TrainingSection, description="Training jobs.")
     network: NetworkSection = Field(
         default_factory=NetworkSection, description="Provider network: registry, reputation, routing, placement."
+    )
+    provider: ProviderSection = Field(
+        default_factory=ProviderSection, description="A provider machine's node: mode, hybrid CPU split."
     )
     logging: LoggingSection = Field(default_factory=LoggingSection, description="Log format (text or JSON), level.")
 

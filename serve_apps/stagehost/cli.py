@@ -9,13 +9,23 @@ starts the stage host (gRPC over TLS) refusing every call until it has a link to
 HTTP API (the wallet signs locally; only its public key and signature travel), hands the registry's link
 token to the stage host, prints one JSON line (provider_id, wallet, endpoint, ...) on stdout when ready,
 heartbeats until SIGTERM/SIGINT, then leaves and stops. Logs go to stderr.
+
+    solanalm provider mode training|serving|hybrid [--state-dir DIR] [--wait]
+    solanalm provider status [--state-dir DIR]
+
+A running node listens on a local control endpoint (a unix socket and token file in its state directory,
+`serve_apps.stagehost.control`); `mode` switches it (`serve_apps.stagehost.modes`: training drains the
+stages first; serving ends training after its round and registers again; hybrid runs both with the CPU
+split of `provider.hybrid` in the settings). Training needs `serve --train-superlink ... --train-data ...`.
 """
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
@@ -26,8 +36,13 @@ import typer
 from rich.console import Console
 from solders.keypair import Keypair
 
+from cluster.config import load_settings
+from cluster.config.provider import ProviderSection
 from cluster.network.wallet import ProofError, load_keypair, write_keypair
 from cluster.security.certs import CertKey, self_signed
+from serve_apps.stagehost.control import ControlError, ControlServer, call
+from serve_apps.stagehost.modes import ModeController
+from serve_apps.stagehost.node_sides import HostStages, SuperNodeProcess, TrainingOptions
 from serve_apps.stagehost.registration import GatewayClient, ProviderAgent, Registration, RegistrationError
 
 app = typer.Typer(help="Providers outside the cluster: serve stages, register with a wallet.", no_args_is_help=True)
@@ -56,6 +71,8 @@ class ServeOptions:
     state_dir: Path = DEFAULT_STATE_DIR
     ca_cert: Path | None = None
     server_options: dict[str, Any] = field(default_factory=dict)  # extra StageHostServer keywords
+    provider: ProviderSection = field(default_factory=ProviderSection)  # mode and hybrid split (settings)
+    training: TrainingOptions | None = None  # None: this node serves only
 
     @property
     def advertised_host(self) -> str:
@@ -161,14 +178,42 @@ def serve(
             "models": list(model_dirs),
             "cert_fingerprint": cert.fingerprint,
         }
+        controller, control = _start_control(options, server, agent)
         _write_state(options.state_dir, line)
         (ready or _print_ready)(line)
-        stop.wait()
+        try:
+            stop.wait()
+        finally:
+            control.stop()
+            controller.training.stop(timeout_s=0)
         return agent.registration or registration
     finally:
         agent.leave()
         client.close()
         server.stop()
+
+
+def node_cpus(num_cpus: int | None) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(num_cpus or cpus, cpus))
+
+
+def _start_control(options: ServeOptions, server: Any, agent: ProviderAgent) -> tuple[ModeController, ControlServer]:
+    """The node's mode controller and its local control endpoint; switches to the configured mode."""
+    section = options.provider
+    controller = ModeController(
+        HostStages(server, agent),
+        SuperNodeProcess(options.training, nice=section.hybrid.train_nice),
+        node_cpus(options.num_cpus),
+        section.hybrid,
+        section.drain_timeout_s,
+        section.round_timeout_s,
+    )
+    control = ControlServer(options.state_dir, controller)
+    control.start()
+    if section.mode != "serving":
+        controller.switch(section.mode)
+    return controller, control
 
 
 def _print_ready(line: dict[str, Any]) -> None:
@@ -219,6 +264,16 @@ def serve_command(
     ] = None,
     state_dir: Annotated[Path, typer.Option(help="Certificate and registration state.")] = DEFAULT_STATE_DIR,
     ca_cert: Annotated[Path | None, typer.Option(help="CA bundle that signs the gateway's HTTPS certificate.")] = None,
+    settings: Annotated[
+        Path | None, typer.Option(help="Settings YAML (its `provider` section: mode, hybrid split).")
+    ] = None,
+    train_superlink: Annotated[
+        str | None, typer.Option(help="The operator's SuperLink (host:port): this node may train.")
+    ] = None,
+    train_data: Annotated[
+        Path | None, typer.Option(help="Local training data directory (with --train-superlink).")
+    ] = None,
+    train_ca_cert: Annotated[Path | None, typer.Option(help="CA certificate of the SuperLink's TLS.")] = None,
 ) -> None:
     """Serve stages for the network at GATEWAY, registered with the wallet, until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -238,6 +293,8 @@ def serve_command(
         num_cpus=num_cpus,
         state_dir=state_dir,
         ca_cert=ca_cert,
+        provider=load_settings(settings).provider,
+        training=_training_options(train_superlink, train_data, train_ca_cert, wallet, state_dir),
     )
     try:
         serve(options, stop=_stop_on_signals())
@@ -245,6 +302,72 @@ def serve_command(
         console.print(f"[red]provider failed:[/] {exc}")
         raise typer.Exit(1) from exc
     console.print("[green]left the network[/]")
+
+
+def _training_options(
+    superlink: str | None, data: Path | None, ca_cert: Path | None, wallet: Path, state_dir: Path
+) -> TrainingOptions | None:
+    given = [value is not None for value in (superlink, data, ca_cert)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise typer.BadParameter("training needs --train-superlink, --train-data and --train-ca-cert together")
+    assert superlink is not None and data is not None and ca_cert is not None  # (all given)
+    return TrainingOptions(superlink, wallet, data, ca_cert, state_dir / "fl-node")
+
+
+@app.command("mode")
+def mode_command(
+    mode: Annotated[str, typer.Argument(help="training, serving or hybrid.")],
+    state_dir: Annotated[Path, typer.Option(help="The running node's state directory.")] = DEFAULT_STATE_DIR,
+    wait: Annotated[bool, typer.Option(help="Wait until the switch has finished.")] = False,
+    timeout_s: Annotated[float, typer.Option(min=1, help="How long --wait waits.")] = 1800.0,
+) -> None:
+    """Switch the running node: training drains its stages first, serving ends training after the round."""
+    if mode not in ("training", "serving", "hybrid"):
+        console.print(f"[red]mode must be training, serving or hybrid, not {mode!r}[/]")
+        raise typer.Exit(2)
+    try:
+        status = call(state_dir, "mode", mode=mode)
+        deadline = time.monotonic() + timeout_s
+        while wait and _switching(status) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = call(state_dir, "status")
+    except ControlError as exc:
+        console.print(f"[red]provider mode failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    _print_status(status)
+    if status.get("phase") == "failed" or (wait and _switching(status)):
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_command(
+    state_dir: Annotated[Path, typer.Option(help="The running node's state directory.")] = DEFAULT_STATE_DIR,
+) -> None:
+    """The running node's mode, the switch in progress, its CPU split and its stage host."""
+    try:
+        _print_status(call(state_dir, "status"))
+    except ControlError as exc:
+        console.print(f"[red]provider status failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+
+
+def _switching(status: dict[str, Any]) -> bool:
+    return status.get("phase") not in ("settled", "failed")
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    # One JSON line on stdout (scripts and tests read it); the summary on stderr.
+    sys.stdout.write(json.dumps(status) + "\n")
+    sys.stdout.flush()
+    host = status.get("stage_host") or {}
+    console.print(
+        f"mode [bold]{status['mode']}[/] (target {status['target']}, {status['phase']}); "
+        f"serve threads {status['serve_threads']}, train threads {status['train_threads']} of {status['cpus']}; "
+        f"stages {host.get('stages')}, open streams {host.get('open_streams')}"
+        + (f"; [red]{status['error']}[/]" if status.get("error") else "")
+    )
 
 
 @app.command("keygen")

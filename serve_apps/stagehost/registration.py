@@ -6,6 +6,11 @@ locally; only the public key (in the challenge) and the signature travel. The se
 returns authenticates heartbeats and leave; the link token is what the operator's coordinator must present
 to this provider's stage host. A heartbeat refused as an unknown session (the registry replaced or lost
 it) registers again, and `on_registered` hands the new tokens to the stage host.
+
+A node switching to training `drain()`s: the registry marks it draining (the leave route: no new stages,
+the operator re-plans its layers elsewhere) while heartbeats go on, so it stays known and alive; registering
+again (`register()`) makes it eligible again. A re-registration forced by a forgotten session while
+draining drains again at once.
 """
 
 import logging
@@ -185,6 +190,7 @@ class ProviderAgent:
         self.on_registered = on_registered
         self.registration: Registration | None = None
         self.heartbeats_ok = 0
+        self.draining = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -211,6 +217,7 @@ class ProviderAgent:
         if self.on_registered is not None:
             self.on_registered(registration)
         self.registration = registration
+        self.draining = False
         logger.info("registered %s at %s for wallet %s", registration.provider_id, self.endpoint, registration.wallet)
         return registration
 
@@ -231,7 +238,18 @@ class ProviderAgent:
             if exc.status != 401:
                 raise
             logger.warning("the gateway forgot this session (%s); registering again", exc)
+            draining = self.draining
             self.register()
+            if draining:
+                self.drain()
+
+    def drain(self) -> None:
+        """Tell the registry this node takes no new stages (it stays registered and heartbeating)."""
+        if self.registration is None:
+            raise RuntimeError("register first")
+        self.client.leave(self.registration.session_token)
+        self.draining = True
+        logger.info("%s is draining", self.registration.provider_id)
 
     def leave(self) -> None:
         """Stop heartbeating and tell the gateway this provider leaves (best effort)."""

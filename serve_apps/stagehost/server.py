@@ -14,6 +14,10 @@ used least recently (its streams end ABORTED), and a Load naming the stage its c
 (`replaces`) drops that one first. (A host that held one stage and let a later Load replace it computed a
 stream opened after that with the last model loaded: other families' answers, issue 19.)
 
+A host being drained (its node switching to training, `serve_apps.stagehost.modes`) refuses new Loads
+(UNAVAILABLE) while its open Steps streams go on, counts those streams (`open_streams`: the coordinators
+still using it) and drops its stages once they are closed (`drop_all`).
+
 Every torch computation (loading, steps of every stream, describe) runs on one compute thread, for the
 reason StageActor's docstring gives (one OpenMP team per process keeps the stage at full speed).
 """
@@ -26,7 +30,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -115,11 +119,45 @@ class StageHostServer:
         self._generation = 0
         self._digests: dict[tuple[str, int, int], str] = {}
         self._server: grpc.Server | None = None
+        self._draining = False
+        self._open_streams = 0
+        self._streams_lock = threading.Lock()
         self.max_message_bytes = max(self._ceiling(path).max_frame_bytes for path in self.model_dirs.values())
 
     def set_link_token(self, link_token: str | None) -> None:
         """The token the coordinator presents (issued at registration); None refuses every call."""
         self._token = link_token
+
+    # -- draining and the CPU share (a node's mode) ------------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def set_draining(self, draining: bool) -> None:
+        """Refuse new Loads (True) or take them again (False); open streams are not touched."""
+        self._draining = draining
+        logger.info("stage host %s", "draining: new Loads refused" if draining else "takes Loads again")
+
+    @property
+    def open_streams(self) -> int:
+        """Steps streams open now (each a coordinator still using a stage here)."""
+        return self._open_streams
+
+    def drop_all(self, why: str) -> int:
+        """Drop every loaded stage (their weights and KV caches are freed); returns how many."""
+        with self._stages_lock:
+            ids = list(self._stages)
+        for stage_id in ids:
+            self._drop(stage_id, why)
+        return len(ids)
+
+    def set_threads(self, threads: int) -> None:
+        """Torch threads of this host from now on: its loaded stages' and later Loads' ceiling."""
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        self.limits = replace(self.limits, max_torch_threads=threads)
+        self._on_compute(torch.set_num_threads, threads)  # the compute thread's OpenMP team
+        logger.info("stage host uses %d torch threads", threads)
 
     @property
     def stage(self) -> LoadedStage | None:
@@ -200,6 +238,8 @@ class StageHostServer:
     # -- unary calls -------------------------------------------------------------------------------------
     def _load(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = _parse(pb.LoadRequest, raw, context)
+        if self._draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this stage host is draining: it takes no new stages")
         with self._loading:
             config, limits, model_dir = self._plan_load(request, context)
             digest = self._digest(request.model, model_dir, config.spec)
@@ -320,6 +360,15 @@ class StageHostServer:
     # -- steps -------------------------------------------------------------------------------------------
     def _steps(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         """Each step parsed against the named stage's limits, computed, answered in order."""
+        with self._streams_lock:
+            self._open_streams += 1
+        try:
+            yield from self._stream(requests, context)
+        finally:
+            with self._streams_lock:
+                self._open_streams -= 1
+
+    def _stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         stage_id = dict(context.invocation_metadata() or ()).get(STAGE_METADATA, "")
         stage = self._use(stage_id)
         if stage is None:

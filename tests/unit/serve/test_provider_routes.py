@@ -403,6 +403,26 @@ def test_agent_registers_again_when_its_session_is_gone(http: TestClient, cert: 
     assert len(seen) == 2 and seen[1].link_token != first.link_token and agent.registration == seen[1]
 
 
+def test_agent_drains_for_training_heartbeats_on_and_registers_again(
+    http: TestClient, registry: NetworkRegistry, cert: CertKey
+) -> None:
+    keypair, seen = Keypair(), []  # type: ignore[var-annotated]
+    agent = agent_for(http, keypair, cert, seen)
+    pid = agent.register().provider_id
+    agent.drain()
+    assert registry.records[pid].health == "draining" and agent.draining
+    assert pid not in {r.node_id for r in registry.eligible_nodes()}  # the operator moves its stages away
+    agent.heartbeat_once()  # still known and alive, still draining
+    assert registry.records[pid].health == "draining"
+    # The registry forgets the session while the node trains: it registers again and drains again at once.
+    agent_for(http, keypair, cert, []).register()
+    agent.heartbeat_once()
+    assert registry.records[pid].draining and agent.draining and len(seen) == 2
+    agent.register()  # back to serving
+    assert registry.records[pid].health == "alive" and not registry.records[pid].draining and not agent.draining
+    assert pid in {r.node_id for r in registry.eligible_nodes()}
+
+
 def test_agent_reports_refusals_with_their_status(http: TestClient, cert: CertKey) -> None:
     agent = agent_for(http, Keypair(), cert, [])
     agent.models = ["not-served"]
