@@ -13,6 +13,7 @@ DType = Literal["float32", "bfloat16"]
 WeightQuant = Literal["none", "int8", "int4"]
 INT4_GROUP = 32  # inputs per int4 scale/zero pair: the block of GGUF Q4_1 (serve_apps.engine.quant)
 Transport = Literal["direct", "auto", "compiled_graph", "actor_calls"]
+StageDevicePreference = Literal["auto", "cpu", "cuda"]
 RayAuthMode = Literal["token", "disabled"]
 
 
@@ -213,6 +214,24 @@ class PipelineSection(Section):
         "the dense weights: low-bit kernels win while reading weights dominates (docs/benchmarks.md).",
     )
     prefill_chunk: int = Field(default=512, ge=16, le=65_536, description="Most prompt tokens of one prefill step.")
+    device: StageDevicePreference = Field(
+        default="auto",
+        description=(
+            "Where stages compute: auto (a stage whose bundle reserves a GPU runs on it when torch has CUDA, "
+            "else CPU), cpu (always, even in a GPU bundle), cuda (refused at load where there is none)."
+        ),
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="On CUDA, replay decode-only steps from CUDA graphs captured per padded batch size (never on CPU).",
+    )
+    gpu_memory_fraction: float = Field(
+        default=0.9,
+        gt=0,
+        le=0.98,
+        description="Share of a GPU's free memory (before its weights load) a stage plans weights, activations and KV "
+        "slots in.",
+    )
     recovery_timeout_s: float = Field(
         default=300.0, gt=0, le=86_400, description="How long a replica keeps recreating dead stages before giving up."
     )

@@ -26,7 +26,7 @@ LLAMA = AttentionForm()
 
 def window_mask(query_positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
     """[Q, kv_len] bool (True = attend): causal, and within the last `window` positions when set."""
-    keys = torch.arange(kv_len).view(1, -1)
+    keys = torch.arange(kv_len, device=query_positions.device).view(1, -1)
     queries = query_positions.view(-1, 1)
     allowed = keys <= queries
     return allowed & (keys > queries - window) if window is not None else allowed
@@ -53,7 +53,7 @@ def attend(
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / form.softcap) * form.softcap
     if is_causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

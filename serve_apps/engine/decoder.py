@@ -59,6 +59,10 @@ class Rotary:
                 inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), layer_type=layer_type)
                 self._inv_freq[key] = (inv, float(scaling))
 
+    def to(self, device: torch.device) -> None:
+        """Keep the inverse frequencies on the stage's device (the tables are computed there per step)."""
+        self._inv_freq = {key: (inv.to(device), scaling) for key, (inv, scaling) in self._inv_freq.items()}
+
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> Tables:
         """positions [T] long -> per rope key (cos, sin) [T, 1, rotary dim] in `dtype`, broadcastable over heads."""
         out = {}
@@ -212,7 +216,8 @@ class CausalAttention:
     ) -> torch.Tensor:
         tokens = q.shape[0]
         windowed = form.sliding_window is not None and tokens > form.sliding_window
-        mask = window_mask(torch.arange(tokens), tokens, form.sliding_window) if windowed else None
+        positions = torch.arange(tokens, device=q.device)
+        mask = window_mask(positions, tokens, form.sliding_window) if windowed else None
         out = attend(
             q.transpose(0, 1).unsqueeze(0),
             k.transpose(0, 1).unsqueeze(0),

@@ -69,14 +69,24 @@ class SlotKVCache:
     """Preallocated K/V tensors [slots, kv_heads, max_len, head_dim] for each layer of one stage."""
 
     def __init__(
-        self, layer_ids: range, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        self,
+        layer_ids: range,
+        num_slots: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
     ) -> None:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
-        # torch.empty touches no pages: memory becomes resident only as sequences fill it.
-        self._keys = [torch.empty(shape, dtype=dtype) for _ in layer_ids]
-        self._values = [torch.empty(shape, dtype=dtype) for _ in layer_ids]
+        # torch.empty touches no pages on CPU: memory becomes resident only as sequences fill it. A GPU
+        # allocates it all at once anyway, so there it is zeroed (finite from the start: see _clear_ahead).
+        self.device = device if device is not None else torch.device("cpu")
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        self._keys = [alloc(shape, dtype=dtype, device=self.device) for _ in layer_ids]
+        self._values = [alloc(shape, dtype=dtype, device=self.device) for _ in layer_ids]
         self._local = {layer: i for i, layer in enumerate(layer_ids)}
-        self._clean = [0] * num_slots  # positions [0, clean) of a slot hold finite values
+        self._clean = [max_len if self.device.type == "cuda" else 0] * num_slots  # [0, clean) hold finite values
         self.num_slots = num_slots
         self.max_len = max_len
         self._plan: _Plan | None = None
@@ -87,7 +97,7 @@ class SlotKVCache:
             raise ValueError(f"sequence exceeds the KV capacity of {self.max_len} tokens")
         if any(not 0 <= r.slot < self.num_slots for r in view.rows):
             raise ValueError(f"a row's slot is outside this cache's {self.num_slots} slots")
-        plan = _Plan.of(view)
+        plan = _Plan.of(view) if self.device.type == "cpu" else _Plan.of(view).to(self.device)
         for row in view.rows[: view.num_single]:
             self._clear_ahead(row.slot, plan.single_len)
         for row in view.rows[view.num_single :]:
@@ -168,6 +178,24 @@ class _Plan:
     multi: tuple[tuple[int, Row, torch.Tensor | None], ...]  # (token offset, row, causal mask)
     windowed: dict[int, tuple[torch.Tensor | None, list[torch.Tensor | None]]]  # window -> masks, made on use
 
+    def to(self, device: torch.device) -> "_Plan":
+        """The same plan with its index tensors and masks on `device` (masks made later follow them)."""
+
+        def on(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=True)
+
+        return _Plan(
+            token_slots=self.token_slots.to(device, non_blocking=True),
+            token_positions=self.token_positions.to(device, non_blocking=True),
+            num_single=self.num_single,
+            single_len=self.single_len,
+            single_range=self.single_range,
+            single_slots=self.single_slots.to(device, non_blocking=True),
+            single_mask=on(self.single_mask),
+            multi=tuple((offset, row, on(mask)) for offset, row, mask in self.multi),
+            windowed={},
+        )
+
     def window_single_mask(self, window: int) -> torch.Tensor | None:
         return self._windowed(window)[0]
 
@@ -177,8 +205,12 @@ class _Plan:
     def _windowed(self, window: int) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         if window not in self.windowed:
             starts = self.token_positions[: self.num_single].tolist()  # single rows come first, one token each
+            device = self.token_positions.device
             single = _decode_mask(starts, self.single_len, window)
             multi = [_causal_mask(row, window) for _, row, _ in self.multi]
+            if device.type != "cpu":
+                single = None if single is None else single.to(device)
+                multi = [None if mask is None else mask.to(device) for mask in multi]
             self.windowed[window] = (single, multi)
         return self.windowed[window]
 
@@ -272,3 +304,25 @@ def plan_kv_slots(wanted_slots: int, max_len: int, bytes_per_token: int, budget_
         )
     slots = min(wanted_slots, fitting)
     return KVPlan(slots, bytes_per_token, slots * per_slot)
+
+
+GPU_RUNTIME_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspaces, the allocator's slack and captured graphs
+
+
+def activation_headroom_bytes(
+    max_step_tokens: int, hidden_size: int, intermediate_size: int, vocab_size: int, sample_rows: int, dtype_bytes: int
+) -> int:
+    """Device memory one step's temporaries need beside weights and KV cache: a layer's activations for the
+    largest step (residual, q/k/v, attention output, gate/up and their product) and float32 logits of the
+    sampled rows three times over (raw, masked or penalised copy, log-softmax), plus the CUDA runtime."""
+    per_token = (4 * hidden_size + 3 * intermediate_size) * dtype_bytes
+    logits = 3 * sample_rows * vocab_size * 4
+    return max_step_tokens * per_token + logits + GPU_RUNTIME_BYTES
+
+
+def device_kv_budget(free_bytes: int, fraction: float, weight_bytes: int, headroom_bytes: int) -> int:
+    """KV-cache bytes a stage may allocate on its device: `fraction` of the free memory measured before its
+    weights loaded, less the weights and the activation headroom (never negative)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"memory fraction must be in (0, 1], got {fraction}")
+    return max(0, int(free_bytes * fraction) - weight_bytes - headroom_bytes)

@@ -85,7 +85,8 @@ class Sampler:
         return tokens
 
     def _sample_row(self, logits: torch.Tensor, seq_id: str, param: SamplingParams, position: int) -> int:
-        probs = filtered_probs(logits, param.temperature, param.top_k, param.top_p)
+        # Filtered where the logits are; drawn on the host generator, so a seed draws the same token on any device.
+        probs = filtered_probs(logits, param.temperature, param.top_k, param.top_p).cpu()
         base = param.seed if param.seed is not None else self._base_seed(seq_id)
         self._generator.manual_seed(draw_seed(base, position))
         return int(torch.multinomial(probs, 1, generator=self._generator))
@@ -101,13 +102,13 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, generated: Count
     """One row [V] after the penalties (for the `generated` token counts) and the logit bias."""
     out = logits.float().clone()
     if generated and params.penalized:
-        ids = torch.tensor(list(generated), dtype=torch.long)
-        counts = torch.tensor([generated[t] for t in generated], dtype=out.dtype)
+        ids = torch.tensor(list(generated), dtype=torch.long, device=out.device)
+        counts = torch.tensor([generated[t] for t in generated], dtype=out.dtype, device=out.device)
         ids, counts = ids[ids < out.numel()], counts[ids < out.numel()]
         out[ids] -= counts * params.frequency_penalty + params.presence_penalty
     if params.logit_bias:
-        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
-        bias = torch.tensor([b for _, b in params.logit_bias], dtype=out.dtype)
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=out.device)
+        bias = torch.tensor([b for _, b in params.logit_bias], dtype=out.dtype, device=out.device)
         keep = ids < out.numel()
         out[ids[keep]] += bias[keep]
     return out

@@ -5,22 +5,35 @@ it as the Ray actor placed in the replica's placement-group bundle.
 """
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import ray
 import torch
 
-from serve_apps.engine.kv_cache import BatchView, Row, SlotKVCache
+from serve_apps.engine.device import DevicePreference, StageDevice
+from serve_apps.engine.kv_cache import (
+    BatchView,
+    Row,
+    SlotKVCache,
+    activation_headroom_bytes,
+    device_kv_budget,
+    kv_bytes_per_token,
+    plan_kv_slots,
+)
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.messages import StageInfo, StepBatch, StepResult, TokenLogprobs
 from serve_apps.engine.quant import WeightQuant
 from serve_apps.engine.sampling import Sampler
 from serve_apps.engine.stage_model import build_stage, load_config
 from serve_apps.engine.token_mask import apply_token_masks
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +49,11 @@ class StageConfig:
     actor_name: str = ""
     weight_quant: WeightQuant = "none"  # packed low-bit copies used for steps of few tokens (quant.py)
     low_bit_max_tokens: int = 0
+    device: DevicePreference = "cpu"  # auto: the bundle's GPU where CUDA is present (serve_apps.engine.device)
+    bundle_gpus: float = 0.0  # GPUs the stage's bundle reserves
+    max_step_tokens: int = 0  # most tokens of one step: sizes the pinned buffers and activation headroom on CUDA
+    gpu_memory_fraction: float = 0.9  # share of the GPU's free memory weights, activations and KV slots plan in
+    cuda_graphs: bool = False  # replay decode-only steps from captured graphs (CUDA only)
 
 
 class StageWorker:
@@ -45,24 +63,75 @@ class StageWorker:
         torch.set_num_threads(max(1, config.torch_threads))
         self.config = config
         self.spec = config.spec
-        dtype = getattr(torch, config.dtype)
+        self.device = StageDevice.select(config.device, config.bundle_gpus)
+        dtype = self.device.dtype(config.dtype)
+        free_before = self.device.free_memory() if self.device.is_cuda else 0
         rss_before = _rss()
         self.model = build_stage(Path(config.model_dir), config.spec, dtype)
-        self.model.quantize(config.weight_quant, config.low_bit_max_tokens)
+        if self.device.is_cuda:
+            self._to_device()
+        else:
+            self.model.quantize(config.weight_quant, config.low_bit_max_tokens)
         self.load_rss_bytes = max(0, _rss() - rss_before)  # weights and their low-bit copies
         model_config = load_config(Path(config.model_dir))
         num_kv_heads = int(model_config.num_key_value_heads or model_config.num_attention_heads)
         head_dim = int(
             getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
         )
+        kv_slots = config.kv_slots
+        if self.device.is_cuda:
+            kv_slots = self._device_kv_slots(free_before, model_config, num_kv_heads, head_dim, dtype)
+            self.device.prepare_staging(config.max_step_tokens, int(model_config.hidden_size), dtype)
         self.cache = SlotKVCache(
-            range(config.spec.start, config.spec.end), config.kv_slots, config.max_len, num_kv_heads, head_dim, dtype
+            range(config.spec.start, config.spec.end),
+            kv_slots,
+            config.max_len,
+            num_kv_heads,
+            head_dim,
+            dtype,
+            self.device.torch,
         )
         self.sampler = Sampler()
         self.pooling = Pooling()
         self.dtype = dtype
         self.busy_s = 0.0  # compute seconds (the busy fraction of a stage = busy_s / wall seconds)
         self.steps = 0
+
+    def _to_device(self) -> None:
+        """Weights onto the GPU (the low-bit copies are CPU kernels: a GPU stage keeps its dense weights)."""
+        if self.config.weight_quant != "none":
+            logger.warning(
+                "weight_quant %s is a CPU kernel: stage on %s uses dense weights",
+                self.config.weight_quant,
+                self.device.torch,
+            )
+        self.model.to(self.device.torch)
+        self.model.rotary.to(self.device.torch)
+
+    def _device_kv_slots(
+        self, free_before: int, model_config: Any, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        """The most of the wanted slots whose KV cache fits the GPU: its free memory before the weights, less
+        the weights and one largest step's activations (ValueError when not one sequence fits)."""
+        dtype_bytes = torch.empty((), dtype=dtype).element_size()
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        step_tokens = self.config.max_step_tokens or self.config.kv_slots
+        headroom = activation_headroom_bytes(
+            step_tokens,
+            int(model_config.hidden_size),
+            int(model_config.intermediate_size),
+            int(model_config.vocab_size) if self.spec.last else 0,
+            self.config.kv_slots,
+            dtype_bytes,
+        )
+        budget = device_kv_budget(free_before, self.config.gpu_memory_fraction, weights, headroom)
+        per_token = kv_bytes_per_token(self.spec.num_layers, num_kv_heads, head_dim, dtype_bytes)
+        plan = plan_kv_slots(self.config.kv_slots, self.config.max_len, per_token, budget)
+        if plan.slots < self.config.kv_slots:
+            logger.warning(
+                "stage %d: %d KV slots fit the GPU, not %d", self.spec.index, plan.slots, self.config.kv_slots
+            )
+        return plan.slots
 
     def forward(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | StepResult:
         """Run this stage's layers for `batch`; the last stage returns sampled tokens, others hidden states."""
@@ -82,18 +151,18 @@ class StageWorker:
         inputs = self._inputs(batch, view, hidden)
         cache = self.cache.bind(view)
         out = self.model(inputs, cache.positions, cache)
-        return self._sample(batch, view, out) if self.spec.last else out
+        return self._sample(batch, view, out) if self.spec.last else self.device.to_host(out)
 
     def _inputs(self, batch: StepBatch, view: BatchView, hidden: torch.Tensor | None) -> torch.Tensor:
         if self.spec.first:
-            return torch.tensor([t for i in view.order for t in batch.chunks[i].token_ids], dtype=torch.long)
+            return self.device.tensor([t for i in view.order for t in batch.chunks[i].token_ids])
         if hidden is None:
             raise ValueError(f"stage {self.spec.index} needs the previous stage's hidden states")
         if hidden.shape[0] != view.num_tokens:
             raise ValueError(
                 f"stage {self.spec.index} got {hidden.shape[0]} hidden states for {view.num_tokens} tokens"
             )
-        return hidden
+        return self.device.to_device(hidden)
 
     def _sample(self, batch: StepBatch, view: BatchView, out: torch.Tensor) -> StepResult:
         """Logits and tokens only for the rows that sample (a prefill chunk short of the prompt's end does not);
@@ -108,7 +177,7 @@ class StageWorker:
             if batch.chunks[i].sample and not batch.chunks[i].sampling.embed
         ]
         if rows:
-            logits = self.model.logits(out[torch.tensor([last for _, last in rows])])
+            logits = self.model.logits(out[self.device.tensor([last for _, last in rows])])
             chunks = [batch.chunks[i] for i, _ in rows]
             raw = logits
             if any(c.token_mask is not None for c in chunks):
@@ -148,6 +217,7 @@ class StageWorker:
                 "weight_quant": self.config.weight_quant,
                 "low_bit_bytes": str(self.model.low_bit_bytes()),
                 "weights": json.dumps(self.model.weights_summary(), sort_keys=True),  # gguf_source.weights_summary
+                **self.device.describe(),
             },
             busy_s=round(self.busy_s, 4),
             steps=self.steps,

@@ -34,7 +34,7 @@ def apply_token_masks(logits: torch.Tensor, masks: list[bytes | None]) -> torch.
     for row, mask in enumerate(masks):
         if mask is None:
             continue
-        allowed = allowed_tokens(mask, logits.shape[-1])
+        allowed = allowed_tokens(mask, logits.shape[-1]).to(logits.device)  # no copy on CPU
         if bool(allowed.any()):
             logits[row].masked_fill_(~allowed, float("-inf"))
     return logits

@@ -27,6 +27,7 @@ from cluster.network.serving_plan import is_provider_host
 from cluster.observability.logs import REQUEST_ID, configure_logging
 from serve_apps import metrics
 from serve_apps.engine.detokenizer import Detokenizer
+from serve_apps.engine.device import stage_dtype
 from serve_apps.engine.engine import Engine, EngineError
 from serve_apps.engine.executor import StepExecutor
 from serve_apps.engine.grammar import GrammarCompiler, GrammarError, TokenConstraint
@@ -78,6 +79,8 @@ def plan_model(model_name: str, settings: Settings) -> ModelPlan:
     """Resolve the catalogue entry, materialise weights once, and split layers into stages."""
     spec = load_catalogue(settings.model.catalogue).get(model_name)
     dtype = settings.model.dtype or spec.dtype
+    if stages_on_gpu(settings.pipeline):
+        dtype = stage_dtype("cuda", dtype)  # half precision on a GPU, whatever a CPU entry asks
     model_dir = materialize(spec, settings.model.cache_dir, dtype)
     config = load_config(model_dir)
     limit = settings.pipeline.max_model_len or spec.max_model_len or config.max_position_embeddings
@@ -97,9 +100,19 @@ def _plan_kv(config: Any, stages: list[StageSpec], dtype: str, max_len: int, pip
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     per_token = kv_bytes_per_token(max(s.num_layers for s in stages), kv_heads, head_dim, DTYPE_BYTES[dtype])
     budget = pipeline.kv_cache_bytes
+    if budget is None and stages_on_gpu(pipeline):
+        # The replica does not see its stages' GPUs: each stage sizes its slots to its own GPU's free memory
+        # (StageWorker._device_kv_slots) and the replica serves with the fewest (PipelineServer.__init__).
+        wanted = pipeline.max_num_seqs
+        return KVPlan(wanted, per_token, wanted * max_len * per_token)
     if budget is None:  # stages of one replica may share a node: each plans with its share of free memory
         budget = int(psutil.virtual_memory().available * pipeline.kv_memory_fraction / len(stages))
     return plan_kv_slots(pipeline.max_num_seqs, max_len, per_token, budget)
+
+
+def stages_on_gpu(pipeline: PipelineSection) -> bool:
+    """Whether the stages compute on GPUs: their bundles reserve one and pipeline.device does not say cpu."""
+    return pipeline.stage_resources.get("GPU", 0.0) > 0 and pipeline.device != "cpu"
 
 
 def _stage_specs(model_name: str, config: Any, settings: Settings) -> list[StageSpec]:
@@ -139,6 +152,9 @@ class PipelineServer:
         factory = executor_factory or _ray_executor
         executor, self.pool = factory(self.plan, self.settings)
         pipeline = self.settings.pipeline
+        if isinstance(self.pool, StagePool) and stages_on_gpu(pipeline):
+            slots = min(self.plan.kv.slots, self.pool.kv_slots())  # what the GPU stages could hold
+            self.plan = replace(self.plan, kv=replace(self.plan.kv, slots=slots))
         inflight = self.pool.max_inflight if self.pool else (pipeline.max_inflight_steps or len(self.plan.stages))
         limits = SchedulerLimits(
             self.plan.kv.slots, pipeline.max_batch_size, pipeline.max_queue, pipeline.prefill_chunk, inflight

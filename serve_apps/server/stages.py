@@ -17,6 +17,7 @@ from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config.serving import PipelineSection, WeightQuant
+from serve_apps.engine.device import max_step_tokens
 from serve_apps.engine.executor import CompiledGraphExecutor, FallbackExecutor, RayPipelineExecutor
 from serve_apps.engine.layer_split import StageSpec
 from serve_apps.engine.links import DirectExecutor
@@ -132,6 +133,10 @@ class StagePool:
         """How many stages can compute at once (blocking; used once at start-up): see `concurrent_stages`."""
         return concurrent_stages(self._describe_blocking())
 
+    def kv_slots(self) -> int:
+        """The fewest KV slots a stage holds (blocking; at start-up): a GPU stage sizes its own to its memory."""
+        return min(info.kv_slots for info in self._describe_blocking())
+
     def _describe_blocking(self) -> list[StageInfo]:
         return list(ray.get([actor.describe.remote() for actor in self.actors], timeout=self.timeout_s))
 
@@ -227,6 +232,11 @@ def stage_recipe(
         actor_name=name,
         weight_quant=weight_quant,
         low_bit_max_tokens=pipeline.low_bit_max_tokens,
+        device=pipeline.device,
+        bundle_gpus=pipeline.stage_resources.get("GPU", 0.0),
+        max_step_tokens=max_step_tokens(pipeline.max_batch_size, pipeline.prefill_chunk),
+        gpu_memory_fraction=pipeline.gpu_memory_fraction,
+        cuda_graphs=pipeline.cuda_graphs,
     )
     return StageRecipe(name, config, stage_actor_options(pipeline.stage_resources))
 

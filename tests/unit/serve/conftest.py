@@ -9,6 +9,15 @@ from transformers import LlamaForCausalLM
 from cluster.models.tiny import tiny_llama_config
 
 TINY_VOCAB = 512
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+)
+
+
+@pytest.fixture(params=["cpu", CUDA])
+def stage_device(request: pytest.FixtureRequest) -> str:
+    """Each device a stage can compute on here: cpu always, cuda (marked gpu) where torch sees one."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

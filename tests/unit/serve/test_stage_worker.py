@@ -41,9 +41,11 @@ def forward(workers: list[StageWorker], batch: StepBatch) -> StepResult:
     return hidden
 
 
-def make_workers(model_dir: Path, stages: int, slots: int = 4, dtype: str = "float32") -> list[StageWorker]:
+def make_workers(
+    model_dir: Path, stages: int, slots: int = 4, dtype: str = "float32", device: str = "cpu"
+) -> list[StageWorker]:
     return [
-        StageWorker(StageConfig(str(model_dir), spec, dtype, slots, 128, 1))
+        StageWorker(StageConfig(str(model_dir), spec, dtype, slots, 128, 1, device=device))  # type: ignore[arg-type]
         for spec in split_layers(6 if "untied" not in str(model_dir) else 4, stages)
     ]
 
@@ -57,8 +59,9 @@ def reference(model_dir: Path, prompt: list[int], new_tokens: int, dtype: torch.
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
-def test_greedy_equals_unsharded_generate(tiny_dir: Path, stages: int) -> None:
-    assert run_pipeline(make_workers(tiny_dir, stages), PROMPT, NEW_TOKENS) == reference(tiny_dir, PROMPT, NEW_TOKENS)
+def test_greedy_equals_unsharded_generate(tiny_dir: Path, stages: int, stage_device: str) -> None:
+    workers = make_workers(tiny_dir, stages, device=stage_device)
+    assert run_pipeline(workers, PROMPT, NEW_TOKENS) == reference(tiny_dir, PROMPT, NEW_TOKENS)
 
 
 def test_bfloat16_pipeline_equals_bfloat16_generate(tiny_dir: Path) -> None:
@@ -70,15 +73,16 @@ def test_untied_lm_head_is_loaded_from_its_own_tensor(tiny_untied_dir: Path) -> 
     assert run_pipeline(make_workers(tiny_untied_dir, 2), PROMPT, 8) == reference(tiny_untied_dir, PROMPT, 8)
 
 
-def test_chunked_prefill_matches_single_prefill(tiny_dir: Path) -> None:
-    workers = make_workers(tiny_dir, 2)
-    assert run_pipeline(workers, PROMPT, 6, chunk=3) == run_pipeline(make_workers(tiny_dir, 2), PROMPT, 6)
+def test_chunked_prefill_matches_single_prefill(tiny_dir: Path, stage_device: str) -> None:
+    workers = make_workers(tiny_dir, 2, device=stage_device)
+    alone = run_pipeline(make_workers(tiny_dir, 2, device=stage_device), PROMPT, 6)
+    assert run_pipeline(workers, PROMPT, 6, chunk=3) == alone
 
 
-def test_batched_decode_matches_each_sequence_alone(tiny_dir: Path) -> None:
+def test_batched_decode_matches_each_sequence_alone(tiny_dir: Path, stage_device: str) -> None:
     prompts = [[5, 17, 99], [7, 7, 7, 7, 7, 300], [1, 2]]
-    alone = [run_pipeline(make_workers(tiny_dir, 2), p, 6) for p in prompts]
-    workers, greedy = make_workers(tiny_dir, 2), SamplingParams(temperature=0.0)
+    alone = [run_pipeline(make_workers(tiny_dir, 2, device=stage_device), p, 6) for p in prompts]
+    workers, greedy = make_workers(tiny_dir, 2, device=stage_device), SamplingParams(temperature=0.0)
     outs: list[list[int]] = []
     for slot, prompt in enumerate(prompts):
         outs.append(
@@ -122,12 +126,12 @@ def test_kv_capacity_is_enforced(tiny_dir: Path) -> None:
         worker.forward(batch)
 
 
-def test_a_step_may_mix_decodes_on_scattered_slots_with_a_prefill_chunk(tiny_dir: Path) -> None:
+def test_a_step_may_mix_decodes_on_scattered_slots_with_a_prefill_chunk(tiny_dir: Path, stage_device: str) -> None:
     # Slots 3 and 0 decode (out of slot order, not one contiguous run) while slot 2's prompt is prefilled
     # in the same step: every sequence still gets exactly the tokens it gets alone.
     prompts = {3: [5, 17, 99], 0: [7, 7, 7, 7, 7, 300], 2: [1, 2, 3, 4]}
-    alone = {slot: run_pipeline(make_workers(tiny_dir, 2), p, 4) for slot, p in prompts.items()}
-    workers, greedy = make_workers(tiny_dir, 2), SamplingParams(temperature=0.0)
+    alone = {slot: run_pipeline(make_workers(tiny_dir, 2, device=stage_device), p, 4) for slot, p in prompts.items()}
+    workers, greedy = make_workers(tiny_dir, 2, device=stage_device), SamplingParams(temperature=0.0)
     outs: dict[int, list[int]] = {}
     for slot in (3, 0):
         chunk = SeqChunk(f"s{slot}", slot, 0, tuple(prompts[slot]), greedy)
