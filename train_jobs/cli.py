@@ -3,7 +3,7 @@
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
@@ -11,6 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from train_jobs.config import FederatedJob
 
 app = typer.Typer(
     help="Training: Ray Train DDP, Flower federated rounds with DP, train -> serve export.",
@@ -27,6 +30,13 @@ AddressOpt = Annotated[
     typer.Option("--address", help="Ray cluster to attach to (default: settings.ray.address)."),
 ]
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", exists=True, help="Job YAML under configs/train/.")]
+SecAggOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--secure-aggregation/--no-secure-aggregation",
+        help="Aggregate with SecAgg+ (the job's secure_aggregation parameters); default: as the job says.",
+    ),
+]
 
 
 def _settings(path: Path | None, address: str | None) -> Settings:
@@ -72,19 +82,31 @@ def dp(
     console.print(f"checkpoint: {result.checkpoint_path}")
 
 
+def _federated_job(config: Path, secure_aggregation: bool | None) -> "FederatedJob":
+    from pydantic import ValidationError
+
+    from train_jobs.config import FederatedJob, load_job, with_secure_aggregation
+
+    try:
+        return with_secure_aggregation(load_job(config, FederatedJob), secure_aggregation)
+    except ValidationError as exc:
+        console.print(f"[red]invalid job {config}:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def fl(
     config: ConfigOpt,
+    secure_aggregation: SecAggOpt = None,
     settings_path: SettingsOpt = None,
     address: AddressOpt = None,
 ) -> None:
     """Run Flower FedAvg rounds (LoRA, optional DP-SGD) on the Ray cluster and record rewards."""
-    from train_jobs.config import FederatedJob, load_job
     from train_jobs.federated import run_dir, run_federated
     from train_jobs.fl_server import privacy_report
 
     settings = _settings(settings_path, address)
-    job = load_job(config, FederatedJob)
+    job = _federated_job(config, secure_aggregation)
     console.print(f"[bold]fl[/] {job.name}: {job.num_clients} clients x {job.num_rounds} rounds")
     console.print_json(json.dumps({"privacy": privacy_report(job)}))
     summary = run_federated(job, settings)
@@ -216,16 +238,16 @@ def fl_admit(
 @app.command("fl-submit")
 def fl_submit(
     config: ConfigOpt,
+    secure_aggregation: SecAggOpt = None,
     flwr_home: FlwrHomeOpt = DEFAULT_FLWR_HOME,
     settings_path: SettingsOpt = None,
 ) -> None:
     """Run a federated job on the admitted providers' SuperNodes (`flwr run` against the SuperLink)."""
-    from train_jobs.config import FederatedJob, load_job
     from train_jobs.federated import run_dir
     from train_jobs.fl_deploy import FlowerCommandError, submit_run
 
     settings = _settings(settings_path, None)
-    job = load_job(config, FederatedJob)
+    job = _federated_job(config, secure_aggregation)
     out = run_dir(job, settings)
     try:
         run_id = submit_run(flwr_home.expanduser(), job, out)

@@ -95,6 +95,49 @@ class ServerDPSpec(_Strict):
     clipping_norm: float = Field(default=10.0, gt=0, le=1e6, description="Clipping norm of each client update.")
 
 
+class SecureAggregationSpec(_Strict):
+    """Flower's SecAgg+ (`SecAggPlusWorkflow` + `secaggplus_mod`): the server only ever sees the sum of
+    the selected clients' masked, quantized updates, never one in the clear."""
+
+    enabled: bool = Field(default=False, description="Aggregate with SecAgg+ instead of plain FedAvg.")
+    num_shares: int = Field(
+        default=3,
+        ge=3,
+        le=10_000,
+        description="Shares each client's mask secrets are split into (its neighbours, itself included); "
+        "capped by the clients selected in a round.",
+    )
+    reconstruction_threshold: int = Field(
+        default=2,
+        ge=2,
+        le=10_000,
+        description="Shares needed to rebuild a secret: a round survives while every selected client keeps "
+        "at least this many live neighbours (so num_shares - reconstruction_threshold dropouts per "
+        "neighbourhood); higher is more private, less tolerant.",
+    )
+    clipping_range: float = Field(
+        default=8.0,
+        gt=0,
+        le=1e6,
+        description="Each adapter weight is clipped to [-clipping_range, clipping_range] before quantization.",
+    )
+    quantization_range: int = Field(
+        default=2**22,
+        ge=2**8,
+        le=2**24,
+        description="Integer levels a clipped weight is quantized into; the mean's error per weight is "
+        "about clients * 2 * clipping_range / quantization_range * max_weight / (the round's examples). "
+        "The mask modulus is 2**32.",
+    )
+    max_weight: float = Field(
+        default=1000.0,
+        gt=0,
+        le=1e9,
+        description="Largest aggregation weight (examples) one client can carry; at least "
+        "optim.max_steps * optim.batch_size, the most a round credits.",
+    )
+
+
 class ClientResources(_Strict):
     """Ray resources of one Flower ClientApp actor (the simulation builds its pool from these)."""
 
@@ -156,6 +199,7 @@ class FederatedJob(_JobBase):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapters trained and exchanged.")
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     server_dp: ServerDPSpec = Field(default_factory=ServerDPSpec)
+    secure_aggregation: SecureAggregationSpec = Field(default_factory=SecureAggregationSpec)
     num_clients: int = Field(default=3, ge=1, le=10_000, description="Simulated clients (private partitions).")
     num_rounds: int = Field(default=2, ge=1, le=10_000, description="FedAvg rounds.")
     fraction_train: float = Field(default=1.0, gt=0, le=1, description="Share of clients selected per round.")
@@ -209,7 +253,39 @@ class FederatedJob(_JobBase):
         bad = [p for ids in self.simulate_drops.values() for p in ids if not 0 <= p < self.num_clients]
         if bad:
             raise ValueError(f"simulate_drops names unknown partitions {bad}")
+        if self.secure_aggregation.enabled:
+            self._check_secure_aggregation()
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        secagg = self.secure_aggregation
+        if self.server_dp.enabled:
+            raise ValueError(
+                "secure_aggregation and server_dp cannot be combined: server-side DP clips each client's "
+                "update, which SecAgg+ hides from the server; use local DP-SGD (privacy.enabled) instead"
+            )
+        if secagg.reconstruction_threshold >= secagg.num_shares:
+            raise ValueError("secure_aggregation.reconstruction_threshold must be < num_shares")
+        if self.min_train_clients < secagg.reconstruction_threshold:
+            raise ValueError(
+                f"secure_aggregation needs min_train_clients >= reconstruction_threshold "
+                f"({secagg.reconstruction_threshold}): fewer clients cannot rebuild each other's masks"
+            )
+        if secagg.max_weight < self.optim.max_steps * self.optim.batch_size:
+            raise ValueError(
+                f"secure_aggregation.max_weight ({secagg.max_weight:g}) must be >= optim.max_steps * "
+                f"optim.batch_size ({self.optim.max_steps * self.optim.batch_size}): a larger weight overflows"
+            )
+
+
+def with_secure_aggregation(job: FederatedJob, enabled: bool | None) -> FederatedJob:
+    """`job` with `secure_aggregation.enabled` set (None: as configured), validated again (a CLI flag
+    that turns it on for a job with server_dp is refused like the YAML would be)."""
+    if enabled is None:
+        return job
+    raw = job.model_dump(mode="json")
+    raw["secure_aggregation"]["enabled"] = enabled
+    return FederatedJob.model_validate(raw)
 
 
 Job = TypeVar("Job", DataParallelJob, FederatedJob)

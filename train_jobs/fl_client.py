@@ -18,9 +18,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 from solders.keypair import Keypair
 
 from cluster.network.wallet import load_keypair
@@ -186,42 +192,59 @@ def identify(job: FederatedJob, message: Message, context: Context) -> Message:
 
 
 def train_round(job: FederatedJob, message: Message, context: Context) -> Message:
-    """One round: load the global adapter, train on this node's examples (DP-SGD if asked), reply."""
-    config = message.content["config"]
-    partition = int(config["partition-id"])  # type: ignore[arg-type,index]  # the server assigns it
-    server_round = int(config["server-round"])  # type: ignore[arg-type,index]
+    """One round: load the global adapter, train on this node's examples (DP-SGD if asked), reply.
+
+    Under secure aggregation the round arrives as Flower's legacy FitIns records inside the SecAgg+
+    protocol (`secagg_mod` wraps this handler and masks the reply); a plain round for such a job is
+    refused, so this node's update never leaves it in the clear."""
+    if job.secure_aggregation.enabled and RECORD_KEY_CONFIGS not in message.content.config_records:
+        raise PermissionError(f"job {job.name} uses secure aggregation: refusing to send an update in the clear")
+    round_file = context.node_config.get("round-file")
+    with _holding(Path(str(round_file)) if round_file else None):
+        if job.secure_aggregation.enabled:
+            return _train_round_secagg(job, message, context)
+        config = message.content["config"]
+        state, metrics = _train(job, message.content["arrays"].to_torch_state_dict(), config, context)  # type: ignore[union-attr]
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=message)
+
+
+def _train_round_secagg(job: FederatedJob, message: Message, context: Context) -> Message:
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    arrays = parameters_to_ndarrays(fitins.parameters)  # legacy Parameters: the adapter's tensors, in order
+    trained, metrics = _train(job, arrays, ConfigRecord(dict(fitins.config)), context)  # type: ignore[arg-type]
+    # the aggregation weight: never more than a round credits (SecAgg+ overflows past max_weight)
+    weight = min(int(metrics["num-examples"]), job.optim.max_steps * job.optim.batch_size)
+    fitres = FitRes(
+        status=Status(code=Code.OK, message=""),
+        parameters=ndarrays_to_parameters([tensor.detach().cpu().numpy() for tensor in trained.values()]),
+        num_examples=weight,
+        metrics=metrics,
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
+
+
+def named_state(model: Any, arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Unnamed adapter tensors (Flower's legacy Parameters) named in `trainable_state(model)`'s order."""
+    names = list(trainable_state(model))
+    if len(arrays) != len(names):
+        raise ValueError(f"global adapter has {len(arrays)} tensors, this model {len(names)}")
+    return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in zip(names, arrays, strict=True)}
+
+
+def _train(
+    job: FederatedJob,
+    global_state: dict[str, torch.Tensor] | list[np.ndarray],
+    config: ConfigRecord,
+    context: Context,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    partition = int(config["partition-id"])  # type: ignore[arg-type]  # the server assigns it
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
     threads = _threads(job.client_resources.torch_threads, context.node_config.get("torch-threads"))
     if threads is not None:
         torch.set_num_threads(threads)
-    round_file = context.node_config.get("round-file")
-    with _holding(Path(str(round_file)) if round_file else None):
-        return _train_round(job, message, context, partition, server_round)
-
-
-def _threads(job_threads: int | None, node_cap: object) -> int | None:
-    """The job's torch threads under the node's own cap (a hybrid provider keeps the rest for serving)."""
-    if not isinstance(node_cap, int | float | str) or node_cap == "":
-        return job_threads
-    cap = max(1, int(node_cap))
-    return cap if job_threads is None else min(job_threads, cap)
-
-
-@contextlib.contextmanager
-def _holding(path: Path | None) -> Iterator[None]:
-    """`path` exists while the block runs: the node's mode switch waits for the round to end."""
-    if path is None:
-        yield
-        return
-    path.touch()
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _train_round(job: FederatedJob, message: Message, context: Context, partition: int, server_round: int) -> Message:
     model = build_lora_model(job)
-    load_trainable_state(model, message.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
+    load_trainable_state(model, global_state if isinstance(global_state, dict) else named_state(model, global_state))
     drops = job.simulate_drops.get(server_round, [])
     examples, spent = node_examples(job, context, partition), _load_accountant(context)
     # the data owner's own guard: never train past its budget, whatever the server asks
@@ -245,13 +268,41 @@ def _train_round(job: FederatedJob, message: Message, context: Context, partitio
         "epsilon": result.epsilon or 0.0,
         "round-epsilon": result.round_epsilon or 0.0,
     }
-    content = RecordDict({"arrays": ArrayRecord(trainable_state(model)), "metrics": MetricRecord(metrics)})
-    return Message(content, reply_to=message)
+    return trainable_state(model), metrics
+
+
+def _threads(job_threads: int | None, node_cap: object) -> int | None:
+    """The job's torch threads under the node's own cap (a hybrid provider keeps the rest for serving)."""
+    if not isinstance(node_cap, int | float | str) or node_cap == "":
+        return job_threads
+    cap = max(1, int(node_cap))
+    return cap if job_threads is None else min(job_threads, cap)
+
+
+@contextlib.contextmanager
+def _holding(path: Path | None) -> Iterator[None]:
+    """`path` exists while the block runs: the node's mode switch waits for the round to end."""
+    if path is None:
+        yield
+        return
+    path.touch()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def secagg_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `secaggplus_mod` for the SecAgg+ protocol's messages (they carry its config record);
+    every other message (registration, plain rounds) goes straight to the handler."""
+    if message.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
 
 
 def build_client_app(job: FederatedJob) -> ClientApp:
     """A ClientApp bound to `job` (picklable closure: Flower ships it to its Ray actors)."""
-    app = ClientApp()
+    app = ClientApp(mods=[secagg_mod])
 
     @app.query()
     def query(message: Message, context: Context) -> Message:

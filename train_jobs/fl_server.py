@@ -36,6 +36,7 @@ from train_jobs import metrics as train_metrics
 from train_jobs.checkpoint import write_privacy
 from train_jobs.config import FederatedJob
 from train_jobs.fl_client import build_lora_model, challenge_to_record, held_out_set, partition_sizes
+from train_jobs.fl_secagg import SecAggRounds, run_secagg_rounds
 from train_jobs.privacy import central_epsilon as central_dp_epsilon
 from train_jobs.protocol import (
     JsonlRewardSink,
@@ -74,6 +75,8 @@ class RoundStats:
     unpaid: list[str] = field(default_factory=list)  # completed, but the wallet is not proven
     over_budget: list[str] = field(default_factory=list)  # not selected: one more round would pass max_epsilon
     central_epsilon: float | None = None  # server-side DP (server_dp) spent after this round, client level
+    secure_aggregation: bool = False  # SecAgg+: the server saw only the masked sum of the updates
+    aggregated: bool = True  # False: SecAgg+ could not rebuild the sum (too many dropouts); nobody is paid
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ def privacy_report(job: FederatedJob) -> dict[str, Any]:
     return {
         "dp_sgd": job.privacy.model_dump(),
         "server_side_dp": job.server_dp.model_dump(),
+        "secure_aggregation": job.secure_aggregation.model_dump(),
         "accountant": "rdp (opacus), cumulative per client across rounds",
         "sampling": "poisson",
     }
@@ -155,32 +159,50 @@ class RewardingFedAvg(FedAvg):
         spent, last = self._epsilon.get(node, (0.0, 0.0))
         return budget is None or spent + last <= budget
 
+    def select(self, server_round: int, node_ids: Iterable[int]) -> list[Registration]:
+        """The registered nodes among `node_ids` that train this round (over-budget ones are left out)."""
+        chosen = []
+        for node in node_ids:
+            registration = self.registrations.get(node)
+            if registration is None:  # joined after registration: it has no partition to train
+                continue
+            if not self.within_budget(node):
+                self._over_budget.setdefault(server_round, []).append(registration.label)
+                continue
+            chosen.append(registration)
+        self._selected[server_round] = [registration.node_id for registration in chosen]
+        self._started[server_round] = time.perf_counter()
+        return chosen
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        sampled = super().configure_train(server_round, arrays, config, grid)
+        node_ids = [message.metadata.dst_node_id for message in sampled]
         messages = []
-        for message in super().configure_train(server_round, arrays, config, grid):
-            registration = self.registrations.get(message.metadata.dst_node_id)
-            if registration is None:  # joined after registration: it has no partition to train
-                continue
-            if not self.within_budget(registration.node_id):
-                self._over_budget.setdefault(server_round, []).append(registration.label)
-                continue
+        for registration in self.select(server_round, node_ids):
             node_config = ConfigRecord({**dict(config), "partition-id": registration.partition})
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
             messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=registration.node_id))
-        self._selected[server_round] = [message.metadata.dst_node_id for message in messages]
-        self._started[server_round] = time.perf_counter()
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        stats = self._round_stats(server_round, replies)  # also credits each reply's num-examples
+        metrics_by_node = [
+            (reply.metadata.src_node_id, reply.content["metrics"]) for reply in replies if not reply.has_error()
+        ]
+        stats = self.round_stats(server_round, metrics_by_node)  # also credits each reply's num-examples
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if metrics and "train-loss" in metrics:
-            stats.train_loss = _number(metrics, "train-loss")
+        train_loss = _number(metrics, "train-loss") if metrics and "train-loss" in metrics else None
+        self.finish_round(stats, train_loss)
+        return arrays, metrics
+
+    def finish_round(self, stats: RoundStats, train_loss: float | None) -> None:
+        """Record a finished round: its stats in the summary, one reward per selected proven wallet."""
+        server_round = stats.round
+        stats.train_loss = train_loss
         stats.over_budget = self._over_budget.get(server_round, [])
         if self.job.server_dp.enabled:
             stats.central_epsilon = central_dp_epsilon(self.job.server_dp, server_round, self.job.privacy.delta)
@@ -199,7 +221,6 @@ class RewardingFedAvg(FedAvg):
             max_epsilon,
             len(stats.unpaid),
         )
-        return arrays, metrics
 
     def record_rewards(self, server_round: int, rewards: list[RoundReward]) -> None:
         """Send to the sink; if it fails (or refuses the batch), keep the records in the pending JSONL."""
@@ -220,17 +241,17 @@ class RewardingFedAvg(FedAvg):
         budget = self.job.reward_budget_per_round_lamports
         return round_rewards(self.job.name, server_round, wallets, examples, self.lamports_per_example, budget)
 
-    def _round_stats(self, server_round: int, replies: list[Message]) -> RoundStats:
+    def round_stats(self, server_round: int, replies: list[tuple[int, object]]) -> RoundStats:
+        """The round from the (node id, metrics) of the nodes that returned an update."""
         selected = [self.registrations[node].label for node in self._selected.get(server_round, [])]
         examples: dict[str, int] = {}
         reported: dict[str, int] = {}
         times, eps, round_eps = {}, {}, {}
-        for reply in replies:
-            registration = self.registrations.get(reply.metadata.src_node_id)
-            if reply.has_error() or registration is None:
+        for node, record in replies:
+            registration = self.registrations.get(node)
+            if registration is None or node not in self._selected.get(server_round, []):
                 continue
             label = registration.label
-            record = reply.content["metrics"]
             claimed = int(_number(record, "num-examples"))
             credited = credited_examples(claimed, self._assigned(registration))
             if isinstance(record, MetricRecord):  # FedAvg weighs the updates by the server's count too
@@ -402,16 +423,20 @@ def run_server(
     fedavg = RewardingFedAvg(
         job, registrations, sink, lamports_per_example, summary, sizes, out_dir / "rewards.pending.jsonl"
     )
-    sampled = max(int(job.num_clients * job.fraction_train), job.min_train_clients)
-    strategy = _wrap_server_dp(job, fedavg, sampled)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(trainable_state(model)),
-        num_rounds=job.num_rounds,
-        timeout=job.round_timeout_s,
-        evaluate_fn=central_eval,
-    )
-    load_trainable_state(model, result.arrays.to_torch_state_dict())
+    initial = ArrayRecord(trainable_state(model))
+    if job.secure_aggregation.enabled:  # Flower's SecAgg+ workflow; selection and rewards stay fedavg's
+        final = run_secagg_rounds(grid, job, SecAggRounds(fedavg, grid), initial, central_eval)
+    else:
+        sampled = max(int(job.num_clients * job.fraction_train), job.min_train_clients)
+        strategy = _wrap_server_dp(job, fedavg, sampled)
+        final = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=job.num_rounds,
+            timeout=job.round_timeout_s,
+            evaluate_fn=central_eval,
+        ).arrays
+    load_trainable_state(model, final.to_torch_state_dict())
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir)
     write_privacy(adapter_dir, {**summary.privacy, "spent": _spent(summary)})

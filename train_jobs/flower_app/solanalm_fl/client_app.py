@@ -6,7 +6,7 @@ from flwr.clientapp import ClientApp
 from train_jobs import fl_client
 from train_jobs.fl_deploy import job_of
 
-app = ClientApp()
+app = ClientApp(mods=[fl_client.secagg_mod])  # SecAgg+ rounds of jobs that ask for it
 
 
 @app.query()
