@@ -1,7 +1,8 @@
 """Typed messages between the gateway (ingress) and the pipeline server (replica).
 
 The gateway validates HTTP input and sends a `GenerateRequest`; the replica streams back events: first
-`Accepted` (or `Rejected` with an HTTP status), then `TextDelta`s, then exactly one `Finished`.
+`Accepted` (or `Rejected` with an HTTP status), then `TextDelta`s (n > 1: of each choice, by `index`, and a
+`ChoiceEnd` per choice), then exactly one `Finished`.
 """
 
 import json
@@ -34,6 +35,7 @@ class GenerateRequest:
     grammar: GrammarSpec | None = None  # the output must match it (response_format, or a forced tool call)
     tools: str | None = None  # the functions the model may call: OpenAI's tools list as JSON text (chat only)
     parallel_tool_calls: bool = True  # False: at most one call is returned
+    n: int = 1  # choices, sampled independently from one prefill (their KV caches fork from the prompt's)
 
     def tool_names(self) -> set[str]:
         """Names of the functions offered (empty without tools)."""
@@ -73,9 +75,30 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenScore:
+    """A generated token's logprob as the client sees it: its text, UTF-8 bytes (a token may hold part of a
+    character) and logprob, and (for the sampled token) its most likely alternatives, most likely first."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple["TokenScore", ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     text: str
-    completion_tokens: int
+    completion_tokens: int  # all choices' generated tokens so far (n > 1: summed)
+    logprobs: tuple[TokenScore, ...] = ()  # the tokens this delta's text came from (only when asked)
+    index: int = 0  # the choice (n > 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceEnd:
+    """One choice of an n > 1 request ended (before the request's Finished, which ends them all)."""
+
+    index: int
+    finish_reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +129,7 @@ class Finished:
     proxy: ProxyCommission | None = None
 
 
-GenerateEvent = Accepted | Rejected | TextDelta | Finished
+GenerateEvent = Accepted | Rejected | TextDelta | ChoiceEnd | Finished
 
 
 @dataclass(frozen=True, slots=True)

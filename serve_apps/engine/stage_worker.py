@@ -181,7 +181,10 @@ class StageWorker:
             chunks = [batch.chunks[i] for i, _ in rows]
             raw = logits
             if any(c.token_mask is not None for c in chunks):
-                logits = apply_token_masks(logits.float(), [c.token_mask for c in chunks])
+                # The mask is applied in place: logprobs report the raw logits (vLLM's default), so copy them first.
+                scored = any(c.sampling.logprobs is not None for c in chunks)
+                masked = logits.float().clone() if scored else logits.float()
+                logits = apply_token_masks(masked, [c.token_mask for c in chunks])
             sampled, scored = self.sampler.step(logits, chunks, raw)
             for (i, _), token, score in zip(rows, sampled, scored, strict=True):
                 tokens[i], logprobs[i] = token, score

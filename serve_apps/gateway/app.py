@@ -26,6 +26,7 @@ from payments.protocol import SETTLEMENT_HEADER, WalletIdentity
 from serve_apps import metrics
 from serve_apps.dashboard.routes import build_dashboard_router
 from serve_apps.engine.messages import SamplingParams
+from serve_apps.gateway import logprobs as L
 from serve_apps.gateway import responses as R
 from serve_apps.gateway.backend import PipelineBackend, PipelineLost
 from serve_apps.gateway.current import current_gateway
@@ -43,11 +44,13 @@ from serve_apps.mcp.http import mount_mcp
 from serve_apps.protocol import (
     Accepted,
     ChatTurn,
+    ChoiceEnd,
     Finished,
     GenerateEvent,
     GenerateRequest,
     Rejected,
     TextDelta,
+    TokenScore,
 )
 
 DEFAULT_CONTEXT = 2048
@@ -129,9 +132,8 @@ class Gateway:
             logprobs=body.logprobs_k(),
         )
         self._check_sampling(body)
-        if body.logprobs_k() is not None or body.choices() > 1:
-            param = "n" if body.choices() > 1 else "logprobs"
-            raise OpenAIError(400, f"{param} is not supported yet", param, "unsupported_value")
+        if body.choices() > 1:
+            raise OpenAIError(400, "n > 1 is not supported yet", "n", "unsupported_value")
         if isinstance(body, ChatCompletionRequest):
             return GenerateRequest(
                 f"chatcmpl-{uuid.uuid4().hex}",
@@ -140,6 +142,7 @@ class Gateway:
                 messages=tuple(_turn(m) for m in body.messages),
                 max_tokens_given=limit is not None,
                 max_tokens_cap=cap,
+                n=body.choices(),
                 **self._structured(body),
             )
         return GenerateRequest(
@@ -149,6 +152,7 @@ class Gateway:
             prompt=body.prompt_text(),
             max_tokens_given=limit is not None,
             max_tokens_cap=cap,
+            n=body.choices(),
         )
 
     def _check_sampling(self, body: ChatCompletionRequest | CompletionRequest) -> None:
@@ -258,15 +262,20 @@ class Gateway:
     async def _complete_once(self, request: GenerateRequest, chat: bool, hold: HoldCloser) -> dict:
         accepted, events = await self.open_stream(request)
         meta = R.ResponseMeta.new(request.request_id, request.model, chat)
-        parts: list[str] = []
+        parts: list[list[str]] = [[] for _ in range(request.n)]
+        scores: list[list[TokenScore]] = [[] for _ in range(request.n)]
+        ends: dict[int, str] = {}
         finished: Finished | None = None
-        produced = 0  # completion tokens produced so far
+        produced = 0  # completion tokens produced so far (all choices)
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 async for event in events:
-                    if isinstance(event, TextDelta):
-                        parts.append(event.text)
+                    if isinstance(event, TextDelta) and 0 <= event.index < request.n:
+                        parts[event.index].append(event.text)
+                        scores[event.index].extend(event.logprobs)
                         produced = event.completion_tokens
+                    elif isinstance(event, ChoiceEnd):
+                        ends[event.index] = event.finish_reason
                     elif isinstance(event, Finished):
                         finished = event
         except asyncio.CancelledError:  # the client went away: it pays for what was produced for it
@@ -278,19 +287,30 @@ class Gateway:
             reason = finished.error if finished else "stream ended early"
             raise OpenAIError(503, f"generation failed: {reason}", code="pipeline_unavailable")
         # Finished's counts are final (a proxy learns the prompt's tokens only from its upstream's last chunk);
-        # tool-call tokens are completion tokens like any other, so they are metered with the rest.
-        text: str | None = "".join(parts)
-        calls: list[dict] = []
-        if chat and request.tools:
-            content, parsed = parse_tool_calls(text or "", request.tool_names(), request.parallel_tool_calls)
-            text, calls = content, [call.as_openai() for call in parsed]
-        body = R.full_response(
-            meta, text, finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, calls
-        )
+        # tool-call tokens and every choice's tokens are completion tokens like any other, so all are metered.
+        choices = [
+            self._choice(request, chat, "".join(parts[i]), ends.get(i, finished.finish_reason), scores[i])
+            for i in range(request.n)
+        ]
+        body = R.full_response_choices(meta, choices, finished.prompt_tokens, finished.completion_tokens)
         settlement_id = await asyncio.shield(hold.settle(finished))
         if settlement_id is not None:
             body["settlement_id"] = settlement_id
         return body
+
+    @staticmethod
+    def _choice(
+        request: GenerateRequest, chat: bool, text: str, finish_reason: str, scores: list[TokenScore]
+    ) -> R.ChoiceOut:
+        content: str | None = text
+        calls: list[dict] = []
+        if chat and request.tools:
+            content, parsed = parse_tool_calls(text, request.tool_names(), request.parallel_tool_calls)
+            calls = [call.as_openai() for call in parsed]
+        logprobs = None
+        if request.sampling.logprobs is not None:
+            logprobs = L.chat_logprobs(scores) if chat else L.CompletionLogprobs().part(scores)
+        return R.ChoiceOut(content, finish_reason, calls, logprobs)
 
     async def sse_events(
         self,
@@ -333,20 +353,23 @@ class Gateway:
                 body.setdefault("usage", None)
             return body
 
-        tools = ToolCallStream(request.tool_names(), request.parallel_tool_calls) if chat and request.tools else None
+        choices = [_StreamChoice(request, chat, i) for i in range(request.n)]
         try:
             if chat:
-                yield out(R.chunk(meta, None, None, first=True))
+                for choice in choices:
+                    yield out(R.chunk(meta, None, None, first=True, index=choice.index))
             async for event in _until_lost(_before(deadline, events)):
                 if isinstance(event, PipelineLost):
                     hold.release("pipeline lost")
                     yield error_body(503, f"the pipeline replica was lost: {event}", code="pipeline_unavailable")
                     break
-                if isinstance(event, TextDelta):
+                if isinstance(event, TextDelta) and 0 <= event.index < len(choices):
                     sent = event.completion_tokens
-                    text = tools.feed(event.text) if tools is not None else event.text
-                    if text:
-                        yield out(R.chunk(meta, text, None))
+                    part = choices[event.index].feed(event)
+                    if part is not None:
+                        yield out(R.chunk(meta, part[0], None, index=event.index, logprobs=part[1]))
+                elif isinstance(event, ChoiceEnd) and 0 <= event.index < len(choices):
+                    choices[event.index].finish_reason = event.finish_reason
                 elif isinstance(event, Finished):
                     if event.finish_reason == "error":
                         hold.release("generation failed")
@@ -357,18 +380,11 @@ class Gateway:
                     except OpenAIError as exc:  # settlement failed (its hold was released): say so, in band
                         yield error_body(exc.status, exc.message, exc.param, exc.code)
                         break
-                    finish_reason = event.finish_reason
-                    if tools is not None:
-                        content, calls = tools.finish()
-                        if content:
-                            yield out(R.chunk(meta, content, None))
-                        for part in R.tool_call_chunks(meta, [call.as_openai() for call in calls]):
-                            yield out(part)
-                        finish_reason = "tool_calls" if calls else finish_reason
-                    final = R.chunk(meta, None, finish_reason)
+                    finals = [body for choice in choices for body in choice.finish(meta, event.finish_reason)]
                     if settlement_id is not None:
-                        final["settlement_id"] = settlement_id
-                    yield out(final)
+                        finals[-1]["settlement_id"] = settlement_id
+                    for body in finals:
+                        yield out(body)
                     if include_usage:
                         yield R.usage_chunk(meta, event.prompt_tokens, event.completion_tokens)
                     break
@@ -382,6 +398,45 @@ class Gateway:
             raise
         finally:
             hold.release("not completed")  # nothing if closed above; else the stream broke on our side
+
+
+class _StreamChoice:
+    """One choice of a streamed answer: its tool-call parser (chat with tools), the logprobs not yet sent
+    (their text is held by the parser) and the legacy logprobs' text offsets (completions)."""
+
+    def __init__(self, request: GenerateRequest, chat: bool, index: int) -> None:
+        self.index, self.chat = index, chat
+        calls = chat and bool(request.tools)
+        self.tools = ToolCallStream(request.tool_names(), request.parallel_tool_calls) if calls else None
+        self.scored = request.sampling.logprobs is not None
+        self.pending: list[TokenScore] = []
+        self.offsets = L.CompletionLogprobs()
+        self.finish_reason: str | None = None  # a ChoiceEnd's (n > 1); else the request's Finished's
+
+    def feed(self, event: TextDelta) -> tuple[str, dict | None] | None:
+        """The chunk's text and logprobs for a delta, or None while the parser holds its text."""
+        text = self.tools.feed(event.text) if self.tools is not None else event.text
+        self.pending.extend(event.logprobs)
+        return (text, self._take()) if text else None
+
+    def finish(self, meta: R.ResponseMeta, finish_reason: str) -> list[dict]:
+        """The choice's last chunks: held text, tool calls, then its finish_reason (with what logprobs remain)."""
+        bodies: list[dict] = []
+        reason = self.finish_reason or finish_reason
+        if self.tools is not None:
+            content, calls = self.tools.finish()
+            if content:
+                bodies.append(R.chunk(meta, content, None, index=self.index, logprobs=self._take()))
+            bodies += R.tool_call_chunks(meta, [call.as_openai() for call in calls], choice=self.index)
+            reason = "tool_calls" if calls else reason
+        bodies.append(R.chunk(meta, None, reason, index=self.index, logprobs=self._take() if self.pending else None))
+        return bodies
+
+    def _take(self) -> dict | None:
+        if not self.scored:
+            return None
+        scores, self.pending = self.pending, []
+        return L.chat_logprobs(scores) if self.chat else self.offsets.part(scores)
 
 
 def _turn(message: Any) -> ChatTurn:

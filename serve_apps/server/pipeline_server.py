@@ -47,10 +47,12 @@ from serve_apps.protocol import (
     ProviderWork,
     Rejected,
     TextDelta,
+    TokenScore,
 )
 from serve_apps.routing.stats import RegistryLink
 from serve_apps.server.hybrid import HybridPool
 from serve_apps.server.providers import AuditSubmitter, build_hybrid_pool
+from serve_apps.server.scores import TokenScorer
 from serve_apps.server.stages import StagePool
 from serve_apps.server.tokenization import PromptProcessor
 
@@ -147,6 +149,7 @@ class PipelineServer:
         self.plan = plan_model(model_name, self.settings)
         self.replica_id = _replica_id()
         self.prompts = PromptProcessor.from_model_dir(self.plan.model_dir, self.plan.max_model_len)
+        self.scorer = TokenScorer(self.prompts.tokenizer)
         model_config = load_config(self.plan.model_dir)
         self.hidden_size, self.vocab_size = int(model_config.hidden_size), int(model_config.vocab_size)
         factory = executor_factory or _ray_executor
@@ -313,23 +316,27 @@ class PipelineServer:
 
     async def _text_events(self, request, seq, first, events, prompt_tokens):  # type: ignore[no-untyped-def]
         """Detokenized text per token; tokens already waiting (the reader fell behind) go out as one delta,
-        so a loaded gateway gets fewer, larger messages instead of falling further behind."""
+        so a loaded gateway gets fewer, larger messages instead of falling further behind. Asked-for logprobs
+        travel with the delta their tokens' text is in (an end-of-sequence token's are not sent: it has no text)."""
         detok = Detokenizer(self.prompts.tokenizer, request.sampling.stop)
         count, event, pending = 0, first, ""
+        scores: list[TokenScore] = []
         try:
             while True:
                 count += 1
                 final = event.finish_reason is not None
                 pending += detok.add(event.token_id, final=final)
+                if event.logprobs is not None and not self._is_eos(event.token_id, request.sampling):
+                    scores.append(self.scorer.score(event.token_id, event.logprobs))
                 if detok.stopped:
                     self.engine.abort(seq.seq_id, "stop")
-                    if pending:
-                        yield TextDelta(pending, count)
+                    if pending or scores:
+                        yield TextDelta(pending, count, tuple(scores))
                     yield Finished("stop", prompt_tokens, count, providers=self.providers())
                     return
-                if pending and (final or not self.engine.ready(seq.seq_id)):
-                    yield TextDelta(pending, count)
-                    pending = ""
+                if (pending or (final and scores)) and (final or not self.engine.ready(seq.seq_id)):
+                    yield TextDelta(pending, count, tuple(scores))
+                    pending, scores = "", []
                 if final:
                     error = GRAMMAR_BROKEN if event.finish_reason == "error" else None
                     yield Finished(event.finish_reason, prompt_tokens, count, error=error, providers=self.providers())
@@ -339,6 +346,9 @@ class PipelineServer:
             yield Finished("error", prompt_tokens, count, error=str(exc))
         finally:
             await events.aclose()
+
+    def _is_eos(self, token_id: int, sampling: SamplingParams) -> bool:
+        return token_id in self.prompts.eos_token_ids and not sampling.ignore_eos
 
     def providers(self) -> tuple[ProviderWork, ...]:
         """The payees of a request finishing now: a provider stage replaced by an operator stage after a
