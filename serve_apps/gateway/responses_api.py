@@ -40,7 +40,7 @@ from serve_apps import metrics
 from serve_apps.gateway.errors import OpenAIError
 from serve_apps.gateway.openai_protocol import ChatCompletionRequest, Temperature, Text, TopP, _encodable
 from serve_apps.gateway.responses_output import ResponseEvents, echo_fields, from_chat_completion, sse_event
-from serve_apps.gateway.structured import MAX_ARGUMENTS_CHARS, MAX_TOOLS, Name, Schema
+from serve_apps.gateway.structured import MAX_ARGUMENTS_CHARS, MAX_TOOLS, FunctionDefinition, Name, Schema
 
 if TYPE_CHECKING:
     from serve_apps.gateway.app import Gateway
@@ -169,15 +169,11 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(BaseModel):
-    """Responses' flat function tool; no other tool type is served."""
+class FunctionTool(FunctionDefinition):
+    """Responses' flat function tool: chat's function definition with its type beside it; no other tool type
+    is served."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
-    name: Name
-    description: StrictStr | None = Field(default=None, max_length=8192)
-    parameters: Schema | None = None
-    strict: StrictBool | None = None
 
     @model_validator(mode="before")
     @classmethod
